@@ -1,0 +1,54 @@
+"""`python server.py` / `relaychat-server`: run the relay until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from relaychat import Server, init_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="relaychat-server",
+        description="relaychat server: chat on one port, file transfer on another.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--chat-port", type=int, default=2003, help="chat port; 0 picks a free one")
+    p.add_argument("--file-port", type=int, default=2007, help="file port; 0 picks a free one")
+    p.add_argument(
+        "--data-dir", default=".", help="where uploads are saved (default: current directory)"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["error", "warn", "info", "debug", "trace"],
+        help="how much to log (default %(default)s)",
+    )
+    return p.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    init_logging(args.log_level)
+    server = Server(args.host, args.chat_port, args.file_port, args.data_dir)
+    try:
+        server.start()
+    except OSError as e:
+        print(f"relaychat-server: {e}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+//! The client engine: both sockets, typed events, atomic file receive.
+//!
+//! It speaks to our server and to the lab's alike: the username goes alone and the engine
+//! waits for the reply, every command is one newline-terminated line in one write (the
+//! lab's server strips the newline), `TCP_NODELAY` is on, and only valid UTF-8 is sent.
+//! Files arrive as `received_from_<sender>_<filename>.tmp` in the download directory, are
+//! renamed into place once whole, and only then acknowledged with `FILE_RECEIVED|...`.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::net::LineReader;
+use crate::protocol::command::format_command;
+use crate::protocol::file_header::GROUP_PREFIX;
+use crate::protocol::names::{check_filename, check_group, check_username, MAX_FILENAME_BYTES};
+use crate::protocol::{saved_name, Command, ForwardHeader, ServerLine, Target, UploadHeader};
+use crate::{Error, Result};
+
+/// Longest line the client accepts from a server.
+const MAX_SERVER_LINE: usize = 1024 * 1024;
+/// Bytes moved per read or write when sending or receiving a file.
+const FILE_CHUNK: usize = 256 * 1024;
+/// Events buffered for the application before the engine stops reading the sockets.
+const EVENT_QUEUE: usize = 65_536;
+/// How often, and how patiently, a lost file connection is re-opened.
+const FILE_RECONNECT_TRIES: u32 = 10;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Server host name or address.
+    pub host: String,
+    /// Server chat port.
+    pub chat_port: u16,
+    /// Server file port.
+    pub file_port: u16,
+    /// The username to claim.
+    pub username: String,
+    /// Where received files are saved.
+    pub download_dir: PathBuf,
+    /// How long to wait for a connection, a handshake reply or a command's reply.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    /// The lab's defaults (127.0.0.1, ports 2003 and 2007, files into the current
+    /// directory) for `username`.
+    pub fn new(username: impl Into<String>) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            chat_port: 2003,
+            file_port: 2007,
+            username: username.into(),
+            download_dir: PathBuf::from("."),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something that happened, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A line from the server's chat port, parsed.
+    Line(ServerLine),
+    /// A file arrived whole, was renamed into place, and has been acknowledged.
+    FileReceived {
+        /// Who sent it.
+        sender: String,
+        /// Its name as sent.
+        filename: String,
+        /// Where it was saved.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// An incoming file could not be received; no file is left under its final name.
+    FileFailed {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The chat connection closed: no more events will come.
+    Disconnected,
+}
+
+/// Callers waiting for the reply to their own command (the reply is theirs, not an event).
+#[derive(Default)]
+struct Waiters {
+    users: VecDeque<oneshot::Sender<Vec<String>>>,
+    joins: VecDeque<(String, oneshot::Sender<()>)>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    /// Chat write half: one command per write, never two at once.
+    chat: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// File write half, for uploads (`None` while the file connection is being re-opened).
+    file: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    waiters: Mutex<Waiters>,
+    /// Fires when the client is closed or the chat connection ends.
+    closed: CancellationToken,
+}
+
+/// A connected client. Cheap to clone; every clone drives the same connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// The stream of [`Event`]s of one client.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed and every event has been taken.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(context, e)
+}
+
+async fn connect_tcp(config: &ClientConfig, port: u16) -> Result<TcpStream> {
+    let addr = (config.host.as_str(), port);
+    let stream = tokio::time::timeout(config.timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::Timeout("connecting"))?
+        .map_err(|e| Error::io(format!("cannot connect to {}:{port}", config.host), e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(io("setting TCP_NODELAY"))?;
+    Ok(stream)
+}
+
+/// Sends the username alone and reads the one-line reply.
+async fn handshake(
+    config: &ClientConfig,
+    port: u16,
+) -> Result<(LineReader<OwnedReadHalf>, OwnedWriteHalf, ServerLine)> {
+    let (rd, mut wr) = connect_tcp(config, port).await?.into_split();
+    wr.write_all(format!("{}\n", config.username).as_bytes())
+        .await
+        .map_err(io("sending username"))?;
+    let mut reader = LineReader::line_framed(rd, MAX_SERVER_LINE);
+    let never = CancellationToken::new();
+    let line = tokio::time::timeout(config.timeout, reader.next_line(&never))
+        .await
+        .map_err(|_| Error::Timeout("waiting for the server's greeting"))?
+        .map_err(|_| Error::Refused("the server closed the connection".into()))?;
+    let reply = ServerLine::parse(&String::from_utf8_lossy(&line));
+    match reply {
+        ServerLine::Error { reason } => Err(Error::Refused(reason)),
+        reply => Ok((reader, wr, reply)),
+    }
+}
+
+async fn open_file_connection(
+    config: &ClientConfig,
+) -> Result<(LineReader<OwnedReadHalf>, OwnedWriteHalf)> {
+    let (reader, wr, greeting) = handshake(config, config.file_port).await?;
+    match greeting {
+        ServerLine::Other(line) if line == "FILE_SOCKET_CONNECTED" => Ok((reader, wr)),
+        other => Err(Error::Protocol(format!(
+            "expected FILE_SOCKET_CONNECTED on the file port, got {other:?}"
+        ))),
+    }
+}
+
+/// A message or command argument must stay on its line.
+fn one_line(what: &str, text: &str) -> Result<()> {
+    if text.contains(['\n', '\r']) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} may not contain a line break"
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is empty")));
+    }
+    Ok(())
+}
+
+fn invalid(e: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(e.to_string())
+}
+
+impl Client {
+    /// Connects both sockets as `config.username` and starts the engine's reader tasks
+    /// on the current tokio runtime.
+    pub async fn connect(config: ClientConfig) -> Result<(Client, Events)> {
+        check_username(&config.username).map_err(invalid)?;
+        std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
+        let (chat_reader, chat_wr, welcome) = handshake(&config, config.chat_port).await?;
+        if welcome
+            != (ServerLine::Welcome {
+                user: config.username.clone(),
+            })
+        {
+            return Err(Error::Protocol(format!(
+                "expected a welcome, got {welcome}"
+            )));
+        }
+        let (file_reader, file_wr) = open_file_connection(&config).await?;
+        let inner = Arc::new(Inner {
+            config,
+            chat: tokio::sync::Mutex::new(chat_wr),
+            file: tokio::sync::Mutex::new(Some(file_wr)),
+            waiters: Mutex::default(),
+            closed: CancellationToken::new(),
+        });
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let _ = tx.send(Event::Line(welcome)).await;
+        tokio::spawn(read_chat(inner.clone(), chat_reader, tx.clone()));
+        tokio::spawn(read_files(inner.clone(), file_reader, tx));
+        Ok((Client { inner }, Events { rx }))
+    }
+
+    /// The username this client is connected as.
+    pub fn username(&self) -> &str {
+        &self.inner.config.username
+    }
+
+    /// Whether the client is closed or its chat connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Sends one raw command line, as the lab's client does with whatever is typed. It may
+    /// not contain a line break (that would make it two commands).
+    pub async fn send_command(&self, line: &str) -> Result<()> {
+        one_line("a command", line)?;
+        self.write_chat(format!("{line}\n")).await
+    }
+
+    async fn write_chat(&self, line: String) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let mut chat = self.inner.chat.lock().await;
+        chat.write_all(line.as_bytes())
+            .await
+            .map_err(io("sending command"))
+    }
+
+    async fn command(&self, command: Command<'_>) -> Result<()> {
+        self.write_chat(format_command(&command)).await
+    }
+
+    /// `msg <to> <text>`: a private message.
+    pub async fn msg(&self, to: &str, text: &str) -> Result<()> {
+        check_username(to).map_err(invalid)?;
+        one_line("a message", text)?;
+        self.command(Command::Msg { to, text }).await
+    }
+
+    /// `broadcast <text>`: to every other connected user.
+    pub async fn broadcast(&self, text: &str) -> Result<()> {
+        one_line("a message", text)?;
+        self.command(Command::Broadcast { text }).await
+    }
+
+    /// `send_group <group> <text>`.
+    pub async fn send_group(&self, group: &str, text: &str) -> Result<()> {
+        check_group(group).map_err(invalid)?;
+        one_line("a message", text)?;
+        self.command(Command::SendGroup { group, text }).await
+    }
+
+    /// `list`: the other connected users, in order of arrival. The reply is returned here
+    /// and is not also delivered as an event.
+    pub async fn list_users(&self) -> Result<Vec<String>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters().users.push_back(tx);
+        self.command(Command::List).await?;
+        self.await_reply(rx).await
+    }
+
+    /// `join <group>`: returns once the server has confirmed (the confirmation is returned
+    /// here and is not also delivered as an event).
+    pub async fn join(&self, group: &str) -> Result<()> {
+        check_group(group).map_err(invalid)?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters().joins.push_back((group.to_owned(), tx));
+        self.command(Command::Join { group }).await?;
+        self.await_reply(rx).await
+    }
+
+    async fn await_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T> {
+        tokio::select! {
+            reply = tokio::time::timeout(self.inner.config.timeout, rx) => match reply {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout("waiting for the server's reply")),
+            },
+            _ = self.inner.closed.cancelled() => Err(Error::Closed),
+        }
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.inner
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the file at `path` to a user or to `GROUP:<group>`, streaming it from disk.
+    /// Returns the number of bytes sent once the last byte is written.
+    pub async fn send_file(&self, target: &str, path: &Path) -> Result<u64> {
+        let target = match target.strip_prefix(GROUP_PREFIX) {
+            Some(group) => check_group(group).map(|()| Target::Group(group.into())),
+            None => check_username(target).map(|()| Target::User(target.into())),
+        }
+        .map_err(invalid)?;
+        let meta = tokio::fs::metadata(path).await;
+        if !meta.as_ref().is_ok_and(|m| m.is_file()) {
+            return Err(Error::InvalidArgument("File does not exist".into()));
+        }
+        let filename = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::InvalidArgument("the file name is not valid UTF-8".into()))?;
+        check_filename(filename).map_err(invalid)?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(io("opening file"))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(io("reading file size"))?
+            .len();
+        let header = UploadHeader {
+            sender: self.inner.config.username.clone(),
+            target,
+            filename: filename.to_owned(),
+            size,
+        };
+        let mut slot = self.inner.file.lock().await;
+        let wr = slot.as_mut().ok_or(Error::Closed)?;
+        wr.write_all(header.to_wire().as_bytes())
+            .await
+            .map_err(io("sending file header"))?;
+        let mut body = BufReader::with_capacity(FILE_CHUNK, file.take(size));
+        let sent = tokio::io::copy_buf(&mut body, wr).await;
+        match sent {
+            Ok(n) if n == size => Ok(n),
+            other => {
+                // The header promised bytes that did not all go out: the file connection is
+                // out of step and must be dropped (it is re-opened by the reader task).
+                if let Some(mut wr) = slot.take() {
+                    let _ = wr.shutdown().await;
+                }
+                Err(match other {
+                    Ok(n) => Error::Protocol(format!(
+                        "the file shrank while sending: {n} of {size} bytes"
+                    )),
+                    Err(e) => Error::io("sending file", e),
+                })
+            }
+        }
+    }
+
+    /// Closes both connections; the event stream ends after a final `Disconnected`.
+    pub async fn close(&self) {
+        self.inner.closed.cancel();
+        let _ = self.inner.chat.lock().await.shutdown().await;
+        if let Some(mut wr) = self.inner.file.lock().await.take() {
+            let _ = wr.shutdown().await;
+        }
+    }
+}
+
+impl Inner {
+    /// Hands a reply to the caller waiting for it; returns the line if nobody waits.
+    fn route_reply(&self, line: ServerLine) -> Option<ServerLine> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        match line {
+            ServerLine::Users { users } => match waiters.users.pop_front() {
+                Some(tx) => {
+                    let _ = tx.send(users);
+                    None
+                }
+                None => Some(ServerLine::Users { users }),
+            },
+            ServerLine::Joined { group } => {
+                match waiters.joins.iter().position(|(g, _)| *g == group) {
+                    Some(i) => {
+                        if let Some((_, tx)) = waiters.joins.remove(i) {
+                            let _ = tx.send(());
+                        }
+                        None
+                    }
+                    None => Some(ServerLine::Joined { group }),
+                }
+            }
+            line => Some(line),
+        }
+    }
+}
+
+async fn read_chat(
+    inner: Arc<Inner>,
+    mut reader: LineReader<OwnedReadHalf>,
+    tx: mpsc::Sender<Event>,
+) {
+    while let Ok(line) = reader.next_line(&inner.closed).await {
+        let line = ServerLine::parse(&String::from_utf8_lossy(&line));
+        if let Some(line) = inner.route_reply(line) {
+            let _ = tx.send(Event::Line(line)).await;
+        }
+    }
+    inner.closed.cancel();
+    {
+        let mut waiters = inner.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        waiters.users.clear();
+        waiters.joins.clear();
+    }
+    let _ = tx.send(Event::Disconnected).await;
+}
+
+/// Receives forwarded files for as long as the client lives, re-opening the file connection
+/// if the server closes it (as it does when an upload to us breaks off).
+async fn read_files(
+    inner: Arc<Inner>,
+    mut reader: LineReader<OwnedReadHalf>,
+    tx: mpsc::Sender<Event>,
+) {
+    'connection: loop {
+        while receive_one(&inner, &mut reader, &tx).await {}
+        inner.file.lock().await.take();
+        for attempt in 1..=FILE_RECONNECT_TRIES {
+            tokio::select! {
+                _ = inner.closed.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100) * attempt) => {}
+            }
+            if let Ok((rd, wr)) = open_file_connection(&inner.config).await {
+                *inner.file.lock().await = Some(wr);
+                reader = rd;
+                continue 'connection;
+            }
+        }
+        let reason = "the file connection was lost and could not be re-opened".to_owned();
+        let _ = tx.send(Event::FileFailed { reason }).await;
+        return;
+    }
+}
+
+/// Receives one forwarded file; false once the file connection is gone.
+async fn receive_one(
+    inner: &Inner,
+    reader: &mut LineReader<OwnedReadHalf>,
+    tx: &mpsc::Sender<Event>,
+) -> bool {
+    let closed = &inner.closed;
+    let Ok(line) = reader.next_line(closed).await else {
+        return false;
+    };
+    if line.is_empty() {
+        return true;
+    }
+    let fail = |reason: String| async move {
+        let _ = tx.send(Event::FileFailed { reason }).await;
+    };
+    let header = match ForwardHeader::parse(&line) {
+        Ok(header) => header,
+        Err(e) => {
+            let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
+            fail(format!(
+                "ignored a file header from the server ({shown:?}): {e}"
+            ))
+            .await;
+            return true;
+        }
+    };
+    let ForwardHeader {
+        sender,
+        filename,
+        size,
+    } = header;
+    let saved = saved_name(&sender, &filename);
+    let dir = &inner.config.download_dir;
+    let (path, tmp) = (dir.join(&saved), dir.join(format!("{saved}.tmp")));
+    let file = match saved.len() + 4 > MAX_FILENAME_BYTES {
+        true => Err(std::io::Error::other("file name too long")),
+        false => tokio::fs::File::create(&tmp).await,
+    };
+    let mut file = match file {
+        Ok(file) => file,
+        Err(e) => {
+            fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
+            return reader.skip(size, FILE_CHUNK, closed).await;
+        }
+    };
+    let mut got = 0u64;
+    while got < size {
+        let want = usize::try_from(size - got)
+            .unwrap_or(usize::MAX)
+            .min(FILE_CHUNK);
+        let chunk = tokio::select! {
+            _ = closed.cancelled() => Ok(bytes::Bytes::new()),
+            chunk = reader.read_raw(want, FILE_CHUNK) => chunk,
+        };
+        let chunk = match chunk {
+            Ok(chunk) if !chunk.is_empty() => chunk,
+            _ => {
+                drop(file);
+                let _ = tokio::fs::remove_file(&tmp).await;
+                fail(format!(
+                    "transfer of '{filename}' from {sender} broke off after {got} of {size} bytes"
+                ))
+                .await;
+                return false;
+            }
+        };
+        got += chunk.len() as u64;
+        if let Err(e) = file.write_all(&chunk).await {
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+            fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
+            return reader.skip(size - got, FILE_CHUNK, closed).await;
+        }
+    }
+    let saved_ok = async {
+        file.flush().await?;
+        drop(file);
+        tokio::fs::rename(&tmp, &path).await
+    };
+    if let Err(e) = saved_ok.await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
+        return true;
+    }
+    let _ = tx
+        .send(Event::FileReceived {
+            sender: sender.clone(),
+            filename: filename.clone(),
+            path,
+            size,
+        })
+        .await;
+    let ack = format_command(&Command::FileReceived {
+        sender: &sender,
+        filename: &filename,
+    });
+    let mut chat = inner.chat.lock().await;
+    let _ = chat.write_all(ack.as_bytes()).await;
+    true
+}

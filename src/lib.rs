@@ -1,0 +1,62 @@
+//! relaychat: a multi-user chat and file relay, wire-compatible with the socket lab it grew
+//! from (`docs/PROTOCOL.md`).
+//!
+//! Module map:
+//! * [`protocol`]: bytes in, values out. Framing, commands, server lines, file headers,
+//!   name rules. Pure: no I/O, no runtime, no Python.
+//! * [`server`]: the two listeners, the session registry, the chat handler and the file
+//!   relay, with graceful shutdown.
+//! * [`client`]: the client engine: both sockets, typed events, atomic file receive.
+//! * `python` (feature `python`): the PyO3 bindings that make this crate
+//!   `relaychat._native`.
+
+pub mod client;
+mod net;
+pub mod protocol;
+pub mod server;
+
+#[cfg(feature = "python")]
+mod python;
+
+/// Everything that can go wrong in the engine, as one typed enum.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused a request with an `ERROR: ...` line, or closed the connection
+    /// during the handshake.
+    #[error("server refused: {0}")]
+    Refused(String),
+    /// The peer sent something that breaks the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// An argument the protocol cannot carry (a newline in a message, a bad name, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+    /// A wait ran out of time.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The engine's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,209 @@
+//! Socket plumbing shared by the server and the client engine: a framed line reader (with
+//! the idle-pause rule where the server needs it) and the writer task that drains a
+//! connection's bounded outbox.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{FrameError, LineFramer};
+
+/// How much a reader asks the kernel for at a time on a chat connection.
+const READ_CHUNK: usize = 8 * 1024;
+/// Largest batch the writer hands to one `write` call.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What ended a read.
+#[derive(Debug)]
+pub(crate) enum ReadEnd {
+    /// The peer closed its side (or the connection was cancelled).
+    Closed,
+    /// The peer broke the framing rules.
+    Frame(FrameError),
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
+/// A socket's read side, cut into lines by [`LineFramer`].
+pub(crate) struct LineReader<R> {
+    /// The socket's read half.
+    rd: R,
+    /// Bytes read but not yet consumed.
+    buf: BytesMut,
+    /// The framing state (pause- or line-framed).
+    framer: LineFramer,
+    /// How long bytes without a newline may sit before they count as a line.
+    idle_pause: Duration,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub(crate) fn new(rd: R, max_line: usize, idle_pause: Duration) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::new(),
+            framer: LineFramer::new(max_line),
+            idle_pause,
+        }
+    }
+
+    /// A reader on which only a newline ends a line (how a client reads the server).
+    pub(crate) fn line_framed(rd: R, max_line: usize) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::new(),
+            framer: LineFramer::line_framed(max_line),
+            idle_pause: Duration::ZERO,
+        }
+    }
+
+    /// From now on only a newline ends a line (file headers, after the username).
+    pub(crate) fn require_newlines(&mut self, max_line: usize) {
+        self.framer = LineFramer::line_framed(max_line);
+    }
+
+    /// The next line, or why there is none. Bytes left without a newline when the peer
+    /// closes its side count as a last line.
+    pub(crate) async fn next_line(&mut self, cancel: &CancellationToken) -> Result<Bytes, ReadEnd> {
+        loop {
+            match self.framer.next_line(&mut self.buf) {
+                Ok(Some(line)) => return Ok(line),
+                Ok(None) => {}
+                Err(e) => return Err(ReadEnd::Frame(e)),
+            }
+            let pausing = self.framer.wants_idle_flush(&self.buf);
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(ReadEnd::Closed),
+                _ = tokio::time::sleep(self.idle_pause), if pausing => {
+                    if let Some(line) = self.framer.take_idle_line(&mut self.buf) {
+                        return Ok(line);
+                    }
+                }
+                read = self.rd.read_buf(&mut self.buf) => match read {
+                    Ok(0) => {
+                        return match self.buf.is_empty() {
+                            true => Err(ReadEnd::Closed),
+                            false => Ok(self.buf.split().freeze()),
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(ReadEnd::Io(e)),
+                },
+            }
+        }
+    }
+
+    /// Up to `max` raw bytes (a file body): first what is buffered, then from the socket.
+    /// An empty result means the peer closed its side.
+    pub(crate) async fn read_raw(&mut self, max: usize, chunk: usize) -> std::io::Result<Bytes> {
+        if self.buf.is_empty() {
+            self.buf.reserve(chunk);
+            let want = chunk.min(max);
+            let n = (&mut self.rd)
+                .take(want as u64)
+                .read_buf(&mut self.buf)
+                .await?;
+            if n == 0 {
+                return Ok(Bytes::new());
+            }
+        }
+        let take = self.buf.len().min(max);
+        Ok(self.buf.split_to(take).freeze())
+    }
+
+    /// Reads and drops exactly `n` raw bytes; false if the peer closed (or `cancel` fired)
+    /// first.
+    pub(crate) async fn skip(
+        &mut self,
+        mut n: u64,
+        chunk: usize,
+        cancel: &CancellationToken,
+    ) -> bool {
+        while n > 0 {
+            let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk);
+            let got = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                got = self.read_raw(want, chunk) => got,
+            };
+            match got {
+                Ok(bytes) if !bytes.is_empty() => n -= bytes.len() as u64,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Drops buffered bytes and reads until the peer has been quiet for `quiet` (to resync
+    /// after a header whose body length is unknown). Returns false if the peer closed.
+    pub(crate) async fn discard_until_quiet(&mut self, quiet: Duration) -> bool {
+        self.buf.clear();
+        let mut scratch = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(quiet, self.rd.read(&mut scratch)).await {
+                Err(_) => return true,
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Releases a large body buffer once a transfer is over, so idle connections stay small.
+    pub(crate) fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+/// Drains `rx` into the socket until the queue closes or `kill` fires, batching whatever is
+/// already queued into one write. Shuts the write side down at the end.
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    kill: CancellationToken,
+) {
+    let mut batch = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = kill.cancelled() => break,
+            next = rx.recv() => match next {
+                Some(bytes) => bytes,
+                None => break,
+            },
+        };
+        let write = async {
+            if rx.is_empty() {
+                return wr.write_all(&first).await;
+            }
+            batch.clear();
+            batch.extend_from_slice(&first);
+            while batch.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            wr.write_all(&batch).await
+        };
+        let ok = tokio::select! {
+            biased;
+            _ = kill.cancelled() => false,
+            res = write => res.is_ok(),
+        };
+        if !ok {
+            kill.cancel();
+            break;
+        }
+        if batch.capacity() > 4 * WRITE_BATCH {
+            batch = BytesMut::new();
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+}

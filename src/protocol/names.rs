@@ -1,0 +1,193 @@
+//! Rules for the names that travel on the wire: users, groups and files.
+//!
+//! Names are embedded in `|`-separated headers, in space-separated commands and in file
+//! paths on both sides, so each rule below closes a way to confuse one of those.
+
+/// Longest username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 32;
+/// Longest group name, in characters.
+pub const MAX_GROUP_CHARS: usize = 64;
+/// Longest file name, in bytes (the common file-system limit for one path component).
+pub const MAX_FILENAME_BYTES: usize = 255;
+/// Prefix of every file the server or a client saves; `received_from_` + sender + `_` +
+/// name must itself fit in one path component.
+const SAVED_PREFIX: &str = "received_from_";
+
+/// Why a name was refused. The text is what the user is told after `ERROR: `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Nothing left after trimming.
+    #[error("{kind} is empty")]
+    Empty {
+        /// "username", "group name" or "file name".
+        kind: &'static str,
+    },
+    /// Over the length limit.
+    #[error("{kind} is longer than {limit} {unit}")]
+    TooLong {
+        /// What kind of name.
+        kind: &'static str,
+        /// The limit.
+        limit: usize,
+        /// "characters" or "bytes".
+        unit: &'static str,
+    },
+    /// Contains a character the rules forbid.
+    #[error("{kind} may not contain {what}")]
+    BadChar {
+        /// What kind of name.
+        kind: &'static str,
+        /// A description of the offending character.
+        what: &'static str,
+    },
+    /// `.` or `..`.
+    #[error("{kind} may not be '.' or '..'")]
+    Dots {
+        /// What kind of name.
+        kind: &'static str,
+    },
+}
+
+fn describe(c: char) -> Option<&'static str> {
+    match c {
+        '|' => Some("'|'"),
+        '/' => Some("'/'"),
+        '\\' => Some("'\\'"),
+        '\0' => Some("NUL"),
+        c if c.is_control() => Some("control characters"),
+        _ => None,
+    }
+}
+
+fn check(name: &str, kind: &'static str, limit: usize, allow_space: bool) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.chars().count() > limit {
+        return Err(NameError::TooLong {
+            kind,
+            limit,
+            unit: "characters",
+        });
+    }
+    for c in name.chars() {
+        if let Some(what) = describe(c) {
+            return Err(NameError::BadChar { kind, what });
+        }
+        if !allow_space && c.is_whitespace() {
+            return Err(NameError::BadChar {
+                kind,
+                what: "whitespace",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A username: 1 to 32 characters; no whitespace, `|`, `/`, `\`, or control characters.
+pub fn check_username(name: &str) -> Result<(), NameError> {
+    check(name, "username", MAX_USERNAME_CHARS, false)?;
+    if name.starts_with("GROUP:") {
+        return Err(NameError::BadChar {
+            kind: "username",
+            what: "the prefix 'GROUP:'",
+        });
+    }
+    Ok(())
+}
+
+/// A group name: 1 to 64 characters; the same forbidden characters as a username.
+pub fn check_group(name: &str) -> Result<(), NameError> {
+    check(name, "group name", MAX_GROUP_CHARS, false)
+}
+
+/// A file name: one bare path component of at most 255 bytes. Spaces are allowed (people
+/// name files that way); directories, `..`, `|`, backslashes and control characters are not.
+pub fn check_filename(name: &str) -> Result<(), NameError> {
+    let kind = "file name";
+    if name.len() > MAX_FILENAME_BYTES {
+        return Err(NameError::TooLong {
+            kind,
+            limit: MAX_FILENAME_BYTES,
+            unit: "bytes",
+        });
+    }
+    check(name, kind, MAX_FILENAME_BYTES, true)?;
+    if name == "." || name == ".." {
+        return Err(NameError::Dots { kind });
+    }
+    Ok(())
+}
+
+/// The name under which a file from `sender` called `filename` is saved, on the server and
+/// by the receiving client alike: `received_from_<sender>_<filename>`.
+pub fn saved_name(sender: &str, filename: &str) -> String {
+    let mut s = String::with_capacity(SAVED_PREFIX.len() + sender.len() + 1 + filename.len());
+    s.push_str(SAVED_PREFIX);
+    s.push_str(sender);
+    s.push('_');
+    s.push_str(filename);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        assert!(check_username("yasser").is_ok());
+        assert!(check_username("ünïcode_1").is_ok());
+        assert_eq!(
+            check_username(""),
+            Err(NameError::Empty { kind: "username" })
+        );
+        for bad in ["a b", "a|b", "a/b", "a\\b", "a\0b", "a\tb", "GROUP:x"] {
+            assert!(check_username(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_username(&"x".repeat(32)).is_ok());
+        assert!(check_username(&"x".repeat(33)).is_err());
+        assert_eq!(
+            check_username("a b").map_err(|e| e.to_string()),
+            Err("username may not contain whitespace".into())
+        );
+    }
+
+    #[test]
+    fn group_names() {
+        assert!(check_group("devs").is_ok());
+        assert!(check_group("dev team").is_err());
+        assert!(check_group(&"g".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn file_names() {
+        for good in ["report.pdf", "my slides.pptx", ".hidden", "a..b"] {
+            assert!(check_filename(good).is_ok(), "{good:?} refused");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "/etc/passwd",
+            "dir/file",
+            "..\\win",
+            "a|b",
+            "nul\0",
+            "bell\x07",
+        ] {
+            assert!(check_filename(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_filename(&"é".repeat(128)).is_err());
+        assert!(check_filename(&"e".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn saved_names() {
+        assert_eq!(
+            saved_name("yasser", "report.pdf"),
+            "received_from_yasser_report.pdf"
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! Every line the server sends on the chat port: one formatter (server side) and one parser
+//! (client side) per line, so the two can never drift apart.
+//!
+//! The texts are the lab's, byte for byte. Lines the lab did not have are the two extra
+//! usage lines ([`super::Usage`]) and `ERROR: <reason>`.
+
+use std::fmt::{self, Display, Write as _};
+
+use super::command::Usage;
+
+/// The lab's reply to a line that is no command.
+pub const UNKNOWN_COMMAND: &str = "Unknown command. Use msg/broadcast/list/join/send_group";
+
+/// One line from the server's chat port, without its `\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerLine {
+    /// `Welcome, <u>!`: the username was accepted.
+    Welcome {
+        /// The accepted username.
+        user: String,
+    },
+    /// `[PRIVATE from <u>]: <m>`.
+    Private {
+        /// Sender.
+        from: String,
+        /// Message.
+        text: String,
+    },
+    /// `[BROADCAST from <u>]: <m>`.
+    Broadcast {
+        /// Sender.
+        from: String,
+        /// Message.
+        text: String,
+    },
+    /// `[GROUP <g>] <u>: <m>`.
+    Group {
+        /// Group.
+        group: String,
+        /// Sender.
+        from: String,
+        /// Message.
+        text: String,
+    },
+    /// `You joined group '<g>'`.
+    Joined {
+        /// Group.
+        group: String,
+    },
+    /// `You are not in group '<g>'`.
+    NotInGroup {
+        /// Group.
+        group: String,
+    },
+    /// `Connected users: a, b` (everyone but the one who asked, in order of arrival).
+    Users {
+        /// The other users.
+        users: Vec<String>,
+    },
+    /// `User <u> not found.`
+    UserNotFound {
+        /// The name that was asked for.
+        user: String,
+    },
+    /// One of the usage lines.
+    Usage(Usage),
+    /// The lab's unknown-command line.
+    UnknownCommand,
+    /// `[FILE] <s> sent you file '<f>' (<n> bytes). Incoming on file socket.`
+    FileIncoming {
+        /// Sender.
+        from: String,
+        /// File name as forwarded.
+        filename: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// `[FILE] <s> sent file '<f>' to group '<g>'.`
+    FileToGroup {
+        /// Sender.
+        from: String,
+        /// File name as forwarded.
+        filename: String,
+        /// Group.
+        group: String,
+    },
+    /// `[FILE] You sent file '<f>' (saved as <saved>).`: a file sent to oneself.
+    FileSelf {
+        /// File name.
+        filename: String,
+        /// Name of the server's copy.
+        saved_as: String,
+    },
+    /// `User <t> has no file socket; file saved as <saved>`.
+    NoFileSocket {
+        /// The recipient without a file connection.
+        user: String,
+        /// Name of the server's copy.
+        saved_as: String,
+    },
+    /// `[ACK] <r> received file '<f>'`.
+    Ack {
+        /// Who received the file.
+        recipient: String,
+        /// File name.
+        filename: String,
+    },
+    /// `ERROR: <reason>`: a refused request, a limit, a bad header (not in the lab).
+    Error {
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Anything else (parse only): shown to the user as it came.
+    Other(String),
+}
+
+impl Display for ServerLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerLine::Welcome { user } => write!(f, "Welcome, {user}!"),
+            ServerLine::Private { from, text } => write!(f, "[PRIVATE from {from}]: {text}"),
+            ServerLine::Broadcast { from, text } => write!(f, "[BROADCAST from {from}]: {text}"),
+            ServerLine::Group { group, from, text } => write!(f, "[GROUP {group}] {from}: {text}"),
+            ServerLine::Joined { group } => write!(f, "You joined group '{group}'"),
+            ServerLine::NotInGroup { group } => write!(f, "You are not in group '{group}'"),
+            ServerLine::Users { users } => {
+                f.write_str("Connected users: ")?;
+                for (i, u) in users.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(u)?;
+                }
+                Ok(())
+            }
+            ServerLine::UserNotFound { user } => write!(f, "User {user} not found."),
+            ServerLine::Usage(usage) => f.write_str(usage.line()),
+            ServerLine::UnknownCommand => f.write_str(UNKNOWN_COMMAND),
+            ServerLine::FileIncoming {
+                from,
+                filename,
+                size,
+            } => write!(
+                f,
+                "[FILE] {from} sent you file '{filename}' ({size} bytes). Incoming on file socket."
+            ),
+            ServerLine::FileToGroup {
+                from,
+                filename,
+                group,
+            } => {
+                write!(
+                    f,
+                    "[FILE] {from} sent file '{filename}' to group '{group}'."
+                )
+            }
+            ServerLine::FileSelf { filename, saved_as } => {
+                write!(
+                    f,
+                    "[FILE] You sent file '{filename}' (saved as {saved_as})."
+                )
+            }
+            ServerLine::NoFileSocket { user, saved_as } => {
+                write!(
+                    f,
+                    "User {user} has no file socket; file saved as {saved_as}"
+                )
+            }
+            ServerLine::Ack {
+                recipient,
+                filename,
+            } => {
+                write!(f, "[ACK] {recipient} received file '{filename}'")
+            }
+            ServerLine::Error { reason } => write!(f, "ERROR: {reason}"),
+            ServerLine::Other(line) => f.write_str(line),
+        }
+    }
+}
+
+impl ServerLine {
+    /// The line as sent: its text and one `\n`.
+    pub fn to_wire(&self) -> String {
+        let mut s = String::with_capacity(64);
+        let _ = write!(s, "{self}");
+        s.push('\n');
+        s
+    }
+
+    /// Parses one received line (without its line ending). Never fails: a line that
+    /// matches no known shape is [`ServerLine::Other`].
+    pub fn parse(line: &str) -> ServerLine {
+        parse_known(line).unwrap_or_else(|| ServerLine::Other(line.to_owned()))
+    }
+}
+
+/// `<prefix><middle><suffix>` → `<middle>`.
+fn between<'a>(line: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix)?.strip_suffix(suffix)
+}
+
+fn parse_known(line: &str) -> Option<ServerLine> {
+    let s = String::from;
+    if let Some(user) = between(line, "Welcome, ", "!") {
+        return Some(ServerLine::Welcome { user: s(user) });
+    }
+    if let Some(rest) = line.strip_prefix("[PRIVATE from ") {
+        let (from, text) = rest.split_once("]: ")?;
+        return Some(ServerLine::Private {
+            from: s(from),
+            text: s(text),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("[BROADCAST from ") {
+        let (from, text) = rest.split_once("]: ")?;
+        return Some(ServerLine::Broadcast {
+            from: s(from),
+            text: s(text),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("[GROUP ") {
+        let (group, rest) = rest.split_once("] ")?;
+        let (from, text) = rest.split_once(": ")?;
+        return Some(ServerLine::Group {
+            group: s(group),
+            from: s(from),
+            text: s(text),
+        });
+    }
+    if let Some(group) = between(line, "You joined group '", "'") {
+        return Some(ServerLine::Joined { group: s(group) });
+    }
+    if let Some(group) = between(line, "You are not in group '", "'") {
+        return Some(ServerLine::NotInGroup { group: s(group) });
+    }
+    if let Some(rest) = line.strip_prefix("Connected users: ") {
+        let users = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split(", ").map(s).collect()
+        };
+        return Some(ServerLine::Users { users });
+    }
+    if let Some(user) = between(line, "User ", " not found.") {
+        return Some(ServerLine::UserNotFound { user: s(user) });
+    }
+    for usage in [Usage::Msg, Usage::Broadcast, Usage::Join, Usage::SendGroup] {
+        if line == usage.line() {
+            return Some(ServerLine::Usage(usage));
+        }
+    }
+    if line == UNKNOWN_COMMAND {
+        return Some(ServerLine::UnknownCommand);
+    }
+    if let Some(rest) = between(line, "[FILE] You sent file '", ").") {
+        let (filename, saved_as) = rest.rsplit_once("' (saved as ")?;
+        return Some(ServerLine::FileSelf {
+            filename: s(filename),
+            saved_as: s(saved_as),
+        });
+    }
+    if let Some(rest) = between(line, "[FILE] ", " bytes). Incoming on file socket.") {
+        let (from, rest) = rest.split_once(" sent you file '")?;
+        let (filename, size) = rest.rsplit_once("' (")?;
+        let size = size.parse().ok()?;
+        return Some(ServerLine::FileIncoming {
+            from: s(from),
+            filename: s(filename),
+            size,
+        });
+    }
+    if let Some(rest) = between(line, "[FILE] ", "'.") {
+        let (from, rest) = rest.split_once(" sent file '")?;
+        let (filename, group) = rest.rsplit_once("' to group '")?;
+        return Some(ServerLine::FileToGroup {
+            from: s(from),
+            filename: s(filename),
+            group: s(group),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("User ") {
+        let (user, saved_as) = rest.split_once(" has no file socket; file saved as ")?;
+        return Some(ServerLine::NoFileSocket {
+            user: s(user),
+            saved_as: s(saved_as),
+        });
+    }
+    if let Some(rest) = between(line, "[ACK] ", "'") {
+        let (recipient, filename) = rest.split_once(" received file '")?;
+        return Some(ServerLine::Ack {
+            recipient: s(recipient),
+            filename: s(filename),
+        });
+    }
+    if let Some(reason) = line.strip_prefix("ERROR: ") {
+        return Some(ServerLine::Error { reason: s(reason) });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_line() -> Vec<(ServerLine, &'static str)> {
+        let s = String::from;
+        vec![
+            (
+                ServerLine::Welcome { user: s("yasser") },
+                "Welcome, yasser!",
+            ),
+            (
+                ServerLine::Private {
+                    from: s("yasser"),
+                    text: s("Hi Ahmad!"),
+                },
+                "[PRIVATE from yasser]: Hi Ahmad!",
+            ),
+            (
+                ServerLine::Broadcast {
+                    from: s("yasser"),
+                    text: s("Hello everyone!"),
+                },
+                "[BROADCAST from yasser]: Hello everyone!",
+            ),
+            (
+                ServerLine::Group {
+                    group: s("devs"),
+                    from: s("yasser"),
+                    text: s("Standup: 10 AM."),
+                },
+                "[GROUP devs] yasser: Standup: 10 AM.",
+            ),
+            (
+                ServerLine::Joined { group: s("devs") },
+                "You joined group 'devs'",
+            ),
+            (
+                ServerLine::NotInGroup { group: s("devs") },
+                "You are not in group 'devs'",
+            ),
+            (
+                ServerLine::Users {
+                    users: vec![s("ahmad"), s("sara")],
+                },
+                "Connected users: ahmad, sara",
+            ),
+            (ServerLine::Users { users: vec![] }, "Connected users: "),
+            (
+                ServerLine::UserNotFound { user: s("bob") },
+                "User bob not found.",
+            ),
+            (
+                ServerLine::Usage(Usage::Msg),
+                "Usage: msg <username> <message>",
+            ),
+            (
+                ServerLine::Usage(Usage::Broadcast),
+                "Usage: broadcast <message>",
+            ),
+            (ServerLine::Usage(Usage::Join), "Usage: join <group_name>"),
+            (
+                ServerLine::Usage(Usage::SendGroup),
+                "Usage: send_group <group_name> <message>",
+            ),
+            (
+                ServerLine::UnknownCommand,
+                "Unknown command. Use msg/broadcast/list/join/send_group",
+            ),
+            (
+                ServerLine::FileIncoming {
+                    from: s("yasser"),
+                    filename: s("report.pdf"),
+                    size: 12345,
+                },
+                "[FILE] yasser sent you file 'report.pdf' (12345 bytes). Incoming on file socket.",
+            ),
+            (
+                ServerLine::FileToGroup {
+                    from: s("yasser"),
+                    filename: s("it's (1).pptx"),
+                    group: s("team"),
+                },
+                "[FILE] yasser sent file 'it's (1).pptx' to group 'team'.",
+            ),
+            (
+                ServerLine::FileSelf {
+                    filename: s("foo.bin"),
+                    saved_as: s("received_from_me_foo.bin"),
+                },
+                "[FILE] You sent file 'foo.bin' (saved as received_from_me_foo.bin).",
+            ),
+            (
+                ServerLine::NoFileSocket {
+                    user: s("bob"),
+                    saved_as: s("received_from_a_x"),
+                },
+                "User bob has no file socket; file saved as received_from_a_x",
+            ),
+            (
+                ServerLine::Ack {
+                    recipient: s("ahmad"),
+                    filename: s("report.pdf"),
+                },
+                "[ACK] ahmad received file 'report.pdf'",
+            ),
+            (
+                ServerLine::Error {
+                    reason: s("file too big"),
+                },
+                "ERROR: file too big",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_line_has_the_labs_exact_text() {
+        for (line, text) in every_line() {
+            assert_eq!(line.to_string(), text);
+            assert_eq!(line.to_wire(), format!("{text}\n"));
+        }
+    }
+
+    #[test]
+    fn every_line_parses_back() {
+        for (line, text) in every_line() {
+            assert_eq!(ServerLine::parse(text), line, "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_lines_are_kept_as_they_came() {
+        for text in ["hello", "[PRIVATE from x", "[FILE] odd", "", "User x"] {
+            assert_eq!(ServerLine::parse(text), ServerLine::Other(text.to_owned()));
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Typed events for Python: one frozen class per kind of server line or engine event.
+//!
+//! Every event has `line`: the text the lab's client would print for it, so a terminal
+//! front end prints `event.line` and a bot matches on the class and its fields.
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::client::Event;
+use crate::protocol::ServerLine;
+
+macro_rules! events {
+    ($( $(#[doc = $doc:literal])* $name:ident { $($field:ident : $ty:ty),* } )*) => {
+        $(
+            $(#[doc = $doc])*
+            #[pyclass(module = "relaychat._native", frozen, get_all)]
+            pub struct $name {
+                $(pub $field: $ty,)*
+                /// The line as the lab's client prints it.
+                pub line: String,
+            }
+
+            #[pymethods]
+            impl $name {
+                #[classattr]
+                fn __match_args__(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+                    let names: &[&str] = &[$(stringify!($field)),*];
+                    Ok(PyTuple::new(py, names)?.unbind())
+                }
+
+                fn __repr__(&self) -> String {
+                    let fields: Vec<String> = vec![$(format!("{}={:?}", stringify!($field), self.$field)),*];
+                    format!("{}({})", stringify!($name), fields.join(", "))
+                }
+
+                fn __str__(&self) -> &str {
+                    &self.line
+                }
+            }
+        )*
+
+        pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            $(m.add_class::<$name>()?;)*
+            Ok(())
+        }
+    };
+}
+
+events! {
+    /// `Welcome, <user>!`: the server accepted the username.
+    Welcome { user: String }
+    /// `[PRIVATE from <sender>]: <text>`.
+    PrivateMessage { sender: String, text: String }
+    /// `[BROADCAST from <sender>]: <text>`.
+    BroadcastMessage { sender: String, text: String }
+    /// `[GROUP <group>] <sender>: <text>`.
+    GroupMessage { group: String, sender: String, text: String }
+    /// `You joined group '<group>'` (for a `join` typed as a raw command).
+    Joined { group: String }
+    /// `You are not in group '<group>'`.
+    NotInGroup { group: String }
+    /// `Connected users: ...` (for a `list` typed as a raw command).
+    UserList { users: Vec<String> }
+    /// `User <user> not found.`
+    UserNotFound { user: String }
+    /// A usage line: the command lacked arguments.
+    Usage { text: String }
+    /// The unknown-command line.
+    UnknownCommand {}
+    /// `[FILE] <sender> sent you file '<filename>' (<size> bytes). Incoming on file socket.`
+    FileIncoming { sender: String, filename: String, size: u64 }
+    /// `[FILE] <sender> sent file '<filename>' to group '<group>'.`
+    GroupFileIncoming { sender: String, filename: String, group: String }
+    /// `[FILE] You sent file '<filename>' (saved as <saved_as>).`: a file sent to oneself.
+    FileSaved { filename: String, saved_as: String }
+    /// `User <user> has no file socket; file saved as <saved_as>`.
+    NoFileSocket { user: String, saved_as: String }
+    /// `[ACK] <recipient> received file '<filename>'`.
+    Ack { recipient: String, filename: String }
+    /// `ERROR: <reason>`: the server refused something.
+    ServerError { reason: String }
+    /// A server line of no known shape, as it came.
+    ServerText { text: String }
+    /// A file arrived whole, was renamed into place and acknowledged.
+    FileReceived { sender: String, filename: String, path: PathBuf, size: u64 }
+    /// An incoming file failed; no file was left under its final name.
+    FileFailed { reason: String }
+    /// The chat connection closed; nothing follows.
+    Disconnected {}
+}
+
+/// An engine event on its way to Python.
+pub(super) struct PyEvent(pub Event);
+
+fn make<'py, T: pyo3::PyClass + Into<pyo3::PyClassInitializer<T>>>(
+    py: Python<'py>,
+    value: T,
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(Bound::new(py, value)?.into_any())
+}
+
+impl<'py> IntoPyObject<'py> for PyEvent {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let line = match &self.0 {
+            Event::Line(l) => l.to_string(),
+            Event::FileReceived {
+                sender, path, size, ..
+            } => {
+                format!(
+                    "[FILE RECEIVED] {} ({size} bytes) from {sender}",
+                    path.display()
+                )
+            }
+            Event::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
+            Event::Disconnected => "Chat connection closed.".to_owned(),
+        };
+        match self.0 {
+            Event::Line(server_line) => match server_line {
+                ServerLine::Welcome { user } => make(py, Welcome { user, line }),
+                ServerLine::Private { from, text } => make(
+                    py,
+                    PrivateMessage {
+                        sender: from,
+                        text,
+                        line,
+                    },
+                ),
+                ServerLine::Broadcast { from, text } => make(
+                    py,
+                    BroadcastMessage {
+                        sender: from,
+                        text,
+                        line,
+                    },
+                ),
+                ServerLine::Group { group, from, text } => make(
+                    py,
+                    GroupMessage {
+                        group,
+                        sender: from,
+                        text,
+                        line,
+                    },
+                ),
+                ServerLine::Joined { group } => make(py, Joined { group, line }),
+                ServerLine::NotInGroup { group } => make(py, NotInGroup { group, line }),
+                ServerLine::Users { users } => make(py, UserList { users, line }),
+                ServerLine::UserNotFound { user } => make(py, UserNotFound { user, line }),
+                ServerLine::Usage(_) => make(
+                    py,
+                    Usage {
+                        text: line.clone(),
+                        line,
+                    },
+                ),
+                ServerLine::UnknownCommand => make(py, UnknownCommand { line }),
+                ServerLine::FileIncoming {
+                    from,
+                    filename,
+                    size,
+                } => make(
+                    py,
+                    FileIncoming {
+                        sender: from,
+                        filename,
+                        size,
+                        line,
+                    },
+                ),
+                ServerLine::FileToGroup {
+                    from,
+                    filename,
+                    group,
+                } => make(
+                    py,
+                    GroupFileIncoming {
+                        sender: from,
+                        filename,
+                        group,
+                        line,
+                    },
+                ),
+                ServerLine::FileSelf { filename, saved_as } => make(
+                    py,
+                    FileSaved {
+                        filename,
+                        saved_as,
+                        line,
+                    },
+                ),
+                ServerLine::NoFileSocket { user, saved_as } => make(
+                    py,
+                    NoFileSocket {
+                        user,
+                        saved_as,
+                        line,
+                    },
+                ),
+                ServerLine::Ack {
+                    recipient,
+                    filename,
+                } => make(
+                    py,
+                    Ack {
+                        recipient,
+                        filename,
+                        line,
+                    },
+                ),
+                ServerLine::Error { reason } => make(py, ServerError { reason, line }),
+                ServerLine::Other(text) => make(py, ServerText { text, line }),
+            },
+            Event::FileReceived {
+                sender,
+                filename,
+                path,
+                size,
+            } => make(
+                py,
+                FileReceived {
+                    sender,
+                    filename,
+                    path,
+                    size,
+                    line,
+                },
+            ),
+            Event::FileFailed { reason } => make(py, FileFailed { reason, line }),
+            Event::Disconnected => make(py, Disconnected { line }),
+        }
+    }
+}

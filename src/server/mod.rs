@@ -1,0 +1,204 @@
+//! The server: a chat listener and a file listener sharing one registry.
+//!
+//! Every connection gets a reader task and a writer task; every task watches one shutdown
+//! token, and [`Server::run`] waits for all of them before it returns (tokio-util's
+//! `CancellationToken` and `TaskTracker`).
+
+mod chat;
+mod registry;
+mod relay;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::protocol::{DEFAULT_MAX_HEADER, DEFAULT_MAX_LINE};
+use crate::{Error, Result};
+use registry::Registry;
+
+/// Everything an operator can set. `Default` is the lab's setup (127.0.0.1, ports 2003 and
+/// 2007, files saved in the current directory).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub host: String,
+    /// Chat port; 0 picks a free one.
+    pub chat_port: u16,
+    /// File port; 0 picks a free one.
+    pub file_port: u16,
+    /// Where uploads are saved as `received_from_<sender>_<filename>`.
+    pub data_dir: PathBuf,
+    /// How long bytes without a newline wait before they count as one line, on a
+    /// connection that has never sent a newline (the lab's client).
+    pub idle_pause: Duration,
+    /// Longest chat line, in bytes.
+    pub max_line: usize,
+    /// Longest file-port line (username, upload header), in bytes.
+    pub max_header: usize,
+    /// Lines a chat connection may have queued before it counts as not reading.
+    pub send_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            chat_port: 2003,
+            file_port: 2007,
+            data_dir: PathBuf::from("."),
+            idle_pause: Duration::from_millis(25),
+            max_line: DEFAULT_MAX_LINE,
+            max_header: DEFAULT_MAX_HEADER,
+            send_queue: 8192,
+        }
+    }
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) registry: Registry,
+    /// Cancelled once, to shut everything down.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection and forward task, so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// A fresh id for a connection or an upload.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    chat: TcpListener,
+    file: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds both ports and checks the data directory.
+    pub async fn bind(config: ServerConfig) -> Result<Server> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::io(
+                format!("cannot create data directory {}", config.data_dir.display()),
+                e,
+            )
+        })?;
+        let bind = |port: u16| {
+            let addr = (config.host.clone(), port);
+            async move {
+                TcpListener::bind(addr.clone())
+                    .await
+                    .map_err(|e| Error::io(format!("cannot listen on {}:{}", addr.0, addr.1), e))
+            }
+        };
+        let chat = bind(config.chat_port).await?;
+        let file = bind(config.file_port).await?;
+        Ok(Server {
+            chat,
+            file,
+            shared: Arc::new(Shared {
+                config,
+                registry: Registry::default(),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                next_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The chat listener's real address.
+    pub fn chat_addr(&self) -> Result<SocketAddr> {
+        self.chat
+            .local_addr()
+            .map_err(|e| Error::io("chat listener", e))
+    }
+
+    /// The file listener's real address.
+    pub fn file_addr(&self) -> Result<SocketAddr> {
+        self.file
+            .local_addr()
+            .map_err(|e| Error::io("file listener", e))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, closes every connection
+    /// (aborting transfers and removing their partial files) and waits for every task.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { chat, file, shared } = self;
+        info!(
+            "[CHAT SERVER] Listening on {}",
+            chat.local_addr().map(|a| a.port()).unwrap_or_default()
+        );
+        info!(
+            "[FILE SERVER] Listening on {}",
+            file.local_addr().map(|a| a.port()).unwrap_or_default()
+        );
+        shared
+            .tasks
+            .spawn(accept_loop(shared.clone(), chat, Port::Chat));
+        shared
+            .tasks
+            .spawn(accept_loop(shared.clone(), file, Port::File));
+        tokio::select! {
+            _ = shutdown => {}
+            _ = shared.shutdown.cancelled() => {}
+        }
+        info!("[SHUTDOWN] closing connections");
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        shared.tasks.wait().await;
+        info!("[SHUTDOWN] done");
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Port {
+    Chat,
+    File,
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                backoff = Duration::from_millis(10);
+                let shared2 = shared.clone();
+                shared.tasks.spawn(serve(shared2, stream, addr, port));
+            }
+            Err(e) => {
+                // EMFILE and friends: the listener is fine, the process is out of something.
+                warn!("[ACCEPT ERROR] {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
+    let _ = stream.set_nodelay(true);
+    match port {
+        Port::Chat => chat::serve(shared, stream, addr).await,
+        Port::File => relay::serve(shared, stream, addr).await,
+    }
+}

@@ -1,0 +1,250 @@
+//! Who is online, and in which groups: the one place that decides who receives what.
+//!
+//! All shared state sits behind one short, non-async mutex that is never held across an
+//! `.await`. Delivery to a chat connection is a non-blocking push onto its bounded outbox,
+//! so a broadcast never waits on anyone; a connection whose outbox is full is dropped
+//! (IRC's "SendQ exceeded") instead of slowing the others.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::protocol::ServerLine;
+
+/// A chat connection's outgoing side: its bounded queue and its kill switch.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    /// Whose queue this is (for the log line when it overflows).
+    user: Arc<str>,
+    /// Ready-made lines for the writer task.
+    tx: mpsc::Sender<Bytes>,
+    /// Cancels the whole connection.
+    kill: CancellationToken,
+}
+
+impl Outbox {
+    pub(crate) fn new(user: &str, tx: mpsc::Sender<Bytes>, kill: CancellationToken) -> Self {
+        Self {
+            user: user.into(),
+            tx,
+            kill,
+        }
+    }
+
+    /// Whose outbox this is.
+    pub(crate) fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Queues bytes without waiting. A full queue drops the connection; returns whether the
+    /// bytes were queued.
+    pub(crate) fn push(&self, bytes: Bytes) -> bool {
+        match self.tx.try_send(bytes) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.kill.is_cancelled() {
+                    warn!(
+                        "[SENDQ EXCEEDED] {} is not reading; disconnecting",
+                        self.user
+                    );
+                    self.kill.cancel();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Formats and queues one server line.
+    pub(crate) fn line(&self, line: &ServerLine) -> bool {
+        self.push(Bytes::from(line.to_wire()))
+    }
+}
+
+/// A file connection's outgoing side, shared by every forward to that user. Holding the
+/// writer's lock is what makes one transfer at a time.
+pub(crate) struct FileLink {
+    /// The socket's write half; a forward holds the lock from header to last byte.
+    pub(crate) writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Closes the file connection (chat disconnect, an aborted forward, shutdown).
+    pub(crate) kill: CancellationToken,
+    /// No forward starts before this instant, so the greeting reaches the lab's client
+    /// alone in its one `recv`.
+    pub(crate) ready_at: Instant,
+}
+
+struct ChatEntry {
+    /// Which connection registered the name (a stale one must not remove a newer one).
+    id: u64,
+    /// Arrival order, for `list`.
+    seq: u64,
+    outbox: Outbox,
+}
+
+struct FileEntry {
+    id: u64,
+    link: Arc<FileLink>,
+}
+
+#[derive(Default)]
+struct State {
+    chats: HashMap<String, ChatEntry>,
+    files: HashMap<String, FileEntry>,
+    /// Group name → members in order of joining. Empty groups are removed.
+    groups: HashMap<String, Vec<String>>,
+    next_seq: u64,
+}
+
+/// A name that is already taken by a live connection.
+#[derive(Debug)]
+pub(crate) struct NameTaken;
+
+/// The registry of sessions and groups.
+#[derive(Default)]
+pub(crate) struct Registry {
+    state: Mutex<State>,
+}
+
+impl Registry {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims `user` for a chat connection; fails while another holds it.
+    pub(crate) fn add_chat(&self, user: &str, id: u64, outbox: Outbox) -> Result<(), NameTaken> {
+        let mut st = self.state();
+        if st.chats.contains_key(user) {
+            return Err(NameTaken);
+        }
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        st.chats
+            .insert(user.to_owned(), ChatEntry { id, seq, outbox });
+        Ok(())
+    }
+
+    /// Forgets chat connection `id` of `user`: the name is free again, its group
+    /// memberships end, and its file connection is closed (as the lab's server does).
+    pub(crate) fn remove_chat(&self, user: &str, id: u64) {
+        let mut st = self.state();
+        if st.chats.get(user).map(|e| e.id) != Some(id) {
+            return;
+        }
+        st.chats.remove(user);
+        st.groups.retain(|_, members| {
+            members.retain(|m| m != user);
+            !members.is_empty()
+        });
+        if let Some(file) = st.files.get(user) {
+            file.link.kill.cancel();
+        }
+    }
+
+    /// Claims `user`'s file connection slot; fails while another file connection holds it.
+    pub(crate) fn add_file(
+        &self,
+        user: &str,
+        id: u64,
+        link: Arc<FileLink>,
+    ) -> Result<(), NameTaken> {
+        let mut st = self.state();
+        if st.files.contains_key(user) {
+            return Err(NameTaken);
+        }
+        st.files.insert(user.to_owned(), FileEntry { id, link });
+        Ok(())
+    }
+
+    /// Forgets file connection `id` of `user`.
+    pub(crate) fn remove_file(&self, user: &str, id: u64) {
+        let mut st = self.state();
+        if st.files.get(user).map(|e| e.id) == Some(id) {
+            st.files.remove(user);
+        }
+    }
+
+    /// The outbox of `user`'s chat connection.
+    pub(crate) fn outbox(&self, user: &str) -> Option<Outbox> {
+        self.state().chats.get(user).map(|e| e.outbox.clone())
+    }
+
+    /// The file connection of `user`.
+    pub(crate) fn file_link(&self, user: &str) -> Option<Arc<FileLink>> {
+        self.state().files.get(user).map(|e| e.link.clone())
+    }
+
+    /// Queues `bytes` for `user`; false if no such user is connected.
+    pub(crate) fn send_to(&self, user: &str, bytes: Bytes) -> bool {
+        match self.state().chats.get(user) {
+            Some(e) => {
+                e.outbox.push(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues `bytes` for every connected user but `from`.
+    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes) {
+        for (user, e) in &self.state().chats {
+            if user != from {
+                e.outbox.push(bytes.clone());
+            }
+        }
+    }
+
+    /// Every connected user but `me`, in order of arrival.
+    pub(crate) fn users_except(&self, me: &str) -> Vec<String> {
+        let st = self.state();
+        let mut users: Vec<(&String, u64)> = st
+            .chats
+            .iter()
+            .filter(|(u, _)| *u != me)
+            .map(|(u, e)| (u, e.seq))
+            .collect();
+        users.sort_unstable_by_key(|&(_, seq)| seq);
+        users.into_iter().map(|(u, _)| u.clone()).collect()
+    }
+
+    /// Adds `user` to `group`, creating the group on first join.
+    pub(crate) fn join(&self, group: &str, user: &str) {
+        let mut st = self.state();
+        let members = st.groups.entry(group.to_owned()).or_default();
+        if !members.iter().any(|m| m == user) {
+            members.push(user.to_owned());
+        }
+    }
+
+    /// The members of `group` other than `me`, or `None` if `me` is not a member.
+    pub(crate) fn members_except(&self, group: &str, me: &str) -> Option<Vec<String>> {
+        let st = self.state();
+        let members = st.groups.get(group)?;
+        if !members.iter().any(|m| m == me) {
+            return None;
+        }
+        Some(members.iter().filter(|m| *m != me).cloned().collect())
+    }
+
+    /// Queues `bytes` for every other member of `group`; false if `from` is not a member.
+    pub(crate) fn send_group(&self, from: &str, group: &str, bytes: &Bytes) -> bool {
+        let st = self.state();
+        let Some(members) = st.groups.get(group) else {
+            return false;
+        };
+        if !members.iter().any(|m| m == from) {
+            return false;
+        }
+        for member in members.iter().filter(|m| *m != from) {
+            if let Some(e) = st.chats.get(member) {
+                e.outbox.push(bytes.clone());
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,475 @@
+//! The file port: the username handshake, upload headers, uploads streamed to a spool file
+//! in the data directory, and cut-through forwards to every recipient.
+//!
+//! An upload writes each chunk to its spool file and then publishes how many bytes are on
+//! disk (a `watch` channel). Each recipient has its own forward task that reads the spool
+//! file through its own handle up to that mark, so recipients receive while the upload is
+//! still arriving, in parallel, each at its own pace, and no file is ever held in memory.
+//! A forward holds its recipient's file-connection writer from header to last byte, so two
+//! transfers to one recipient never interleave. If the upload breaks off, forwards that have
+//! not started are dropped and those under way close the recipient's file connection (its
+//! client discards the partial `.tmp`): nobody keeps a partial file under its final name.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::registry::FileLink;
+use super::Shared;
+use crate::net::{LineReader, ReadEnd};
+use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
+use crate::protocol::names::{check_username, saved_name, MAX_FILENAME_BYTES};
+use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
+
+/// Bytes moved per read or write on the file path.
+const BODY_CHUNK: usize = 256 * 1024;
+/// After a header whose body length is unknown, input is discarded until this much quiet.
+const RESYNC_QUIET: Duration = Duration::from_millis(200);
+/// Gap between the greeting and a first forward (the lab's client reads the greeting with
+/// one `recv` and must not find a header glued to it).
+const GREETING_GAP: Duration = Duration::from_millis(100);
+
+/// How far an upload has got, as its forwards see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// This many bytes are on disk, more to come.
+    Receiving(u64),
+    /// All bytes are on disk.
+    Done(u64),
+    /// The upload broke off; forwards must abort.
+    Aborted,
+}
+
+type ReadHalf = tokio::net::tcp::OwnedReadHalf;
+
+pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
+    let (rd, mut wr) = stream.into_split();
+    let kill = shared.shutdown.child_token();
+    let cfg = &shared.config;
+    let mut reader = LineReader::new(rd, cfg.max_header, cfg.idle_pause);
+    let id = shared.next_id();
+
+    let Ok(line) = reader.next_line(&kill).await else {
+        return;
+    };
+    let user = match std::str::from_utf8(&line) {
+        Ok(name) => name.trim().to_owned(),
+        Err(_) => return refuse(wr, addr, "username is not valid UTF-8".into()).await,
+    };
+    if let Err(e) = check_username(&user) {
+        return refuse(wr, addr, e.to_string()).await;
+    }
+    // The greeting goes out in a write of its own, before any forward can take the writer.
+    if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+        return;
+    }
+    let link = Arc::new(FileLink {
+        writer: tokio::sync::Mutex::new(wr),
+        kill: kill.clone(),
+        ready_at: Instant::now() + GREETING_GAP,
+    });
+    if shared.registry.add_file(&user, id, link.clone()).is_err() {
+        warn!("[REFUSED] {addr}: {user} already has a file connection");
+        let mut wr = link.writer.lock().await;
+        let line = ServerLine::Error {
+            reason: format!("'{user}' already has a file connection"),
+        };
+        let _ = wr.write_all(line.to_wire().as_bytes()).await;
+        return;
+    }
+    info!("[FILE SOCKET] {user} connected for files from {addr}");
+    reader.require_newlines(cfg.max_header);
+
+    loop {
+        let line = match reader.next_line(&kill).await {
+            Ok(line) => line,
+            Err(ReadEnd::Frame(e)) => {
+                warn!("[FILE ERROR] {addr}: {e}");
+                tell(&shared, &user, format!("invalid file header: {e}"));
+                break;
+            }
+            Err(_) => break,
+        };
+        if line.is_empty() {
+            continue;
+        }
+        let alive = match UploadHeader::parse(&line) {
+            Ok(header) => upload(&shared, &user, header, &mut reader, &kill).await,
+            Err(e) => {
+                let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
+                warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
+                tell(&shared, &user, e.to_string());
+                match UploadHeader::declared_size(&line) {
+                    Some(size) => reader.skip(size, BODY_CHUNK, &kill).await,
+                    None => reader.discard_until_quiet(RESYNC_QUIET).await,
+                }
+            }
+        };
+        if !alive {
+            break;
+        }
+        reader.shrink();
+    }
+    shared.registry.remove_file(&user, id);
+    kill.cancel();
+    info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// Refuses a file connection with an error line and closes it.
+async fn refuse(mut wr: OwnedWriteHalf, addr: SocketAddr, reason: String) {
+    warn!("[REFUSED] {addr}: {reason}");
+    let _ = wr
+        .write_all(ServerLine::Error { reason }.to_wire().as_bytes())
+        .await;
+}
+
+/// Tells `user` on their chat connection, if they have one, that something failed.
+fn tell(shared: &Shared, user: &str, reason: String) {
+    if let Some(outbox) = shared.registry.outbox(user) {
+        outbox.line(&ServerLine::Error { reason });
+    }
+}
+
+fn clamp(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX).min(BODY_CHUNK)
+}
+
+/// One recipient's share of an upload.
+struct Forward {
+    recipient: String,
+    link: Arc<FileLink>,
+    /// The chat notice sent when the forward starts.
+    notice: ServerLine,
+}
+
+/// Who gets an upload, and what its sender is told once it is saved.
+fn plan(
+    shared: &Shared,
+    user: &str,
+    target: &Target,
+    filename: &str,
+    size: u64,
+    saved: &str,
+) -> (Vec<Forward>, Vec<ServerLine>) {
+    let registry = &shared.registry;
+    let no_socket = |who: &str| ServerLine::NoFileSocket {
+        user: who.into(),
+        saved_as: saved.into(),
+    };
+    match target {
+        Target::User(to) if to == user => (
+            vec![],
+            vec![ServerLine::FileSelf {
+                filename: filename.into(),
+                saved_as: saved.into(),
+            }],
+        ),
+        Target::User(to) => match registry.file_link(to) {
+            Some(link) => {
+                let notice = ServerLine::FileIncoming {
+                    from: user.into(),
+                    filename: filename.into(),
+                    size,
+                };
+                (
+                    vec![Forward {
+                        recipient: to.clone(),
+                        link,
+                        notice,
+                    }],
+                    vec![],
+                )
+            }
+            None => (vec![], vec![no_socket(to)]),
+        },
+        Target::Group(group) => match registry.members_except(group, user) {
+            None => (
+                vec![],
+                vec![ServerLine::NotInGroup {
+                    group: group.clone(),
+                }],
+            ),
+            Some(members) => {
+                let mut forwards = Vec::new();
+                let mut after = Vec::new();
+                for member in members {
+                    match registry.file_link(&member) {
+                        Some(link) => {
+                            let notice = ServerLine::FileToGroup {
+                                from: user.into(),
+                                filename: filename.into(),
+                                group: group.clone(),
+                            };
+                            forwards.push(Forward {
+                                recipient: member,
+                                link,
+                                notice,
+                            });
+                        }
+                        None => after.push(no_socket(&member)),
+                    }
+                }
+                (forwards, after)
+            }
+        },
+    }
+}
+
+/// Receives one upload whose header is `header`; false if the connection is gone.
+async fn upload(
+    shared: &Arc<Shared>,
+    user: &str,
+    header: UploadHeader,
+    reader: &mut LineReader<ReadHalf>,
+    kill: &CancellationToken,
+) -> bool {
+    let UploadHeader {
+        sender,
+        target,
+        filename,
+        size,
+    } = header;
+    if sender != user {
+        warn!("[FILE] {user} signed an upload as '{sender}'; it is sent as from {user}");
+    }
+    let saved = saved_name(user, &filename);
+    if saved.len() > MAX_FILENAME_BYTES {
+        tell(
+            shared,
+            user,
+            format!("file name too long to save as {saved}"),
+        );
+        return reader.skip(size, BODY_CHUNK, kill).await;
+    }
+    let data_dir = &shared.config.data_dir;
+    let final_path = data_dir.join(&saved);
+    let spool_path = data_dir.join(format!(".relaychat-upload-{}.part", shared.next_id()));
+    let spool = match std::fs::File::create(&spool_path) {
+        Ok(file) => file,
+        Err(e) => {
+            warn!("[FILE ERROR] cannot create {}: {e}", spool_path.display());
+            tell(
+                shared,
+                user,
+                format!("could not save file '{filename}': {e}"),
+            );
+            return reader.skip(size, BODY_CHUNK, kill).await;
+        }
+    };
+
+    let (forwards, after) = plan(shared, user, &target, &filename, size, &saved);
+    let (progress, watcher) = watch::channel(Progress::Receiving(0));
+    let header = Bytes::from(
+        ForwardHeader {
+            sender: user.into(),
+            filename: filename.clone(),
+            size,
+        }
+        .to_wire(),
+    );
+    for forward in forwards {
+        match std::fs::File::open(&spool_path) {
+            Ok(src) => {
+                let task = run_forward(
+                    shared.clone(),
+                    forward,
+                    src,
+                    header.clone(),
+                    watcher.clone(),
+                    size,
+                );
+                shared.tasks.spawn(task);
+            }
+            Err(e) => warn!("[FILE FORWARD ERROR] {} -> {e}", forward.recipient),
+        }
+    }
+    drop(watcher);
+
+    let mut spool = tokio::fs::File::from_std(spool);
+    let outcome = receive_body(reader, &mut spool, size, kill, &progress).await;
+    drop(spool);
+    match outcome {
+        Ok(()) => {
+            let _ = progress.send(Progress::Done(size));
+            if let Err(e) = std::fs::rename(&spool_path, &final_path) {
+                warn!("[FILE ERROR] cannot save {}: {e}", final_path.display());
+                tell(
+                    shared,
+                    user,
+                    format!("could not save file '{filename}': {e}"),
+                );
+                let _ = std::fs::remove_file(&spool_path);
+                return true;
+            }
+            info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
+            if let Some(outbox) = shared.registry.outbox(user) {
+                for line in &after {
+                    outbox.line(line);
+                }
+            }
+            true
+        }
+        Err(Broken::Disk(e, left)) => {
+            let _ = progress.send(Progress::Aborted);
+            let _ = std::fs::remove_file(&spool_path);
+            warn!("[FILE ERROR] writing {}: {e}", spool_path.display());
+            tell(
+                shared,
+                user,
+                format!("could not save file '{filename}': {e}"),
+            );
+            reader.skip(left, BODY_CHUNK, kill).await
+        }
+        Err(Broken::Connection(got)) => {
+            let _ = progress.send(Progress::Aborted);
+            let _ = std::fs::remove_file(&spool_path);
+            warn!("[FILE ERROR] upload of '{filename}' from {user} broke off after {got} of {size} bytes");
+            false
+        }
+    }
+}
+
+/// Why an upload's body did not arrive whole.
+enum Broken {
+    /// The spool file could not be written; this many body bytes are still to come.
+    Disk(std::io::Error, u64),
+    /// The connection ended (or the server is shutting down) after this many bytes.
+    Connection(u64),
+}
+
+/// Streams `size` body bytes into the spool file, publishing progress after each chunk.
+async fn receive_body(
+    reader: &mut LineReader<ReadHalf>,
+    spool: &mut tokio::fs::File,
+    size: u64,
+    kill: &CancellationToken,
+    progress: &watch::Sender<Progress>,
+) -> Result<(), Broken> {
+    let mut got = 0u64;
+    while got < size {
+        let chunk = tokio::select! {
+            _ = kill.cancelled() => return Err(Broken::Connection(got)),
+            chunk = reader.read_raw(clamp(size - got), BODY_CHUNK) => chunk,
+        };
+        let chunk = match chunk {
+            Ok(bytes) if !bytes.is_empty() => bytes,
+            _ => return Err(Broken::Connection(got)),
+        };
+        got += chunk.len() as u64;
+        let written = async {
+            spool.write_all(&chunk).await?;
+            spool.flush().await
+        };
+        if let Err(e) = written.await {
+            return Err(Broken::Disk(e, size - got));
+        }
+        let _ = progress.send(Progress::Receiving(got));
+    }
+    Ok(())
+}
+
+/// One forward: waits its turn on the recipient's file connection, then streams the spool
+/// file as it grows. Any failure closes the recipient's file connection, since its header
+/// has promised bytes that will not come.
+async fn run_forward(
+    shared: Arc<Shared>,
+    forward: Forward,
+    src: std::fs::File,
+    header: Bytes,
+    mut progress: watch::Receiver<Progress>,
+    size: u64,
+) {
+    let Forward {
+        recipient,
+        link,
+        notice,
+    } = forward;
+    let mut aborted = progress.clone();
+    let mut wr = tokio::select! {
+        biased;
+        _ = link.kill.cancelled() => return,
+        _ = wait_aborted(&mut aborted) => return,
+        guard = link.writer.lock() => guard,
+    };
+    if *progress.borrow() == Progress::Aborted {
+        return;
+    }
+    tokio::time::sleep_until(link.ready_at).await;
+    if let Some(outbox) = shared.registry.outbox(&recipient) {
+        outbox.line(&notice);
+    }
+    let mut src = tokio::fs::File::from_std(src);
+    let sent = tokio::select! {
+        biased;
+        _ = link.kill.cancelled() => Err("file connection closed".to_owned()),
+        sent = stream(&mut wr, &mut src, &header, &mut progress, size) => sent,
+    };
+    if let Err(reason) = sent {
+        warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
+        link.kill.cancel();
+    }
+}
+
+async fn wait_aborted(progress: &mut watch::Receiver<Progress>) {
+    loop {
+        if *progress.borrow_and_update() == Progress::Aborted {
+            return;
+        }
+        if progress.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Waits until the spool holds more than `sent` bytes; returns how many it holds.
+async fn wait_for_bytes(
+    progress: &mut watch::Receiver<Progress>,
+    sent: u64,
+) -> Result<u64, String> {
+    loop {
+        match *progress.borrow_and_update() {
+            Progress::Receiving(n) | Progress::Done(n) if n > sent => return Ok(n),
+            Progress::Aborted => return Err("the upload broke off".into()),
+            Progress::Done(_) => return Err("the spool file is shorter than announced".into()),
+            Progress::Receiving(_) => {}
+        }
+        if progress.changed().await.is_err() {
+            return Err("the upload ended".into());
+        }
+    }
+}
+
+async fn stream(
+    wr: &mut OwnedWriteHalf,
+    src: &mut tokio::fs::File,
+    header: &[u8],
+    progress: &mut watch::Receiver<Progress>,
+    size: u64,
+) -> Result<(), String> {
+    wr.write_all(header).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; BODY_CHUNK];
+    let mut sent = 0u64;
+    while sent < size {
+        let on_disk = wait_for_bytes(progress, sent).await?;
+        let want = clamp(on_disk - sent);
+        let n = src
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the spool file ended early".into());
+        }
+        wr.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        sent += n as u64;
+    }
+    Ok(())
+}
