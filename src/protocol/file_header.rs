@@ -179,7 +179,7 @@ mod tests {
             err(b"a|b|c"),
             "invalid file header: expected sender|target|filename|filesize, got 3 field(s)"
         );
-        assert_eq!(err(b"a|b|c|d|5").contains("got 5 field(s)"), true);
+        assert!(err(b"a|b|c|d|5").contains("got 5 field(s)"));
         assert_eq!(
             err(b"a|b|c|lots"),
             "invalid file header: filesize 'lots' is not a whole number of bytes"

@@ -1,0 +1,350 @@
+"""Type stubs for relaychat's compiled engine (`relaychat._native`), written by hand.
+
+Every blocking method releases the GIL and waits in slices of at most 50 ms, checking for
+signals in between, so Ctrl-C always interrupts it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import types
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import ClassVar, Literal, Union
+
+from typing_extensions import Self
+
+__version__: str
+
+StrPath = Union[str, os.PathLike[str]]
+
+def init_logging(level: Literal["error", "warn", "info", "debug", "trace"] = "info") -> None:
+    """Send the engine's log lines (`[NEW CONNECTION] ...`, `[DISCONNECTED] ...`,
+    `[FILE RECEIVED] ...`, `[FILE ERROR] ...`) to standard output. Later calls do nothing."""
+
+class RelaychatError(Exception):
+    """Base class of relaychat's own errors."""
+
+class RefusedError(RelaychatError):
+    """The server refused the request (an `ERROR: ...` line, or a closed handshake),
+    e.g. a username that is invalid or already connected."""
+
+class ProtocolError(RelaychatError):
+    """The peer broke the wire protocol."""
+
+class Server:
+    """The relay server: a chat port and a file port sharing one registry.
+
+    `start()` runs it in the background; `chat_port` and `file_port` then hold the real
+    ports (pass 0 to pick free ones). As a context manager it starts on enter and stops on
+    exit. Other errors: `OSError` if a port cannot be bound.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        chat_port: int = 2003,
+        file_port: int = 2007,
+        data_dir: StrPath = ".",
+        *,
+        idle_pause: float = 0.025,
+        max_line: int | None = None,
+        send_queue: int | None = None,
+    ) -> None:
+        """Configure a server. `data_dir` receives uploads as
+        `received_from_<sender>_<filename>`. `idle_pause` (seconds) is how long bytes without
+        a newline wait before they count as a line, for clients that never send newlines
+        (the lab's). `max_line` caps a chat line in bytes (default 65536); `send_queue` caps
+        the lines queued for one chat connection before it is dropped as not reading
+        (default 8192)."""
+    def start(self) -> None:
+        """Bind both ports and serve in the background. Does nothing if already running."""
+    def serve_forever(self) -> None:
+        """Start if needed and block until the server stops. Ctrl-C stops it gracefully,
+        then raises KeyboardInterrupt."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close every connection (aborting transfers, removing their
+        partial files) and wait up to `timeout` seconds for the engine to finish."""
+    @property
+    def is_running(self) -> bool: ...
+    @property
+    def chat_port(self) -> int:
+        """The bound chat port (the configured one before `start()`)."""
+    @property
+    def file_port(self) -> int:
+        """The bound file port (the configured one before `start()`)."""
+    @property
+    def host(self) -> str: ...
+    @property
+    def data_dir(self) -> pathlib.Path: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool: ...
+
+class Client:
+    """A connected client with blocking methods.
+
+    Connecting opens the chat socket (username, then `Welcome, <u>!`) and the file socket.
+    Incoming files are written to `<download_dir>/received_from_<sender>_<name>.tmp`,
+    renamed into place once whole, acknowledged, and reported as `FileReceived`.
+
+    Raises `RefusedError` if the server refuses the username, `OSError` if it cannot be
+    reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        chat_port: int = 2003,
+        file_port: int = 2007,
+        *,
+        username: str,
+        download_dir: StrPath = ".",
+        timeout: float = 10.0,
+    ) -> None: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called or the server closed the chat connection."""
+    def msg(self, to: str, text: str) -> None:
+        """Private message. `ValueError` if `text` is empty or holds a line break."""
+    def broadcast(self, text: str) -> None:
+        """Message to every other connected user."""
+    def send_group(self, group: str, text: str) -> None:
+        """Message to the other members of `group` (the server answers `NotInGroup` if
+        you are not one)."""
+    def send_command(self, line: str) -> None:
+        """Send one raw command line exactly as typed (what the terminal client does)."""
+    def list_users(self) -> list[str]:
+        """The other connected users, in order of arrival. The reply is returned here, not
+        also delivered as an event."""
+    def join(self, group: str) -> None:
+        """Join `group`, creating it; returns once the server confirms."""
+    def send_file(self, target: str, path: StrPath) -> int:
+        """Send a file to a user or to `GROUP:<group>`, streamed from disk. Returns the
+        bytes sent once the last one is written. `ValueError("File does not exist")` if
+        `path` is not a file."""
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event; `None` if none comes within `timeout` seconds (`None`: wait
+        forever) or after the stream has ended."""
+    def events(self, timeout: float | None = None) -> EventIterator:
+        """Iterate over events. Ends after `Disconnected`, or when no event comes within
+        `timeout` seconds."""
+    def close(self) -> None:
+        """Close both connections."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool: ...
+
+class EventIterator(Iterator[Event]):
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> Event: ...
+
+class AsyncClient:
+    """The same client for asyncio: `client = await AsyncClient.connect(...)`; every
+    method returns an awaitable; `async for event in client.events(timeout=...)`."""
+
+    @staticmethod
+    def connect(
+        host: str = "127.0.0.1",
+        chat_port: int = 2003,
+        file_port: int = 2007,
+        *,
+        username: str,
+        download_dir: StrPath = ".",
+        timeout: float = 10.0,
+    ) -> Awaitable[AsyncClient]: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def msg(self, to: str, text: str) -> Awaitable[None]: ...
+    def broadcast(self, text: str) -> Awaitable[None]: ...
+    def send_group(self, group: str, text: str) -> Awaitable[None]: ...
+    def send_command(self, line: str) -> Awaitable[None]: ...
+    def list_users(self) -> Awaitable[list[str]]: ...
+    def join(self, group: str) -> Awaitable[None]: ...
+    def send_file(self, target: str, path: StrPath) -> Awaitable[int]: ...
+    def next_event(self, timeout: float | None = None) -> Awaitable[Event | None]: ...
+    def events(self, timeout: float | None = None) -> AsyncEventIterator: ...
+    def close(self) -> Awaitable[None]: ...
+    def __aenter__(self) -> Awaitable[Self]: ...
+    def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> Awaitable[bool]: ...
+
+class AsyncEventIterator(AsyncIterator[Event]):
+    def __aiter__(self) -> Self: ...
+    def __anext__(self) -> Awaitable[Event]: ...
+
+# Events: frozen, with `line`, the text the lab's client prints for them, and
+# `__match_args__` for `match` statements. str(event) == event.line.
+
+class Welcome:
+    """`Welcome, <user>!`: the server accepted the username (always the first event)."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    user: str
+    line: str
+
+class PrivateMessage:
+    """`[PRIVATE from <sender>]: <text>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    sender: str
+    text: str
+    line: str
+
+class BroadcastMessage:
+    """`[BROADCAST from <sender>]: <text>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    sender: str
+    text: str
+    line: str
+
+class GroupMessage:
+    """`[GROUP <group>] <sender>: <text>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    group: str
+    sender: str
+    text: str
+    line: str
+
+class Joined:
+    """`You joined group '<group>'`, for a `join` sent with `send_command`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    group: str
+    line: str
+
+class NotInGroup:
+    """`You are not in group '<group>'`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    group: str
+    line: str
+
+class UserList:
+    """`Connected users: a, b`, for a `list` sent with `send_command`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    users: list[str]
+    line: str
+
+class UserNotFound:
+    """`User <user> not found.`"""
+    __match_args__: ClassVar[tuple[str, ...]]
+    user: str
+    line: str
+
+class Usage:
+    """A usage line: a command lacked arguments."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    text: str
+    line: str
+
+class UnknownCommand:
+    """`Unknown command. Use msg/broadcast/list/join/send_group`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    line: str
+
+class FileIncoming:
+    """`[FILE] <sender> sent you file '<filename>' (<size> bytes). Incoming on file socket.`"""
+    __match_args__: ClassVar[tuple[str, ...]]
+    sender: str
+    filename: str
+    size: int
+    line: str
+
+class GroupFileIncoming:
+    """`[FILE] <sender> sent file '<filename>' to group '<group>'.`"""
+    __match_args__: ClassVar[tuple[str, ...]]
+    sender: str
+    filename: str
+    group: str
+    line: str
+
+class FileSaved:
+    """`[FILE] You sent file '<filename>' (saved as <saved_as>).`: a file sent to yourself."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    filename: str
+    saved_as: str
+    line: str
+
+class NoFileSocket:
+    """`User <user> has no file socket; file saved as <saved_as>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    user: str
+    saved_as: str
+    line: str
+
+class Ack:
+    """`[ACK] <recipient> received file '<filename>'`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    recipient: str
+    filename: str
+    line: str
+
+class ServerError:
+    """`ERROR: <reason>`: the server refused something."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    reason: str
+    line: str
+
+class ServerText:
+    """A server line of no known shape, as it came."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    text: str
+    line: str
+
+class FileReceived:
+    """A file arrived whole, was renamed into place and acknowledged.
+    `line` is `[FILE RECEIVED] <path> (<size> bytes) from <sender>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    sender: str
+    filename: str
+    path: pathlib.Path
+    size: int
+    line: str
+
+class FileFailed:
+    """An incoming file failed; nothing was left under its final name.
+    `line` is `[FILE RECEIVE ERROR] <reason>`."""
+    __match_args__: ClassVar[tuple[str, ...]]
+    reason: str
+    line: str
+
+class Disconnected:
+    """The chat connection closed; no event follows. `line` is `Chat connection closed.`"""
+    __match_args__: ClassVar[tuple[str, ...]]
+    line: str
+
+Event = Union[
+    Welcome,
+    PrivateMessage,
+    BroadcastMessage,
+    GroupMessage,
+    Joined,
+    NotInGroup,
+    UserList,
+    UserNotFound,
+    Usage,
+    UnknownCommand,
+    FileIncoming,
+    GroupFileIncoming,
+    FileSaved,
+    NoFileSocket,
+    Ack,
+    ServerError,
+    ServerText,
+    FileReceived,
+    FileFailed,
+    Disconnected,
+]
