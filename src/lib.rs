@@ -11,6 +11,8 @@
 //!   `relaychat._native`.
 
 pub mod client;
+#[cfg(test)]
+mod e2e_tests;
 mod net;
 pub mod protocol;
 pub mod server;
