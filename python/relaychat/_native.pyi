@@ -49,12 +49,14 @@ class Server:
         *,
         idle_pause: float = 0.025,
         max_line: int | None = None,
+        max_header: int | None = None,
         send_queue: int | None = None,
     ) -> None:
         """Configure a server. `data_dir` receives uploads as
         `received_from_<sender>_<filename>`. `idle_pause` (seconds) is how long bytes without
         a newline wait before they count as a line, for clients that never send newlines
-        (the lab's). `max_line` caps a chat line in bytes (default 65536); `send_queue` caps
+        (the lab's). `max_line` caps a chat line in bytes (default 65536), `max_header` a
+        file-port line (default 4096); `send_queue` caps
         the lines queued for one chat connection before it is dropped as not reading
         (default 8192)."""
     def start(self) -> None:

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::net::LineReader;
 use crate::protocol::command::format_command;
 use crate::protocol::file_header::GROUP_PREFIX;
-use crate::protocol::names::{check_filename, check_group, check_username, MAX_FILENAME_BYTES};
+use crate::protocol::names::{
+    check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
+};
 use crate::protocol::{saved_name, Command, ForwardHeader, ServerLine, Target, UploadHeader};
 use crate::{Error, Result};
 
@@ -487,8 +489,8 @@ async fn receive_one(
     } = header;
     let saved = saved_name(&sender, &filename);
     let dir = &inner.config.download_dir;
-    let (path, tmp) = (dir.join(&saved), dir.join(format!("{saved}.tmp")));
-    let file = match saved.len() + 4 > MAX_FILENAME_BYTES {
+    let (path, tmp) = (dir.join(&saved), dir.join(format!("{saved}{TMP_SUFFIX}")));
+    let file = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         true => Err(std::io::Error::other("file name too long")),
         false => tokio::fs::File::create(&tmp).await,
     };

@@ -4,7 +4,7 @@
 //! `filesize` bytes; `target` is a username or `GROUP:<group>`.
 //! Forward, server to recipient: `sender|filename|filesize\n` and then the bytes.
 
-use super::names::{check_filename, check_group, check_username, NameError};
+use super::names::{check_component, check_filename, check_group, check_username, NameError};
 
 /// The prefix that makes an upload's target a group.
 pub const GROUP_PREFIX: &str = "GROUP:";
@@ -128,24 +128,34 @@ pub struct ForwardHeader {
 }
 
 impl ForwardHeader {
+    fn fields(line: &[u8]) -> Result<(&str, &str, &str), HeaderError> {
+        let line = std::str::from_utf8(line).map_err(|_| HeaderError::NotUtf8)?.trim();
+        let fields: Vec<&str> = line.split('|').collect();
+        match fields[..] {
+            [sender, filename, size] | [sender, _, filename, size] => Ok((sender, filename, size)),
+            _ => Err(HeaderError::FieldCount(fields.len())),
+        }
+    }
+
+    /// How many body bytes follow a refused forward header, when it still says so clearly,
+    /// so a client can skip exactly them and stay in step.
+    pub fn declared_size(line: &[u8]) -> Option<u64> {
+        Self::fields(line).ok().and_then(|(_, _, size)| parse_size(size).ok())
+    }
+
     /// The header line as sent, with its `\n`.
     pub fn to_wire(&self) -> String {
         format!("{}|{}|{}\n", self.sender, self.filename, self.size)
     }
 
     /// Parses a forward header as a client does: three fields, or four (an upload-shaped
-    /// header, whose target is ignored) as the lab's client accepts. Names are checked, so a
-    /// hostile server cannot steer a client's write outside its download directory.
+    /// header, whose target is ignored) as the lab's client accepts. Both names must be safe
+    /// path components, so a hostile server cannot steer a client's write outside its
+    /// download directory; the sender may hold spaces (the lab's server allows them).
     pub fn parse(line: &[u8]) -> Result<Self, HeaderError> {
-        let line = std::str::from_utf8(line).map_err(|_| HeaderError::NotUtf8)?;
-        let line = line.trim();
-        let fields: Vec<&str> = line.split('|').collect();
-        let (sender, filename, size) = match fields[..] {
-            [sender, filename, size] | [sender, _, filename, size] => (sender, filename, size),
-            _ => return Err(HeaderError::FieldCount(fields.len())),
-        };
+        let (sender, filename, size) = Self::fields(line)?;
         let size = parse_size(size)?;
-        check_username(sender)?;
+        check_component(sender, "sender name")?;
         check_filename(filename)?;
         Ok(Self {
             sender: sender.to_owned(),
@@ -230,5 +240,10 @@ mod tests {
         assert!(ForwardHeader::parse(b"FILE_SOCKET_CONNECTED").is_err());
         assert!(ForwardHeader::parse(b"evil|/etc/passwd|7").is_err());
         assert!(ForwardHeader::parse(b"evil|..|7").is_err());
+        assert!(ForwardHeader::parse(b"../evil|x|7").is_err());
+        let spaced = ForwardHeader::parse(b"bob smith|a b.txt|7").expect("lab names");
+        assert_eq!(spaced.sender, "bob smith");
+        assert_eq!(ForwardHeader::declared_size(b"evil|/etc/passwd|7"), Some(7));
+        assert_eq!(ForwardHeader::declared_size(b"x|y|z|w|7"), None);
     }
 }

@@ -9,6 +9,9 @@ pub const MAX_USERNAME_CHARS: usize = 32;
 pub const MAX_GROUP_CHARS: usize = 64;
 /// Longest file name, in bytes (the common file-system limit for one path component).
 pub const MAX_FILENAME_BYTES: usize = 255;
+/// What a receiving client appends to a saved name while the file is incomplete; the
+/// server refuses names that would leave no room for it.
+pub const TMP_SUFFIX: &str = ".tmp";
 /// Prefix of every file the server or a client saves; `received_from_` + sender + `_` +
 /// name must itself fit in one path component.
 const SAVED_PREFIX: &str = "received_from_";
@@ -104,7 +107,12 @@ pub fn check_group(name: &str) -> Result<(), NameError> {
 /// A file name: one bare path component of at most 255 bytes. Spaces are allowed (people
 /// name files that way); directories, `..`, `|`, backslashes and control characters are not.
 pub fn check_filename(name: &str) -> Result<(), NameError> {
-    let kind = "file name";
+    check_component(name, "file name")
+}
+
+/// A name that becomes part of one path component: the rules of [`check_filename`]. A
+/// client applies them to a forwarded sender's name, which a lab server does not restrict.
+pub fn check_component(name: &str, kind: &'static str) -> Result<(), NameError> {
     if name.len() > MAX_FILENAME_BYTES {
         return Err(NameError::TooLong {
             kind,

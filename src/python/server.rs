@@ -42,7 +42,7 @@ impl PyServer {
 #[pymethods]
 impl PyServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, data_dir = PathBuf::from("."), *, idle_pause = 0.025, max_line = None, send_queue = None))]
+    #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, data_dir = PathBuf::from("."), *, idle_pause = 0.025, max_line = None, max_header = None, send_queue = None))]
     fn new(
         host: String,
         chat_port: u16,
@@ -50,6 +50,7 @@ impl PyServer {
         data_dir: PathBuf,
         idle_pause: f64,
         max_line: Option<usize>,
+        max_header: Option<usize>,
         send_queue: Option<usize>,
     ) -> PyResult<Self> {
         let defaults = ServerConfig::default();
@@ -60,8 +61,8 @@ impl PyServer {
             data_dir,
             idle_pause: seconds(Some(idle_pause))?.unwrap_or(defaults.idle_pause),
             max_line: max_line.unwrap_or(defaults.max_line),
+            max_header: max_header.unwrap_or(defaults.max_header),
             send_queue: send_queue.unwrap_or(defaults.send_queue).max(1),
-            ..defaults
         };
         Ok(Self {
             config,

@@ -36,7 +36,6 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         Ok(outbox) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
-            outbox.line(&ServerLine::Welcome { user: user.clone() });
             let end = session(&shared, &user, &outbox, &mut reader, &kill).await;
             if let ReadEnd::Frame(e) = &end {
                 outbox.line(&ServerLine::Error {
@@ -84,9 +83,10 @@ fn claim(
         .trim();
     check_username(name).map_err(|e| Some(e.to_string()))?;
     let outbox = Outbox::new(name, tx.clone(), kill.clone());
+    let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry
-        .add_chat(name, id, outbox.clone())
+        .add_chat(name, id, outbox.clone(), welcome)
         .map_err(|_| Some(format!("username '{name}' is already connected")))?;
     Ok(outbox)
 }

@@ -116,12 +116,14 @@ impl Registry {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Claims `user` for a chat connection; fails while another holds it.
-    pub(crate) fn add_chat(&self, user: &str, id: u64, outbox: Outbox) -> Result<(), NameTaken> {
+    /// Claims `user` for a chat connection and queues `greeting` as its first line, under
+    /// the lock, so no message can overtake it; fails while another connection holds it.
+    pub(crate) fn add_chat(&self, user: &str, id: u64, outbox: Outbox, greeting: Bytes) -> Result<(), NameTaken> {
         let mut st = self.state();
         if st.chats.contains_key(user) {
             return Err(NameTaken);
         }
+        outbox.push(greeting);
         st.next_seq += 1;
         let seq = st.next_seq;
         st.chats

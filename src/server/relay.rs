@@ -27,7 +27,7 @@ use super::registry::FileLink;
 use super::Shared;
 use crate::net::{LineReader, ReadEnd};
 use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
-use crate::protocol::names::{check_username, saved_name, MAX_FILENAME_BYTES};
+use crate::protocol::names::{check_username, saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 
 /// Bytes moved per read or write on the file path.
@@ -52,7 +52,7 @@ enum Progress {
 type ReadHalf = tokio::net::tcp::OwnedReadHalf;
 
 pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let kill = shared.shutdown.child_token();
     let cfg = &shared.config;
     let mut reader = LineReader::new(rd, cfg.max_header, cfg.idle_pause);
@@ -68,23 +68,26 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     if let Err(e) = check_username(&user) {
         return refuse(wr, addr, e.to_string()).await;
     }
-    // The greeting goes out in a write of its own, before any forward can take the writer.
-    if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
-        return;
-    }
+    // Claim the name with the writer locked, so the greeting (or the refusal) is the first
+    // thing written, in a write of its own, before any forward can take the writer.
     let link = Arc::new(FileLink {
         writer: tokio::sync::Mutex::new(wr),
         kill: kill.clone(),
         ready_at: Instant::now() + GREETING_GAP,
     });
-    if shared.registry.add_file(&user, id, link.clone()).is_err() {
-        warn!("[REFUSED] {addr}: {user} already has a file connection");
+    {
         let mut wr = link.writer.lock().await;
-        let line = ServerLine::Error {
-            reason: format!("'{user}' already has a file connection"),
-        };
-        let _ = wr.write_all(line.to_wire().as_bytes()).await;
-        return;
+        if shared.registry.add_file(&user, id, link.clone()).is_err() {
+            let reason = format!("'{user}' already has a file connection");
+            warn!("[REFUSED] {addr}: {reason}");
+            let _ = wr.write_all(ServerLine::Error { reason }.to_wire().as_bytes()).await;
+            return;
+        }
+        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+            drop(wr);
+            shared.registry.remove_file(&user, id);
+            return;
+        }
     }
     info!("[FILE SOCKET] {user} connected for files from {addr}");
     reader.require_newlines(cfg.max_header);
@@ -242,7 +245,7 @@ async fn upload(
         warn!("[FILE] {user} signed an upload as '{sender}'; it is sent as from {user}");
     }
     let saved = saved_name(user, &filename);
-    if saved.len() > MAX_FILENAME_BYTES {
+    if saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         tell(
             shared,
             user,
