@@ -117,22 +117,23 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         Ok(self.buf.split_to(take).freeze())
     }
 
-    /// Reads and drops exactly `n` raw bytes; false if the peer closed (or `cancel` fired)
-    /// first.
+    /// Reads and drops exactly `n` raw bytes; false if the peer closed, went `stall`
+    /// without sending a byte, or `cancel` fired first.
     pub(crate) async fn skip(
         &mut self,
         mut n: u64,
         chunk: usize,
         cancel: &CancellationToken,
+        stall: Duration,
     ) -> bool {
         while n > 0 {
             let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk);
             let got = tokio::select! {
                 _ = cancel.cancelled() => return false,
-                got = self.read_raw(want, chunk) => got,
+                got = tokio::time::timeout(stall, self.read_raw(want, chunk)) => got,
             };
             match got {
-                Ok(bytes) if !bytes.is_empty() => n -= bytes.len() as u64,
+                Ok(Ok(bytes)) if !bytes.is_empty() => n -= bytes.len() as u64,
                 _ => return false,
             }
         }
@@ -162,11 +163,13 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 }
 
 /// Drains `rx` into the socket until the queue closes or `kill` fires, batching whatever is
-/// already queued into one write. Shuts the write side down at the end.
+/// already queued into one write. A write that makes no progress for `stall` means the
+/// peer is not reading: the connection is killed. Shuts the write side down at the end.
 pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
+    stall: Duration,
 ) {
     let mut batch = BytesMut::new();
     loop {
@@ -195,7 +198,13 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         let ok = tokio::select! {
             biased;
             _ = kill.cancelled() => false,
-            res = write => res.is_ok(),
+            res = tokio::time::timeout(stall, write) => match res {
+                Ok(res) => res.is_ok(),
+                Err(_) => {
+                    tracing::warn!("[SLOW CONSUMER] no write progress for {stall:?}; disconnecting");
+                    false
+                }
+            },
         };
         if !ok {
             kill.cancel();

@@ -10,13 +10,13 @@ import os
 import pathlib
 import types
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 from typing_extensions import Self
 
 __version__: str
 
-StrPath = Union[str, os.PathLike[str]]
+StrPath = str | os.PathLike[str]
 
 def init_logging(level: Literal["error", "warn", "info", "debug", "trace"] = "info") -> None:
     """Send the engine's log lines (`[NEW CONNECTION] ...`, `[DISCONNECTED] ...`,
@@ -47,18 +47,36 @@ class Server:
         file_port: int = 2007,
         data_dir: StrPath = ".",
         *,
-        idle_pause: float = 0.025,
+        idle_pause: float | None = None,
         max_line: int | None = None,
         max_header: int | None = None,
         send_queue: int | None = None,
+        send_timeout: float | None = None,
+        handshake_timeout: float | None = None,
+        transfer_timeout: float | None = None,
+        max_connections: int | None = None,
+        max_per_address: int | None = None,
+        max_file_size: int | None = None,
+        user_quota: int | None = None,
+        min_free_disk: int | None = None,
     ) -> None:
-        """Configure a server. `data_dir` receives uploads as
-        `received_from_<sender>_<filename>`. `idle_pause` (seconds) is how long bytes without
-        a newline wait before they count as a line, for clients that never send newlines
-        (the lab's). `max_line` caps a chat line in bytes (default 65536), `max_header` a
-        file-port line (default 4096); `send_queue` caps
-        the lines queued for one chat connection before it is dropped as not reading
-        (default 8192)."""
+        """Configure a server; `None` keeps a limit's default (docs/SECURITY.md).
+
+        - `data_dir`: where uploads are saved as `received_from_<sender>_<filename>`.
+        - `idle_pause` (s, 0.025): how long bytes without a newline wait before they count
+          as a line, for clients that never send newlines (the lab's).
+        - `max_line` (65536 B): longest chat line; `max_header` (4096 B): longest file-port
+          line.
+        - `send_queue` (8192 lines) and `send_timeout` (30 s): a chat connection with that
+          many lines queued, or a peer whose writes make no progress that long, is dropped
+          as not reading.
+        - `handshake_timeout` (10 s): time to send a username. `transfer_timeout` (60 s):
+          longest pause inside an upload.
+        - `max_connections` (10000) and `max_per_address` (256): open connections, both
+          ports together.
+        - `max_file_size` (4 GiB), `user_quota` (16 GiB of saved copies per user since the
+          server started), `min_free_disk` (256 MiB left free in `data_dir`), in bytes.
+        """
     def start(self) -> None:
         """Bind both ports and serve in the background. Does nothing if already running."""
     def serve_forever(self) -> None:
@@ -196,12 +214,14 @@ class AsyncEventIterator(AsyncIterator[Event]):
 
 class Welcome:
     """`Welcome, <user>!`: the server accepted the username (always the first event)."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     user: str
     line: str
 
 class PrivateMessage:
     """`[PRIVATE from <sender>]: <text>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     text: str
@@ -209,6 +229,7 @@ class PrivateMessage:
 
 class BroadcastMessage:
     """`[BROADCAST from <sender>]: <text>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     text: str
@@ -216,6 +237,7 @@ class BroadcastMessage:
 
 class GroupMessage:
     """`[GROUP <group>] <sender>: <text>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     group: str
     sender: str
@@ -224,41 +246,48 @@ class GroupMessage:
 
 class Joined:
     """`You joined group '<group>'`, for a `join` sent with `send_command`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     group: str
     line: str
 
 class NotInGroup:
     """`You are not in group '<group>'`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     group: str
     line: str
 
 class UserList:
     """`Connected users: a, b`, for a `list` sent with `send_command`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     users: list[str]
     line: str
 
 class UserNotFound:
     """`User <user> not found.`"""
+
     __match_args__: ClassVar[tuple[str, ...]]
     user: str
     line: str
 
 class Usage:
     """A usage line: a command lacked arguments."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     text: str
     line: str
 
 class UnknownCommand:
     """`Unknown command. Use msg/broadcast/list/join/send_group`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     line: str
 
 class FileIncoming:
     """`[FILE] <sender> sent you file '<filename>' (<size> bytes). Incoming on file socket.`"""
+
     __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
@@ -267,6 +296,7 @@ class FileIncoming:
 
 class GroupFileIncoming:
     """`[FILE] <sender> sent file '<filename>' to group '<group>'.`"""
+
     __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
@@ -275,6 +305,7 @@ class GroupFileIncoming:
 
 class FileSaved:
     """`[FILE] You sent file '<filename>' (saved as <saved_as>).`: a file sent to yourself."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     filename: str
     saved_as: str
@@ -282,6 +313,7 @@ class FileSaved:
 
 class NoFileSocket:
     """`User <user> has no file socket; file saved as <saved_as>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     user: str
     saved_as: str
@@ -289,6 +321,7 @@ class NoFileSocket:
 
 class Ack:
     """`[ACK] <recipient> received file '<filename>'`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     recipient: str
     filename: str
@@ -296,12 +329,14 @@ class Ack:
 
 class ServerError:
     """`ERROR: <reason>`: the server refused something."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     reason: str
     line: str
 
 class ServerText:
     """A server line of no known shape, as it came."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     text: str
     line: str
@@ -309,6 +344,7 @@ class ServerText:
 class FileReceived:
     """A file arrived whole, was renamed into place and acknowledged.
     `line` is `[FILE RECEIVED] <path> (<size> bytes) from <sender>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
@@ -319,34 +355,36 @@ class FileReceived:
 class FileFailed:
     """An incoming file failed; nothing was left under its final name.
     `line` is `[FILE RECEIVE ERROR] <reason>`."""
+
     __match_args__: ClassVar[tuple[str, ...]]
     reason: str
     line: str
 
 class Disconnected:
     """The chat connection closed; no event follows. `line` is `Chat connection closed.`"""
+
     __match_args__: ClassVar[tuple[str, ...]]
     line: str
 
-Event = Union[
-    Welcome,
-    PrivateMessage,
-    BroadcastMessage,
-    GroupMessage,
-    Joined,
-    NotInGroup,
-    UserList,
-    UserNotFound,
-    Usage,
-    UnknownCommand,
-    FileIncoming,
-    GroupFileIncoming,
-    FileSaved,
-    NoFileSocket,
-    Ack,
-    ServerError,
-    ServerText,
-    FileReceived,
-    FileFailed,
-    Disconnected,
-]
+Event = (
+    Welcome
+    | PrivateMessage
+    | BroadcastMessage
+    | GroupMessage
+    | Joined
+    | NotInGroup
+    | UserList
+    | UserNotFound
+    | Usage
+    | UnknownCommand
+    | FileIncoming
+    | GroupFileIncoming
+    | FileSaved
+    | NoFileSocket
+    | Ack
+    | ServerError
+    | ServerText
+    | FileReceived
+    | FileFailed
+    | Disconnected
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -112,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         gone.set()
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             client.close()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 

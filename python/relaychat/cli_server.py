@@ -8,6 +8,20 @@ import sys
 
 from relaychat import Server, init_logging
 
+LIMIT_FLAGS = [
+    ("--max-line", int, "longest chat line, bytes"),
+    ("--max-header", int, "longest file-port line, bytes"),
+    ("--send-queue", int, "lines queued for one chat connection before it is dropped"),
+    ("--send-timeout", float, "seconds a peer may read nothing before it is dropped"),
+    ("--handshake-timeout", float, "seconds to send a username"),
+    ("--transfer-timeout", float, "longest pause inside an upload, seconds"),
+    ("--max-connections", int, "open connections, both ports"),
+    ("--max-per-address", int, "open connections from one IP address"),
+    ("--max-file-size", int, "largest file, bytes"),
+    ("--user-quota", int, "bytes of saved copies per user"),
+    ("--min-free-disk", int, "bytes always left free in the data directory"),
+]
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -20,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", default=".", help="where uploads are saved (default: current directory)"
     )
+    limits = p.add_argument_group("limits (defaults in docs/SECURITY.md)")
+    for flag, kind, text in LIMIT_FLAGS:
+        limits.add_argument(flag, type=kind, metavar="N", help=text)
     p.add_argument(
         "--log-level",
         default="info",
@@ -36,7 +53,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     init_logging(args.log_level)
-    server = Server(args.host, args.chat_port, args.file_port, args.data_dir)
+    limits = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in LIMIT_FLAGS
+    }
+    server = Server(args.host, args.chat_port, args.file_port, args.data_dir, **limits)
     try:
         server.start()
     except OSError as e:

@@ -32,6 +32,8 @@ const MAX_SERVER_LINE: usize = 1024 * 1024;
 const FILE_CHUNK: usize = 256 * 1024;
 /// Events buffered for the application before the engine stops reading the sockets.
 const EVENT_QUEUE: usize = 65_536;
+/// How long a refused file's body may pause before the file connection counts as dead.
+const SKIP_STALL: Duration = Duration::from_secs(300);
 /// How often, and how patiently, a lost file connection is re-opened.
 const FILE_RECONNECT_TRIES: u32 = 10;
 
@@ -498,7 +500,7 @@ async fn receive_one(
         Ok(file) => file,
         Err(e) => {
             fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
-            return reader.skip(size, FILE_CHUNK, closed).await;
+            return reader.skip(size, FILE_CHUNK, closed, SKIP_STALL).await;
         }
     };
     let mut got = 0u64;
@@ -527,7 +529,9 @@ async fn receive_one(
             drop(file);
             let _ = tokio::fs::remove_file(&tmp).await;
             fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
-            return reader.skip(size - got, FILE_CHUNK, closed).await;
+            return reader
+                .skip(size - got, FILE_CHUNK, closed, SKIP_STALL)
+                .await;
         }
     }
     let saved_ok = async {

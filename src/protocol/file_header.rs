@@ -129,7 +129,9 @@ pub struct ForwardHeader {
 
 impl ForwardHeader {
     fn fields(line: &[u8]) -> Result<(&str, &str, &str), HeaderError> {
-        let line = std::str::from_utf8(line).map_err(|_| HeaderError::NotUtf8)?.trim();
+        let line = std::str::from_utf8(line)
+            .map_err(|_| HeaderError::NotUtf8)?
+            .trim();
         let fields: Vec<&str> = line.split('|').collect();
         match fields[..] {
             [sender, filename, size] | [sender, _, filename, size] => Ok((sender, filename, size)),
@@ -140,7 +142,9 @@ impl ForwardHeader {
     /// How many body bytes follow a refused forward header, when it still says so clearly,
     /// so a client can skip exactly them and stay in step.
     pub fn declared_size(line: &[u8]) -> Option<u64> {
-        Self::fields(line).ok().and_then(|(_, _, size)| parse_size(size).ok())
+        Self::fields(line)
+            .ok()
+            .and_then(|(_, _, size)| parse_size(size).ok())
     }
 
     /// The header line as sent, with its `\n`.

@@ -42,32 +42,52 @@ impl PyServer {
 #[pymethods]
 impl PyServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, data_dir = PathBuf::from("."), *, idle_pause = 0.025, max_line = None, max_header = None, send_queue = None))]
+    #[pyo3(signature = (
+        host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
+        data_dir = PathBuf::from("."), *, idle_pause = None, max_line = None, max_header = None,
+        send_queue = None, send_timeout = None, handshake_timeout = None, transfer_timeout = None,
+        max_connections = None, max_per_address = None, max_file_size = None, user_quota = None,
+        min_free_disk = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
         chat_port: u16,
         file_port: u16,
         data_dir: PathBuf,
-        idle_pause: f64,
+        idle_pause: Option<f64>,
         max_line: Option<usize>,
         max_header: Option<usize>,
         send_queue: Option<usize>,
+        send_timeout: Option<f64>,
+        handshake_timeout: Option<f64>,
+        transfer_timeout: Option<f64>,
+        max_connections: Option<usize>,
+        max_per_address: Option<usize>,
+        max_file_size: Option<u64>,
+        user_quota: Option<u64>,
+        min_free_disk: Option<u64>,
     ) -> PyResult<Self> {
-        let defaults = ServerConfig::default();
+        let d = ServerConfig::default();
         let config = ServerConfig {
             host,
             chat_port,
             file_port,
             data_dir,
-            idle_pause: seconds(Some(idle_pause))?.unwrap_or(defaults.idle_pause),
-            max_line: max_line.unwrap_or(defaults.max_line),
-            max_header: max_header.unwrap_or(defaults.max_header),
-            send_queue: send_queue.unwrap_or(defaults.send_queue).max(1),
+            idle_pause: seconds(idle_pause)?.unwrap_or(d.idle_pause),
+            max_line: max_line.unwrap_or(d.max_line).max(1),
+            max_header: max_header.unwrap_or(d.max_header).max(64),
+            send_queue: send_queue.unwrap_or(d.send_queue).max(1),
+            send_timeout: seconds(send_timeout)?.unwrap_or(d.send_timeout),
+            handshake_timeout: seconds(handshake_timeout)?.unwrap_or(d.handshake_timeout),
+            transfer_timeout: seconds(transfer_timeout)?.unwrap_or(d.transfer_timeout),
+            max_connections: max_connections.unwrap_or(d.max_connections),
+            max_per_address: max_per_address.unwrap_or(d.max_per_address),
+            max_file_size: max_file_size.unwrap_or(d.max_file_size),
+            user_quota: user_quota.unwrap_or(d.user_quota),
+            min_free_disk: min_free_disk.unwrap_or(d.min_free_disk),
         };
-        Ok(Self {
-            config,
-            running: Mutex::new(None),
-        })
+        Ok(Self { config, running: Mutex::new(None) })
     }
 
     /// Binds both ports and starts serving in the background. Idempotent while running.

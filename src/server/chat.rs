@@ -24,13 +24,18 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let (rd, wr) = stream.into_split();
     let kill = shared.shutdown.child_token();
     let (tx, rx) = mpsc::channel::<Bytes>(shared.config.send_queue);
-    let writer = tokio::spawn(write_loop(wr, rx, kill.clone()));
+    let writer = tokio::spawn(write_loop(wr, rx, kill.clone(), shared.config.send_timeout));
     let mut reader = LineReader::new(rd, shared.config.max_line, shared.config.idle_pause);
     let id = shared.next_id();
 
-    let claimed = match reader.next_line(&kill).await {
-        Ok(line) => claim(&shared, &line, id, &tx, &kill),
-        Err(end) => Err(end_reason(&end)),
+    let limit = shared.config.handshake_timeout;
+    let claimed = match tokio::time::timeout(limit, reader.next_line(&kill)).await {
+        Ok(Ok(line)) => claim(&shared, &line, id, addr, &tx, &kill),
+        Ok(Err(end)) => Err(end_reason(&end)),
+        Err(_) => Err(Some(format!(
+            "no username within {} s",
+            limit.as_secs_f64()
+        ))),
     };
     match claimed {
         Ok(outbox) => {
@@ -75,6 +80,7 @@ fn claim(
     shared: &Shared,
     line: &[u8],
     id: u64,
+    addr: SocketAddr,
     tx: &mpsc::Sender<Bytes>,
     kill: &CancellationToken,
 ) -> Result<Outbox, Option<String>> {
@@ -86,7 +92,7 @@ fn claim(
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry
-        .add_chat(name, id, outbox.clone(), welcome)
+        .add_chat(name, id, addr.ip(), outbox.clone(), welcome)
         .map_err(|_| Some(format!("username '{name}' is already connected")))?;
     Ok(outbox)
 }
@@ -178,6 +184,12 @@ fn handle(shared: &Shared, user: &str, outbox: &Outbox, text: &str) {
             }
         }
         Command::FileReceived { sender, filename } => {
+            if !registry.take_ack(user, sender, filename) {
+                let reason = format!(
+                    "no file '{filename}' from {sender} is waiting for your acknowledgement"
+                );
+                return reply(ServerLine::Error { reason });
+            }
             let ack = ServerLine::Ack {
                 recipient: user.into(),
                 filename: filename.into(),

@@ -5,6 +5,7 @@
 //! `CancellationToken` and `TaskTracker`).
 
 mod chat;
+mod limits;
 mod registry;
 mod relay;
 
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::protocol::{DEFAULT_MAX_HEADER, DEFAULT_MAX_LINE};
+use crate::protocol::{ServerLine, DEFAULT_MAX_HEADER, DEFAULT_MAX_LINE};
 use crate::{Error, Result};
 use registry::Registry;
 
@@ -45,6 +46,23 @@ pub struct ServerConfig {
     pub max_header: usize,
     /// Lines a chat connection may have queued before it counts as not reading.
     pub send_queue: usize,
+    /// How long a write to a peer may make no progress before the peer counts as not
+    /// reading and is dropped (chat lines and file forwards alike).
+    pub send_timeout: Duration,
+    /// How long a connection may take to send its username.
+    pub handshake_timeout: Duration,
+    /// How long an upload may go without receiving a byte before it is aborted.
+    pub transfer_timeout: Duration,
+    /// Connections open at once, both ports together.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_per_address: usize,
+    /// Largest file accepted, in bytes.
+    pub max_file_size: u64,
+    /// Bytes of saved copies one user may store (counted since the server started).
+    pub user_quota: u64,
+    /// Free disk space the server always leaves in the data directory, in bytes.
+    pub min_free_disk: u64,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +76,14 @@ impl Default for ServerConfig {
             max_line: DEFAULT_MAX_LINE,
             max_header: DEFAULT_MAX_HEADER,
             send_queue: 8192,
+            send_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            transfer_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_per_address: 256,
+            max_file_size: 4 << 30,
+            user_quota: 16 << 30,
+            min_free_disk: 256 << 20,
         }
     }
 }
@@ -70,6 +96,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Every connection and forward task, so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// Room for connections.
+    gate: Arc<limits::Gate>,
+    /// Room on disk, and each user's quota.
+    pub(crate) disk: Arc<limits::DiskLedger>,
     next_id: AtomicU64,
 }
 
@@ -106,10 +136,19 @@ impl Server {
         };
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
+        relay::remove_stale_spools(&config.data_dir);
+        let gate = limits::Gate::new(config.max_connections, config.max_per_address);
+        let disk = limits::DiskLedger::new(
+            config.data_dir.clone(),
+            config.user_quota,
+            config.min_free_disk,
+        );
         Ok(Server {
             chat,
             file,
             shared: Arc::new(Shared {
+                gate,
+                disk,
                 config,
                 registry: Registry::default(),
                 shutdown: CancellationToken::new(),
@@ -145,6 +184,26 @@ impl Server {
             "[FILE SERVER] Listening on {}",
             file.local_addr().map(|a| a.port()).unwrap_or_default()
         );
+        let (soft, hard) = limits::raise_open_file_limit();
+        let c = &shared.config;
+        let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
+        info!(
+            "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
+             line {} B; file header {} B; file size {} B; quota {} B per user; \
+             send queue {} lines; timeouts: handshake {:?}, send {:?}, transfer {:?}",
+            or_unlimited(soft),
+            or_unlimited(hard),
+            c.max_connections,
+            c.max_per_address,
+            c.max_line,
+            c.max_header,
+            c.max_file_size,
+            c.user_quota,
+            c.send_queue,
+            c.handshake_timeout,
+            c.send_timeout,
+            c.transfer_timeout,
+        );
         shared
             .tasks
             .spawn(accept_loop(shared.clone(), chat, Port::Chat));
@@ -179,8 +238,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
         match accepted {
             Ok((stream, addr)) => {
                 backoff = Duration::from_millis(10);
-                let shared2 = shared.clone();
-                shared.tasks.spawn(serve(shared2, stream, addr, port));
+                match shared.gate.admit(addr.ip()) {
+                    Ok(admission) => {
+                        let shared2 = shared.clone();
+                        shared.tasks.spawn(async move {
+                            serve(shared2, stream, addr, port).await;
+                            drop(admission);
+                        });
+                    }
+                    Err(reason) => {
+                        warn!("[REFUSED] {addr}: {reason}");
+                        let line = ServerLine::Error {
+                            reason: reason.into(),
+                        }
+                        .to_wire();
+                        let _ = stream.try_write(line.as_bytes());
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: the listener is fine, the process is out of something.

@@ -5,7 +5,8 @@
 //! so a broadcast never waits on anyone; a connection whose outbox is full is dropped
 //! (IRC's "SendQ exceeded") instead of slowing the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -82,6 +83,8 @@ pub(crate) struct FileLink {
 struct ChatEntry {
     /// Which connection registered the name (a stale one must not remove a newer one).
     id: u64,
+    /// Where it connected from: the user's file connection must come from there too.
+    ip: IpAddr,
     /// Arrival order, for `list`.
     seq: u64,
     outbox: Outbox,
@@ -92,13 +95,28 @@ struct FileEntry {
     link: Arc<FileLink>,
 }
 
+/// Files forwarded to a recipient and not yet acknowledged, kept per recipient up to this
+/// many; only these can be acknowledged.
+const MAX_UNACKED: usize = 1024;
+
 #[derive(Default)]
 struct State {
     chats: HashMap<String, ChatEntry>,
     files: HashMap<String, FileEntry>,
     /// Group name → members in order of joining. Empty groups are removed.
     groups: HashMap<String, Vec<String>>,
+    /// Recipient → (sender, filename) of files forwarded to it and not yet acknowledged.
+    unacked: HashMap<String, VecDeque<(String, String)>>,
     next_seq: u64,
+}
+
+/// Why a file connection was refused.
+#[derive(Debug)]
+pub(crate) enum FileRefusal {
+    /// No chat session (or a different one than the caller waited for).
+    NoSession,
+    /// The name already has a live file connection.
+    Taken,
 }
 
 /// A name that is already taken by a live connection.
@@ -109,6 +127,8 @@ pub(crate) struct NameTaken;
 #[derive(Default)]
 pub(crate) struct Registry {
     state: Mutex<State>,
+    /// Woken whenever a chat session registers (file handshakes wait for theirs).
+    pub(crate) chat_joined: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -118,49 +138,107 @@ impl Registry {
 
     /// Claims `user` for a chat connection and queues `greeting` as its first line, under
     /// the lock, so no message can overtake it; fails while another connection holds it.
-    pub(crate) fn add_chat(&self, user: &str, id: u64, outbox: Outbox, greeting: Bytes) -> Result<(), NameTaken> {
-        let mut st = self.state();
-        if st.chats.contains_key(user) {
-            return Err(NameTaken);
+    pub(crate) fn add_chat(
+        &self,
+        user: &str,
+        id: u64,
+        ip: IpAddr,
+        outbox: Outbox,
+        greeting: Bytes,
+    ) -> Result<(), NameTaken> {
+        {
+            let mut st = self.state();
+            if st.chats.contains_key(user) {
+                return Err(NameTaken);
+            }
+            outbox.push(greeting);
+            st.next_seq += 1;
+            let seq = st.next_seq;
+            st.chats.insert(
+                user.to_owned(),
+                ChatEntry {
+                    id,
+                    ip,
+                    seq,
+                    outbox,
+                },
+            );
         }
-        outbox.push(greeting);
-        st.next_seq += 1;
-        let seq = st.next_seq;
-        st.chats
-            .insert(user.to_owned(), ChatEntry { id, seq, outbox });
+        self.chat_joined.notify_waiters();
         Ok(())
     }
 
+    /// The id and address of `user`'s chat session.
+    pub(crate) fn chat_session(&self, user: &str) -> Option<(u64, IpAddr)> {
+        self.state().chats.get(user).map(|e| (e.id, e.ip))
+    }
+
     /// Forgets chat connection `id` of `user`: the name is free again, its group
-    /// memberships end, and its file connection is closed (as the lab's server does).
+    /// memberships and pending acknowledgements end, and its file connection is closed (as
+    /// the lab's server does).
     pub(crate) fn remove_chat(&self, user: &str, id: u64) {
         let mut st = self.state();
         if st.chats.get(user).map(|e| e.id) != Some(id) {
             return;
         }
         st.chats.remove(user);
+        st.unacked.remove(user);
         st.groups.retain(|_, members| {
             members.retain(|m| m != user);
             !members.is_empty()
         });
-        if let Some(file) = st.files.get(user) {
+        if let Some(file) = st.files.remove(user) {
             file.link.kill.cancel();
         }
     }
 
-    /// Claims `user`'s file connection slot; fails while another file connection holds it.
+    /// Attaches a file connection to chat session `chat_id` of `user`: refused unless that
+    /// session is live and has no live file connection.
     pub(crate) fn add_file(
         &self,
         user: &str,
+        chat_id: u64,
         id: u64,
         link: Arc<FileLink>,
-    ) -> Result<(), NameTaken> {
+    ) -> Result<(), FileRefusal> {
         let mut st = self.state();
+        if st.chats.get(user).map(|e| e.id) != Some(chat_id) {
+            return Err(FileRefusal::NoSession);
+        }
         if st.files.contains_key(user) {
-            return Err(NameTaken);
+            return Err(FileRefusal::Taken);
         }
         st.files.insert(user.to_owned(), FileEntry { id, link });
         Ok(())
+    }
+
+    /// Notes that a file from `sender` named `filename` is being forwarded to `recipient`,
+    /// which may then acknowledge it once.
+    pub(crate) fn expect_ack(&self, recipient: &str, sender: &str, filename: &str) {
+        let mut st = self.state();
+        if !st.chats.contains_key(recipient) {
+            return;
+        }
+        let queue = st.unacked.entry(recipient.to_owned()).or_default();
+        if queue.len() >= MAX_UNACKED {
+            queue.pop_front();
+        }
+        queue.push_back((sender.to_owned(), filename.to_owned()));
+    }
+
+    /// Takes one pending acknowledgement; false if no such file was forwarded to `recipient`.
+    pub(crate) fn take_ack(&self, recipient: &str, sender: &str, filename: &str) -> bool {
+        let mut st = self.state();
+        let Some(queue) = st.unacked.get_mut(recipient) else {
+            return false;
+        };
+        match queue.iter().position(|(s, f)| s == sender && f == filename) {
+            Some(i) => {
+                queue.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forgets file connection `id` of `user`.

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::registry::FileLink;
+use super::registry::{FileLink, FileRefusal};
 use super::Shared;
 use crate::net::{LineReader, ReadEnd};
 use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
@@ -32,6 +32,10 @@ use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 
 /// Bytes moved per read or write on the file path.
 const BODY_CHUNK: usize = 256 * 1024;
+/// Spool files are `<data_dir>/.relaychat-upload-<id>.part` until complete.
+const SPOOL_PREFIX: &str = ".relaychat-upload-";
+/// How long a file handshake waits for the chat session of the same name to appear.
+const CHAT_SESSION_WAIT: Duration = Duration::from_secs(2);
 /// After a header whose body length is unknown, input is discarded until this much quiet.
 const RESYNC_QUIET: Duration = Duration::from_millis(200);
 /// Gap between the greeting and a first forward (the lab's client reads the greeting with
@@ -58,8 +62,15 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let mut reader = LineReader::new(rd, cfg.max_header, cfg.idle_pause);
     let id = shared.next_id();
 
-    let Ok(line) = reader.next_line(&kill).await else {
-        return;
+    let limit = cfg.handshake_timeout;
+    let line = match tokio::time::timeout(limit, reader.next_line(&kill)).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(ReadEnd::Frame(e))) => return refuse(wr, addr, e.to_string()).await,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            let reason = format!("no username within {} s", limit.as_secs_f64());
+            return refuse(wr, addr, reason).await;
+        }
     };
     let user = match std::str::from_utf8(&line) {
         Ok(name) => name.trim().to_owned(),
@@ -68,7 +79,12 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     if let Err(e) = check_username(&user) {
         return refuse(wr, addr, e.to_string()).await;
     }
-    // Claim the name with the writer locked, so the greeting (or the refusal) is the first
+    // The lab's client sends both usernames at once: give the chat handshake time to win.
+    let chat_id = match await_chat_session(&shared, &user, addr, &kill).await {
+        Ok(chat_id) => chat_id,
+        Err(reason) => return refuse(wr, addr, reason).await,
+    };
+    // Claim the slot with the writer locked, so the greeting (or the refusal) is the first
     // thing written, in a write of its own, before any forward can take the writer.
     let link = Arc::new(FileLink {
         writer: tokio::sync::Mutex::new(wr),
@@ -77,10 +93,15 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     });
     {
         let mut wr = link.writer.lock().await;
-        if shared.registry.add_file(&user, id, link.clone()).is_err() {
-            let reason = format!("'{user}' already has a file connection");
+        if let Err(refusal) = shared.registry.add_file(&user, chat_id, id, link.clone()) {
+            let reason = match refusal {
+                FileRefusal::Taken => format!("'{user}' already has a file connection"),
+                FileRefusal::NoSession => format!("'{user}' has no chat session"),
+            };
             warn!("[REFUSED] {addr}: {reason}");
-            let _ = wr.write_all(ServerLine::Error { reason }.to_wire().as_bytes()).await;
+            let _ = wr
+                .write_all(ServerLine::Error { reason }.to_wire().as_bytes())
+                .await;
             return;
         }
         if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
@@ -112,7 +133,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
                 warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
                 tell(&shared, &user, e.to_string());
                 match UploadHeader::declared_size(&line) {
-                    Some(size) => reader.skip(size, BODY_CHUNK, &kill).await,
+                    Some(size) => skip_body(&shared, &mut reader, size, &kill).await,
                     None => reader.discard_until_quiet(RESYNC_QUIET).await,
                 }
             }
@@ -125,6 +146,35 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     shared.registry.remove_file(&user, id);
     kill.cancel();
     info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// Waits (briefly) for `user`'s chat session and returns its id. A file connection belongs
+/// to a live chat session from the same address, or to nobody.
+async fn await_chat_session(
+    shared: &Shared,
+    user: &str,
+    addr: SocketAddr,
+    kill: &CancellationToken,
+) -> Result<u64, String> {
+    let deadline = Instant::now() + CHAT_SESSION_WAIT;
+    loop {
+        let joined = shared.registry.chat_joined.notified();
+        tokio::pin!(joined);
+        joined.as_mut().enable();
+        if let Some((chat_id, ip)) = shared.registry.chat_session(user) {
+            return match ip == addr.ip() {
+                true => Ok(chat_id),
+                false => Err(format!("'{user}' is connected from another address")),
+            };
+        }
+        tokio::select! {
+            _ = joined => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(format!("'{user}' has no chat session; log in on the chat port first"));
+            }
+            _ = kill.cancelled() => return Err("the server is shutting down".into()),
+        }
+    }
 }
 
 /// Refuses a file connection with an error line and closes it.
@@ -142,6 +192,36 @@ fn tell(shared: &Shared, user: &str, reason: String) {
     }
 }
 
+/// Reads and drops `n` body bytes of a refused upload, so the connection stays in step;
+/// false if it ended (or stalled for the transfer timeout) first.
+async fn skip_body(
+    shared: &Shared,
+    reader: &mut LineReader<ReadHalf>,
+    n: u64,
+    kill: &CancellationToken,
+) -> bool {
+    reader
+        .skip(n, BODY_CHUNK, kill, shared.config.transfer_timeout)
+        .await
+}
+
+/// Deletes spool files left by a server that was killed mid-upload.
+pub(super) fn remove_stale_spools(data_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(SPOOL_PREFIX) && name.ends_with(".part") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!("[CLEANUP] removed stale spool file {name}"),
+                Err(e) => warn!("[CLEANUP] cannot remove {name}: {e}"),
+            }
+        }
+    }
+}
+
 fn clamp(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).min(BODY_CHUNK)
 }
@@ -152,6 +232,10 @@ struct Forward {
     link: Arc<FileLink>,
     /// The chat notice sent when the forward starts.
     notice: ServerLine,
+    /// Who sent the file (for the acknowledgement ledger).
+    sender: String,
+    /// The file's name (for the acknowledgement ledger).
+    filename: String,
 }
 
 /// Who gets an upload, and what its sender is told once it is saved.
@@ -168,14 +252,19 @@ fn plan(
         user: who.into(),
         saved_as: saved.into(),
     };
+    let forward = |recipient: &str, link, notice| Forward {
+        recipient: recipient.into(),
+        link,
+        notice,
+        sender: user.into(),
+        filename: filename.into(),
+    };
+    let (mut forwards, mut after) = (Vec::new(), Vec::new());
     match target {
-        Target::User(to) if to == user => (
-            vec![],
-            vec![ServerLine::FileSelf {
-                filename: filename.into(),
-                saved_as: saved.into(),
-            }],
-        ),
+        Target::User(to) if to == user => after.push(ServerLine::FileSelf {
+            filename: filename.into(),
+            saved_as: saved.into(),
+        }),
         Target::User(to) => match registry.file_link(to) {
             Some(link) => {
                 let notice = ServerLine::FileIncoming {
@@ -183,27 +272,15 @@ fn plan(
                     filename: filename.into(),
                     size,
                 };
-                (
-                    vec![Forward {
-                        recipient: to.clone(),
-                        link,
-                        notice,
-                    }],
-                    vec![],
-                )
+                forwards.push(forward(to, link, notice));
             }
-            None => (vec![], vec![no_socket(to)]),
+            None => after.push(no_socket(to)),
         },
         Target::Group(group) => match registry.members_except(group, user) {
-            None => (
-                vec![],
-                vec![ServerLine::NotInGroup {
-                    group: group.clone(),
-                }],
-            ),
+            None => after.push(ServerLine::NotInGroup {
+                group: group.clone(),
+            }),
             Some(members) => {
-                let mut forwards = Vec::new();
-                let mut after = Vec::new();
                 for member in members {
                     match registry.file_link(&member) {
                         Some(link) => {
@@ -212,19 +289,15 @@ fn plan(
                                 filename: filename.into(),
                                 group: group.clone(),
                             };
-                            forwards.push(Forward {
-                                recipient: member,
-                                link,
-                                notice,
-                            });
+                            forwards.push(forward(&member, link, notice));
                         }
                         None => after.push(no_socket(&member)),
                     }
                 }
-                (forwards, after)
             }
         },
     }
+    (forwards, after)
 }
 
 /// Receives one upload whose header is `header`; false if the connection is gone.
@@ -251,11 +324,29 @@ async fn upload(
             user,
             format!("file name too long to save as {saved}"),
         );
-        return reader.skip(size, BODY_CHUNK, kill).await;
+        return skip_body(shared, reader, size, kill).await;
     }
+    if size > shared.config.max_file_size {
+        let limit = shared.config.max_file_size;
+        warn!("[FILE ERROR] {user}: '{filename}' is {size} bytes, over the {limit}-byte limit");
+        tell(
+            shared,
+            user,
+            format!("file too large: {size} bytes (limit {limit})"),
+        );
+        return skip_body(shared, reader, size, kill).await;
+    }
+    let reservation = match shared.disk.reserve(user, size) {
+        Ok(reservation) => reservation,
+        Err(reason) => {
+            warn!("[FILE ERROR] {user}: '{filename}' refused: {reason}");
+            tell(shared, user, reason);
+            return skip_body(shared, reader, size, kill).await;
+        }
+    };
     let data_dir = &shared.config.data_dir;
     let final_path = data_dir.join(&saved);
-    let spool_path = data_dir.join(format!(".relaychat-upload-{}.part", shared.next_id()));
+    let spool_path = data_dir.join(format!("{SPOOL_PREFIX}{}.part", shared.next_id()));
     let spool = match std::fs::File::create(&spool_path) {
         Ok(file) => file,
         Err(e) => {
@@ -265,7 +356,7 @@ async fn upload(
                 user,
                 format!("could not save file '{filename}': {e}"),
             );
-            return reader.skip(size, BODY_CHUNK, kill).await;
+            return skip_body(shared, reader, size, kill).await;
         }
     };
 
@@ -298,11 +389,13 @@ async fn upload(
     drop(watcher);
 
     let mut spool = tokio::fs::File::from_std(spool);
-    let outcome = receive_body(reader, &mut spool, size, kill, &progress).await;
+    let stall = shared.config.transfer_timeout;
+    let outcome = receive_body(reader, &mut spool, size, kill, stall, &progress).await;
     drop(spool);
     match outcome {
         Ok(()) => {
             let _ = progress.send(Progress::Done(size));
+            let replaced = std::fs::metadata(&final_path).map_or(0, |m| m.len());
             if let Err(e) = std::fs::rename(&spool_path, &final_path) {
                 warn!("[FILE ERROR] cannot save {}: {e}", final_path.display());
                 tell(
@@ -313,6 +406,7 @@ async fn upload(
                 let _ = std::fs::remove_file(&spool_path);
                 return true;
             }
+            reservation.commit(replaced);
             info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
             if let Some(outbox) = shared.registry.outbox(user) {
                 for line in &after {
@@ -330,7 +424,7 @@ async fn upload(
                 user,
                 format!("could not save file '{filename}': {e}"),
             );
-            reader.skip(left, BODY_CHUNK, kill).await
+            skip_body(shared, reader, left, kill).await
         }
         Err(Broken::Connection(got)) => {
             let _ = progress.send(Progress::Aborted);
@@ -355,17 +449,22 @@ async fn receive_body(
     spool: &mut tokio::fs::File,
     size: u64,
     kill: &CancellationToken,
+    stall: Duration,
     progress: &watch::Sender<Progress>,
 ) -> Result<(), Broken> {
     let mut got = 0u64;
     while got < size {
         let chunk = tokio::select! {
             _ = kill.cancelled() => return Err(Broken::Connection(got)),
-            chunk = reader.read_raw(clamp(size - got), BODY_CHUNK) => chunk,
+            chunk = tokio::time::timeout(stall, reader.read_raw(clamp(size - got), BODY_CHUNK)) => chunk,
         };
         let chunk = match chunk {
-            Ok(bytes) if !bytes.is_empty() => bytes,
-            _ => return Err(Broken::Connection(got)),
+            Ok(Ok(bytes)) if !bytes.is_empty() => bytes,
+            Ok(_) => return Err(Broken::Connection(got)),
+            Err(_) => {
+                warn!("[FILE ERROR] upload stalled: no byte for {stall:?}");
+                return Err(Broken::Connection(got));
+            }
         };
         got += chunk.len() as u64;
         let written = async {
@@ -395,6 +494,8 @@ async fn run_forward(
         recipient,
         link,
         notice,
+        sender,
+        filename,
     } = forward;
     let mut aborted = progress.clone();
     let mut wr = tokio::select! {
@@ -410,11 +511,12 @@ async fn run_forward(
     if let Some(outbox) = shared.registry.outbox(&recipient) {
         outbox.line(&notice);
     }
+    shared.registry.expect_ack(&recipient, &sender, &filename);
     let mut src = tokio::fs::File::from_std(src);
     let sent = tokio::select! {
         biased;
         _ = link.kill.cancelled() => Err("file connection closed".to_owned()),
-        sent = stream(&mut wr, &mut src, &header, &mut progress, size) => sent,
+        sent = stream(&mut wr, &mut src, &header, &mut progress, size, shared.config.send_timeout) => sent,
     };
     if let Err(reason) = sent {
         warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
@@ -457,8 +559,15 @@ async fn stream(
     header: &[u8],
     progress: &mut watch::Receiver<Progress>,
     size: u64,
+    stall: Duration,
 ) -> Result<(), String> {
-    wr.write_all(header).await.map_err(|e| e.to_string())?;
+    let stalled = |_| format!("the recipient read nothing for {stall:?}");
+    let timed = |res: std::io::Result<()>| res.map_err(|e| e.to_string());
+    timed(
+        tokio::time::timeout(stall, wr.write_all(header))
+            .await
+            .map_err(stalled)?,
+    )?;
     let mut buf = vec![0u8; BODY_CHUNK];
     let mut sent = 0u64;
     while sent < size {
@@ -471,7 +580,11 @@ async fn stream(
         if n == 0 {
             return Err("the spool file ended early".into());
         }
-        wr.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        timed(
+            tokio::time::timeout(stall, wr.write_all(&buf[..n]))
+                .await
+                .map_err(stalled)?,
+        )?;
         sent += n as u64;
     }
     Ok(())
