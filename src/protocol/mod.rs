@@ -17,6 +17,9 @@ pub mod framing;
 pub mod names;
 pub mod server_line;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use command::{Command, CommandError, Usage};
 pub use file_header::{ForwardHeader, HeaderError, Target, UploadHeader};
 pub use framing::{FrameError, LineFramer};

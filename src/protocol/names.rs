@@ -87,9 +87,14 @@ fn check(name: &str, kind: &'static str, limit: usize, allow_space: bool) -> Res
     Ok(())
 }
 
-/// A username: 1 to 32 characters; no whitespace, `|`, `/`, `\`, or control characters.
+/// A username: 1 to 32 characters; no whitespace, `|`, `/`, `\`, or control characters;
+/// not `.`, `..`, or starting with `GROUP:`.
 pub fn check_username(name: &str) -> Result<(), NameError> {
     check(name, "username", MAX_USERNAME_CHARS, false)?;
+    if name == "." || name == ".." {
+        // It becomes part of saved file names, where these are no names at all.
+        return Err(NameError::Dots { kind: "username" });
+    }
     if name.starts_with("GROUP:") {
         return Err(NameError::BadChar {
             kind: "username",
@@ -150,7 +155,9 @@ mod tests {
             check_username(""),
             Err(NameError::Empty { kind: "username" })
         );
-        for bad in ["a b", "a|b", "a/b", "a\\b", "a\0b", "a\tb", "GROUP:x"] {
+        for bad in [
+            "a b", "a|b", "a/b", "a\\b", "a\0b", "a\tb", "GROUP:x", ".", "..",
+        ] {
             assert!(check_username(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_username(&"x".repeat(32)).is_ok());

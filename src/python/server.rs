@@ -87,7 +87,10 @@ impl PyServer {
             user_quota: user_quota.unwrap_or(d.user_quota),
             min_free_disk: min_free_disk.unwrap_or(d.min_free_disk),
         };
-        Ok(Self { config, running: Mutex::new(None) })
+        Ok(Self {
+            config,
+            running: Mutex::new(None),
+        })
     }
 
     /// Binds both ports and starts serving in the background. Idempotent while running.
