@@ -9,6 +9,7 @@ whole and then forwarded as `sender|filename|size\\n` + bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -43,10 +44,8 @@ class LabStyleServer:
 
     def close(self) -> None:
         for s in self._listeners + self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def _send(self, user: str, text: str) -> None:

@@ -4,7 +4,6 @@ splitting): every command the lab's server has must work."""
 from __future__ import annotations
 
 import pytest
-
 from relaychat import (
     Ack,
     BroadcastMessage,
@@ -17,6 +16,7 @@ from relaychat import (
     UserNotFound,
     Welcome,
 )
+
 from tests.labstyle_server import LabStyleServer, random_file
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-
 from relaychat import Client, FileReceived, Welcome
+
+from tests.conftest import start_server, stop_server, vm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,9 +46,10 @@ def wait_received(c: Client, timeout: float = 30) -> FileReceived:
 
 
 def test_recipients_receive_while_the_upload_is_still_arriving(server):
-    with raw_chat(server.chat_port, "bob") as bob_chat, raw_chat(
-        server.chat_port, "alice"
-    ) as alice_chat:
+    with (
+        raw_chat(server.chat_port, "bob") as bob_chat,
+        raw_chat(server.chat_port, "alice") as alice_chat,
+    ):
         bob_files = raw_file_socket(server.file_port, "bob")
         alice_files = raw_file_socket(server.file_port, "alice")
         with bob_files, alice_files:
@@ -100,11 +99,6 @@ def test_a_stalled_group_member_slows_neither_the_sender_nor_the_others(server, 
         del sleepy_chat
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_server_memory_stays_flat_for_a_file_far_larger_than_its_buffers(tmp_path):
     """A 512 MB relay through a server subprocess: its peak RSS stays far below the file."""
@@ -114,41 +108,46 @@ def test_server_memory_stays_flat_for_a_file_far_larger_than_its_buffers(tmp_pat
         block = os.urandom(1 << 20)
         for _ in range(size >> 20):
             f.write(block)
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "server.py", "--chat-port", "0", "--file-port", "0"]
-        + ["--data-dir", str(tmp_path / "data")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    drain = threading.Thread(target=proc.stdout.read, daemon=True)
+    proc, ports, _ = start_server(tmp_path)
     try:
-        ports = {}
-        while len(ports) < 2:
-            line = proc.stdout.readline()
-            assert line, "server exited before listening"
-            m = re.match(r"\[(CHAT|FILE) SERVER\] Listening on (\d+)", line)
-            if m:
-                ports[m.group(1)] = int(m.group(2))
-        drain.start()
-        baseline = _vm_hwm_kib(proc.pid)
+        baseline = vm("VmHWM", proc.pid)
 
         class Ports:
             chat_port, file_port = ports["CHAT"], ports["FILE"]
 
-        with client(Ports, "alice", tmp_path / "a") as alice, client(
-            Ports, "bob", tmp_path / "b"
-        ) as bob:
+        with (
+            client(Ports, "alice", tmp_path / "a") as alice,
+            client(Ports, "bob", tmp_path / "b") as bob,
+        ):
             assert alice.send_file("bob", big) == size
             got = wait_received(bob, timeout=120)
             assert got.size == size
             assert got.path.stat().st_size == size
-        peak = _vm_hwm_kib(proc.pid)
+        peak = vm("VmHWM", proc.pid)
         print(f"server VmHWM: {baseline} KiB at start, {peak} KiB after a {size >> 20} MiB relay")
         assert peak < 64 * 1024, f"server peak RSS {peak} KiB for a {size >> 20} MiB file"
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
-        if drain.ident is not None:
-            drain.join(timeout=5)
-        proc.stdout.close()
+        assert stop_server(proc) == 0
+
+
+def test_two_transfers_to_one_recipient_never_interleave(server, tmp_path):
+    """alice and carol upload to bob at the same time; both files arrive intact."""
+    files = {}
+    for name in ("alice", "carol"):
+        files[name] = tmp_path / f"from-{name}.bin"
+        files[name].write_bytes(os.urandom(8 * 1024 * 1024))
+    bob = client(server, "bob", tmp_path / "bob")
+    senders = {name: client(server, name, tmp_path / name) for name in files}
+    with bob, senders["alice"], senders["carol"]:
+        threads = [
+            threading.Thread(target=senders[n].send_file, args=("bob", files[n])) for n in files
+        ]
+        for t in threads:
+            t.start()
+        received = {wait_received(bob).sender for _ in files}
+        for t in threads:
+            t.join(timeout=30)
+        assert set(received) == set(files)
+        for name, path in files.items():
+            saved = tmp_path / "bob" / f"received_from_{name}_{path.name}"
+            assert saved.read_bytes() == path.read_bytes()

@@ -17,6 +17,17 @@ import threading
 from relaychat import Client, Disconnected, RelaychatError
 
 SEND_FILE_USAGE = "Usage: send_file <username/group> <filepath>"
+#: How long to wait, after the last command, for its replies before exiting.
+LINGER_SECONDS = 5.0
+
+_print_lock = threading.Lock()
+
+
+def say(text: str) -> None:
+    """Prints one line whole: the event thread and the input loop both print."""
+    with _print_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,14 +39,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--download-dir", default=".", help="where received files go (default: current directory)"
     )
+    p.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)"
+    )
     return p.parse_args(argv)
 
 
 def _print_events(client: Client, gone: threading.Event) -> None:
     for event in client.events():
-        print(event.line, flush=True)
         if isinstance(event, Disconnected):
+            if not gone.is_set():  # the server went away, not us
+                say(event.line)
             break
+        say(event.line)
     if not gone.is_set():
         gone.set()
         _thread.interrupt_main()
@@ -54,25 +70,26 @@ def _read_line() -> str | None:
 def _send_file(client: Client, line: str) -> None:
     parts = line.split(" ", 2)
     if len(parts) < 3 or not parts[1] or not parts[2]:
-        print(SEND_FILE_USAGE, flush=True)
+        say(SEND_FILE_USAGE)
         return
     target, path = parts[1], parts[2]
     if not os.path.isfile(path):
-        print("File does not exist", flush=True)
+        say("File does not exist")
         return
     try:
         client.send_file(target, path)
     except (RelaychatError, OSError, ValueError) as e:
-        print(f"[FILE SEND ERROR] {e}", flush=True)
+        say(f"[FILE SEND ERROR] {e}")
         return
-    print(f"[FILE SENT SUCCESSFULLY] {path} -> {target}", flush=True)
+    say(f"[FILE SENT SUCCESSFULLY] {path} -> {target}")
 
 
-def _repl(client: Client) -> None:
+def _repl(client: Client) -> bool:
+    """Runs typed commands; true when input ended (end of input or `quit`)."""
     while True:
         line = _read_line()
         if line is None or line.strip() == "quit":
-            return
+            return True
         if not line.strip():
             continue
         if line == "send_file" or line.startswith("send_file "):
@@ -81,8 +98,16 @@ def _repl(client: Client) -> None:
         try:
             client.send_command(line)
         except (RelaychatError, OSError, ValueError) as e:
-            print(f"Chat send error: {e}", flush=True)
-            return
+            say(f"Chat send error: {e}")
+            return False
+
+
+def _linger(client: Client) -> None:
+    """Waits until the server has answered every command sent so far: it answers in order,
+    so the reply to one more `list` comes after all of them (and works on the lab's server
+    too)."""
+    with contextlib.suppress(RelaychatError, OSError, TimeoutError, ValueError):
+        client.list_users()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,21 +125,27 @@ def main(argv: list[str] | None = None) -> int:
             args.file_port,
             username=username,
             download_dir=args.download_dir,
+            timeout=args.timeout,
         )
+    except KeyboardInterrupt:
+        return 0
     except (RelaychatError, OSError, ValueError, TimeoutError) as e:
-        print(f"ERROR: {e}", flush=True)
+        say(f"ERROR: {e}")
         return 1
     gone = threading.Event()
     printer = threading.Thread(target=_print_events, args=(client, gone), daemon=True)
     printer.start()
     try:
-        _repl(client)
+        if _repl(client):
+            _linger(client)
     except KeyboardInterrupt:
         pass
     finally:
         gone.set()
         with contextlib.suppress(KeyboardInterrupt):
             client.close()
+            # The printer ends after the last event (`Disconnected`): let it print them all.
+            printer.join(LINGER_SECONDS)
     return 0
 
 

@@ -58,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         for flag, _, _ in LIMIT_FLAGS
     }
     server = Server(args.host, args.chat_port, args.file_port, args.data_dir, **limits)
-    try:
-        server.start()
-    except OSError as e:
-        print(f"relaychat-server: {e}", file=sys.stderr)
-        return 1
+    # Before start(): a SIGTERM right after "Listening" must already stop us gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        server.start()
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()
+    except OSError as e:
+        print(f"relaychat-server: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -481,7 +481,11 @@ async fn receive_one(
                 "ignored a file header from the server ({shown:?}): {e}"
             ))
             .await;
-            return true;
+            // Skip its body when the header says how long it is, to stay in step.
+            return match ForwardHeader::declared_size(&line) {
+                Some(size) => reader.skip(size, FILE_CHUNK, closed, SKIP_STALL).await,
+                None => true,
+            };
         }
     };
     let ForwardHeader {

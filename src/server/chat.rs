@@ -106,6 +106,9 @@ async fn session(
     kill: &CancellationToken,
 ) -> ReadEnd {
     loop {
+        // A client can send thousands of commands in one read; let the writers that fan
+        // them out run in between, so a flood is spread over time, not over queues.
+        tokio::task::coop::consume_budget().await;
         let line = match reader.next_line(kill).await {
             Ok(line) => line,
             Err(end) => return end,

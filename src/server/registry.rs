@@ -10,12 +10,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::relay::ForwardJob;
 use crate::protocol::ServerLine;
 
 /// A chat connection's outgoing side: its bounded queue and its kill switch.
@@ -68,16 +67,13 @@ impl Outbox {
     }
 }
 
-/// A file connection's outgoing side, shared by every forward to that user. Holding the
-/// writer's lock is what makes one transfer at a time.
+/// A file connection's outgoing side: the queue of its forwarder, which owns the socket's
+/// write half and runs one transfer at a time, in order.
 pub(crate) struct FileLink {
-    /// The socket's write half; a forward holds the lock from header to last byte.
-    pub(crate) writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Forwards waiting for this connection.
+    pub(crate) jobs: mpsc::Sender<ForwardJob>,
     /// Closes the file connection (chat disconnect, an aborted forward, shutdown).
     pub(crate) kill: CancellationToken,
-    /// No forward starts before this instant, so the greeting reaches the lab's client
-    /// alone in its one `recv`.
-    pub(crate) ready_at: Instant,
 }
 
 struct ChatEntry {

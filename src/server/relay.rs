@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -38,6 +38,8 @@ const SPOOL_PREFIX: &str = ".relaychat-upload-";
 const CHAT_SESSION_WAIT: Duration = Duration::from_secs(2);
 /// After a header whose body length is unknown, input is discarded until this much quiet.
 const RESYNC_QUIET: Duration = Duration::from_millis(200);
+/// Forwards that may wait on one file connection; more are refused with an error line.
+const MAX_QUEUED_FORWARDS: usize = 64;
 /// Gap between the greeting and a first forward (the lab's client reads the greeting with
 /// one `recv` and must not find a header glued to it).
 const GREETING_GAP: Duration = Duration::from_millis(100);
@@ -84,32 +86,35 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         Ok(chat_id) => chat_id,
         Err(reason) => return refuse(wr, addr, reason).await,
     };
-    // Claim the slot with the writer locked, so the greeting (or the refusal) is the first
-    // thing written, in a write of its own, before any forward can take the writer.
+    // Claim the slot, then greet in a write of its own: the greeting (or the refusal) is
+    // the first thing written, and forwards only start once the forwarder owns the writer.
+    let (jobs, queue) = mpsc::channel(MAX_QUEUED_FORWARDS);
     let link = Arc::new(FileLink {
-        writer: tokio::sync::Mutex::new(wr),
+        jobs,
         kill: kill.clone(),
-        ready_at: Instant::now() + GREETING_GAP,
     });
-    {
-        let mut wr = link.writer.lock().await;
-        if let Err(refusal) = shared.registry.add_file(&user, chat_id, id, link.clone()) {
-            let reason = match refusal {
-                FileRefusal::Taken => format!("'{user}' already has a file connection"),
-                FileRefusal::NoSession => format!("'{user}' has no chat session"),
-            };
-            warn!("[REFUSED] {addr}: {reason}");
-            let _ = wr
-                .write_all(ServerLine::Error { reason }.to_wire().as_bytes())
-                .await;
-            return;
-        }
-        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
-            drop(wr);
-            shared.registry.remove_file(&user, id);
-            return;
-        }
+    let mut wr = wr;
+    if let Err(refusal) = shared.registry.add_file(&user, chat_id, id, link) {
+        let reason = match refusal {
+            FileRefusal::Taken => format!("'{user}' already has a file connection"),
+            FileRefusal::NoSession => format!("'{user}' has no chat session"),
+        };
+        return refuse(wr, addr, reason).await;
     }
+    if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+        shared.registry.remove_file(&user, id);
+        return;
+    }
+    let ready_at = Instant::now() + GREETING_GAP;
+    let forwarder = forward_all(
+        shared.clone(),
+        user.clone(),
+        wr,
+        queue,
+        kill.clone(),
+        ready_at,
+    );
+    shared.tasks.spawn(forwarder);
     info!("[FILE SOCKET] {user} connected for files from {addr}");
     reader.require_newlines(cfg.max_header);
 
@@ -226,15 +231,24 @@ fn clamp(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).min(BODY_CHUNK)
 }
 
-/// One recipient's share of an upload.
+/// One recipient's share of an upload, as planned when its header arrives.
 struct Forward {
     recipient: String,
     link: Arc<FileLink>,
     /// The chat notice sent when the forward starts.
     notice: ServerLine,
-    /// Who sent the file (for the acknowledgement ledger).
+}
+
+/// A forward queued on a recipient's file connection; its forwarder runs them in order.
+pub(crate) struct ForwardJob {
+    notice: ServerLine,
+    /// The forward header (`sender|filename|size\n`).
+    header: Bytes,
+    /// The upload's spool file, opened for this forward.
+    src: std::fs::File,
+    progress: watch::Receiver<Progress>,
+    size: u64,
     sender: String,
-    /// The file's name (for the acknowledgement ledger).
     filename: String,
 }
 
@@ -256,8 +270,6 @@ fn plan(
         recipient: recipient.into(),
         link,
         notice,
-        sender: user.into(),
-        filename: filename.into(),
     };
     let (mut forwards, mut after) = (Vec::new(), Vec::new());
     match target {
@@ -360,7 +372,7 @@ async fn upload(
         }
     };
 
-    let (forwards, after) = plan(shared, user, &target, &filename, size, &saved);
+    let (forwards, mut after) = plan(shared, user, &target, &filename, size, &saved);
     let (progress, watcher) = watch::channel(Progress::Receiving(0));
     let header = Bytes::from(
         ForwardHeader {
@@ -370,20 +382,42 @@ async fn upload(
         }
         .to_wire(),
     );
-    for forward in forwards {
-        match std::fs::File::open(&spool_path) {
-            Ok(src) => {
-                let task = run_forward(
-                    shared.clone(),
-                    forward,
-                    src,
-                    header.clone(),
-                    watcher.clone(),
-                    size,
-                );
-                shared.tasks.spawn(task);
+    for Forward {
+        recipient,
+        link,
+        notice,
+    } in forwards
+    {
+        let src = match std::fs::File::open(&spool_path) {
+            Ok(src) => src,
+            Err(e) => {
+                warn!("[FILE FORWARD ERROR] {recipient} -> {e}");
+                continue;
             }
-            Err(e) => warn!("[FILE FORWARD ERROR] {} -> {e}", forward.recipient),
+        };
+        let job = ForwardJob {
+            notice,
+            header: header.clone(),
+            src,
+            progress: watcher.clone(),
+            size,
+            sender: user.into(),
+            filename: filename.clone(),
+        };
+        match link.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
+                let reason =
+                    format!("{recipient} has too many files waiting; file saved as {saved}");
+                after.push(ServerLine::Error { reason });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                after.push(ServerLine::NoFileSocket {
+                    user: recipient,
+                    saved_as: saved.clone(),
+                });
+            }
         }
     }
     drop(watcher);
@@ -479,58 +513,56 @@ async fn receive_body(
     Ok(())
 }
 
-/// One forward: waits its turn on the recipient's file connection, then streams the spool
-/// file as it grows. Any failure closes the recipient's file connection, since its header
-/// has promised bytes that will not come.
-async fn run_forward(
+/// The forwarder of one file connection: runs its queued forwards one at a time, in the
+/// order their uploads began, each streaming its spool file as it grows. A forward whose
+/// upload broke off before it started is dropped; any failure once its header is out closes
+/// the connection, since the header promised bytes that will not come.
+async fn forward_all(
     shared: Arc<Shared>,
-    forward: Forward,
-    src: std::fs::File,
-    header: Bytes,
-    mut progress: watch::Receiver<Progress>,
-    size: u64,
+    recipient: String,
+    mut wr: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<ForwardJob>,
+    kill: CancellationToken,
+    ready_at: Instant,
 ) {
-    let Forward {
-        recipient,
-        link,
-        notice,
-        sender,
-        filename,
-    } = forward;
-    let mut aborted = progress.clone();
-    let mut wr = tokio::select! {
-        biased;
-        _ = link.kill.cancelled() => return,
-        _ = wait_aborted(&mut aborted) => return,
-        guard = link.writer.lock() => guard,
-    };
-    if *progress.borrow() == Progress::Aborted {
-        return;
-    }
-    tokio::time::sleep_until(link.ready_at).await;
-    if let Some(outbox) = shared.registry.outbox(&recipient) {
-        outbox.line(&notice);
-    }
-    shared.registry.expect_ack(&recipient, &sender, &filename);
-    let mut src = tokio::fs::File::from_std(src);
-    let sent = tokio::select! {
-        biased;
-        _ = link.kill.cancelled() => Err("file connection closed".to_owned()),
-        sent = stream(&mut wr, &mut src, &header, &mut progress, size, shared.config.send_timeout) => sent,
-    };
-    if let Err(reason) = sent {
-        warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
-        link.kill.cancel();
-    }
-}
-
-async fn wait_aborted(progress: &mut watch::Receiver<Progress>) {
+    let stall = shared.config.send_timeout;
     loop {
-        if *progress.borrow_and_update() == Progress::Aborted {
-            return;
+        let job = tokio::select! {
+            _ = kill.cancelled() => break,
+            job = queue.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        if *job.progress.borrow() == Progress::Aborted {
+            continue;
         }
-        if progress.changed().await.is_err() {
-            std::future::pending::<()>().await;
+        tokio::select! {
+            _ = kill.cancelled() => break,
+            _ = tokio::time::sleep_until(ready_at) => {}
+        }
+        let ForwardJob {
+            notice,
+            header,
+            src,
+            mut progress,
+            size,
+            sender,
+            filename,
+        } = job;
+        if let Some(outbox) = shared.registry.outbox(&recipient) {
+            outbox.line(&notice);
+        }
+        shared.registry.expect_ack(&recipient, &sender, &filename);
+        let mut src = tokio::fs::File::from_std(src);
+        let sent = tokio::select! {
+            _ = kill.cancelled() => Err("file connection closed".to_owned()),
+            sent = stream(&mut wr, &mut src, &header, &mut progress, size, stall) => sent,
+        };
+        if let Err(reason) = sent {
+            warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
+            kill.cancel();
+            break;
         }
     }
 }
