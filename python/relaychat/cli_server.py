@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start()
+        print(f"[CHAT SERVER] Listening on {server.chat_port}", flush=True)
+        print(f"[FILE SERVER] Listening on {server.file_port}", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()

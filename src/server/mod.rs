@@ -137,6 +137,27 @@ impl Server {
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
         relay::remove_stale_spools(&config.data_dir);
+        let (soft, hard) = limits::raise_open_file_limit();
+        let c = &config;
+        let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
+        info!(
+            "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
+             line {} B; file header {} B; file size {} B; quota {} B per user; \
+             send queue {} lines; timeouts: handshake {:?}, send {:?}, transfer {:?}",
+            or_unlimited(soft),
+            or_unlimited(hard),
+            c.max_connections,
+            c.max_per_address,
+            c.max_line,
+            c.max_header,
+            c.max_file_size,
+            c.user_quota,
+            c.send_queue,
+            c.handshake_timeout,
+            c.send_timeout,
+            c.transfer_timeout,
+        );
+
         let gate = limits::Gate::new(config.max_connections, config.max_per_address);
         let disk = limits::DiskLedger::new(
             config.data_dir.clone(),
@@ -176,34 +197,6 @@ impl Server {
     /// (aborting transfers and removing their partial files) and waits for every task.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server { chat, file, shared } = self;
-        info!(
-            "[CHAT SERVER] Listening on {}",
-            chat.local_addr().map(|a| a.port()).unwrap_or_default()
-        );
-        info!(
-            "[FILE SERVER] Listening on {}",
-            file.local_addr().map(|a| a.port()).unwrap_or_default()
-        );
-        let (soft, hard) = limits::raise_open_file_limit();
-        let c = &shared.config;
-        let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
-        info!(
-            "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
-             line {} B; file header {} B; file size {} B; quota {} B per user; \
-             send queue {} lines; timeouts: handshake {:?}, send {:?}, transfer {:?}",
-            or_unlimited(soft),
-            or_unlimited(hard),
-            c.max_connections,
-            c.max_per_address,
-            c.max_line,
-            c.max_header,
-            c.max_file_size,
-            c.user_quota,
-            c.send_queue,
-            c.handshake_timeout,
-            c.send_timeout,
-            c.transfer_timeout,
-        );
         shared
             .tasks
             .spawn(accept_loop(shared.clone(), chat, Port::Chat));
