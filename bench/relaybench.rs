@@ -223,6 +223,8 @@ fn seq_and_time(line: &[u8]) -> Option<(u64, u64)> {
 
 async fn private(a: &Args) -> Res<()> {
     let t0 = Instant::now();
+    // Senders start together, once every user is logged in.
+    let (go, ready) = tokio::sync::watch::channel(false);
     let lat = Arc::new(Latencies::default());
     let mut tasks = Vec::new();
     for i in 0..a.pairs {
@@ -247,7 +249,9 @@ async fn private(a: &Args) -> Res<()> {
             Res::Ok(rx)
         });
         let mut wr = tx.wr;
+        let mut ready = ready.clone();
         let sender = tokio::spawn(async move {
+            ready.wait_for(|go| *go).await?;
             let mut out = Vec::with_capacity(64 * 1024);
             let mut next = 0;
             while next < m {
@@ -269,6 +273,7 @@ async fn private(a: &Args) -> Res<()> {
         tasks.push((sender, receiver));
     }
     let start = Instant::now();
+    go.send(true)?;
     let mut keep = Vec::new();
     for (s, r) in tasks {
         keep.push((s.await??, r.await??));
@@ -364,13 +369,16 @@ async fn broadcast(a: &Args) -> Res<()> {
             .map(|_| (0..m).map(|_| AtomicU64::new(0)).collect())
             .collect(),
     );
+    let (go, ready) = tokio::sync::watch::channel(false);
     let mut senders = Vec::new();
     // Every writer stays open: dropping one would end that user's session.
     let idle_writers = writers.split_off(s);
     for (j, mut wr) in writers.into_iter().enumerate() {
         let (window, countdown, sent_at) = (windows[j].clone(), countdown.clone(), sent_at.clone());
         let recipients = (n - 1) as u32;
+        let mut ready = ready.clone();
         senders.push(tokio::spawn(async move {
+            ready.wait_for(|go| *go).await?;
             let mut out = Vec::with_capacity(64 * 1024);
             let mut next = 0;
             while next < m {
@@ -394,6 +402,7 @@ async fn broadcast(a: &Args) -> Res<()> {
         }));
     }
     let start = Instant::now();
+    go.send(true)?;
     let mut keep = Vec::new();
     for t in senders {
         keep.push(t.await??);

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +29,9 @@ pub(crate) enum ReadEnd {
 }
 
 /// A socket's read side, cut into lines by [`LineFramer`].
-pub(crate) struct LineReader<R> {
+pub(crate) struct LineReader {
     /// The socket's read half.
-    rd: R,
+    rd: OwnedReadHalf,
     /// Bytes read but not yet consumed.
     buf: BytesMut,
     /// The framing state (pause- or line-framed).
@@ -39,8 +40,8 @@ pub(crate) struct LineReader<R> {
     idle_pause: Duration,
 }
 
-impl<R: AsyncRead + Unpin> LineReader<R> {
-    pub(crate) fn new(rd: R, max_line: usize, idle_pause: Duration) -> Self {
+impl LineReader {
+    pub(crate) fn new(rd: OwnedReadHalf, max_line: usize, idle_pause: Duration) -> Self {
         Self {
             rd,
             buf: BytesMut::new(),
@@ -50,7 +51,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 
     /// A reader on which only a newline ends a line (how a client reads the server).
-    pub(crate) fn line_framed(rd: R, max_line: usize) -> Self {
+    pub(crate) fn line_framed(rd: OwnedReadHalf, max_line: usize) -> Self {
         Self {
             rd,
             buf: BytesMut::new(),
@@ -74,8 +75,10 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Err(e) => return Err(ReadEnd::Frame(e)),
             }
             let pausing = self.framer.wants_idle_flush(&self.buf);
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // An idle connection holds no buffer: the one for the next read is taken
+                // once the socket is readable (most users are idle most of the time).
+                self.buf = BytesMut::new();
             }
             tokio::select! {
                 biased;
@@ -85,16 +88,25 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                         return Ok(line);
                     }
                 }
-                read = self.rd.read_buf(&mut self.buf) => match read {
-                    Ok(0) => {
-                        return match self.buf.is_empty() {
-                            true => Err(ReadEnd::Closed),
-                            false => Ok(self.buf.split().freeze()),
-                        };
+                ready = self.rd.readable() => {
+                    if let Err(e) = ready {
+                        return Err(ReadEnd::Io(e));
                     }
-                    Ok(_) => {}
-                    Err(e) => return Err(ReadEnd::Io(e)),
-                },
+                    if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+                        self.buf.reserve(READ_CHUNK);
+                    }
+                    match self.rd.try_read_buf(&mut self.buf) {
+                        Ok(0) => {
+                            return match self.buf.is_empty() {
+                                true => Err(ReadEnd::Closed),
+                                false => Ok(self.buf.split().freeze()),
+                            };
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ReadEnd::Io(e)),
+                    }
+                }
             }
         }
     }
@@ -210,8 +222,8 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             kill.cancel();
             break;
         }
-        if batch.capacity() > 4 * WRITE_BATCH {
-            batch = BytesMut::new();
+        if rx.is_empty() && batch.capacity() > 0 {
+            batch = BytesMut::new(); // idle connections hold no batch buffer
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -128,6 +128,17 @@ impl Events {
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
+
+    /// An event that is already waiting, without waiting for one: `Ok(None)` means none is
+    /// there yet, `Err(())` that the stream has ended.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_next(&mut self) -> Result<Option<Event>, ()> {
+        match self.rx.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(()),
+        }
+    }
 }
 
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -150,7 +161,7 @@ async fn connect_tcp(config: &ClientConfig, port: u16) -> Result<TcpStream> {
 async fn handshake(
     config: &ClientConfig,
     port: u16,
-) -> Result<(LineReader<OwnedReadHalf>, OwnedWriteHalf, ServerLine)> {
+) -> Result<(LineReader, OwnedWriteHalf, ServerLine)> {
     let (rd, mut wr) = connect_tcp(config, port).await?.into_split();
     wr.write_all(format!("{}\n", config.username).as_bytes())
         .await
@@ -168,9 +179,7 @@ async fn handshake(
     }
 }
 
-async fn open_file_connection(
-    config: &ClientConfig,
-) -> Result<(LineReader<OwnedReadHalf>, OwnedWriteHalf)> {
+async fn open_file_connection(config: &ClientConfig) -> Result<(LineReader, OwnedWriteHalf)> {
     let (reader, wr, greeting) = handshake(config, config.file_port).await?;
     match greeting {
         ServerLine::Other(line) if line == "FILE_SOCKET_CONNECTED" => Ok((reader, wr)),
@@ -410,11 +419,7 @@ impl Inner {
     }
 }
 
-async fn read_chat(
-    inner: Arc<Inner>,
-    mut reader: LineReader<OwnedReadHalf>,
-    tx: mpsc::Sender<Event>,
-) {
+async fn read_chat(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<Event>) {
     while let Ok(line) = reader.next_line(&inner.closed).await {
         let line = ServerLine::parse(&String::from_utf8_lossy(&line));
         if let Some(line) = inner.route_reply(line) {
@@ -432,11 +437,7 @@ async fn read_chat(
 
 /// Receives forwarded files for as long as the client lives, re-opening the file connection
 /// if the server closes it (as it does when an upload to us breaks off).
-async fn read_files(
-    inner: Arc<Inner>,
-    mut reader: LineReader<OwnedReadHalf>,
-    tx: mpsc::Sender<Event>,
-) {
+async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<Event>) {
     'connection: loop {
         while receive_one(&inner, &mut reader, &tx).await {}
         inner.file.lock().await.take();
@@ -458,11 +459,7 @@ async fn read_files(
 }
 
 /// Receives one forwarded file; false once the file connection is gone.
-async fn receive_one(
-    inner: &Inner,
-    reader: &mut LineReader<OwnedReadHalf>,
-    tx: &mpsc::Sender<Event>,
-) -> bool {
+async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<Event>) -> bool {
     let closed = &inner.closed;
     let Ok(line) = reader.next_line(closed).await else {
         return false;

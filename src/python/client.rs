@@ -23,6 +23,48 @@ struct EventState {
     ended: bool,
 }
 
+/// What a look at the queue without waiting found.
+enum Ready {
+    /// An event.
+    Event(Event),
+    /// The stream has ended: no event will ever come.
+    Ended,
+    /// Nothing yet (or another caller holds the queue): wait.
+    Wait,
+}
+
+/// The next event if one is already queued, without waiting and without the runtime: the
+/// fast path that lets a busy bot take events at memory speed.
+fn ready_event(events: &SharedEvents) -> Ready {
+    let Ok(mut state) = events.try_lock() else {
+        return Ready::Wait;
+    };
+    if state.ended {
+        return Ready::Ended;
+    }
+    match state.events.try_next() {
+        Ok(Some(event)) => {
+            state.ended = matches!(event, Event::Disconnected);
+            Ready::Event(event)
+        }
+        Ok(None) => Ready::Wait,
+        Err(()) => Ready::Ended,
+    }
+}
+
+/// The next event for a blocking caller: the fast path, else a wait in the runtime.
+fn next_event_blocking(
+    py: Python<'_>,
+    events: &SharedEvents,
+    timeout: Option<Duration>,
+) -> PyResult<Option<PyEvent>> {
+    match ready_event(events) {
+        Ready::Event(event) => Ok(Some(PyEvent(event))),
+        Ready::Ended => Ok(None),
+        Ready::Wait => Ok(block_on(py, next_event(events.clone(), timeout))?.map(PyEvent)),
+    }
+}
+
 /// The next event, waiting at most `timeout` (`None`: forever). `None` when the wait runs
 /// out or the stream has ended.
 async fn next_event(events: SharedEvents, timeout: Option<Duration>) -> Option<Event> {
@@ -162,9 +204,7 @@ impl PyClient {
     /// forever) or the connection has ended.
     #[pyo3(signature = (timeout = None))]
     fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyEvent>> {
-        let limit = seconds(timeout)?;
-        let events = self.events.clone();
-        Ok(block_on(py, next_event(events, limit))?.map(PyEvent))
+        next_event_blocking(py, &self.events, seconds(timeout)?)
     }
 
     /// Iterates over events; stops after `Disconnected`, or when none comes within
@@ -216,7 +256,7 @@ impl EventIterator {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyEvent>> {
-        Ok(block_on(py, next_event(self.events.clone(), self.timeout))?.map(PyEvent))
+        next_event_blocking(py, &self.events, self.timeout)
     }
 }
 
@@ -383,6 +423,13 @@ impl AsyncEventIterator {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match ready_event(&self.events) {
+            Ready::Event(event) => {
+                let value = PyEvent(event).into_pyobject(py)?.unbind();
+                return Ok(Bound::new(py, Done { value: Some(value) })?.into_any());
+            }
+            Ready::Ended | Ready::Wait => {}
+        }
         let (events, limit) = (self.events.clone(), self.timeout);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             match next_event(events, limit).await {
@@ -390,6 +437,29 @@ impl AsyncEventIterator {
                 None => Err(PyStopAsyncIteration::new_err(())),
             }
         })
+    }
+}
+
+/// An awaitable that is already complete: `await` yields its value at once, with no trip
+/// through the event loop (used when an event is already queued).
+#[pyclass(module = "relaychat._native")]
+pub struct Done {
+    value: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl Done {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = self.value.take().unwrap_or_else(|| py.None());
+        Err(pyo3::exceptions::PyStopIteration::new_err((value,)))
     }
 }
 

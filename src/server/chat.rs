@@ -102,7 +102,7 @@ async fn session(
     shared: &Shared,
     user: &str,
     outbox: &Outbox,
-    reader: &mut LineReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut LineReader,
     kill: &CancellationToken,
 ) -> ReadEnd {
     loop {

@@ -55,8 +55,6 @@ enum Progress {
     Aborted,
 }
 
-type ReadHalf = tokio::net::tcp::OwnedReadHalf;
-
 pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
     let (rd, wr) = stream.into_split();
     let kill = shared.shutdown.child_token();
@@ -201,7 +199,7 @@ fn tell(shared: &Shared, user: &str, reason: String) {
 /// false if it ended (or stalled for the transfer timeout) first.
 async fn skip_body(
     shared: &Shared,
-    reader: &mut LineReader<ReadHalf>,
+    reader: &mut LineReader,
     n: u64,
     kill: &CancellationToken,
 ) -> bool {
@@ -317,7 +315,7 @@ async fn upload(
     shared: &Arc<Shared>,
     user: &str,
     header: UploadHeader,
-    reader: &mut LineReader<ReadHalf>,
+    reader: &mut LineReader,
     kill: &CancellationToken,
 ) -> bool {
     let UploadHeader {
@@ -479,7 +477,7 @@ enum Broken {
 
 /// Streams `size` body bytes into the spool file, publishing progress after each chunk.
 async fn receive_body(
-    reader: &mut LineReader<ReadHalf>,
+    reader: &mut LineReader,
     spool: &mut tokio::fs::File,
     size: u64,
     kill: &CancellationToken,
