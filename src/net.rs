@@ -92,17 +92,18 @@ impl LineReader {
                     if let Err(e) = ready {
                         return Err(ReadEnd::Io(e));
                     }
-                    if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-                        self.buf.reserve(READ_CHUNK);
-                    }
-                    match self.rd.try_read_buf(&mut self.buf) {
+                    // Read on the stack, keep only what came: a connection's buffer is
+                    // sized by its traffic, not by the read size (no transient 8 KiB
+                    // blocks to fragment the heap of a server with 100,000 users).
+                    let mut chunk = [0u8; READ_CHUNK];
+                    match self.rd.try_read(&mut chunk) {
+                        Ok(n @ 1..) => self.buf.extend_from_slice(&chunk[..n]),
                         Ok(0) => {
                             return match self.buf.is_empty() {
                                 true => Err(ReadEnd::Closed),
                                 false => Ok(self.buf.split().freeze()),
                             };
                         }
-                        Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(ReadEnd::Io(e)),
                     }
@@ -156,7 +157,8 @@ impl LineReader {
     /// after a header whose body length is unknown). Returns false if the peer closed.
     pub(crate) async fn discard_until_quiet(&mut self, quiet: Duration) -> bool {
         self.buf.clear();
-        let mut scratch = [0u8; 4096];
+        // On the heap: a stack array would live in every file connection's future.
+        let mut scratch = vec![0u8; 4096];
         loop {
             match tokio::time::timeout(quiet, self.rd.read(&mut scratch)).await {
                 Err(_) => return true,
@@ -172,6 +174,25 @@ impl LineReader {
             self.buf = BytesMut::new();
         }
     }
+}
+
+/// Writes all of `buf`, failing with `TimedOut` only if the peer accepts *nothing* for
+/// `stall`: a slow but steady reader is never cut off, a stopped one is.
+pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, wr.write(buf)).await {
+            Ok(Ok(0)) => return Err(Error::from(ErrorKind::WriteZero)),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
+        }
+    }
+    Ok(())
 }
 
 /// Drains `rx` into the socket until the queue closes or `kill` fires, batching whatever is
@@ -195,7 +216,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         };
         let write = async {
             if rx.is_empty() {
-                return wr.write_all(&first).await;
+                return write_with_progress(&mut wr, &first, stall).await;
             }
             batch.clear();
             batch.extend_from_slice(&first);
@@ -205,17 +226,18 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                     Err(_) => break,
                 }
             }
-            wr.write_all(&batch).await
+            write_with_progress(&mut wr, &batch, stall).await
         };
         let ok = tokio::select! {
             biased;
             _ = kill.cancelled() => false,
-            res = tokio::time::timeout(stall, write) => match res {
-                Ok(res) => res.is_ok(),
-                Err(_) => {
+            res = write => match res {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     tracing::warn!("[SLOW CONSUMER] no write progress for {stall:?}; disconnecting");
                     false
                 }
+                Err(_) => false,
             },
         };
         if !ok {

@@ -13,6 +13,7 @@ LIMIT_FLAGS = [
     ("--max-header", int, "longest file-port line, bytes"),
     ("--send-queue", int, "lines queued for one chat connection before it is dropped"),
     ("--send-timeout", float, "seconds a peer may read nothing before it is dropped"),
+    ("--idle-pause", float, "seconds of quiet that end a line sent without a newline"),
     ("--handshake-timeout", float, "seconds to send a username"),
     ("--transfer-timeout", float, "longest pause inside an upload, seconds"),
     ("--max-connections", int, "open connections, both ports"),

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -88,6 +88,9 @@ impl Default for ServerConfig {
     }
 }
 
+/// Descriptors kept free of connections: listeners, spool files, the spare, logging.
+const FD_HEADROOM: usize = 128;
+
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
@@ -100,6 +103,8 @@ pub(crate) struct Shared {
     gate: Arc<limits::Gate>,
     /// Room on disk, and each user's quota.
     pub(crate) disk: Arc<limits::DiskLedger>,
+    /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
+    spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
 }
 
@@ -143,7 +148,8 @@ impl Server {
         info!(
             "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
              line {} B; file header {} B; file size {} B; quota {} B per user; \
-             send queue {} lines; timeouts: handshake {:?}, send {:?}, transfer {:?}",
+             free disk kept {} B; send queue {} lines; idle pause {:?}; \
+             timeouts: handshake {:?}, send {:?}, transfer {:?}",
             or_unlimited(soft),
             or_unlimited(hard),
             c.max_connections,
@@ -152,13 +158,26 @@ impl Server {
             c.max_header,
             c.max_file_size,
             c.user_quota,
+            c.min_free_disk,
             c.send_queue,
+            c.idle_pause,
             c.handshake_timeout,
             c.send_timeout,
             c.transfer_timeout,
         );
 
-        let gate = limits::Gate::new(config.max_connections, config.max_per_address);
+        // Never admit more connections than there are descriptors for (leaving room for
+        // listeners, spool files and the spare): past that, refuse with a line.
+        let fd_room = soft.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let max_connections = config
+            .max_connections
+            .min(fd_room.saturating_sub(FD_HEADROOM).max(1));
+        if max_connections < config.max_connections {
+            warn!(
+                "[LIMITS] {max_connections} connections at most: the open-file limit is {fd_room}"
+            );
+        }
+        let gate = limits::Gate::new(max_connections, config.max_per_address);
         let disk = limits::DiskLedger::new(
             config.data_dir.clone(),
             config.user_quota,
@@ -170,6 +189,7 @@ impl Server {
             shared: Arc::new(Shared {
                 gate,
                 disk,
+                spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
                 config,
                 registry: Registry::default(),
                 shutdown: CancellationToken::new(),
@@ -252,6 +272,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
             Err(e) => {
                 // EMFILE and friends: the listener is fine, the process is out of something.
                 warn!("[ACCEPT ERROR] {e}; retrying in {backoff:?}");
+                if matches!(e.raw_os_error(), Some(23 | 24)) {
+                    refuse_at_the_ceiling(&shared, &listener).await;
+                }
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -262,10 +285,79 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
     }
 }
 
+/// Out of descriptors: frees the spare one, accepts the waiting connection only to tell it
+/// the server is full (instead of leaving it hanging in the backlog), then takes the spare
+/// descriptor back.
+async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
+    let spare = shared
+        .spare_fd
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    drop(spare);
+    if let Ok(Ok((stream, addr))) =
+        tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+    {
+        warn!("[REFUSED] {addr}: out of file descriptors");
+        let line = ServerLine::Error {
+            reason: "the server is full; try again later".into(),
+        };
+        let _ = stream.try_write(line.to_wire().as_bytes());
+    }
+    *shared
+        .spare_fd
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = std::fs::File::open("/dev/null").ok();
+}
+
 async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
     let _ = stream.set_nodelay(true);
     match port {
         Port::Chat => chat::serve(shared, stream, addr).await,
         Port::File => relay::serve(shared, stream, addr).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection keeps its tasks' futures alive, so their size is memory per
+    /// user (docs/BENCHMARKS.md). A large buffer on an await path (a stack array, an
+    /// unboxed upload) would multiply it; these budgets catch that.
+    #[tokio::test]
+    async fn connection_futures_stay_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = ServerConfig {
+            chat_port: 0,
+            file_port: 0,
+            data_dir: dir.path().into(),
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(cfg).await.expect("binds");
+        let addr = server.chat_addr().expect("addr");
+        let shared = server.shared.clone();
+        let stream = || TcpStream::connect(addr);
+        let chat = chat::serve(shared.clone(), stream().await.expect("connects"), addr);
+        let file = relay::serve(shared.clone(), stream().await.expect("connects"), addr);
+        let (_tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let sock = stream().await.expect("connects");
+        let writer =
+            crate::net::write_loop(sock, rx, CancellationToken::new(), Duration::from_secs(1));
+        assert!(
+            std::mem::size_of_val(&chat) <= 1024,
+            "chat: {}",
+            std::mem::size_of_val(&chat)
+        );
+        assert!(
+            std::mem::size_of_val(&file) <= 1536,
+            "file: {}",
+            std::mem::size_of_val(&file)
+        );
+        assert!(
+            std::mem::size_of_val(&writer) <= 768,
+            "writer: {}",
+            std::mem::size_of_val(&writer)
+        );
     }
 }

@@ -71,7 +71,7 @@ impl Outbox {
 /// write half and runs one transfer at a time, in order.
 pub(crate) struct FileLink {
     /// Forwards waiting for this connection.
-    pub(crate) jobs: mpsc::Sender<ForwardJob>,
+    pub(crate) jobs: mpsc::Sender<Box<ForwardJob>>,
     /// Closes the file connection (chat disconnect, an aborted forward, shutdown).
     pub(crate) kill: CancellationToken,
 }

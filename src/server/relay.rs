@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::registry::{FileLink, FileRefusal};
 use super::Shared;
-use crate::net::{LineReader, ReadEnd};
+use crate::net::{write_with_progress, LineReader, ReadEnd};
 use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
 use crate::protocol::names::{check_username, saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
@@ -95,7 +95,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     if let Err(refusal) = shared.registry.add_file(&user, chat_id, id, link) {
         let reason = match refusal {
             FileRefusal::Taken => format!("'{user}' already has a file connection"),
-            FileRefusal::NoSession => format!("'{user}' has no chat session"),
+            FileRefusal::NoSession => no_session(&user),
         };
         return refuse(wr, addr, reason).await;
     }
@@ -130,7 +130,9 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
             continue;
         }
         let alive = match UploadHeader::parse(&line) {
-            Ok(header) => upload(&shared, &user, header, &mut reader, &kill).await,
+            // Boxed: an upload's state lives on the heap only while an upload runs, so an
+            // idle file connection stays small.
+            Ok(header) => Box::pin(upload(&shared, &user, header, &mut reader, &kill)).await,
             Err(e) => {
                 let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
                 warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
@@ -173,11 +175,15 @@ async fn await_chat_session(
         tokio::select! {
             _ = joined => {}
             _ = tokio::time::sleep_until(deadline) => {
-                return Err(format!("'{user}' has no chat session; log in on the chat port first"));
+                return Err(no_session(user));
             }
             _ = kill.cancelled() => return Err("the server is shutting down".into()),
         }
     }
+}
+
+fn no_session(user: &str) -> String {
+    format!("'{user}' has no chat session; log in on the chat port first")
 }
 
 /// Refuses a file connection with an error line and closes it.
@@ -334,6 +340,7 @@ async fn upload(
             user,
             format!("file name too long to save as {saved}"),
         );
+        warn!("[FILE ERROR] {user}: file name too long to save as {saved}");
         return skip_body(shared, reader, size, kill).await;
     }
     if size > shared.config.max_file_size {
@@ -402,7 +409,7 @@ async fn upload(
             sender: user.into(),
             filename: filename.clone(),
         };
-        match link.jobs.try_send(job) {
+        match link.jobs.try_send(Box::new(job)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
@@ -519,7 +526,7 @@ async fn forward_all(
     shared: Arc<Shared>,
     recipient: String,
     mut wr: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<ForwardJob>,
+    mut queue: mpsc::Receiver<Box<ForwardJob>>,
     kill: CancellationToken,
     ready_at: Instant,
 ) {
@@ -532,12 +539,12 @@ async fn forward_all(
                 None => break,
             },
         };
-        if *job.progress.borrow() == Progress::Aborted {
-            continue;
-        }
         tokio::select! {
             _ = kill.cancelled() => break,
             _ = tokio::time::sleep_until(ready_at) => {}
+        }
+        if *job.progress.borrow() == Progress::Aborted {
+            continue;
         }
         let ForwardJob {
             notice,
@@ -547,7 +554,7 @@ async fn forward_all(
             size,
             sender,
             filename,
-        } = job;
+        } = *job;
         if let Some(outbox) = shared.registry.outbox(&recipient) {
             outbox.line(&notice);
         }
@@ -591,13 +598,13 @@ async fn stream(
     size: u64,
     stall: Duration,
 ) -> Result<(), String> {
-    let stalled = |_| format!("the recipient read nothing for {stall:?}");
-    let timed = |res: std::io::Result<()>| res.map_err(|e| e.to_string());
-    timed(
-        tokio::time::timeout(stall, wr.write_all(header))
-            .await
-            .map_err(stalled)?,
-    )?;
+    let sent_err = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut => format!("the recipient read nothing for {stall:?}"),
+        _ => e.to_string(),
+    };
+    write_with_progress(wr, header, stall)
+        .await
+        .map_err(sent_err)?;
     let mut buf = vec![0u8; BODY_CHUNK];
     let mut sent = 0u64;
     while sent < size {
@@ -610,11 +617,9 @@ async fn stream(
         if n == 0 {
             return Err("the spool file ended early".into());
         }
-        timed(
-            tokio::time::timeout(stall, wr.write_all(&buf[..n]))
-                .await
-                .map_err(stalled)?,
-        )?;
+        write_with_progress(wr, &buf[..n], stall)
+            .await
+            .map_err(sent_err)?;
         sent += n as u64;
     }
     Ok(())

@@ -1,0 +1,43 @@
+"""The benchmark suite cannot rot: a tiny run of every scenario, each verified exactly-once
+by the load generator, must complete and report every figure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SCENARIOS = [
+    "relay limit",
+    "file: 1 GB to one user",
+    "file: 100 MB to a group of 5",
+    "private, 50 pairs, closed loop",
+    "private, 50 pairs, pipelined",
+    "broadcast, 50 users, 5 senders, closed loop",
+    "broadcast, 1000 users, 5 senders, pipelined",
+    "connect:",
+    "churn:",
+    "Python bot, relaychat.Client",
+    "Python bot, relaychat.AsyncClient",
+]
+
+
+@pytest.mark.timeout(900)  # the first run builds the load generator
+def test_every_benchmark_scenario_runs_in_miniature(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    run = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--out", str(report)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    for name in SCENARIOS:
+        matching = [row for row in rows if name in row]
+        assert len(matching) == 1, f"{name}: {matching}"
+    assert "still chatting: yes" in report.read_text()
