@@ -452,3 +452,20 @@ def test_serve_forever_returns_when_stopped_from_another_thread(tmp_path):
     srv.stop()
     assert done.wait(TIMEOUT)
     thread.join(TIMEOUT)
+
+
+def test_each_reply_goes_to_its_own_command(net):
+    """A raw `list`/`join` and the API's `list_users()`/`join()` interleave: each caller
+    gets the reply to its own command, and raw commands' replies arrive as events."""
+    alice = net.client("alice")
+    net.client("bob")
+    alice.send_command("list")
+    alice.send_command("join raw")
+    assert alice.list_users() == ["bob"]
+    alice.join("api")
+    alice.send_command("list")
+    first, second, third = (alice.next_event(timeout=TIMEOUT) for _ in range(3))
+    assert isinstance(first, UserList) and first.users == ["bob"]
+    assert isinstance(second, Joined) and second.group == "raw"
+    assert isinstance(third, UserList)
+    assert alice.next_event(timeout=0.2) is None

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::LineReader;
-use crate::protocol::command::format_command;
+use crate::protocol::command::{format_command, parse_command};
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
     check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
@@ -96,9 +96,23 @@ pub enum Event {
 
 /// Callers waiting for the reply to their own command (the reply is theirs, not an event).
 #[derive(Default)]
+///
+/// Every `list` and `join` sent has an entry, in the order sent: a caller's channel, or
+/// `None` for a raw command whose reply is an event. The server answers in order, so each
+/// reply goes to its own command, never to someone else's.
 struct Waiters {
-    users: VecDeque<oneshot::Sender<Vec<String>>>,
-    joins: VecDeque<(String, oneshot::Sender<()>)>,
+    users: VecDeque<Option<oneshot::Sender<Vec<String>>>>,
+    joins: VecDeque<(String, Option<oneshot::Sender<()>>)>,
+}
+
+/// What a command that is about to be sent will be answered with.
+enum Expect {
+    /// Nothing to route.
+    Nothing,
+    /// A `Connected users:` line, for this caller (or `None`: for the events).
+    Users(Option<oneshot::Sender<Vec<String>>>),
+    /// A `You joined group` line.
+    Joined(String, Option<oneshot::Sender<()>>),
 }
 
 struct Inner {
@@ -251,21 +265,34 @@ impl Client {
     /// not contain a line break (that would make it two commands).
     pub async fn send_command(&self, line: &str) -> Result<()> {
         one_line("a command", line)?;
-        self.write_chat(format!("{line}\n")).await
+        let expect = match parse_command(line) {
+            Ok(Command::List) => Expect::Users(None),
+            Ok(Command::Join { group }) => Expect::Joined(group.to_owned(), None),
+            _ => Expect::Nothing,
+        };
+        self.write_chat(format!("{line}\n"), expect).await
     }
 
-    async fn write_chat(&self, line: String) -> Result<()> {
+    /// Writes one command; its expected reply is registered under the writer's lock, so
+    /// the order of registration is the order on the wire.
+    async fn write_chat(&self, line: String, expect: Expect) -> Result<()> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
         let mut chat = self.inner.chat.lock().await;
+        match expect {
+            Expect::Nothing => {}
+            Expect::Users(tx) => self.waiters().users.push_back(tx),
+            Expect::Joined(group, tx) => self.waiters().joins.push_back((group, tx)),
+        }
         chat.write_all(line.as_bytes())
             .await
             .map_err(io("sending command"))
     }
 
     async fn command(&self, command: Command<'_>) -> Result<()> {
-        self.write_chat(format_command(&command)).await
+        self.write_chat(format_command(&command), Expect::Nothing)
+            .await
     }
 
     /// `msg <to> <text>`: a private message.
@@ -292,8 +319,8 @@ impl Client {
     /// and is not also delivered as an event.
     pub async fn list_users(&self) -> Result<Vec<String>> {
         let (tx, rx) = oneshot::channel();
-        self.waiters().users.push_back(tx);
-        self.command(Command::List).await?;
+        let line = format_command(&Command::List);
+        self.write_chat(line, Expect::Users(Some(tx))).await?;
         self.await_reply(rx).await
     }
 
@@ -302,8 +329,9 @@ impl Client {
     pub async fn join(&self, group: &str) -> Result<()> {
         check_group(group).map_err(invalid)?;
         let (tx, rx) = oneshot::channel();
-        self.waiters().joins.push_back((group.to_owned(), tx));
-        self.command(Command::Join { group }).await?;
+        let line = format_command(&Command::Join { group });
+        self.write_chat(line, Expect::Joined(group.to_owned(), Some(tx)))
+            .await?;
         self.await_reply(rx).await
     }
 
@@ -397,21 +425,20 @@ impl Inner {
         let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         match line {
             ServerLine::Users { users } => match waiters.users.pop_front() {
-                Some(tx) => {
+                Some(Some(tx)) => {
                     let _ = tx.send(users);
                     None
                 }
-                None => Some(ServerLine::Users { users }),
+                _ => Some(ServerLine::Users { users }),
             },
             ServerLine::Joined { group } => {
-                match waiters.joins.iter().position(|(g, _)| *g == group) {
-                    Some(i) => {
-                        if let Some((_, tx)) = waiters.joins.remove(i) {
-                            let _ = tx.send(());
-                        }
+                let i = waiters.joins.iter().position(|(g, _)| *g == group);
+                match i.and_then(|i| waiters.joins.remove(i)) {
+                    Some((_, Some(tx))) => {
+                        let _ = tx.send(());
                         None
                     }
-                    None => Some(ServerLine::Joined { group }),
+                    _ => Some(ServerLine::Joined { group }),
                 }
             }
             line => Some(line),
