@@ -443,6 +443,8 @@ def main() -> int:
     ]
     for name, figs in results:
         lines.append(f"| {name} | " + "; ".join(f"{k}: {v}" for k, v in figs.items()) + " |")
+    if not s:  # the analysis is about the full run's figures
+        lines += ["", (REPO / "bench" / "NOTES.md").read_text().rstrip()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
