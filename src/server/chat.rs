@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::registry::Outbox;
 use super::Shared;
-use crate::net::{write_loop, LineReader, ReadEnd};
+use crate::net::{write_loop, LineReader, ReadEnd, SendQueue};
 use crate::protocol::command::parse_command;
 use crate::protocol::names::{check_group, check_username};
 use crate::protocol::{Command, CommandError, ServerLine};
@@ -23,14 +22,19 @@ const FLUSH_GRACE: Duration = Duration::from_secs(2);
 pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
     let (rd, wr) = stream.into_split();
     let kill = shared.shutdown.child_token();
-    let (tx, rx) = mpsc::channel::<Bytes>(shared.config.send_queue);
-    let writer = tokio::spawn(write_loop(wr, rx, kill.clone(), shared.config.send_timeout));
+    let queue = SendQueue::new(shared.config.send_queue);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        queue.clone(),
+        kill.clone(),
+        shared.config.send_timeout,
+    ));
     let mut reader = LineReader::new(rd, shared.config.max_line, shared.config.idle_pause);
     let id = shared.next_id();
 
     let limit = shared.config.handshake_timeout;
     let claimed = match tokio::time::timeout(limit, reader.next_line(&kill)).await {
-        Ok(Ok(line)) => claim(&shared, &line, id, addr, &tx, &kill),
+        Ok(Ok(line)) => claim(&shared, &line, id, addr, &queue, &kill),
         Ok(Err(end)) => Err(end_reason(&end)),
         Err(_) => Err(Some(format!(
             "no username within {} s",
@@ -55,11 +59,11 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         }
         Err(Some(reason)) => {
             warn!("[REFUSED] {addr}: {reason}");
-            let _ = tx.try_send(Bytes::from(ServerLine::Error { reason }.to_wire()));
+            queue.push(Bytes::from(ServerLine::Error { reason }.to_wire()));
         }
         Err(None) => {}
     }
-    drop(tx);
+    queue.close();
     let abort = writer.abort_handle();
     if tokio::time::timeout(FLUSH_GRACE, writer).await.is_err() {
         abort.abort();
@@ -81,14 +85,14 @@ fn claim(
     line: &[u8],
     id: u64,
     addr: SocketAddr,
-    tx: &mpsc::Sender<Bytes>,
+    queue: &Arc<SendQueue>,
     kill: &CancellationToken,
 ) -> Result<Outbox, Option<String>> {
     let name = std::str::from_utf8(line)
         .map_err(|_| Some("username is not valid UTF-8".to_owned()))?
         .trim();
     check_username(name).map_err(|e| Some(e.to_string()))?;
-    let outbox = Outbox::new(name, tx.clone(), kill.clone());
+    let outbox = Outbox::new(name, queue.clone(), kill.clone());
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry

@@ -340,10 +340,14 @@ mod tests {
         let stream = || TcpStream::connect(addr);
         let chat = chat::serve(shared.clone(), stream().await.expect("connects"), addr);
         let file = relay::serve(shared.clone(), stream().await.expect("connects"), addr);
-        let (_tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let queue = crate::net::SendQueue::new(1);
         let sock = stream().await.expect("connects");
-        let writer =
-            crate::net::write_loop(sock, rx, CancellationToken::new(), Duration::from_secs(1));
+        let writer = crate::net::write_loop(
+            sock,
+            queue,
+            CancellationToken::new(),
+            Duration::from_secs(1),
+        );
         assert!(
             std::mem::size_of_val(&chat) <= 1024,
             "chat: {}",

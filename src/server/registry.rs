@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::relay::ForwardJob;
+use crate::net::{Pushed, SendQueue};
 use crate::protocol::ServerLine;
 
 /// A chat connection's outgoing side: its bounded queue and its kill switch.
@@ -23,16 +24,16 @@ pub(crate) struct Outbox {
     /// Whose queue this is (for the log line when it overflows).
     user: Arc<str>,
     /// Ready-made lines for the writer task.
-    tx: mpsc::Sender<Bytes>,
+    queue: Arc<SendQueue>,
     /// Cancels the whole connection.
     kill: CancellationToken,
 }
 
 impl Outbox {
-    pub(crate) fn new(user: &str, tx: mpsc::Sender<Bytes>, kill: CancellationToken) -> Self {
+    pub(crate) fn new(user: &str, queue: Arc<SendQueue>, kill: CancellationToken) -> Self {
         Self {
             user: user.into(),
-            tx,
+            queue,
             kill,
         }
     }
@@ -45,9 +46,9 @@ impl Outbox {
     /// Queues bytes without waiting. A full queue drops the connection; returns whether the
     /// bytes were queued.
     pub(crate) fn push(&self, bytes: Bytes) -> bool {
-        match self.tx.try_send(bytes) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match self.queue.push(bytes) {
+            Pushed::Queued => true,
+            Pushed::Full => {
                 if !self.kill.is_cancelled() {
                     warn!(
                         "[SENDQ EXCEEDED] {} is not reading; disconnecting",
@@ -57,7 +58,7 @@ impl Outbox {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Pushed::Closed => false,
         }
     }
 
