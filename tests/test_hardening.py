@@ -20,6 +20,7 @@ from relaychat import (
     FileReceived,
     NoFileSocket,
     Server,
+    ServerError,
     Welcome,
 )
 
@@ -149,13 +150,19 @@ def test_a_recipient_that_stops_reading_its_file_socket_is_dropped_after_the_sen
     tiny = tmp_path / "tiny.txt"
     tiny.write_bytes(b"?")
     deadline = time.monotonic() + FILE_TIMEOUT
+    seen = []
     while True:
         assert time.monotonic() < deadline, "sleepy's file connection was never dropped"
         alice.send_file("sleepy", tiny)
         event = alice.next_event(timeout=0.2)
+        seen.append(event)
         if isinstance(event, NoFileSocket):
             assert event.user == "sleepy"
             break
+    # alice is told what was not delivered: the big file, and any probe still queued.
+    errors = [e.reason for e in seen if isinstance(e, ServerError)]
+    expected = "'big.bin' could not be delivered to sleepy: the recipient read nothing for 500ms"
+    assert expected in errors
     sleepy_files.expect_closed(timeout=FILE_TIMEOUT)
     sleepy_chat.expect("[FILE] alice sent file 'big.bin' to group 'team'.")
 

@@ -566,8 +566,23 @@ async fn forward_all(
         };
         if let Err(reason) = sent {
             warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
+            if *progress.borrow() != Progress::Aborted {
+                let why = format!("'{filename}' could not be delivered to {recipient}: {reason}");
+                tell(&shared, &sender, why);
+            }
             kill.cancel();
             break;
+        }
+    }
+    // Forwards still waiting will never run: their senders hear it, nothing is lost silently.
+    queue.close();
+    while let Ok(job) = queue.try_recv() {
+        if *job.progress.borrow() != Progress::Aborted {
+            let why = format!(
+                "'{}' could not be delivered to {recipient}: their file connection closed",
+                job.filename
+            );
+            tell(&shared, &job.sender, why);
         }
     }
 }
