@@ -157,13 +157,25 @@ impl LineReader {
     }
 
     /// Drops buffered bytes and reads until the peer has been quiet for `quiet` (to resync
-    /// after a header whose body length is unknown). Returns false if the peer closed.
-    pub(crate) async fn discard_until_quiet(&mut self, quiet: Duration) -> bool {
+    /// after a header whose body length is unknown). Returns false if the peer closed, if
+    /// `cancel` fired, or if it never went quiet within `limit`.
+    pub(crate) async fn discard_until_quiet(
+        &mut self,
+        quiet: Duration,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> bool {
         self.buf.clear();
         // On the heap: a stack array would live in every file connection's future.
         let mut scratch = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            match tokio::time::timeout(quiet, self.rd.read(&mut scratch)).await {
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return false,
+                read = tokio::time::timeout(quiet, self.rd.read(&mut scratch)) => read,
+            };
+            match read {
                 Err(_) => return true,
                 Ok(Ok(0)) | Ok(Err(_)) => return false,
                 Ok(Ok(_)) => {}
@@ -207,11 +219,15 @@ pub(crate) struct SendQueue {
     ready: tokio::sync::Notify,
     /// Lines that may wait before the reader counts as not reading.
     capacity: usize,
+    /// Bytes that may wait: long lines reach it before `capacity` does.
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct QueueState {
     lines: std::collections::VecDeque<Bytes>,
+    /// Bytes in `lines`.
+    bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
     closed: bool,
 }
@@ -238,11 +254,12 @@ enum Taken {
 }
 
 impl SendQueue {
-    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             state: std::sync::Mutex::default(),
             ready: tokio::sync::Notify::new(),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
         })
     }
 
@@ -258,9 +275,11 @@ impl SendQueue {
         if st.closed {
             return Pushed::Closed;
         }
-        if st.lines.len() >= self.capacity {
+        let over_bytes = st.bytes + bytes.len() > self.max_bytes && !st.lines.is_empty();
+        if st.lines.len() >= self.capacity || over_bytes {
             return Pushed::Full;
         }
+        st.bytes += bytes.len();
         st.lines.push_back(bytes);
         drop(st);
         self.ready.notify_one();
@@ -293,6 +312,11 @@ impl SendQueue {
                         }
                         Some(Taken::Batch)
                     }
+                };
+                st.bytes -= match &taken {
+                    Some(Taken::One(line)) => line.len(),
+                    Some(Taken::Batch) => batch.len(),
+                    _ => 0,
                 };
                 if let Some(taken) = taken {
                     if st.lines.is_empty() && st.lines.capacity() > KEEP_LINES {
@@ -361,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_send_queue_is_bounded_ordered_and_gives_memory_back() {
-        let q = SendQueue::new(20);
+        let q = SendQueue::new(20, 1 << 20);
         for i in 0..20 {
             assert_eq!(q.push(Bytes::from(format!("{i}\n"))), Pushed::Queued);
         }
@@ -377,14 +401,30 @@ mod tests {
         );
         q.push(Bytes::from("e\n"));
         assert!(matches!(q.take(&mut batch).await, Taken::One(line) if line == "e\n"));
+        assert_eq!(q.state().bytes, 0);
         q.close();
         assert_eq!(q.push(Bytes::from("f\n")), Pushed::Closed);
         assert!(matches!(q.take(&mut batch).await, Taken::End));
     }
 
+    #[test]
+    fn the_send_queue_is_bounded_in_bytes_too() {
+        let q = SendQueue::new(1000, 100);
+        assert_eq!(
+            q.push(Bytes::from(vec![b'x'; 150])),
+            Pushed::Queued,
+            "one line always fits"
+        );
+        assert_eq!(q.push(Bytes::from("y")), Pushed::Full);
+        let q = SendQueue::new(1000, 100);
+        assert_eq!(q.push(Bytes::from(vec![b'x'; 60])), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from("z")), Pushed::Full);
+    }
+
     #[tokio::test]
     async fn the_writer_wakes_for_a_line_pushed_while_it_waits() {
-        let q = SendQueue::new(8);
+        let q = SendQueue::new(8, 1 << 20);
         let waiter = {
             let q = q.clone();
             tokio::spawn(async move {

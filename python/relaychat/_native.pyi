@@ -51,6 +51,7 @@ class Server:
         max_line: int | None = None,
         max_header: int | None = None,
         send_queue: int | None = None,
+        send_queue_bytes: int | None = None,
         send_timeout: float | None = None,
         handshake_timeout: float | None = None,
         transfer_timeout: float | None = None,

@@ -7,10 +7,10 @@ typed. Every server line and file event is printed as the lab's client prints it
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import threading
 
@@ -54,7 +54,8 @@ def _print_events(client: Client, gone: threading.Event) -> None:
         say(event.line)
     if not gone.is_set():
         gone.set()
-        _thread.interrupt_main()
+        # A signal (not interrupt_main) also breaks a blocking read of standard input.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def _read_line() -> str | None:

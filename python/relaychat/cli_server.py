@@ -12,6 +12,7 @@ LIMIT_FLAGS = [
     ("--max-line", int, "longest chat line, bytes"),
     ("--max-header", int, "longest file-port line, bytes"),
     ("--send-queue", int, "lines queued for one chat connection before it is dropped"),
+    ("--send-queue-bytes", int, "bytes queued for one chat connection before it is dropped"),
     ("--send-timeout", float, "seconds a peer may read nothing before it is dropped"),
     ("--idle-pause", float, "seconds of quiet that end a line sent without a newline"),
     ("--handshake-timeout", float, "seconds to send a username"),

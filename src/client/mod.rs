@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -279,15 +279,24 @@ impl Client {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let mut chat = self.inner.chat.lock().await;
-        match expect {
-            Expect::Nothing => {}
-            Expect::Users(tx) => self.waiters().users.push_back(tx),
-            Expect::Joined(group, tx) => self.waiters().joins.push_back((group, tx)),
-        }
-        chat.write_all(line.as_bytes())
-            .await
-            .map_err(io("sending command"))
+        // In a task of its own: a caller cancelled mid-write (Ctrl-C, asyncio) must not
+        // leave half a command on the wire for the next one to run into.
+        let inner = self.inner.clone();
+        let write = tokio::spawn(async move {
+            let mut chat = inner.chat.lock().await;
+            {
+                let mut waiters = inner.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+                match expect {
+                    Expect::Nothing => {}
+                    Expect::Users(tx) => waiters.users.push_back(tx),
+                    Expect::Joined(group, tx) => waiters.joins.push_back((group, tx)),
+                }
+            }
+            chat.write_all(line.as_bytes())
+                .await
+                .map_err(io("sending command"))
+        });
+        write.await.map_err(|_| Error::Closed)?
     }
 
     async fn command(&self, command: Command<'_>) -> Result<()> {
@@ -346,13 +355,6 @@ impl Client {
         }
     }
 
-    fn waiters(&self) -> MutexGuard<'_, Waiters> {
-        self.inner
-            .waiters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Sends the file at `path` to a user or to `GROUP:<group>`, streaming it from disk.
     /// Returns the number of bytes sent once the last byte is written.
     pub async fn send_file(&self, target: &str, path: &Path) -> Result<u64> {
@@ -385,27 +387,32 @@ impl Client {
             size,
         };
         let mut slot = self.inner.file.lock().await;
-        let wr = slot.as_mut().ok_or(Error::Closed)?;
-        wr.write_all(header.to_wire().as_bytes())
-            .await
-            .map_err(io("sending file header"))?;
-        let mut body = BufReader::with_capacity(FILE_CHUNK, file.take(size));
-        let sent = tokio::io::copy_buf(&mut body, wr).await;
+        // From the header on, anything short of the whole body (an error, a shrinking file,
+        // `close()`, or this future being dropped: Ctrl-C, asyncio cancellation) leaves the
+        // file connection out of step: the guard then drops it, and the reader task
+        // re-opens a fresh one.
+        let mut guard = OutOfStep(Some(&mut *slot));
+        let Some(Some(wr)) = guard.0.as_mut().map(|slot| slot.as_mut()) else {
+            return Err(Error::Closed);
+        };
+        let upload = async {
+            wr.write_all(header.to_wire().as_bytes()).await?;
+            let mut body = BufReader::with_capacity(FILE_CHUNK, file.take(size));
+            tokio::io::copy_buf(&mut body, wr).await
+        };
+        let sent = tokio::select! {
+            sent = upload => sent.map_err(|e| Error::io("sending file", e)),
+            _ = self.inner.closed.cancelled() => Err(Error::Closed),
+        };
         match sent {
-            Ok(n) if n == size => Ok(n),
-            other => {
-                // The header promised bytes that did not all go out: the file connection is
-                // out of step and must be dropped (it is re-opened by the reader task).
-                if let Some(mut wr) = slot.take() {
-                    let _ = wr.shutdown().await;
-                }
-                Err(match other {
-                    Ok(n) => Error::Protocol(format!(
-                        "the file shrank while sending: {n} of {size} bytes"
-                    )),
-                    Err(e) => Error::io("sending file", e),
-                })
+            Ok(n) if n == size => {
+                guard.disarm();
+                Ok(n)
             }
+            Ok(n) => Err(Error::Protocol(format!(
+                "the file shrank while sending: {n} of {size} bytes"
+            ))),
+            Err(e) => Err(e),
         }
     }
 
@@ -415,6 +422,23 @@ impl Client {
         let _ = self.inner.chat.lock().await.shutdown().await;
         if let Some(mut wr) = self.inner.file.lock().await.take() {
             let _ = wr.shutdown().await;
+        }
+    }
+}
+
+/// The file connection's write half, dropped unless disarmed (see `send_file`).
+struct OutOfStep<'a>(Option<&'a mut Option<OwnedWriteHalf>>);
+
+impl OutOfStep<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OutOfStep<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.take(); // dropping the write half shuts it down
         }
     }
 }

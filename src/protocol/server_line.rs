@@ -241,6 +241,16 @@ fn parse_known(line: &str) -> Option<ServerLine> {
         };
         return Some(ServerLine::Users { users });
     }
+    // Before `User <u> not found.`: a saved file name may itself end in " not found.".
+    let no_socket = line
+        .strip_prefix("User ")
+        .and_then(|rest| rest.split_once(" has no file socket; file saved as "));
+    if let Some((user, saved_as)) = no_socket {
+        return Some(ServerLine::NoFileSocket {
+            user: s(user),
+            saved_as: s(saved_as),
+        });
+    }
     if let Some(user) = between(line, "User ", " not found.") {
         return Some(ServerLine::UserNotFound { user: s(user) });
     }
@@ -276,13 +286,6 @@ fn parse_known(line: &str) -> Option<ServerLine> {
             from: s(from),
             filename: s(filename),
             group: s(group),
-        });
-    }
-    if let Some(rest) = line.strip_prefix("User ") {
-        let (user, saved_as) = rest.split_once(" has no file socket; file saved as ")?;
-        return Some(ServerLine::NoFileSocket {
-            user: s(user),
-            saved_as: s(saved_as),
         });
     }
     if let Some(rest) = between(line, "[ACK] ", "'") {
@@ -426,6 +429,15 @@ mod tests {
         for (line, text) in every_line() {
             assert_eq!(ServerLine::parse(text), line, "{text}");
         }
+    }
+
+    #[test]
+    fn a_saved_name_that_ends_like_another_line_still_parses_as_its_own() {
+        let line = ServerLine::NoFileSocket {
+            user: "bob".into(),
+            saved_as: "received_from_a_x not found.".into(),
+        };
+        assert_eq!(ServerLine::parse(&line.to_string()), line);
     }
 
     #[test]

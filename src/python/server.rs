@@ -45,7 +45,7 @@ impl PyServer {
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
         data_dir = PathBuf::from("."), *, idle_pause = None, max_line = None, max_header = None,
-        send_queue = None, send_timeout = None, handshake_timeout = None, transfer_timeout = None,
+        send_queue = None, send_queue_bytes = None, send_timeout = None, handshake_timeout = None, transfer_timeout = None,
         max_connections = None, max_per_address = None, max_file_size = None, user_quota = None,
         min_free_disk = None,
     ))]
@@ -59,6 +59,7 @@ impl PyServer {
         max_line: Option<usize>,
         max_header: Option<usize>,
         send_queue: Option<usize>,
+        send_queue_bytes: Option<usize>,
         send_timeout: Option<f64>,
         handshake_timeout: Option<f64>,
         transfer_timeout: Option<f64>,
@@ -78,6 +79,7 @@ impl PyServer {
             max_line: max_line.unwrap_or(d.max_line).max(1),
             max_header: max_header.unwrap_or(d.max_header).max(64),
             send_queue: send_queue.unwrap_or(d.send_queue).max(1),
+            send_queue_bytes: send_queue_bytes.unwrap_or(d.send_queue_bytes).max(1),
             send_timeout: seconds(send_timeout)?.unwrap_or(d.send_timeout),
             handshake_timeout: seconds(handshake_timeout)?.unwrap_or(d.handshake_timeout),
             transfer_timeout: seconds(transfer_timeout)?.unwrap_or(d.transfer_timeout),

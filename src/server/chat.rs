@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::Outbox;
+use super::registry::{Outbox, TooManyGroups, MAX_GROUPS_PER_USER};
 use super::Shared;
 use crate::net::{write_loop, LineReader, ReadEnd, SendQueue};
 use crate::protocol::command::parse_command;
@@ -22,7 +22,7 @@ const FLUSH_GRACE: Duration = Duration::from_secs(2);
 pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
     let (rd, wr) = stream.into_split();
     let kill = shared.shutdown.child_token();
-    let queue = SendQueue::new(shared.config.send_queue);
+    let queue = SendQueue::new(shared.config.send_queue, shared.config.send_queue_bytes);
     let writer = tokio::spawn(write_loop(
         wr,
         queue.clone(),
@@ -168,12 +168,14 @@ fn handle(shared: &Shared, user: &str, outbox: &Outbox, text: &str) {
             users: registry.users_except(user),
         }),
         Command::Join { group } => match check_group(group) {
-            Ok(()) => {
-                registry.join(group, user);
-                reply(ServerLine::Joined {
+            Ok(()) => match registry.join(group, user) {
+                Ok(()) => reply(ServerLine::Joined {
                     group: group.into(),
-                });
-            }
+                }),
+                Err(TooManyGroups) => reply(ServerLine::Error {
+                    reason: format!("you are in too many groups (at most {MAX_GROUPS_PER_USER})"),
+                }),
+            },
             Err(e) => reply(ServerLine::Error {
                 reason: e.to_string(),
             }),

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_header: usize,
     /// Lines a chat connection may have queued before it counts as not reading.
     pub send_queue: usize,
+    /// Bytes a chat connection may have queued before it counts as not reading.
+    pub send_queue_bytes: usize,
     /// How long a write to a peer may make no progress before the peer counts as not
     /// reading and is dropped (chat lines and file forwards alike).
     pub send_timeout: Duration,
@@ -76,6 +78,7 @@ impl Default for ServerConfig {
             max_line: DEFAULT_MAX_LINE,
             max_header: DEFAULT_MAX_HEADER,
             send_queue: 8192,
+            send_queue_bytes: 4 << 20,
             send_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             transfer_timeout: Duration::from_secs(60),
@@ -340,7 +343,7 @@ mod tests {
         let stream = || TcpStream::connect(addr);
         let chat = chat::serve(shared.clone(), stream().await.expect("connects"), addr);
         let file = relay::serve(shared.clone(), stream().await.expect("connects"), addr);
-        let queue = crate::net::SendQueue::new(1);
+        let queue = crate::net::SendQueue::new(1, 1);
         let sock = stream().await.expect("connects");
         let writer = crate::net::write_loop(
             sock,

@@ -102,6 +102,8 @@ struct State {
     files: HashMap<String, FileEntry>,
     /// Group name → members in order of joining. Empty groups are removed.
     groups: HashMap<String, Vec<String>>,
+    /// User → the groups it is in (so a disconnect touches only those).
+    memberships: HashMap<String, Vec<String>>,
     /// Recipient → (sender, filename) of files forwarded to it and not yet acknowledged.
     unacked: HashMap<String, VecDeque<(String, String)>>,
     next_seq: u64,
@@ -115,6 +117,13 @@ pub(crate) enum FileRefusal {
     /// The name already has a live file connection.
     Taken,
 }
+
+/// Groups one user may be in at once.
+pub(crate) const MAX_GROUPS_PER_USER: usize = 256;
+
+/// A user already in [`MAX_GROUPS_PER_USER`] groups.
+#[derive(Debug)]
+pub(crate) struct TooManyGroups;
 
 /// A name that is already taken by a live connection.
 #[derive(Debug)]
@@ -180,10 +189,14 @@ impl Registry {
         }
         st.chats.remove(user);
         st.unacked.remove(user);
-        st.groups.retain(|_, members| {
-            members.retain(|m| m != user);
-            !members.is_empty()
-        });
+        for group in st.memberships.remove(user).unwrap_or_default() {
+            if let Some(members) = st.groups.get_mut(&group) {
+                members.retain(|m| m != user);
+                if members.is_empty() {
+                    st.groups.remove(&group);
+                }
+            }
+        }
         if let Some(file) = st.files.remove(user) {
             file.link.kill.cancel();
         }
@@ -289,13 +302,23 @@ impl Registry {
         users.into_iter().map(|(u, _)| u.clone()).collect()
     }
 
-    /// Adds `user` to `group`, creating the group on first join.
-    pub(crate) fn join(&self, group: &str, user: &str) {
+    /// Adds `user` to `group`, creating the group on first join; refused past
+    /// [`MAX_GROUPS_PER_USER`] groups.
+    pub(crate) fn join(&self, group: &str, user: &str) -> Result<(), TooManyGroups> {
         let mut st = self.state();
-        let members = st.groups.entry(group.to_owned()).or_default();
-        if !members.iter().any(|m| m == user) {
-            members.push(user.to_owned());
+        let mine = st.memberships.entry(user.to_owned()).or_default();
+        if mine.iter().any(|g| g == group) {
+            return Ok(());
         }
+        if mine.len() >= MAX_GROUPS_PER_USER {
+            return Err(TooManyGroups);
+        }
+        mine.push(group.to_owned());
+        st.groups
+            .entry(group.to_owned())
+            .or_default()
+            .push(user.to_owned());
+        Ok(())
     }
 
     /// The members of `group` other than `me`, or `None` if `me` is not a member.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -139,7 +139,10 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
                 tell(&shared, &user, e.to_string());
                 match UploadHeader::declared_size(&line) {
                     Some(size) => skip_body(&shared, &mut reader, size, &kill).await,
-                    None => reader.discard_until_quiet(RESYNC_QUIET).await,
+                    None => {
+                        let limit = shared.config.transfer_timeout;
+                        reader.discard_until_quiet(RESYNC_QUIET, limit, &kill).await
+                    }
                 }
             }
         };
@@ -249,7 +252,7 @@ pub(crate) struct ForwardJob {
     /// The forward header (`sender|filename|size\n`).
     header: Bytes,
     /// The upload's spool file, opened for this forward.
-    src: std::fs::File,
+    src: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
     size: u64,
     sender: String,
@@ -387,18 +390,29 @@ async fn upload(
         }
         .to_wire(),
     );
+    // One read handle for every forward of this upload (each reads at its own offset), so
+    // queued forwards cost no descriptors.
+    let src = match forwards.is_empty() {
+        true => None,
+        false => match std::fs::File::open(&spool_path) {
+            Ok(file) => Some(Arc::new(file)),
+            Err(e) => {
+                warn!(
+                    "[FILE FORWARD ERROR] cannot open {}: {e}",
+                    spool_path.display()
+                );
+                None
+            }
+        },
+    };
     for Forward {
         recipient,
         link,
         notice,
     } in forwards
     {
-        let src = match std::fs::File::open(&spool_path) {
-            Ok(src) => src,
-            Err(e) => {
-                warn!("[FILE FORWARD ERROR] {recipient} -> {e}");
-                continue;
-            }
+        let Some(src) = src.clone() else {
+            break;
         };
         let job = ForwardJob {
             notice,
@@ -559,10 +573,9 @@ async fn forward_all(
             outbox.line(&notice);
         }
         shared.registry.expect_ack(&recipient, &sender, &filename);
-        let mut src = tokio::fs::File::from_std(src);
         let sent = tokio::select! {
             _ = kill.cancelled() => Err("file connection closed".to_owned()),
-            sent = stream(&mut wr, &mut src, &header, &mut progress, size, stall) => sent,
+            sent = stream(&mut wr, &src, &header, &mut progress, size, stall) => sent,
         };
         if let Err(reason) = sent {
             warn!("[FILE FORWARD ERROR] {recipient} -> {reason}");
@@ -607,12 +620,13 @@ async fn wait_for_bytes(
 
 async fn stream(
     wr: &mut OwnedWriteHalf,
-    src: &mut tokio::fs::File,
+    src: &Arc<std::fs::File>,
     header: &[u8],
     progress: &mut watch::Receiver<Progress>,
     size: u64,
     stall: Duration,
 ) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
     let sent_err = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::TimedOut => format!("the recipient read nothing for {stall:?}"),
         _ => e.to_string(),
@@ -625,10 +639,15 @@ async fn stream(
     while sent < size {
         let on_disk = wait_for_bytes(progress, sent).await?;
         let want = clamp(on_disk - sent);
-        let n = src
-            .read(&mut buf[..want])
-            .await
-            .map_err(|e| e.to_string())?;
+        let file = src.clone();
+        let (read, back) = tokio::task::spawn_blocking(move || {
+            let read = file.read_at(&mut buf[..want], sent);
+            (read, buf)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        buf = back;
+        let n = read.map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("the spool file ended early".into());
         }
