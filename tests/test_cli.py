@@ -354,3 +354,14 @@ def test_a_piped_command_prints_its_reply_before_the_client_exits(procs, tmp_pat
         output = script.all_output()
         assert f"Welcome, {name}!\n" in output, output
         assert "Connected users: " in output, output
+
+
+def test_the_client_exits_when_the_server_goes_away(procs, tmp_path):
+    server, chat, file = start_server(procs, tmp_path / "data")
+    alice = start_client(procs, chat, file, tmp_path / "alice", "--username", "alice")
+    alice.expect_line("Welcome, alice!", START_TIMEOUT)
+    # Standard input stays open: the client is blocked reading it when the server stops.
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait() == 0
+    alice.expect_line("Chat connection closed.", START_TIMEOUT)
+    assert alice.wait() == 0

@@ -556,3 +556,14 @@ def test_only_a_forwarded_file_can_be_acknowledged_once_and_to_its_sender(net):
     bob_chat.expect("ERROR: no file 'report.pdf' from alice is waiting for your acknowledgement")
     assert drain(carol, alice) == []
     assert drain(alice, carol) == []
+
+
+def test_a_user_can_be_in_at_most_256_groups(net):
+    """Joins are cheap to send in bulk; the memberships they create are bounded."""
+    alice = net.chat("alice")
+    alice.send("".join(f"join g{i}\n" for i in range(257)))
+    for i in range(256):
+        alice.expect(f"You joined group 'g{i}'")
+    alice.expect("ERROR: you are in too many groups (at most 256)")
+    alice.send("join g0\n")  # already a member: still fine
+    alice.expect("You joined group 'g0'")

@@ -16,8 +16,9 @@ import os
 import time
 
 import pytest
+from relaychat import Server
 
-from tests.conftest import FILE_GREETING, server_copy
+from tests.conftest import FILE_GREETING, HOST, Net, server_copy
 
 
 def test_a_lab_style_client_works_end_to_end(net, data_dir):
@@ -72,17 +73,23 @@ def test_a_lab_style_client_works_end_to_end(net, data_dir):
     assert server_copy(data_dir / "received_from_alice_report.pdf") == body
 
 
-def test_a_lab_style_command_split_into_two_segments_is_one_command(net):
-    alice = net.chat("alice", lab=True)
-    bob = net.chat("bob", lab=True)
-    # One `send` of the lab's client may reach the server as two segments microseconds
-    # apart: still one command.
-    alice.send("msg bo")
-    alice.send("b hi")
-    bob.expect("[PRIVATE from alice]: hi")
-    # No "Usage" or "Unknown command" from two halves: the next reply is list's.
-    alice.send("list")
-    alice.expect("Connected users: bob")
+def test_a_lab_style_command_split_into_two_segments_is_one_command(tmp_path):
+    # A long pause (0.5 s) so that a busy test machine cannot separate the two sends.
+    with Server(HOST, 0, 0, tmp_path / "data", idle_pause=0.5) as srv:
+        net = Net(srv, tmp_path)
+        try:
+            alice = net.chat("alice", lab=True)
+            bob = net.chat("bob", lab=True)
+            # One `send` of the lab's client may reach the server as two segments
+            # microseconds apart: still one command.
+            alice.send("msg bo")
+            alice.send("b hi")
+            bob.expect("[PRIVATE from alice]: hi")
+            # No "Usage" or "Unknown command" from two halves: the next reply is list's.
+            alice.send("list")
+            alice.expect("Connected users: bob")
+        finally:
+            net.close()
 
 
 def test_a_lab_style_last_command_before_closing_is_not_lost(net):

@@ -205,26 +205,33 @@ def test_tens_of_thousands_of_broadcasts_reach_every_reader_while_one_never_read
     ],
 )
 def test_tens_of_megabytes_without_a_newline_are_cut_off_with_bounded_memory(
-    net, port, login, answer
+    tmp_path, port, login, answer
 ):
-    bob = net.client("bob")
-    wire = net.wire(port, "mallory")
-    if login:
-        wire.send(login)
-        wire.expect("Welcome, mallory!")
-    chunk = b"A" * (1 << 20)
-    before = vm("VmHWM")
-    sent = 0
+    proc, ports, _ = start_server(tmp_path)
     try:
-        for _ in range(32):
-            wire.send(chunk)
-            sent += len(chunk)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server closed the connection part-way: that is the point
-    assert wire.expect_closed(timeout=FILE_TIMEOUT).decode().startswith(answer)
-    # The server (in this process) buffered at most one line's worth, not what was sent.
-    assert vm("VmHWM") - before < 16 * 1024, f"memory grew while {sent} bytes were sent"
-    assert bob.list_users() == []
+        with Wire(ports["CHAT"], "bob") as bob, Wire(ports[port.upper()], "mallory") as wire:
+            bob.send("bob\n")
+            bob.expect("Welcome, bob!")
+            if login:
+                wire.send(login)
+                wire.expect("Welcome, mallory!")
+            chunk = b"A" * (1 << 20)
+            before = vm("VmHWM", proc.pid)
+            sent = 0
+            try:
+                for _ in range(32):
+                    wire.send(chunk)
+                    sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server closed the connection part-way: that is the point
+            assert wire.expect_closed(timeout=FILE_TIMEOUT).decode().startswith(answer)
+            # The server buffered at most one line's worth, not what was sent.
+            grew = vm("VmHWM", proc.pid) - before
+            assert grew < 16 * 1024, f"server memory grew {grew} KiB while {sent} B came"
+            bob.send("list\n")
+            bob.expect("Connected users: ")
+    finally:
+        assert stop_server(proc) == 0
 
 
 def test_a_file_connection_cannot_sign_uploads_with_another_name(net):

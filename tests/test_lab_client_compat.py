@@ -9,7 +9,6 @@ from relaychat import (
     BroadcastMessage,
     Client,
     FileIncoming,
-    FileReceived,
     GroupMessage,
     PrivateMessage,
     UnknownCommand,
@@ -17,6 +16,7 @@ from relaychat import (
     Welcome,
 )
 
+from tests.conftest import file_arrival
 from tests.labstyle_server import LabStyleServer, random_file
 
 
@@ -71,8 +71,8 @@ def test_a_file_round_trip_with_the_labs_server(lab, tmp_path):
     report = random_file(tmp_path / "report.pdf", 300_000)
     with connect(lab, "yasser", tmp_path) as yasser, connect(lab, "ahmad", tmp_path) as ahmad:
         assert yasser.send_file("ahmad", report) == 300_000
-        assert next_of(ahmad, FileIncoming).size == 300_000
-        received = next_of(ahmad, FileReceived)
+        notice, received = file_arrival(ahmad)
+        assert isinstance(notice, FileIncoming) and notice.size == 300_000
         assert received.path.name == "received_from_yasser_report.pdf"
         assert received.path.read_bytes() == report.read_bytes()
         assert next_of(yasser, Ack).line == "[ACK] ahmad received file 'report.pdf'"

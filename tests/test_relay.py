@@ -17,9 +17,14 @@ from tests.conftest import start_server, stop_server, vm
 REPO = Path(__file__).resolve().parent.parent
 
 
-def raw_file_socket(port: int, username: str) -> socket.socket:
-    """A file connection that has done its handshake and then reads only when told to."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+def raw_file_socket(port: int, username: str, rcvbuf: int | None = None) -> socket.socket:
+    """A file connection that has done its handshake and then reads only when told to
+    (with a small receive window if `rcvbuf` is given: set before connecting)."""
+    s = socket.socket()
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
     s.sendall(f"{username}\n".encode())
     assert s.recv(1024) == b"FILE_SOCKET_CONNECTED\n"
     return s
@@ -59,11 +64,15 @@ def test_recipients_receive_while_the_upload_is_still_arriving(server):
             # Bob gets the header and the first bytes while half the upload is unsent.
             head = b""
             while b"\n" not in head:
-                head += bob_files.recv(65536)
+                chunk = bob_files.recv(65536)
+                assert chunk, "bob's file connection closed"
+                head += chunk
             header, _, first = head.partition(b"\n")
             assert header == f"alice|big.bin|{len(body)}".encode()
             while len(first) == 0:
-                first += bob_files.recv(65536)
+                chunk = bob_files.recv(65536)
+                assert chunk, "bob's file connection closed"
+                first += chunk
             assert body.startswith(first)
             alice_files.sendall(body[1_000_000:])
             got = bytearray(first)
@@ -82,10 +91,9 @@ def test_a_stalled_group_member_slows_neither_the_sender_nor_the_others(server, 
     ahmad = client(server, "ahmad", tmp_path / "ahmad")
     yasser = client(server, "yasser", tmp_path / "yasser")
     with sara, ahmad, yasser, raw_chat(server.chat_port, "sleepy") as sleepy_chat:
-        sleepy_files = raw_file_socket(server.file_port, "sleepy")
+        # sleepy never reads its file socket: 48 MB cannot fit in its socket buffers.
+        sleepy_files = raw_file_socket(server.file_port, "sleepy", rcvbuf=4096)
         with sleepy_files:
-            # sleepy never reads its file socket: 48 MB cannot fit in its socket buffers.
-            sleepy_files.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             for c in (sara, ahmad, yasser):
                 c.join("team")
             sleepy_chat.sendall(b"join team\n")

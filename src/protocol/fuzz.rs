@@ -4,8 +4,7 @@
 //! long run is documented in docs/SECURITY.md:
 //! `PROPTEST_CASES=1000000 cargo test --release protocol::fuzz` (54 s on 2 cores).
 //! Every parser also runs over the committed seed corpus `fuzz/seeds/*` (hostile inputs
-//! found or written by hand); proptest stores any failing case it finds under
-//! `proptest-regressions/`, which is committed too.
+//! found or written by hand). A failing case proptest finds is added there as a seed file.
 
 use bytes::BytesMut;
 use proptest::prelude::*;
