@@ -68,9 +68,9 @@ class Server:
           as a line, for clients that never send newlines (the lab's).
         - `max_line` (65536 B): longest chat line; `max_header` (4096 B): longest file-port
           line.
-        - `send_queue` (8192 lines) and `send_timeout` (30 s): a chat connection with that
-          many lines queued, or a peer whose writes make no progress that long, is dropped
-          as not reading.
+        - `send_queue` (8192 lines), `send_queue_bytes` (4 MiB) and `send_timeout` (30 s): a
+          chat connection with that much queued, or a peer whose writes make no progress
+          that long, is dropped as not reading.
         - `handshake_timeout` (10 s): time to send a username. `transfer_timeout` (60 s):
           longest pause inside an upload.
         - `max_connections` (10000) and `max_per_address` (256): open connections, both

@@ -151,7 +151,7 @@ impl Server {
         info!(
             "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
              line {} B; file header {} B; file size {} B; quota {} B per user; \
-             free disk kept {} B; send queue {} lines; idle pause {:?}; \
+             free disk kept {} B; send queue {} lines / {} B; idle pause {:?}; \
              timeouts: handshake {:?}, send {:?}, transfer {:?}",
             or_unlimited(soft),
             or_unlimited(hard),
@@ -163,6 +163,7 @@ impl Server {
             c.user_quota,
             c.min_free_disk,
             c.send_queue,
+            c.send_queue_bytes,
             c.idle_pause,
             c.handshake_timeout,
             c.send_timeout,
