@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::registry::{Outbox, TooManyGroups, MAX_GROUPS_PER_USER};
-use super::Shared;
+use super::{read_username, Shared};
 use crate::net::{write_loop, LineReader, ReadEnd, SendQueue};
 use crate::protocol::command::parse_command;
-use crate::protocol::names::{check_group, check_username};
+use crate::protocol::names::check_group;
 use crate::protocol::{Command, CommandError, ServerLine};
 
 /// How long a closing connection's writer may take to flush what is queued.
@@ -32,14 +32,9 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let mut reader = LineReader::new(rd, shared.config.max_line, shared.config.idle_pause);
     let id = shared.next_id();
 
-    let limit = shared.config.handshake_timeout;
-    let claimed = match tokio::time::timeout(limit, reader.next_line(&kill)).await {
-        Ok(Ok(line)) => claim(&shared, &line, id, addr, &queue, &kill),
-        Ok(Err(end)) => Err(end_reason(&end)),
-        Err(_) => Err(Some(format!(
-            "no username within {} s",
-            limit.as_secs_f64()
-        ))),
+    let claimed = match read_username(&shared, &mut reader, &kill).await {
+        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill),
+        Err(refusal) => Err(refusal),
     };
     match claimed {
         Ok(outbox) => {
@@ -79,19 +74,15 @@ fn end_reason(end: &ReadEnd) -> Option<String> {
     }
 }
 
-/// Validates and claims the username; the error is the reason for the refusal.
+/// Claims a checked username; the error is the reason for the refusal.
 fn claim(
     shared: &Shared,
-    line: &[u8],
+    name: &str,
     id: u64,
     addr: SocketAddr,
     queue: &Arc<SendQueue>,
     kill: &CancellationToken,
 ) -> Result<Outbox, Option<String>> {
-    let name = std::str::from_utf8(line)
-        .map_err(|_| Some("username is not valid UTF-8".to_owned()))?
-        .trim();
-    check_username(name).map_err(|e| Some(e.to_string()))?;
     let outbox = Outbox::new(name, queue.clone(), kill.clone());
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared

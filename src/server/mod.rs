@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::protocol::names::check_username;
 use crate::protocol::{ServerLine, DEFAULT_MAX_HEADER, DEFAULT_MAX_LINE};
 use crate::{Error, Result};
 use registry::Registry;
@@ -287,6 +288,32 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
             }
         }
     }
+}
+
+/// Reads and checks the username a connection opens with, on either port. `Err(None)`:
+/// the peer left without one; `Err(Some(reason))`: refuse it with that reason.
+pub(crate) async fn read_username(
+    shared: &Shared,
+    reader: &mut crate::net::LineReader,
+    kill: &CancellationToken,
+) -> Result<String, Option<String>> {
+    let limit = shared.config.handshake_timeout;
+    let line = match tokio::time::timeout(limit, reader.next_line(kill)).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(crate::net::ReadEnd::Frame(e))) => return Err(Some(e.to_string())),
+        Ok(Err(_)) => return Err(None),
+        Err(_) => {
+            return Err(Some(format!(
+                "no username within {} s",
+                limit.as_secs_f64()
+            )))
+        }
+    };
+    let name = std::str::from_utf8(&line)
+        .map_err(|_| Some("username is not valid UTF-8".to_owned()))?
+        .trim();
+    check_username(name).map_err(|e| Some(e.to_string()))?;
+    Ok(name.to_owned())
 }
 
 /// Out of descriptors: frees the spare one, accepts the waiting connection only to tell it

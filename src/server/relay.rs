@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::registry::{FileLink, FileRefusal};
-use super::Shared;
+use super::{read_username, Shared};
 use crate::net::{write_with_progress, LineReader, ReadEnd};
 use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
-use crate::protocol::names::{check_username, saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
+use crate::protocol::names::{saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 
 /// Bytes moved per read or write on the file path.
@@ -62,23 +62,11 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let mut reader = LineReader::new(rd, cfg.max_header, cfg.idle_pause);
     let id = shared.next_id();
 
-    let limit = cfg.handshake_timeout;
-    let line = match tokio::time::timeout(limit, reader.next_line(&kill)).await {
-        Ok(Ok(line)) => line,
-        Ok(Err(ReadEnd::Frame(e))) => return refuse(wr, addr, e.to_string()).await,
-        Ok(Err(_)) => return,
-        Err(_) => {
-            let reason = format!("no username within {} s", limit.as_secs_f64());
-            return refuse(wr, addr, reason).await;
-        }
+    let user = match read_username(&shared, &mut reader, &kill).await {
+        Ok(user) => user,
+        Err(Some(reason)) => return refuse(wr, addr, reason).await,
+        Err(None) => return,
     };
-    let user = match std::str::from_utf8(&line) {
-        Ok(name) => name.trim().to_owned(),
-        Err(_) => return refuse(wr, addr, "username is not valid UTF-8".into()).await,
-    };
-    if let Err(e) = check_username(&user) {
-        return refuse(wr, addr, e.to_string()).await;
-    }
     // The lab's client sends both usernames at once: give the chat handshake time to win.
     let chat_id = match await_chat_session(&shared, &user, addr, &kill).await {
         Ok(chat_id) => chat_id,
