@@ -84,7 +84,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
 
 fn main() -> Res<()> {
     let args = parse_args()?;
-    raise_fd_limit();
+    relaychat::server::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -99,18 +99,6 @@ fn main() -> Res<()> {
             other => Err(format!("unknown scenario {other:?}").into()),
         }
     })
-}
-
-fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let l = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        },
-    );
 }
 
 /// Source address number `i` of `k`: 127.0.0.1, 127.0.0.2, ...

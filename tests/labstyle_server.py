@@ -10,7 +10,6 @@ whole and then forwarded as `sender|filename|size\\n` + bytes.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 from pathlib import Path
@@ -147,8 +146,3 @@ class LabStyleServer:
                     self._send(sender, f"User {r} has no file socket; file saved as {saved}\n")
                     continue
                 fc.sendall(f"{sender}|{filename}|{len(body)}\n".encode() + bytes(body))
-
-
-def random_file(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))
-    return path

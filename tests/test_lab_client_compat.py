@@ -16,8 +16,8 @@ from relaychat import (
     Welcome,
 )
 
-from tests.conftest import file_arrival
-from tests.labstyle_server import LabStyleServer, random_file
+from tests.conftest import file_arrival, next_of, random_file
+from tests.labstyle_server import LabStyleServer
 
 
 @pytest.fixture
@@ -36,13 +36,6 @@ def connect(lab, name, tmp_path):
     )
     assert isinstance(client.next_event(timeout=5), Welcome)
     return client
-
-
-def next_of(client, kind, timeout=5):
-    """The next event, which must be of `kind`."""
-    event = client.next_event(timeout=timeout)
-    assert isinstance(event, kind), f"expected {kind.__name__}, got {event!r}"
-    return event
 
 
 def test_every_lab_command_works_from_our_client(lab, tmp_path):

@@ -166,7 +166,7 @@ impl Drop for Reservation {
 }
 
 /// Raises the open-file soft limit to the hard limit; returns (soft, hard) as now in force.
-pub(crate) fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
+pub fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {

@@ -6,6 +6,8 @@
 
 mod chat;
 mod limits;
+
+pub use limits::raise_open_file_limit;
 mod registry;
 mod relay;
 
