@@ -7,15 +7,22 @@
 //! * [`server`]: the two listeners, the session registry, the chat handler and the file
 //!   relay, with graceful shutdown.
 //! * [`client`]: the client engine: both sockets, typed events, atomic file receive.
+//! * [`store`]: what the server keeps beyond a connection, behind the `Store` trait.
+//! * `net`: the connection stream type, the line reader and the send queue.
+//! * `transfer`: moving file bytes (write-then-rename, the body loop), for both sides.
+//! * `flow`: how a connection task's step ends (refused, or the connection is over).
 //! * `python` (feature `python`): the PyO3 bindings that make this crate
 //!   `relaychat._native`.
 
 pub mod client;
 #[cfg(test)]
 mod e2e_tests;
+mod flow;
 mod net;
 pub mod protocol;
 pub mod server;
+pub mod store;
+mod transfer;
 
 #[cfg(feature = "python")]
 mod python;

@@ -21,58 +21,6 @@ from relaychat import Server
 from tests.conftest import FILE_GREETING, HOST, Net, server_copy
 
 
-def test_a_lab_style_client_works_end_to_end(net, data_dir):
-    # The lab's client sends the username on the chat socket and opens the file socket at
-    # once, without waiting for the welcome, so both usernames arrive almost together.
-    alice_chat = net.wire("chat", "alice")
-    alice_chat.send("alice")
-    alice_files = net.wire("file", "alice")
-    alice_files.send("alice")
-    # It reads the greeting with ONE recv (2 s timeout): the greeting must come alone.
-    assert alice_files.recv_once(timeout=2) == FILE_GREETING
-    alice_chat.expect("Welcome, alice!")
-
-    bob_chat = net.wire("chat", "bob")
-    bob_chat.send("bob")
-    bob_files = net.wire("file", "bob")
-    bob_files.send("bob")
-    assert bob_files.recv_once(timeout=2) == FILE_GREETING
-    bob_chat.expect("Welcome, bob!")
-
-    alice_chat.send("list")
-    alice_chat.expect("Connected users: bob")
-    alice_chat.send("msg bob Hi Bob!")
-    bob_chat.expect("[PRIVATE from alice]: Hi Bob!")
-    bob_chat.send("broadcast Hello everyone!")
-    alice_chat.expect("[BROADCAST from bob]: Hello everyone!")
-    alice_chat.send("join devs")
-    alice_chat.expect("You joined group 'devs'")
-    bob_chat.send("join devs")
-    bob_chat.expect("You joined group 'devs'")
-    alice_chat.send("send_group devs Standup at 10 AM.")
-    bob_chat.expect("[GROUP devs] alice: Standup at 10 AM.")
-    alice_chat.send("msg nobody hi")
-    alice_chat.expect("User nobody not found.")
-
-    # A file, the lab's way: header with its newline in one send, then the bytes.
-    body = os.urandom(70_000)
-    alice_files.send(f"alice|bob|report.pdf|{len(body)}\n")
-    alice_files.send(body)
-    bob_chat.expect(
-        f"[FILE] alice sent you file 'report.pdf' ({len(body)} bytes). Incoming on file socket."
-    )
-    assert bob_files.line() == f"alice|report.pdf|{len(body)}"
-    assert bob_files.recv_exact(len(body)) == body
-
-    # The lab's client acknowledges automatically (no newline), and the user types a
-    # command right after: both take effect, separately.
-    bob_chat.send("FILE_RECEIVED|alice|report.pdf")
-    alice_chat.expect("[ACK] bob received file 'report.pdf'")
-    bob_chat.send("msg alice thanks!")
-    alice_chat.expect("[PRIVATE from bob]: thanks!")
-    assert server_copy(data_dir / "received_from_alice_report.pdf") == body
-
-
 def test_a_lab_style_command_split_into_two_segments_is_one_command(tmp_path):
     # A long pause (0.5 s) so that a busy test machine cannot separate the two sends.
     with Server(HOST, 0, 0, tmp_path / "data", idle_pause=0.5) as srv:

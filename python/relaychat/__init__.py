@@ -12,6 +12,7 @@ Wire-compatible with the socket lab it grew from (see docs/PROTOCOL.md)::
 """
 
 from relaychat._native import (
+    SETTINGS,
     Ack,
     AsyncClient,
     AsyncEventIterator,
@@ -45,6 +46,7 @@ from relaychat._native import (
 )
 
 __all__ = [
+    "SETTINGS",
     "Ack",
     "AsyncClient",
     "AsyncEventIterator",

@@ -22,6 +22,9 @@ def init_logging(level: Literal["error", "warn", "info", "debug", "trace"] = "in
     """Send the engine's log lines (`[NEW CONNECTION] ...`, `[DISCONNECTED] ...`,
     `[FILE RECEIVED] ...`, `[FILE ERROR] ...`) to standard output. Later calls do nothing."""
 
+SETTINGS: tuple[tuple[str, Literal["bytes", "count", "seconds"], int | float, str], ...]
+"""Every limit of `Server(...)` as `(name, unit, default, help)`, in the engine's order."""
+
 class RelaychatError(Exception):
     """Base class of relaychat's own errors."""
 
@@ -61,13 +64,16 @@ class Server:
         user_quota: int | None = None,
         min_free_disk: int | None = None,
     ) -> None:
-        """Configure a server; `None` keeps a limit's default (docs/SECURITY.md).
+        """Configure a server. Every keyword after `data_dir` is a limit of `SETTINGS`
+        (sizes and counts as ints, times in seconds); `None` or leaving it out keeps its
+        default. A value below a limit's minimum is raised to it. Unknown names raise
+        `TypeError`, negative or fractional byte counts `ValueError`.
 
         - `data_dir`: where uploads are saved as `received_from_<sender>_<filename>`.
-        - `idle_pause` (s, 0.025): how long bytes without a newline wait before they count
+        - `idle_pause` (0.025 s): how long bytes without a newline wait before they count
           as a line, for clients that never send newlines (the lab's).
-        - `max_line` (65536 B): longest chat line; `max_header` (4096 B): longest file-port
-          line.
+        - `max_line` (65536 B): longest chat line; `max_header` (4096 B, at least 64):
+          longest file-port line.
         - `send_queue` (8192 lines), `send_queue_bytes` (4 MiB) and `send_timeout` (30 s): a
           chat connection with that much queued, or a peer whose writes make no progress
           that long, is dropped as not reading.
@@ -75,9 +81,12 @@ class Server:
           longest pause inside an upload.
         - `max_connections` (10000) and `max_per_address` (256): open connections, both
           ports together.
-        - `max_file_size` (4 GiB), `user_quota` (16 GiB of saved copies per user since the
-          server started), `min_free_disk` (256 MiB left free in `data_dir`), in bytes.
+        - `max_file_size` (4 GiB), `user_quota` (16 GiB of saved copies per user),
+          `min_free_disk` (256 MiB left free in `data_dir`), in bytes.
         """
+    @property
+    def limits(self) -> dict[str, int | float]:
+        """Every limit in force, by name (times in seconds)."""
     def start(self) -> None:
         """Bind both ports and serve in the background. Does nothing if already running."""
     def serve_forever(self) -> None:

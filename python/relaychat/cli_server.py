@@ -6,23 +6,7 @@ import argparse
 import signal
 import sys
 
-from relaychat import Server, init_logging
-
-LIMIT_FLAGS = [
-    ("--max-line", int, "longest chat line, bytes"),
-    ("--max-header", int, "longest file-port line, bytes"),
-    ("--send-queue", int, "lines queued for one chat connection before it is dropped"),
-    ("--send-queue-bytes", int, "bytes queued for one chat connection before it is dropped"),
-    ("--send-timeout", float, "seconds a peer may read nothing before it is dropped"),
-    ("--idle-pause", float, "seconds of quiet that end a line sent without a newline"),
-    ("--handshake-timeout", float, "seconds to send a username"),
-    ("--transfer-timeout", float, "longest pause inside an upload, seconds"),
-    ("--max-connections", int, "open connections, both ports"),
-    ("--max-per-address", int, "open connections from one IP address"),
-    ("--max-file-size", int, "largest file, bytes"),
-    ("--user-quota", int, "bytes of saved copies per user"),
-    ("--min-free-disk", int, "bytes always left free in the data directory"),
-]
+from relaychat import SETTINGS, Server, init_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,9 +20,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", default=".", help="where uploads are saved (default: current directory)"
     )
-    limits = p.add_argument_group("limits (defaults in docs/SECURITY.md)")
-    for flag, kind, text in LIMIT_FLAGS:
-        limits.add_argument(flag, type=kind, metavar="N", help=text)
+    limits = p.add_argument_group("limits (docs/SECURITY.md says what each one answers)")
+    for name, unit, default, text in SETTINGS:
+        limits.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=float if unit == "seconds" else int,
+            metavar="SECONDS" if unit == "seconds" else "N",
+            help=f"{text} ({unit}; default {default})",
+        )
     p.add_argument(
         "--log-level",
         default="info",
@@ -55,11 +45,13 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     init_logging(args.log_level)
-    limits = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in LIMIT_FLAGS
-    }
-    server = Server(args.host, args.chat_port, args.file_port, args.data_dir, **limits)
+    limits = {name: getattr(args, name) for name, *_ in SETTINGS}
+    limits = {name: value for name, value in limits.items() if value is not None}
+    try:
+        server = Server(args.host, args.chat_port, args.file_port, args.data_dir, **limits)
+    except (TypeError, ValueError) as e:
+        print(f"relaychat-server: {e}", file=sys.stderr)
+        return 2
     # Before start(): a SIGTERM right after "Listening" must already stop us gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

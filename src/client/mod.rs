@@ -12,28 +12,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::net::LineReader;
-use crate::protocol::command::{format_command, parse_command};
+use crate::flow::{Ended, Step, Stop};
+use crate::net::{Conn, ConnWrite, LineReader};
+use crate::protocol::command::{
+    format_ack, format_command, parse_command, Parsed, Spec, BROADCAST, JOIN, LIST, MSG, SEND_GROUP,
+};
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
     check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
 };
-use crate::protocol::{saved_name, Command, ForwardHeader, ServerLine, Target, UploadHeader};
+use crate::protocol::{saved_name, ForwardHeader, ServerLine, Target, UploadHeader};
+use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
 use crate::{Error, Result};
 
 /// Longest line the client accepts from a server.
 const MAX_SERVER_LINE: usize = 1024 * 1024;
-/// Bytes moved per read or write when sending or receiving a file.
-const FILE_CHUNK: usize = 256 * 1024;
 /// Events buffered for the application before the engine stops reading the sockets.
 const EVENT_QUEUE: usize = 65_536;
-/// How long a refused file's body may pause before the file connection counts as dead.
-const SKIP_STALL: Duration = Duration::from_secs(300);
 /// How often, and how patiently, a lost file connection is re-opened.
 const FILE_RECONNECT_TRIES: u32 = 10;
 
@@ -118,9 +117,9 @@ enum Expect {
 struct Inner {
     config: ClientConfig,
     /// Chat write half: one command per write, never two at once.
-    chat: tokio::sync::Mutex<OwnedWriteHalf>,
+    chat: tokio::sync::Mutex<ConnWrite>,
     /// File write half, for uploads (`None` while the file connection is being re-opened).
-    file: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    file: tokio::sync::Mutex<Option<ConnWrite>>,
     waiters: Mutex<Waiters>,
     /// Fires when the client is closed or the chat connection ends.
     closed: CancellationToken,
@@ -159,24 +158,21 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(context, e)
 }
 
-async fn connect_tcp(config: &ClientConfig, port: u16) -> Result<TcpStream> {
+async fn connect(config: &ClientConfig, port: u16) -> Result<Conn> {
     let addr = (config.host.as_str(), port);
     let stream = tokio::time::timeout(config.timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| Error::Timeout("connecting"))?
         .map_err(|e| Error::io(format!("cannot connect to {}:{port}", config.host), e))?;
-    stream
-        .set_nodelay(true)
-        .map_err(io("setting TCP_NODELAY"))?;
-    Ok(stream)
+    Ok(Conn::tcp(stream))
 }
 
 /// Sends the username alone and reads the one-line reply.
 async fn handshake(
     config: &ClientConfig,
     port: u16,
-) -> Result<(LineReader, OwnedWriteHalf, ServerLine)> {
-    let (rd, mut wr) = connect_tcp(config, port).await?.into_split();
+) -> Result<(LineReader, ConnWrite, ServerLine)> {
+    let (rd, mut wr) = connect(config, port).await?.split();
     wr.write_all(format!("{}\n", config.username).as_bytes())
         .await
         .map_err(io("sending username"))?;
@@ -193,7 +189,7 @@ async fn handshake(
     }
 }
 
-async fn open_file_connection(config: &ClientConfig) -> Result<(LineReader, OwnedWriteHalf)> {
+async fn open_file_connection(config: &ClientConfig) -> Result<(LineReader, ConnWrite)> {
     let (reader, wr, greeting) = handshake(config, config.file_port).await?;
     match greeting {
         ServerLine::Other(line) if line == "FILE_SOCKET_CONNECTED" => Ok((reader, wr)),
@@ -266,8 +262,8 @@ impl Client {
     pub async fn send_command(&self, line: &str) -> Result<()> {
         one_line("a command", line)?;
         let expect = match parse_command(line) {
-            Ok(Command::List) => Expect::Users(None),
-            Ok(Command::Join { group }) => Expect::Joined(group.to_owned(), None),
+            Ok(Parsed::Call(call)) if call.is(&LIST) => Expect::Users(None),
+            Ok(Parsed::Call(call)) if call.is(&JOIN) => Expect::Joined(call.arg(0).into(), None),
             _ => Expect::Nothing,
         };
         self.write_chat(format!("{line}\n"), expect).await
@@ -299,8 +295,8 @@ impl Client {
         write.await.map_err(|_| Error::Closed)?
     }
 
-    async fn command(&self, command: Command<'_>) -> Result<()> {
-        self.write_chat(format_command(&command), Expect::Nothing)
+    async fn command(&self, spec: &Spec, args: &[&str]) -> Result<()> {
+        self.write_chat(format_command(spec, args), Expect::Nothing)
             .await
     }
 
@@ -308,27 +304,27 @@ impl Client {
     pub async fn msg(&self, to: &str, text: &str) -> Result<()> {
         check_username(to).map_err(invalid)?;
         one_line("a message", text)?;
-        self.command(Command::Msg { to, text }).await
+        self.command(&MSG, &[to, text]).await
     }
 
     /// `broadcast <text>`: to every other connected user.
     pub async fn broadcast(&self, text: &str) -> Result<()> {
         one_line("a message", text)?;
-        self.command(Command::Broadcast { text }).await
+        self.command(&BROADCAST, &[text]).await
     }
 
     /// `send_group <group> <text>`.
     pub async fn send_group(&self, group: &str, text: &str) -> Result<()> {
         check_group(group).map_err(invalid)?;
         one_line("a message", text)?;
-        self.command(Command::SendGroup { group, text }).await
+        self.command(&SEND_GROUP, &[group, text]).await
     }
 
     /// `list`: the other connected users, in order of arrival. The reply is returned here
     /// and is not also delivered as an event.
     pub async fn list_users(&self) -> Result<Vec<String>> {
         let (tx, rx) = oneshot::channel();
-        let line = format_command(&Command::List);
+        let line = format_command(&LIST, &[]);
         self.write_chat(line, Expect::Users(Some(tx))).await?;
         self.await_reply(rx).await
     }
@@ -338,7 +334,7 @@ impl Client {
     pub async fn join(&self, group: &str) -> Result<()> {
         check_group(group).map_err(invalid)?;
         let (tx, rx) = oneshot::channel();
-        let line = format_command(&Command::Join { group });
+        let line = format_command(&JOIN, &[group]);
         self.write_chat(line, Expect::Joined(group.to_owned(), Some(tx)))
             .await?;
         self.await_reply(rx).await
@@ -397,7 +393,7 @@ impl Client {
         };
         let upload = async {
             wr.write_all(header.to_wire().as_bytes()).await?;
-            let mut body = BufReader::with_capacity(FILE_CHUNK, file.take(size));
+            let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size));
             tokio::io::copy_buf(&mut body, wr).await
         };
         let sent = tokio::select! {
@@ -427,7 +423,7 @@ impl Client {
 }
 
 /// The file connection's write half, dropped unless disarmed (see `send_file`).
-struct OutOfStep<'a>(Option<&'a mut Option<OwnedWriteHalf>>);
+struct OutOfStep<'a>(Option<&'a mut Option<ConnWrite>>);
 
 impl OutOfStep<'_> {
     fn disarm(mut self) {
@@ -490,7 +486,7 @@ async fn read_chat(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<E
 /// if the server closes it (as it does when an upload to us breaks off).
 async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<Event>) {
     'connection: loop {
-        while receive_one(&inner, &mut reader, &tx).await {}
+        while receive_one(&inner, &mut reader, &tx).await.is_ok() {}
         inner.file.lock().await.take();
         for attempt in 1..=FILE_RECONNECT_TRIES {
             tokio::select! {
@@ -509,14 +505,25 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
     }
 }
 
-/// Receives one forwarded file; false once the file connection is gone.
-async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<Event>) -> bool {
+/// How long a file body from the server may pause before the file connection counts as
+/// dead.
+const BODY_STALL: Duration = Duration::from_secs(300);
+
+/// Reads past `n` body bytes of a file that is not being saved.
+async fn skip(reader: &mut LineReader, n: u64, closed: &CancellationToken) -> Step {
+    reader
+        .skip(n, BODY_CHUNK, closed, BODY_STALL)
+        .await
+        .map_err(|e| Stop::Ended(Ended::Io(e)))
+}
+
+/// Receives one forwarded file. `Err` only once the file connection is gone (a file that
+/// could not be saved is reported, its body skipped, and the connection stays in step).
+async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<Event>) -> Step {
     let closed = &inner.closed;
-    let Ok(line) = reader.next_line(closed).await else {
-        return false;
-    };
+    let line = reader.next_line(closed).await?;
     if line.is_empty() {
-        return true;
+        return Ok(());
     }
     let fail = |reason: String| async move {
         let _ = tx.send(Event::FileFailed { reason }).await;
@@ -531,8 +538,8 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             .await;
             // Skip its body when the header says how long it is, to stay in step.
             return match ForwardHeader::declared_size(&line) {
-                Some(size) => reader.skip(size, FILE_CHUNK, closed, SKIP_STALL).await,
-                None => true,
+                Some(size) => skip(reader, size, closed).await,
+                None => Ok(()),
             };
         }
     };
@@ -544,71 +551,52 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let saved = saved_name(&sender, &filename);
     let dir = &inner.config.download_dir;
     let (path, tmp) = (dir.join(&saved), dir.join(format!("{saved}{TMP_SUFFIX}")));
-    let file = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
+    let cannot_save = |e: std::io::Error| format!("cannot save '{filename}' from {sender}: {e}");
+    let partial = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         true => Err(std::io::Error::other("file name too long")),
-        false => tokio::fs::File::create(&tmp).await,
+        false => Partial::create(tmp).await,
     };
-    let mut file = match file {
-        Ok(file) => file,
+    let mut partial = match partial {
+        Ok(partial) => partial,
         Err(e) => {
-            fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
-            return reader.skip(size, FILE_CHUNK, closed, SKIP_STALL).await;
+            fail(cannot_save(e)).await;
+            return skip(reader, size, closed).await;
         }
     };
-    let mut got = 0u64;
-    while got < size {
-        let want = usize::try_from(size - got)
-            .unwrap_or(usize::MAX)
-            .min(FILE_CHUNK);
-        let chunk = tokio::select! {
-            _ = closed.cancelled() => Ok(bytes::Bytes::new()),
-            chunk = reader.read_raw(want, FILE_CHUNK) => chunk,
-        };
-        let chunk = match chunk {
-            Ok(chunk) if !chunk.is_empty() => chunk,
-            _ => {
-                drop(file);
-                let _ = tokio::fs::remove_file(&tmp).await;
-                fail(format!(
-                    "transfer of '{filename}' from {sender} broke off after {got} of {size} bytes"
-                ))
-                .await;
-                return false;
-            }
-        };
-        got += chunk.len() as u64;
-        if let Err(e) = file.write_all(&chunk).await {
-            drop(file);
-            let _ = tokio::fs::remove_file(&tmp).await;
-            fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
-            return reader
-                .skip(size - got, FILE_CHUNK, closed, SKIP_STALL)
-                .await;
+    match receive_body(reader, &mut partial, size, closed, BODY_STALL, |_| {}).await {
+        Ok(()) => {}
+        Err(BodyError::Write(e, unread)) => {
+            drop(partial);
+            fail(cannot_save(e)).await;
+            return skip(reader, unread, closed).await;
+        }
+        Err(BodyError::Read(end)) => {
+            drop(partial);
+            let got = match &end {
+                Ended::BrokeOff { got, .. } => format!(" after {got} of {size} bytes"),
+                _ => String::new(),
+            };
+            fail(format!(
+                "transfer of '{filename}' from {sender} broke off{got}"
+            ))
+            .await;
+            return Err(Stop::Ended(end));
         }
     }
-    let saved_ok = async {
-        file.flush().await?;
-        drop(file);
-        tokio::fs::rename(&tmp, &path).await
-    };
-    if let Err(e) = saved_ok.await {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        fail(format!("cannot save '{filename}' from {sender}: {e}")).await;
-        return true;
+    if let Err(e) = partial.finish(&path).await {
+        fail(cannot_save(e)).await;
+        return Ok(());
     }
+    let ack = format_ack(&sender, &filename);
     let _ = tx
         .send(Event::FileReceived {
-            sender: sender.clone(),
-            filename: filename.clone(),
+            sender,
+            filename,
             path,
             size,
         })
         .await;
-    let ack = format_command(&Command::FileReceived {
-        sender: &sender,
-        filename: &filename,
-    });
     let mut chat = inner.chat.lock().await;
     let _ = chat.write_all(ack.as_bytes()).await;
-    true
+    Ok(())
 }

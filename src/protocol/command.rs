@@ -1,76 +1,117 @@
-//! What a client sends on the chat port, parsed.
+//! What a client sends on the chat port, parsed against one table of commands.
+//!
+//! Every command is one [`Spec`] in [`COMMANDS`]: its name, how many arguments it takes,
+//! its usage line and its help text. Parsing, formatting, the usage replies and `help`
+//! all read that table, so a new command is one entry here plus its handler in the server.
 //!
 //! Matches the lab's server where the lab is sound: the line is trimmed of surrounding
 //! whitespace, the command is its first space-separated word, case-insensitive, and the
 //! last argument (the message) keeps its inner spacing. It differs where the lab is not:
 //! the command is the *whole* first word (`msgfoo` is unknown, where the lab took it for
 //! `msg`), and a command missing its arguments gets its usage line instead of an exception
-//! that dropped the connection.
+//! that dropped the connection. A first word that names no command is not an error here:
+//! it is [`Parsed::Unknown`], handed to the server's one place for unknown commands.
 
 /// The lab's acknowledgement prefix: `FILE_RECEIVED|<original sender>|<filename>`.
 pub const FILE_RECEIVED_PREFIX: &str = "FILE_RECEIVED|";
 
-/// A well-formed chat command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command<'a> {
-    /// `msg <username> <message>`: a private message.
-    Msg {
-        /// Recipient.
-        to: &'a str,
-        /// The message, as typed.
-        text: &'a str,
-    },
-    /// `broadcast <message>`: to every other connected user.
-    Broadcast {
-        /// The message.
-        text: &'a str,
-    },
-    /// `list`: the other connected users.
-    List,
-    /// `join <group_name>`.
-    Join {
-        /// The group, created on first join.
-        group: &'a str,
-    },
-    /// `send_group <group_name> <message>`.
-    SendGroup {
-        /// The group.
-        group: &'a str,
-        /// The message.
-        text: &'a str,
-    },
+/// Most arguments a command takes.
+pub const MAX_ARGS: usize = 2;
+
+/// One chat command, as data.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// The first word, lower case (matched case-insensitively).
+    pub name: &'static str,
+    /// Space-separated arguments; the last one is the rest of the line. Each must be
+    /// non-empty.
+    pub args: usize,
+    /// The line a user gets when arguments are missing (the lab's own for `msg` and
+    /// `send_group`).
+    pub usage: &'static str,
+    /// One line on what it does, for `help`.
+    pub help: &'static str,
+}
+
+/// `msg <username> <message>`: a private message.
+pub static MSG: Spec = Spec {
+    name: "msg",
+    args: 2,
+    usage: "Usage: msg <username> <message>",
+    help: "send a private message to one user",
+};
+/// `broadcast <message>`: to every other connected user.
+pub static BROADCAST: Spec = Spec {
+    name: "broadcast",
+    args: 1,
+    usage: "Usage: broadcast <message>",
+    help: "send a message to everyone connected",
+};
+/// `list`: the other connected users.
+pub static LIST: Spec = Spec {
+    name: "list",
+    args: 0,
+    usage: "Usage: list",
+    help: "show who is connected",
+};
+/// `join <group_name>`: joins a group, creating it on first join.
+pub static JOIN: Spec = Spec {
+    name: "join",
+    args: 1,
+    usage: "Usage: join <group_name>",
+    help: "join a group (created if it does not exist)",
+};
+/// `send_group <group_name> <message>`.
+pub static SEND_GROUP: Spec = Spec {
+    name: "send_group",
+    args: 2,
+    usage: "Usage: send_group <group_name> <message>",
+    help: "send a message to the other members of a group",
+};
+
+/// Every chat command, in the order `help` lists them.
+pub static COMMANDS: [&Spec; 5] = [&MSG, &BROADCAST, &LIST, &JOIN, &SEND_GROUP];
+
+/// A command of the table with its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call<'a> {
+    /// Which command.
+    pub spec: &'static Spec,
+    /// Its arguments; the first `spec.args` are set.
+    pub args: [&'a str; MAX_ARGS],
+}
+
+impl<'a> Call<'a> {
+    /// Argument `i` (empty past `spec.args`).
+    pub fn arg(&self, i: usize) -> &'a str {
+        self.args.get(i).copied().unwrap_or_default()
+    }
+
+    /// Whether this is a call of `spec` (names are unique in the table).
+    pub fn is(&self, spec: &Spec) -> bool {
+        self.spec.name == spec.name
+    }
+}
+
+/// A chat line, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// A command of the table.
+    Call(Call<'a>),
     /// `FILE_RECEIVED|<sender>|<filename>`: a recipient's acknowledgement of a file.
-    FileReceived {
+    Ack {
         /// Who sent the file (who gets the `[ACK]`).
         sender: &'a str,
         /// The file's name as it was forwarded.
         filename: &'a str,
     },
-}
-
-/// A command with missing arguments; each knows its usage line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Usage {
-    /// `msg` without recipient or message.
-    Msg,
-    /// `broadcast` without message.
-    Broadcast,
-    /// `join` without group.
-    Join,
-    /// `send_group` without group or message.
-    SendGroup,
-}
-
-impl Usage {
-    /// The line the user is sent (the `msg` and `send_group` lines are the lab's).
-    pub fn line(self) -> &'static str {
-        match self {
-            Usage::Msg => "Usage: msg <username> <message>",
-            Usage::Broadcast => "Usage: broadcast <message>",
-            Usage::Join => "Usage: join <group_name>",
-            Usage::SendGroup => "Usage: send_group <group_name> <message>",
-        }
-    }
+    /// A first word that names no command; the server decides what it means.
+    Unknown {
+        /// The first word, as typed.
+        word: &'a str,
+        /// Everything after it (trimmed line).
+        rest: &'a str,
+    },
 }
 
 /// Why a line is not a command.
@@ -79,51 +120,21 @@ pub enum CommandError {
     /// Nothing but whitespace: ignored (the lab's client never sends one).
     Empty,
     /// A known command with missing arguments.
-    Usage(Usage),
-    /// A first word that is no command.
-    Unknown,
+    Usage(&'static Spec),
     /// `FILE_RECEIVED|` without both fields.
     MalformedAck,
 }
 
-/// How each command splits: its name, how many space-separated arguments it takes (the
-/// last one is the rest of the line), and its usage line when some are missing.
-struct Spec {
-    name: &'static str,
-    args: usize,
-    usage: Option<Usage>,
+/// The command named `word` (case-insensitive).
+pub fn find(word: &str) -> Option<&'static Spec> {
+    COMMANDS
+        .iter()
+        .copied()
+        .find(|spec| spec.name.eq_ignore_ascii_case(word))
 }
 
-const COMMANDS: [Spec; 5] = [
-    Spec {
-        name: "msg",
-        args: 2,
-        usage: Some(Usage::Msg),
-    },
-    Spec {
-        name: "broadcast",
-        args: 1,
-        usage: Some(Usage::Broadcast),
-    },
-    Spec {
-        name: "list",
-        args: 0,
-        usage: None,
-    },
-    Spec {
-        name: "join",
-        args: 1,
-        usage: Some(Usage::Join),
-    },
-    Spec {
-        name: "send_group",
-        args: 2,
-        usage: Some(Usage::SendGroup),
-    },
-];
-
 /// Parses one chat line (already framed, without its line ending).
-pub fn parse_command(line: &str) -> Result<Command<'_>, CommandError> {
+pub fn parse_command(line: &str) -> Result<Parsed<'_>, CommandError> {
     let line = line.trim();
     if line.is_empty() {
         return Err(CommandError::Empty);
@@ -131,89 +142,71 @@ pub fn parse_command(line: &str) -> Result<Command<'_>, CommandError> {
     if let Some(rest) = line.strip_prefix(FILE_RECEIVED_PREFIX) {
         return match rest.split_once('|') {
             Some((sender, filename)) if !sender.is_empty() && !filename.is_empty() => {
-                Ok(Command::FileReceived { sender, filename })
+                Ok(Parsed::Ack { sender, filename })
             }
             _ => Err(CommandError::MalformedAck),
         };
     }
-    let word = line.split(' ').next().unwrap_or_default();
-    let spec = COMMANDS
-        .iter()
-        .find(|spec| spec.name.eq_ignore_ascii_case(word))
-        .ok_or(CommandError::Unknown)?;
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let Some(spec) = find(word) else {
+        return Ok(Parsed::Unknown { word, rest });
+    };
     let mut parts = line.splitn(spec.args + 1, ' ').skip(1);
-    let mut args = [""; 2];
+    let mut args = [""; MAX_ARGS];
     for slot in args.iter_mut().take(spec.args) {
         match parts.next() {
             Some(arg) if !arg.is_empty() => *slot = arg,
-            _ => return Err(CommandError::Usage(spec.usage.unwrap_or(Usage::Msg))),
+            _ => return Err(CommandError::Usage(spec)),
         }
     }
-    Ok(match spec.name {
-        "msg" => Command::Msg {
-            to: args[0],
-            text: args[1],
-        },
-        "broadcast" => Command::Broadcast { text: args[0] },
-        "list" => Command::List,
-        "join" => Command::Join { group: args[0] },
-        _ => Command::SendGroup {
-            group: args[0],
-            text: args[1],
-        },
-    })
+    Ok(Parsed::Call(Call { spec, args }))
 }
 
-/// Formats a command as our client sends it: one line, newline-terminated. (The lab's
-/// server strips the newline; ours frames on it, with no idle pause to wait for.)
-pub fn format_command(cmd: &Command<'_>) -> String {
-    match cmd {
-        Command::Msg { to, text } => format!("msg {to} {text}\n"),
-        Command::Broadcast { text } => format!("broadcast {text}\n"),
-        Command::List => "list\n".to_owned(),
-        Command::Join { group } => format!("join {group}\n"),
-        Command::SendGroup { group, text } => format!("send_group {group} {text}\n"),
-        Command::FileReceived { sender, filename } => {
-            format!("{FILE_RECEIVED_PREFIX}{sender}|{filename}\n")
-        }
+/// Formats a command as our client sends it: one line, newline-terminated (the lab's
+/// server strips the newline; ours frames on it, with no idle pause to wait for).
+pub fn format_command(spec: &Spec, args: &[&str]) -> String {
+    let mut line = String::from(spec.name);
+    for arg in args.iter().take(spec.args) {
+        line.push(' ');
+        line.push_str(arg);
     }
+    line.push('\n');
+    line
+}
+
+/// Formats an acknowledgement: `FILE_RECEIVED|<sender>|<filename>\n`.
+pub fn format_ack(sender: &str, filename: &str) -> String {
+    format!("{FILE_RECEIVED_PREFIX}{sender}|{filename}\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn call(spec: &'static Spec, a: &'static str, b: &'static str) -> Parsed<'static> {
+        Parsed::Call(Call { spec, args: [a, b] })
+    }
+
     #[test]
     fn parses_every_command() {
         assert_eq!(
             parse_command("msg bob hi there"),
-            Ok(Command::Msg {
-                to: "bob",
-                text: "hi there"
-            })
+            Ok(call(&MSG, "bob", "hi there"))
         );
         assert_eq!(
             parse_command("broadcast  spaced  out "),
-            Ok(Command::Broadcast {
-                text: " spaced  out"
-            })
+            Ok(call(&BROADCAST, " spaced  out", ""))
         );
-        assert_eq!(parse_command("list"), Ok(Command::List));
-        assert_eq!(parse_command("list extra words"), Ok(Command::List));
-        assert_eq!(
-            parse_command("join devs"),
-            Ok(Command::Join { group: "devs" })
-        );
+        assert_eq!(parse_command("list"), Ok(call(&LIST, "", "")));
+        assert_eq!(parse_command("list extra words"), Ok(call(&LIST, "", "")));
+        assert_eq!(parse_command("join devs"), Ok(call(&JOIN, "devs", "")));
         assert_eq!(
             parse_command("send_group devs Standup at 10 AM."),
-            Ok(Command::SendGroup {
-                group: "devs",
-                text: "Standup at 10 AM."
-            })
+            Ok(call(&SEND_GROUP, "devs", "Standup at 10 AM."))
         );
         assert_eq!(
             parse_command("FILE_RECEIVED|alice|report.pdf"),
-            Ok(Command::FileReceived {
+            Ok(Parsed::Ack {
                 sender: "alice",
                 filename: "report.pdf"
             })
@@ -222,51 +215,47 @@ mod tests {
 
     #[test]
     fn commands_are_case_insensitive_and_trimmed() {
-        assert_eq!(parse_command("  LIST\r\n"), Ok(Command::List));
+        assert_eq!(parse_command("  LIST\r\n"), Ok(call(&LIST, "", "")));
+        assert_eq!(parse_command("Msg bob x"), Ok(call(&MSG, "bob", "x")));
+    }
+
+    #[test]
+    fn an_unknown_word_reaches_the_caller_with_its_arguments() {
         assert_eq!(
-            parse_command("Msg bob x"),
-            Ok(Command::Msg {
-                to: "bob",
-                text: "x"
+            parse_command("msgfoo bob hi"),
+            Ok(Parsed::Unknown {
+                word: "msgfoo",
+                rest: "bob hi"
+            })
+        );
+        assert_eq!(
+            parse_command("listing"),
+            Ok(Parsed::Unknown {
+                word: "listing",
+                rest: ""
             })
         );
     }
 
     #[test]
-    fn the_command_is_the_whole_first_word() {
-        assert_eq!(parse_command("msgfoo bob hi"), Err(CommandError::Unknown));
-        assert_eq!(parse_command("listing"), Err(CommandError::Unknown));
-        assert_eq!(parse_command("hello"), Err(CommandError::Unknown));
-    }
-
-    #[test]
     fn missing_arguments_give_usage() {
-        assert_eq!(parse_command("msg"), Err(CommandError::Usage(Usage::Msg)));
-        assert_eq!(
-            parse_command("msg bob"),
-            Err(CommandError::Usage(Usage::Msg))
-        );
-        assert_eq!(
-            parse_command("msg bob "),
-            Err(CommandError::Usage(Usage::Msg))
-        );
-        assert_eq!(
-            parse_command("msg  hi"),
-            Err(CommandError::Usage(Usage::Msg))
-        );
-        assert_eq!(
-            parse_command("broadcast"),
-            Err(CommandError::Usage(Usage::Broadcast))
-        );
-        assert_eq!(parse_command("join"), Err(CommandError::Usage(Usage::Join)));
-        assert_eq!(
-            parse_command("send_group g"),
-            Err(CommandError::Usage(Usage::SendGroup))
-        );
-        assert_eq!(
-            Usage::SendGroup.line(),
-            "Usage: send_group <group_name> <message>"
-        );
+        for (line, spec) in [
+            ("msg", &MSG),
+            ("msg bob", &MSG),
+            ("msg bob ", &MSG),
+            ("msg  hi", &MSG),
+            ("broadcast", &BROADCAST),
+            ("join", &JOIN),
+            ("send_group g", &SEND_GROUP),
+        ] {
+            assert_eq!(
+                parse_command(line),
+                Err(CommandError::Usage(spec)),
+                "{line}"
+            );
+        }
+        assert_eq!(SEND_GROUP.usage, "Usage: send_group <group_name> <message>");
+        assert_eq!(MSG.usage, "Usage: msg <username> <message>");
     }
 
     #[test]
@@ -284,27 +273,32 @@ mod tests {
 
     #[test]
     fn formatted_commands_parse_back() {
-        let cmds = [
-            Command::Msg {
-                to: "bob",
-                text: "hi  there",
-            },
-            Command::Broadcast { text: "all" },
-            Command::List,
-            Command::Join { group: "g" },
-            Command::SendGroup {
-                group: "g",
-                text: "t",
-            },
-            Command::FileReceived {
-                sender: "a",
-                filename: "f.txt",
-            },
-        ];
-        for cmd in cmds {
-            let line = format_command(&cmd);
+        for spec in COMMANDS {
+            let args = ["bob", "hi  there"];
+            let line = format_command(spec, &args);
             assert!(line.ends_with('\n'));
-            assert_eq!(parse_command(line.trim_end_matches('\n')), Ok(cmd));
+            let Ok(Parsed::Call(call)) = parse_command(line.trim_end_matches('\n')) else {
+                panic!("{line:?} does not parse back");
+            };
+            assert!(call.is(spec));
+            assert_eq!(&call.args[..spec.args], &args[..spec.args]);
+        }
+        assert_eq!(
+            parse_command(format_ack("a", "f.txt").trim_end()),
+            Ok(Parsed::Ack {
+                sender: "a",
+                filename: "f.txt"
+            })
+        );
+    }
+
+    #[test]
+    fn names_are_unique_lower_case_words() {
+        for (i, spec) in COMMANDS.iter().enumerate() {
+            assert_eq!(spec.name, spec.name.to_ascii_lowercase());
+            assert!(!spec.name.contains(' '));
+            assert!(spec.usage.starts_with("Usage: "));
+            assert!(COMMANDS[i + 1..].iter().all(|s| s.name != spec.name));
         }
     }
 }

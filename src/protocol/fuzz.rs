@@ -128,15 +128,21 @@ proptest! {
 
     #[test]
     fn commands_round_trip(to in name(), group in name(), body in text(), which in 0usize..5) {
-        let cmd = match which {
-            0 => super::Command::Msg { to: &to, text: &body },
-            1 => super::Command::Broadcast { text: &body },
-            2 => super::Command::List,
-            3 => super::Command::Join { group: &group },
-            _ => super::Command::SendGroup { group: &group, text: &body },
+        let spec = super::COMMANDS[which];
+        let first = if spec.name == "msg" { &to } else { &group };
+        let args = match spec.args {
+            0 => vec![],
+            1 if spec.name == "join" => vec![group.as_str()],
+            1 => vec![body.as_str()],
+            _ => vec![first.as_str(), body.as_str()],
         };
-        let wire = format_command(&cmd);
-        prop_assert_eq!(parse_command(wire.trim_end_matches('\n')), Ok(cmd));
+        let wire = format_command(spec, &args);
+        let parsed = parse_command(wire.trim_end_matches('\n'));
+        let Ok(super::Parsed::Call(call)) = parsed else {
+            return Err(TestCaseError::fail(format!("{wire:?} parsed as {parsed:?}")));
+        };
+        prop_assert!(call.is(spec));
+        prop_assert_eq!(&call.args[..spec.args], &args[..]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod server_line;
 #[cfg(test)]
 mod fuzz;
 
-pub use command::{Command, CommandError, Usage};
+pub use command::{Call, CommandError, Parsed, Spec, COMMANDS};
 pub use file_header::{ForwardHeader, HeaderError, Target, UploadHeader};
 pub use framing::{FrameError, LineFramer};
 pub use names::{saved_name, NameError};

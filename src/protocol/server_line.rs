@@ -2,11 +2,11 @@
 //! (client side) per line, so the two can never drift apart.
 //!
 //! The texts are the lab's, byte for byte. Lines the lab did not have are the two extra
-//! usage lines ([`super::Usage`]) and `ERROR: <reason>`.
+//! usage lines (each command's [`super::command::Spec::usage`]) and `ERROR: <reason>`.
 
 use std::fmt::{self, Display, Write as _};
 
-use super::command::Usage;
+use super::command::{Spec, COMMANDS};
 
 /// The lab's reply to a line that is no command.
 pub const UNKNOWN_COMMAND: &str = "Unknown command. Use msg/broadcast/list/join/send_group";
@@ -62,8 +62,8 @@ pub enum ServerLine {
         /// The name that was asked for.
         user: String,
     },
-    /// One of the usage lines.
-    Usage(Usage),
+    /// A command's usage line: it lacked arguments.
+    Usage(&'static Spec),
     /// The lab's unknown-command line.
     UnknownCommand,
     /// `[FILE] <s> sent you file '<f>' (<n> bytes). Incoming on file socket.`
@@ -134,7 +134,7 @@ impl Display for ServerLine {
                 Ok(())
             }
             ServerLine::UserNotFound { user } => write!(f, "User {user} not found."),
-            ServerLine::Usage(usage) => f.write_str(usage.line()),
+            ServerLine::Usage(spec) => f.write_str(spec.usage),
             ServerLine::UnknownCommand => f.write_str(UNKNOWN_COMMAND),
             ServerLine::FileIncoming {
                 from,
@@ -254,10 +254,8 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     if let Some(user) = between(line, "User ", " not found.") {
         return Some(ServerLine::UserNotFound { user: s(user) });
     }
-    for usage in [Usage::Msg, Usage::Broadcast, Usage::Join, Usage::SendGroup] {
-        if line == usage.line() {
-            return Some(ServerLine::Usage(usage));
-        }
+    if let Some(spec) = COMMANDS.iter().find(|spec| spec.usage == line) {
+        return Some(ServerLine::Usage(spec));
     }
     if line == UNKNOWN_COMMAND {
         return Some(ServerLine::UnknownCommand);
@@ -304,6 +302,7 @@ fn parse_known(line: &str) -> Option<ServerLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::command::{BROADCAST, JOIN, MSG, SEND_GROUP};
 
     fn every_line() -> Vec<(ServerLine, &'static str)> {
         let s = String::from;
@@ -353,17 +352,11 @@ mod tests {
                 ServerLine::UserNotFound { user: s("bob") },
                 "User bob not found.",
             ),
+            (ServerLine::Usage(&MSG), "Usage: msg <username> <message>"),
+            (ServerLine::Usage(&BROADCAST), "Usage: broadcast <message>"),
+            (ServerLine::Usage(&JOIN), "Usage: join <group_name>"),
             (
-                ServerLine::Usage(Usage::Msg),
-                "Usage: msg <username> <message>",
-            ),
-            (
-                ServerLine::Usage(Usage::Broadcast),
-                "Usage: broadcast <message>",
-            ),
-            (ServerLine::Usage(Usage::Join), "Usage: join <group_name>"),
-            (
-                ServerLine::Usage(Usage::SendGroup),
+                ServerLine::Usage(&SEND_GROUP),
                 "Usage: send_group <group_name> <message>",
             ),
             (

@@ -118,8 +118,140 @@ pub struct PyClient {
     events: SharedEvents,
 }
 
+/// Blocking iterator over a client's events.
+#[pyclass(module = "relaychat._native", frozen)]
+pub struct EventIterator {
+    events: SharedEvents,
+    timeout: Option<Duration>,
+}
+
 #[pymethods]
-impl PyClient {
+impl EventIterator {
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyEvent>> {
+        next_event_blocking(py, &self.events, self.timeout)
+    }
+}
+
+/// A connected chat client for asyncio: create it with `await AsyncClient.connect(...)`.
+#[pyclass(module = "relaychat._native", name = "AsyncClient", frozen)]
+pub struct PyAsyncClient {
+    client: Client,
+    events: SharedEvents,
+}
+
+/// Async iterator over a client's events.
+#[pyclass(module = "relaychat._native", frozen)]
+pub struct AsyncEventIterator {
+    events: SharedEvents,
+    timeout: Option<Duration>,
+}
+
+#[pymethods]
+impl AsyncEventIterator {
+    fn __aiter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match ready_event(&self.events) {
+            Ready::Event(event) => {
+                let value = PyEvent(event).into_pyobject(py)?.unbind();
+                return Ok(Bound::new(py, Done { value: Some(value) })?.into_any());
+            }
+            Ready::Ended | Ready::Wait => {}
+        }
+        let (events, limit) = (self.events.clone(), self.timeout);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            match next_event(events, limit).await {
+                Some(event) => Ok(PyEvent(event)),
+                None => Err(PyStopAsyncIteration::new_err(())),
+            }
+        })
+    }
+}
+
+/// An awaitable that is already complete: `await` yields its value at once, with no trip
+/// through the event loop (used when an event is already queued).
+#[pyclass(module = "relaychat._native")]
+pub struct Done {
+    value: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl Done {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = self.value.take().unwrap_or_else(|| py.None());
+        Err(pyo3::exceptions::PyStopIteration::new_err((value,)))
+    }
+}
+
+/// The engine calls both client classes offer, written once: `Client` blocks on each
+/// (GIL released, Ctrl-C honoured), `AsyncClient` returns an awaitable.
+macro_rules! engine_calls {
+    (
+        $(
+            $(#[doc = $doc:literal])*
+            fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty = |$c:ident| $call:expr;
+        )*
+        Client { $($client_only:tt)* }
+        AsyncClient { $($async_only:tt)* }
+    ) => {
+        #[pymethods]
+        impl PyClient {
+            $(
+                $(#[doc = $doc])*
+                fn $name(&self, py: Python<'_>, $($arg: $ty),*) -> PyResult<$ret> {
+                    let $c = self.client.clone();
+                    Ok(block_on(py, async move { $call.await })??)
+                }
+            )*
+            $($client_only)*
+        }
+
+        #[pymethods]
+        impl PyAsyncClient {
+            $(
+                $(#[doc = $doc])*
+                fn $name<'py>(&self, py: Python<'py>, $($arg: $ty),*) -> PyResult<Bound<'py, PyAny>> {
+                    let $c = self.client.clone();
+                    pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok($call.await?) })
+                }
+            )*
+            $($async_only)*
+        }
+    };
+}
+
+engine_calls! {
+    /// Sends a private message.
+    fn msg(to: String, text: String) -> () = |c| c.msg(&to, &text);
+    /// Sends a message to every other connected user.
+    fn broadcast(text: String) -> () = |c| c.broadcast(&text);
+    /// Sends a message to every other member of `group`.
+    fn send_group(group: String, text: String) -> () = |c| c.send_group(&group, &text);
+    /// Sends one raw command line, exactly as typed.
+    fn send_command(line: String) -> () = |c| c.send_command(&line);
+    /// The other connected users, in order of arrival.
+    fn list_users() -> Vec<String> = |c| c.list_users();
+    /// Joins `group` (creating it), returning once the server confirms.
+    fn join(group: String) -> () = |c| c.join(&group);
+    /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
+    /// number of bytes sent.
+    fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);
+
+    Client {
     #[new]
     #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0))]
     fn new(
@@ -149,55 +281,6 @@ impl PyClient {
     #[getter]
     fn closed(&self) -> bool {
         self.client.is_closed()
-    }
-
-    /// Sends a private message.
-    fn msg(&self, py: Python<'_>, to: String, text: String) -> PyResult<()> {
-        let c = self.client.clone();
-        Ok(block_on(py, async move { c.msg(&to, &text).await })??)
-    }
-
-    /// Sends a message to every other connected user.
-    fn broadcast(&self, py: Python<'_>, text: String) -> PyResult<()> {
-        let c = self.client.clone();
-        Ok(block_on(py, async move { c.broadcast(&text).await })??)
-    }
-
-    /// Sends a message to every other member of `group`.
-    fn send_group(&self, py: Python<'_>, group: String, text: String) -> PyResult<()> {
-        let c = self.client.clone();
-        Ok(block_on(
-            py,
-            async move { c.send_group(&group, &text).await },
-        )??)
-    }
-
-    /// Sends one raw command line, exactly as typed.
-    fn send_command(&self, py: Python<'_>, line: String) -> PyResult<()> {
-        let c = self.client.clone();
-        Ok(block_on(py, async move { c.send_command(&line).await })??)
-    }
-
-    /// The other connected users, in order of arrival.
-    fn list_users(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        let c = self.client.clone();
-        Ok(block_on(py, async move { c.list_users().await })??)
-    }
-
-    /// Joins `group` (creating it), returning once the server confirms.
-    fn join(&self, py: Python<'_>, group: String) -> PyResult<()> {
-        let c = self.client.clone();
-        Ok(block_on(py, async move { c.join(&group).await })??)
-    }
-
-    /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
-    /// number of bytes sent.
-    fn send_file(&self, py: Python<'_>, target: String, path: PathBuf) -> PyResult<u64> {
-        let c = self.client.clone();
-        Ok(block_on(
-            py,
-            async move { c.send_file(&target, &path).await },
-        )??)
     }
 
     /// The next event, or `None` if none comes within `timeout` seconds (`None`: wait
@@ -242,41 +325,7 @@ impl PyClient {
     }
 }
 
-/// Blocking iterator over a client's events.
-#[pyclass(module = "relaychat._native", frozen)]
-pub struct EventIterator {
-    events: SharedEvents,
-    timeout: Option<Duration>,
-}
-
-#[pymethods]
-impl EventIterator {
-    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyEvent>> {
-        next_event_blocking(py, &self.events, self.timeout)
-    }
-}
-
-/// A connected chat client for asyncio: create it with `await AsyncClient.connect(...)`.
-#[pyclass(module = "relaychat._native", name = "AsyncClient", frozen)]
-pub struct PyAsyncClient {
-    client: Client,
-    events: SharedEvents,
-}
-
-/// Turns an engine call on a cloned client into an awaitable.
-macro_rules! awaitable {
-    ($py:expr, $slf:expr, |$c:ident| $body:expr) => {{
-        let $c = $slf.client.clone();
-        pyo3_async_runtimes::tokio::future_into_py($py, async move { Ok($body.await?) })
-    }};
-}
-
-#[pymethods]
-impl PyAsyncClient {
+    AsyncClient {
     /// Connects both sockets; awaitable.
     #[staticmethod]
     #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0))]
@@ -309,44 +358,6 @@ impl PyAsyncClient {
     #[getter]
     fn closed(&self) -> bool {
         self.client.is_closed()
-    }
-
-    fn msg<'py>(&self, py: Python<'py>, to: String, text: String) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.msg(&to, &text))
-    }
-
-    fn broadcast<'py>(&self, py: Python<'py>, text: String) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.broadcast(&text))
-    }
-
-    fn send_group<'py>(
-        &self,
-        py: Python<'py>,
-        group: String,
-        text: String,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.send_group(&group, &text))
-    }
-
-    fn send_command<'py>(&self, py: Python<'py>, line: String) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.send_command(&line))
-    }
-
-    fn list_users<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.list_users())
-    }
-
-    fn join<'py>(&self, py: Python<'py>, group: String) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.join(&group))
-    }
-
-    fn send_file<'py>(
-        &self,
-        py: Python<'py>,
-        target: String,
-        path: PathBuf,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        awaitable!(py, self, |c| c.send_file(&target, &path))
     }
 
     /// Awaits the next event, or `None` after `timeout` seconds or once the stream ended.
@@ -408,59 +419,6 @@ impl PyAsyncClient {
         )
     }
 }
-
-/// Async iterator over a client's events.
-#[pyclass(module = "relaychat._native", frozen)]
-pub struct AsyncEventIterator {
-    events: SharedEvents,
-    timeout: Option<Duration>,
-}
-
-#[pymethods]
-impl AsyncEventIterator {
-    fn __aiter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        match ready_event(&self.events) {
-            Ready::Event(event) => {
-                let value = PyEvent(event).into_pyobject(py)?.unbind();
-                return Ok(Bound::new(py, Done { value: Some(value) })?.into_any());
-            }
-            Ready::Ended | Ready::Wait => {}
-        }
-        let (events, limit) = (self.events.clone(), self.timeout);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            match next_event(events, limit).await {
-                Some(event) => Ok(PyEvent(event)),
-                None => Err(PyStopAsyncIteration::new_err(())),
-            }
-        })
-    }
-}
-
-/// An awaitable that is already complete: `await` yields its value at once, with no trip
-/// through the event loop (used when an event is already queued).
-#[pyclass(module = "relaychat._native")]
-pub struct Done {
-    value: Option<Py<PyAny>>,
-}
-
-#[pymethods]
-impl Done {
-    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let value = self.value.take().unwrap_or_else(|| py.None());
-        Err(pyo3::exceptions::PyStopIteration::new_err((value,)))
-    }
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

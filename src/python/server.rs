@@ -4,12 +4,30 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
-use crate::server::{Server, ServerConfig};
+use crate::server::{Number, Server, ServerConfig, SettingError, Unit, SETTINGS};
+
+/// A setting's value from Python: an int, or a float (seconds); bools are refused.
+fn number(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Number> {
+    if value.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(PyTypeError::new_err(format!("{name} must be a number")));
+    }
+    if let Ok(n) = value.extract::<u64>() {
+        return Ok(Number::Int(n));
+    }
+    if value.is_instance_of::<PyFloat>() {
+        return Ok(Number::Float(value.extract()?));
+    }
+    if value.extract::<i64>().is_ok() {
+        return Err(PyValueError::new_err(format!("{name} may not be negative")));
+    }
+    Err(PyTypeError::new_err(format!("{name} must be a number")))
+}
 
 /// A running server's handles.
 struct Running {
@@ -41,58 +59,59 @@ impl PyServer {
 
 #[pymethods]
 impl PyServer {
+    /// `Server(host, chat_port, file_port, data_dir, **limits)`: every limit of
+    /// `relaychat.SETTINGS` may be given by name (sizes and counts as ints, times in
+    /// seconds).
     #[new]
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
-        data_dir = PathBuf::from("."), *, idle_pause = None, max_line = None, max_header = None,
-        send_queue = None, send_queue_bytes = None, send_timeout = None, handshake_timeout = None, transfer_timeout = None,
-        max_connections = None, max_per_address = None, max_file_size = None, user_quota = None,
-        min_free_disk = None,
+        data_dir = PathBuf::from("."), **limits
     ))]
-    #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
         chat_port: u16,
         file_port: u16,
         data_dir: PathBuf,
-        idle_pause: Option<f64>,
-        max_line: Option<usize>,
-        max_header: Option<usize>,
-        send_queue: Option<usize>,
-        send_queue_bytes: Option<usize>,
-        send_timeout: Option<f64>,
-        handshake_timeout: Option<f64>,
-        transfer_timeout: Option<f64>,
-        max_connections: Option<usize>,
-        max_per_address: Option<usize>,
-        max_file_size: Option<u64>,
-        user_quota: Option<u64>,
-        min_free_disk: Option<u64>,
+        limits: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let d = ServerConfig::default();
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             host,
             chat_port,
             file_port,
             data_dir,
-            idle_pause: seconds(idle_pause)?.unwrap_or(d.idle_pause),
-            max_line: max_line.unwrap_or(d.max_line).max(1),
-            max_header: max_header.unwrap_or(d.max_header).max(64),
-            send_queue: send_queue.unwrap_or(d.send_queue).max(1),
-            send_queue_bytes: send_queue_bytes.unwrap_or(d.send_queue_bytes).max(1),
-            send_timeout: seconds(send_timeout)?.unwrap_or(d.send_timeout),
-            handshake_timeout: seconds(handshake_timeout)?.unwrap_or(d.handshake_timeout),
-            transfer_timeout: seconds(transfer_timeout)?.unwrap_or(d.transfer_timeout),
-            max_connections: max_connections.unwrap_or(d.max_connections),
-            max_per_address: max_per_address.unwrap_or(d.max_per_address),
-            max_file_size: max_file_size.unwrap_or(d.max_file_size),
-            user_quota: user_quota.unwrap_or(d.user_quota),
-            min_free_disk: min_free_disk.unwrap_or(d.min_free_disk),
+            ..ServerConfig::default()
         };
+        for (key, value) in limits.into_iter().flat_map(|d| d.iter()) {
+            let name: String = key.extract()?;
+            if value.is_none() && SETTINGS.iter().any(|s| s.name == name) {
+                continue; // None keeps the default
+            }
+            let number = number(&name, &value)?;
+            config.limits.set(&name, number).map_err(|e| match e {
+                SettingError::Unknown(_) => PyTypeError::new_err(format!(
+                    "Server() got an unexpected keyword argument '{name}'"
+                )),
+                SettingError::Invalid { .. } => PyValueError::new_err(e.to_string()),
+            })?;
+        }
         Ok(Self {
             config,
             running: Mutex::new(None),
         })
+    }
+
+    /// The limits in force, by name (times in seconds).
+    #[getter]
+    fn limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for s in SETTINGS {
+            match self.config.limits.get(s.name) {
+                Some(Number::Int(n)) => dict.set_item(s.name, n)?,
+                Some(Number::Float(f)) => dict.set_item(s.name, f)?,
+                None => {}
+            }
+        }
+        Ok(dict)
     }
 
     /// Binds both ports and starts serving in the background. Idempotent while running.
@@ -198,7 +217,7 @@ impl PyServer {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
         self.stop(py, 10.0)?;
         Ok(false)
     }
@@ -214,6 +233,33 @@ impl PyServer {
     }
 }
 
+/// `relaychat.SETTINGS`: every limit as `(name, unit, default, help)`, for the command
+/// line (`--help` shows the defaults) and the docs.
+fn settings_table(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+    let defaults = crate::server::Limits::default();
+    let rows = SETTINGS.iter().map(|s| {
+        let default = match defaults.get(s.name) {
+            Some(Number::Int(n)) => n.into_pyobject(py)?.into_any(),
+            Some(Number::Float(f)) => f.into_pyobject(py)?.into_any(),
+            None => py.None().into_bound(py),
+        };
+        let unit = match s.unit {
+            Unit::Bytes | Unit::Count | Unit::Seconds => s.unit.name(),
+        };
+        PyTuple::new(
+            py,
+            [
+                s.name.into_pyobject(py)?.into_any(),
+                unit.into_pyobject(py)?.into_any(),
+                default,
+                s.help.into_pyobject(py)?.into_any(),
+            ],
+        )
+    });
+    PyTuple::new(py, rows.collect::<PyResult<Vec<_>>>()?)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SETTINGS", settings_table(m.py())?)?;
     m.add_class::<PyServer>()
 }

@@ -1,62 +1,106 @@
-//! The chat port: the username handshake, then one command per line.
+//! The chat port: the username handshake, then one command per line, each answered by its
+//! handler in [`HANDLERS`] (the protocol's command table paired with the code that runs
+//! it). A first word that names no command goes to [`unknown`], the one place a later
+//! extension hooks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::{Outbox, TooManyGroups, MAX_GROUPS_PER_USER};
+use super::registry::Outbox;
 use super::{read_username, Shared};
-use crate::net::{write_loop, LineReader, ReadEnd, SendQueue};
-use crate::protocol::command::parse_command;
+use crate::flow::{Ended, Refusal, Stop};
+use crate::net::{write_loop, Conn, LineReader, SendQueue};
+use crate::protocol::command::{
+    parse_command, Call, Parsed, Spec, BROADCAST, JOIN, LIST, MSG, SEND_GROUP,
+};
 use crate::protocol::names::check_group;
-use crate::protocol::{Command, CommandError, ServerLine};
+use crate::protocol::{CommandError, ServerLine};
 
 /// How long a closing connection's writer may take to flush what is queued.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
-pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
-    let (rd, wr) = stream.into_split();
+/// One user's chat session, as its command handlers see it.
+struct Session<'a> {
+    shared: &'a Shared,
+    /// The user's name.
+    user: &'a str,
+    /// The user's own outgoing queue (for replies).
+    outbox: &'a Outbox,
+}
+
+impl Session<'_> {
+    fn reply(&self, line: ServerLine) {
+        self.outbox.line(&line);
+    }
+
+    fn refuse(&self, refusal: Refusal) {
+        self.reply(ServerLine::Error {
+            reason: refusal.to_string(),
+        });
+    }
+}
+
+/// A command's handler.
+type Handler = fn(&Session<'_>, &Call<'_>);
+
+/// Every command of the protocol's table with the code that runs it.
+static HANDLERS: [(&Spec, Handler); 5] = [
+    (&MSG, msg),
+    (&BROADCAST, broadcast),
+    (&LIST, list),
+    (&JOIN, join),
+    (&SEND_GROUP, send_group),
+];
+
+pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
+    let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
-    let queue = SendQueue::new(shared.config.send_queue, shared.config.send_queue_bytes);
+    let limits = &shared.config.limits;
+    let queue = SendQueue::new(limits.send_queue, limits.send_queue_bytes);
     let writer = tokio::spawn(write_loop(
         wr,
         queue.clone(),
         kill.clone(),
-        shared.config.send_timeout,
+        limits.send_timeout,
     ));
-    let mut reader = LineReader::new(rd, shared.config.max_line, shared.config.idle_pause);
+    let mut reader = LineReader::new(rd, limits.max_line, limits.idle_pause);
     let id = shared.next_id();
 
     let claimed = match read_username(&shared, &mut reader, &kill).await {
-        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill),
-        Err(refusal) => Err(refusal),
+        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill).map_err(Stop::Refused),
+        Err(stop) => Err(stop),
     };
     match claimed {
         Ok(outbox) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
-            let end = session(&shared, &user, &outbox, &mut reader, &kill).await;
-            if let ReadEnd::Frame(e) = &end {
+            let session = Session {
+                shared: &shared,
+                user: &user,
+                outbox: &outbox,
+            };
+            let end = run(&session, &mut reader, &kill).await;
+            if let Ended::Frame(e) = &end {
                 outbox.line(&ServerLine::Error {
                     reason: e.to_string(),
                 });
             }
             shared.registry.remove_chat(&user, id);
-            info!(
-                "[DISCONNECTED] {user} ({})",
-                end_reason(&end).unwrap_or_else(|| "left".into())
-            );
+            info!("[DISCONNECTED] {user} ({end})");
         }
-        Err(Some(reason)) => {
-            warn!("[REFUSED] {addr}: {reason}");
-            queue.push(Bytes::from(ServerLine::Error { reason }.to_wire()));
+        Err(Stop::Refused(refusal)) => {
+            warn!("[REFUSED] {addr}: {refusal}");
+            let line = ServerLine::Error {
+                reason: refusal.to_string(),
+            };
+            queue.push(Bytes::from(line.to_wire()));
         }
-        Err(None) => {}
+        Err(Stop::Ended(_)) => {}
     }
     queue.close();
     let abort = writer.abort_handle();
@@ -65,16 +109,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     }
 }
 
-/// Why a read ended, as a reason to log (`None`: an ordinary close).
-fn end_reason(end: &ReadEnd) -> Option<String> {
-    match end {
-        ReadEnd::Closed => None,
-        ReadEnd::Frame(e) => Some(e.to_string()),
-        ReadEnd::Io(e) => Some(e.to_string()),
-    }
-}
-
-/// Claims a checked username; the error is the reason for the refusal.
+/// Claims a checked username and queues its welcome.
 fn claim(
     shared: &Shared,
     name: &str,
@@ -82,24 +117,17 @@ fn claim(
     addr: SocketAddr,
     queue: &Arc<SendQueue>,
     kill: &CancellationToken,
-) -> Result<Outbox, Option<String>> {
+) -> Result<Outbox, Refusal> {
     let outbox = Outbox::new(name, queue.clone(), kill.clone());
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry
-        .add_chat(name, id, addr.ip(), outbox.clone(), welcome)
-        .map_err(|_| Some(format!("username '{name}' is already connected")))?;
+        .add_chat(name, id, addr.ip(), outbox.clone(), welcome)?;
     Ok(outbox)
 }
 
 /// Reads and answers commands until the connection ends; returns how it ended.
-async fn session(
-    shared: &Shared,
-    user: &str,
-    outbox: &Outbox,
-    reader: &mut LineReader,
-    kill: &CancellationToken,
-) -> ReadEnd {
+async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &CancellationToken) -> Ended {
     loop {
         // A client can send thousands of commands in one read; let the writers that fan
         // them out run in between, so a flood is spread over time, not over queues.
@@ -109,92 +137,124 @@ async fn session(
             Err(end) => return end,
         };
         match std::str::from_utf8(&line) {
-            Ok(text) => handle(shared, user, outbox, text),
-            Err(_) => {
-                outbox.line(&ServerLine::Error {
-                    reason: "command is not valid UTF-8".into(),
-                });
-            }
+            Ok(text) => handle(session, text),
+            Err(_) => session.refuse(Refusal::CommandNotUtf8),
         }
     }
 }
 
 /// Answers one command line.
-fn handle(shared: &Shared, user: &str, outbox: &Outbox, text: &str) {
-    let registry = &shared.registry;
-    let reply = |line: ServerLine| {
-        outbox.line(&line);
-    };
-    let command = match parse_command(text) {
-        Ok(command) => command,
-        Err(CommandError::Empty) => return,
-        Err(CommandError::Usage(usage)) => return reply(ServerLine::Usage(usage)),
-        Err(CommandError::Unknown) => return reply(ServerLine::UnknownCommand),
-        Err(CommandError::MalformedAck) => {
-            return reply(ServerLine::Error {
-                reason: "malformed acknowledgement: expected FILE_RECEIVED|<sender>|<filename>"
-                    .into(),
-            })
-        }
-    };
-    debug!("[{user}] {text}");
-    match command {
-        Command::Msg { to, text } => {
-            let line = ServerLine::Private {
-                from: user.into(),
-                text: text.into(),
-            };
-            if !registry.send_to(to, Bytes::from(line.to_wire())) {
-                reply(ServerLine::UserNotFound { user: to.into() });
+fn handle(session: &Session<'_>, text: &str) {
+    match parse_command(text) {
+        Ok(Parsed::Call(call)) => {
+            debug!("[{}] {text}", session.user);
+            match HANDLERS.iter().find(|(spec, _)| call.is(spec)) {
+                Some((_, handler)) => handler(session, &call),
+                None => unknown(session, call.spec.name, text),
             }
         }
-        Command::Broadcast { text } => {
-            let line = ServerLine::Broadcast {
-                from: user.into(),
-                text: text.into(),
-            };
-            registry.broadcast(user, &Bytes::from(line.to_wire()));
-        }
-        Command::List => reply(ServerLine::Users {
-            users: registry.users_except(user),
+        Ok(Parsed::Ack { sender, filename }) => ack(session, sender, filename),
+        Ok(Parsed::Unknown { word, .. }) => unknown(session, word, text),
+        Err(CommandError::Empty) => {}
+        Err(CommandError::Usage(spec)) => session.reply(ServerLine::Usage(spec)),
+        Err(CommandError::MalformedAck) => session.refuse(Refusal::MalformedAck),
+    }
+}
+
+/// Where every line whose first word names no command ends up.
+fn unknown(session: &Session<'_>, word: &str, _line: &str) {
+    debug!("[{}] unknown command {word:?}", session.user);
+    session.reply(ServerLine::UnknownCommand);
+}
+
+fn msg(session: &Session<'_>, call: &Call<'_>) {
+    let (to, text) = (call.arg(0), call.arg(1));
+    let line = ServerLine::Private {
+        from: session.user.into(),
+        text: text.into(),
+    };
+    if !session
+        .shared
+        .registry
+        .send_to(to, Bytes::from(line.to_wire()))
+    {
+        session.reply(ServerLine::UserNotFound { user: to.into() });
+    }
+}
+
+fn broadcast(session: &Session<'_>, call: &Call<'_>) {
+    let line = ServerLine::Broadcast {
+        from: session.user.into(),
+        text: call.arg(0).into(),
+    };
+    let bytes = Bytes::from(line.to_wire());
+    session.shared.registry.broadcast(session.user, &bytes);
+}
+
+fn list(session: &Session<'_>, _call: &Call<'_>) {
+    let users = session.shared.registry.users_except(session.user);
+    session.reply(ServerLine::Users { users });
+}
+
+fn join(session: &Session<'_>, call: &Call<'_>) {
+    let group = call.arg(0);
+    let joined = check_group(group)
+        .map_err(Refusal::from)
+        .and_then(|()| session.shared.registry.join(group, session.user));
+    match joined {
+        Ok(()) => session.reply(ServerLine::Joined {
+            group: group.into(),
         }),
-        Command::Join { group } => match check_group(group) {
-            Ok(()) => match registry.join(group, user) {
-                Ok(()) => reply(ServerLine::Joined {
-                    group: group.into(),
-                }),
-                Err(TooManyGroups) => reply(ServerLine::Error {
-                    reason: format!("you are in too many groups (at most {MAX_GROUPS_PER_USER})"),
-                }),
-            },
-            Err(e) => reply(ServerLine::Error {
-                reason: e.to_string(),
-            }),
-        },
-        Command::SendGroup { group, text } => {
-            let line = ServerLine::Group {
-                group: group.into(),
-                from: user.into(),
-                text: text.into(),
-            };
-            if !registry.send_group(user, group, &Bytes::from(line.to_wire())) {
-                reply(ServerLine::NotInGroup {
-                    group: group.into(),
-                });
-            }
+        Err(refusal) => session.refuse(refusal),
+    }
+}
+
+fn send_group(session: &Session<'_>, call: &Call<'_>) {
+    let (group, text) = (call.arg(0), call.arg(1));
+    let line = ServerLine::Group {
+        group: group.into(),
+        from: session.user.into(),
+        text: text.into(),
+    };
+    let bytes = Bytes::from(line.to_wire());
+    if !session
+        .shared
+        .registry
+        .send_group(session.user, group, &bytes)
+    {
+        session.reply(ServerLine::NotInGroup {
+            group: group.into(),
+        });
+    }
+}
+
+/// `FILE_RECEIVED|<sender>|<filename>`: relayed to the sender as `[ACK]`, once per forward.
+fn ack(session: &Session<'_>, sender: &str, filename: &str) {
+    let registry = &session.shared.registry;
+    if !registry.take_ack(session.user, sender, filename) {
+        return session.refuse(Refusal::NoSuchAck {
+            sender: sender.into(),
+            filename: filename.into(),
+        });
+    }
+    let ack = ServerLine::Ack {
+        recipient: session.user.into(),
+        filename: filename.into(),
+    };
+    registry.send_to(sender, Bytes::from(ack.to_wire()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::COMMANDS;
+
+    #[test]
+    fn every_command_of_the_protocol_has_exactly_one_handler() {
+        for spec in COMMANDS {
+            let n = HANDLERS.iter().filter(|(s, _)| s.name == spec.name).count();
+            assert_eq!(n, 1, "{}", spec.name);
         }
-        Command::FileReceived { sender, filename } => {
-            if !registry.take_ack(user, sender, filename) {
-                let reason = format!(
-                    "no file '{filename}' from {sender} is waiting for your acknowledgement"
-                );
-                return reply(ServerLine::Error { reason });
-            }
-            let ack = ServerLine::Ack {
-                recipient: user.into(),
-                filename: filename.into(),
-            };
-            registry.send_to(sender, Bytes::from(ack.to_wire()));
-        }
+        assert_eq!(HANDLERS.len(), COMMANDS.len());
     }
 }

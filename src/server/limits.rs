@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+
+use crate::flow::Refusal;
+use crate::store::Store;
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -50,16 +54,16 @@ impl Gate {
     }
 
     /// A place for a connection from `ip`, or why there is none.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
         let permit = self
             .total
             .clone()
             .try_acquire_owned()
-            .map_err(|_| "the server is full; try again later")?;
+            .map_err(|_| Refusal::ServerFull)?;
         let mut map = locked(&self.per_address);
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max_per_address {
-            return Err("too many connections from your address");
+            return Err(Refusal::TooManyFromAddress);
         }
         *n += 1;
         Ok(Admission {
@@ -71,19 +75,33 @@ impl Gate {
 }
 
 #[derive(Default)]
-struct Usage {
-    /// Bytes of saved copies per user, counted since the server started.
+struct InFlight {
+    /// Bytes promised to uploads under way, per user.
     per_user: HashMap<String, u64>,
-    /// Bytes promised to uploads under way (not yet on disk).
-    in_flight: u64,
+    /// Bytes promised to uploads under way, in all.
+    total: u64,
 }
 
-/// Decides whether an upload fits: the user's quota and the disk's free space.
+impl InFlight {
+    fn release(&mut self, user: &str, size: u64) {
+        self.total -= size;
+        if let Some(n) = self.per_user.get_mut(user) {
+            *n -= size;
+            if *n == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
+}
+
+/// Decides whether an upload fits: the user's quota (bytes stored, kept in the [`Store`],
+/// plus uploads under way) and the disk's free space.
 pub(crate) struct DiskLedger {
     data_dir: PathBuf,
     quota: u64,
     min_free: u64,
-    usage: Mutex<Usage>,
+    store: Arc<dyn Store>,
+    in_flight: Mutex<InFlight>,
 }
 
 /// Space set aside for one upload. Dropped without `commit`, it is given back.
@@ -95,12 +113,18 @@ pub(crate) struct Reservation {
 }
 
 impl DiskLedger {
-    pub(crate) fn new(data_dir: PathBuf, quota: u64, min_free: u64) -> Arc<Self> {
+    pub(crate) fn new(
+        data_dir: PathBuf,
+        quota: u64,
+        min_free: u64,
+        store: Arc<dyn Store>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             data_dir,
             quota,
             min_free,
-            usage: Mutex::default(),
+            store,
+            in_flight: Mutex::default(),
         })
     }
 
@@ -111,26 +135,36 @@ impl DiskLedger {
     }
 
     /// Sets `size` bytes aside for `user`, or says why the upload cannot be stored.
-    pub(crate) fn reserve(self: &Arc<Self>, user: &str, size: u64) -> Result<Reservation, String> {
-        let mut usage = locked(&self.usage);
-        let used = usage.per_user.get(user).copied().unwrap_or(0);
+    pub(crate) async fn reserve(
+        self: &Arc<Self>,
+        user: &str,
+        size: u64,
+    ) -> Result<Reservation, Refusal> {
+        let stored = self.store.bytes_stored(user).await.unwrap_or_else(|e| {
+            warn!("[STORE] cannot read {user}'s stored bytes: {e}");
+            0
+        });
+        let mut in_flight = locked(&self.in_flight);
+        let pending = in_flight.per_user.get(user).copied().unwrap_or(0);
+        let used = stored.saturating_add(pending);
         if used.saturating_add(size) > self.quota {
-            return Err(format!(
-                "upload quota exceeded: {used} of {} bytes used, this file needs {size}",
-                self.quota
-            ));
+            return Err(Refusal::Quota {
+                used,
+                quota: self.quota,
+                size,
+            });
         }
         if let Some(free) = self.free_space() {
-            let needed = usage
-                .in_flight
+            let needed = in_flight
+                .total
                 .saturating_add(size)
                 .saturating_add(self.min_free);
             if needed > free {
-                return Err("not enough disk space on the server for this file".into());
+                return Err(Refusal::DiskFull);
             }
         }
-        usage.in_flight += size;
-        *usage.per_user.entry(user.to_owned()).or_insert(0) += size;
+        in_flight.total += size;
+        *in_flight.per_user.entry(user.to_owned()).or_insert(0) += size;
         Ok(Reservation {
             ledger: self.clone(),
             user: user.to_owned(),
@@ -142,25 +176,23 @@ impl DiskLedger {
 
 impl Reservation {
     /// The upload is on disk; `replaced` bytes of an older copy of the same name are gone.
-    pub(crate) fn commit(mut self, replaced: u64) {
+    pub(crate) async fn commit(mut self, replaced: u64) {
         self.committed = true;
-        let mut usage = locked(&self.ledger.usage);
-        usage.in_flight -= self.size;
-        if let Some(used) = usage.per_user.get_mut(&self.user) {
-            *used = used.saturating_sub(replaced);
+        // Stored before the in-flight bytes are released, so a concurrent reservation
+        // never sees neither.
+        let delta = i64::try_from(self.size).unwrap_or(i64::MAX)
+            - i64::try_from(replaced).unwrap_or(i64::MAX);
+        if let Err(e) = self.ledger.store.add_bytes_stored(&self.user, delta).await {
+            warn!("[STORE] cannot record {}'s stored bytes: {e}", self.user);
         }
+        locked(&self.ledger.in_flight).release(&self.user, self.size);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.committed {
-            return;
-        }
-        let mut usage = locked(&self.ledger.usage);
-        usage.in_flight -= self.size;
-        if let Some(used) = usage.per_user.get_mut(&self.user) {
-            *used = used.saturating_sub(self.size);
+        if !self.committed {
+            locked(&self.ledger.in_flight).release(&self.user, self.size);
         }
     }
 }
@@ -191,44 +223,43 @@ mod tests {
         let b: IpAddr = "127.0.0.2".parse().expect("ip");
         let first = gate.admit(a).expect("room");
         let _second = gate.admit(a).expect("room");
-        assert_eq!(
-            gate.admit(a).err(),
-            Some("too many connections from your address")
-        );
+        assert!(matches!(gate.admit(a), Err(Refusal::TooManyFromAddress)));
         let _third = gate.admit(b).expect("room");
-        assert_eq!(
-            gate.admit(b).err(),
-            Some("the server is full; try again later")
-        );
+        assert!(matches!(gate.admit(b), Err(Refusal::ServerFull)));
         drop(first);
         assert!(gate.admit(a).is_ok());
     }
 
-    #[test]
-    fn the_ledger_enforces_the_quota_and_gives_back_failed_uploads() {
+    fn ledger(quota: u64, min_free: u64) -> (tempfile::TempDir, Arc<DiskLedger>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = DiskLedger::new(dir.path().into(), 100, 0);
-        let r = ledger.reserve("alice", 60).expect("fits");
-        assert!(ledger.reserve("alice", 50).is_err());
-        assert!(ledger.reserve("bob", 50).is_ok());
-        drop(r);
-        let r = ledger.reserve("alice", 90).expect("given back");
-        r.commit(0);
-        let err = ledger.reserve("alice", 20).err().expect("over quota");
-        assert_eq!(
-            err,
-            "upload quota exceeded: 90 of 100 bytes used, this file needs 20"
-        );
-        let r = ledger.reserve("alice", 10).expect("fits exactly");
-        r.commit(90);
-        assert!(ledger.reserve("alice", 80).is_ok());
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let ledger = DiskLedger::new(dir.path().into(), quota, min_free, store);
+        (dir, ledger)
     }
 
-    #[test]
-    fn the_ledger_keeps_the_minimum_free_space() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = DiskLedger::new(dir.path().into(), u64::MAX, u64::MAX / 2);
-        let err = ledger.reserve("alice", 1).err().expect("no room");
-        assert_eq!(err, "not enough disk space on the server for this file");
+    #[tokio::test]
+    async fn the_ledger_enforces_the_quota_and_gives_back_failed_uploads() {
+        let (_dir, ledger) = ledger(100, 0);
+        let r = ledger.reserve("alice", 60).await.expect("fits");
+        assert!(ledger.reserve("alice", 50).await.is_err());
+        assert!(ledger.reserve("bob", 50).await.is_ok());
+        drop(r);
+        let r = ledger.reserve("alice", 90).await.expect("given back");
+        r.commit(0).await;
+        let err = ledger.reserve("alice", 20).await.err().expect("over quota");
+        assert_eq!(
+            err.to_string(),
+            "upload quota exceeded: 90 of 100 bytes used, this file needs 20"
+        );
+        let r = ledger.reserve("alice", 10).await.expect("fits exactly");
+        r.commit(90).await;
+        assert!(ledger.reserve("alice", 80).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_ledger_keeps_the_minimum_free_space() {
+        let (_dir, ledger) = ledger(u64::MAX, u64::MAX / 2);
+        let err = ledger.reserve("alice", 1).await.err().expect("no room");
+        assert!(matches!(err, Refusal::DiskFull));
     }
 }

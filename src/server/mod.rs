@@ -5,11 +5,13 @@
 //! `CancellationToken` and `TaskTracker`).
 
 mod chat;
+mod file;
 mod limits;
+mod registry;
+pub mod settings;
 
 pub use limits::raise_open_file_limit;
-mod registry;
-mod relay;
+pub use settings::{Limits, Number, Setting, SettingError, Unit, SETTINGS};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,19 +20,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::flow::{Ended, Refusal, Step};
+use crate::net::{Conn, LineReader};
 use crate::protocol::names::check_username;
-use crate::protocol::{ServerLine, DEFAULT_MAX_HEADER, DEFAULT_MAX_LINE};
+use crate::protocol::ServerLine;
+use crate::store::{MemoryStore, Store};
 use crate::{Error, Result};
 use registry::Registry;
 
 /// Everything an operator can set. `Default` is the lab's setup (127.0.0.1, ports 2003 and
-/// 2007, files saved in the current directory).
-#[derive(Debug, Clone)]
+/// 2007, files saved in the current directory) with the default [`Limits`].
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Address to listen on.
     pub host: String,
@@ -40,34 +45,10 @@ pub struct ServerConfig {
     pub file_port: u16,
     /// Where uploads are saved as `received_from_<sender>_<filename>`.
     pub data_dir: PathBuf,
-    /// How long bytes without a newline wait before they count as one line, on a
-    /// connection that has never sent a newline (the lab's client).
-    pub idle_pause: Duration,
-    /// Longest chat line, in bytes.
-    pub max_line: usize,
-    /// Longest file-port line (username, upload header), in bytes.
-    pub max_header: usize,
-    /// Lines a chat connection may have queued before it counts as not reading.
-    pub send_queue: usize,
-    /// Bytes a chat connection may have queued before it counts as not reading.
-    pub send_queue_bytes: usize,
-    /// How long a write to a peer may make no progress before the peer counts as not
-    /// reading and is dropped (chat lines and file forwards alike).
-    pub send_timeout: Duration,
-    /// How long a connection may take to send its username.
-    pub handshake_timeout: Duration,
-    /// How long an upload may go without receiving a byte before it is aborted.
-    pub transfer_timeout: Duration,
-    /// Connections open at once, both ports together.
-    pub max_connections: usize,
-    /// Connections open at once from one IP address.
-    pub max_per_address: usize,
-    /// Largest file accepted, in bytes.
-    pub max_file_size: u64,
-    /// Bytes of saved copies one user may store (counted since the server started).
-    pub user_quota: u64,
-    /// Free disk space the server always leaves in the data directory, in bytes.
-    pub min_free_disk: u64,
+    /// Every limit (see [`settings`]).
+    pub limits: Limits,
+    /// What persists beyond a connection (in memory unless another store is given).
+    pub store: Arc<dyn Store>,
 }
 
 impl Default for ServerConfig {
@@ -77,20 +58,21 @@ impl Default for ServerConfig {
             chat_port: 2003,
             file_port: 2007,
             data_dir: PathBuf::from("."),
-            idle_pause: Duration::from_millis(25),
-            max_line: DEFAULT_MAX_LINE,
-            max_header: DEFAULT_MAX_HEADER,
-            send_queue: 8192,
-            send_queue_bytes: 4 << 20,
-            send_timeout: Duration::from_secs(30),
-            handshake_timeout: Duration::from_secs(10),
-            transfer_timeout: Duration::from_secs(60),
-            max_connections: 10_000,
-            max_per_address: 256,
-            max_file_size: 4 << 30,
-            user_quota: 16 << 30,
-            min_free_disk: 256 << 20,
+            limits: Limits::default(),
+            store: Arc::new(MemoryStore::new()),
         }
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("host", &self.host)
+            .field("chat_port", &self.chat_port)
+            .field("file_port", &self.file_port)
+            .field("data_dir", &self.data_dir)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,6 +83,8 @@ const FD_HEADROOM: usize = 128;
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) registry: Registry,
+    /// What persists beyond a connection.
+    pub(crate) store: Arc<dyn Store>,
     /// Cancelled once, to shut everything down.
     pub(crate) shutdown: CancellationToken,
     /// Every connection and forward task, so shutdown can wait for them.
@@ -147,48 +131,34 @@ impl Server {
         };
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
-        relay::remove_stale_spools(&config.data_dir);
+        file::remove_stale_spools(&config.data_dir);
         let (soft, hard) = limits::raise_open_file_limit();
-        let c = &config;
         let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
         info!(
-            "[LIMITS] open files {} (hard {}); connections {} ({} per address); \
-             line {} B; file header {} B; file size {} B; quota {} B per user; \
-             free disk kept {} B; send queue {} lines / {} B; idle pause {:?}; \
-             timeouts: handshake {:?}, send {:?}, transfer {:?}",
+            "[LIMITS] open files {} (hard {}); {}",
             or_unlimited(soft),
             or_unlimited(hard),
-            c.max_connections,
-            c.max_per_address,
-            c.max_line,
-            c.max_header,
-            c.max_file_size,
-            c.user_quota,
-            c.min_free_disk,
-            c.send_queue,
-            c.send_queue_bytes,
-            c.idle_pause,
-            c.handshake_timeout,
-            c.send_timeout,
-            c.transfer_timeout,
+            config.limits.describe()
         );
 
         // Never admit more connections than there are descriptors for (leaving room for
         // listeners, spool files and the spare): past that, refuse with a line.
         let fd_room = soft.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
         let max_connections = config
+            .limits
             .max_connections
             .min(fd_room.saturating_sub(FD_HEADROOM).max(1));
-        if max_connections < config.max_connections {
+        if max_connections < config.limits.max_connections {
             warn!(
                 "[LIMITS] {max_connections} connections at most: the open-file limit is {fd_room}"
             );
         }
-        let gate = limits::Gate::new(max_connections, config.max_per_address);
+        let gate = limits::Gate::new(max_connections, config.limits.max_per_address);
         let disk = limits::DiskLedger::new(
             config.data_dir.clone(),
-            config.user_quota,
-            config.min_free_disk,
+            config.limits.user_quota,
+            config.limits.min_free_disk,
+            config.store.clone(),
         );
         Ok(Server {
             chat,
@@ -197,6 +167,7 @@ impl Server {
                 gate,
                 disk,
                 spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
+                store: config.store.clone(),
                 config,
                 registry: Registry::default(),
                 shutdown: CancellationToken::new(),
@@ -258,22 +229,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
         match accepted {
             Ok((stream, addr)) => {
                 backoff = Duration::from_millis(10);
+                let conn = Conn::tcp(stream);
                 match shared.gate.admit(addr.ip()) {
                     Ok(admission) => {
                         let shared2 = shared.clone();
                         shared.tasks.spawn(async move {
-                            serve(shared2, stream, addr, port).await;
+                            serve(shared2, conn, addr, port).await;
                             drop(admission);
                         });
                     }
-                    Err(reason) => {
-                        warn!("[REFUSED] {addr}: {reason}");
-                        let line = ServerLine::Error {
-                            reason: reason.into(),
-                        }
-                        .to_wire();
-                        let _ = stream.try_write(line.as_bytes());
-                    }
+                    Err(refusal) => refuse_now(&conn, addr, refusal),
                 }
             }
             Err(e) => {
@@ -292,30 +257,33 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
     }
 }
 
-/// Reads and checks the username a connection opens with, on either port. `Err(None)`:
-/// the peer left without one; `Err(Some(reason))`: refuse it with that reason.
+/// Reads and checks the username a connection opens with, on either port.
 pub(crate) async fn read_username(
     shared: &Shared,
-    reader: &mut crate::net::LineReader,
+    reader: &mut LineReader,
     kill: &CancellationToken,
-) -> Result<String, Option<String>> {
-    let limit = shared.config.handshake_timeout;
+) -> Step<String> {
+    let limit = shared.config.limits.handshake_timeout;
     let line = match tokio::time::timeout(limit, reader.next_line(kill)).await {
         Ok(Ok(line)) => line,
-        Ok(Err(crate::net::ReadEnd::Frame(e))) => return Err(Some(e.to_string())),
-        Ok(Err(_)) => return Err(None),
-        Err(_) => {
-            return Err(Some(format!(
-                "no username within {} s",
-                limit.as_secs_f64()
-            )))
-        }
+        Ok(Err(Ended::Frame(e))) => return Err(Refusal::Frame(e).into()),
+        Ok(Err(end)) => return Err(end.into()),
+        Err(_) => return Err(Refusal::NoUsername(limit).into()),
     };
     let name = std::str::from_utf8(&line)
-        .map_err(|_| Some("username is not valid UTF-8".to_owned()))?
+        .map_err(|_| Refusal::UsernameNotUtf8)?
         .trim();
-    check_username(name).map_err(|e| Some(e.to_string()))?;
+    check_username(name).map_err(Refusal::from)?;
     Ok(name.to_owned())
+}
+
+/// Tells a connection refused before any handshake why, if it takes the line at once.
+fn refuse_now(conn: &Conn, addr: SocketAddr, refusal: Refusal) {
+    warn!("[REFUSED] {addr}: {refusal}");
+    let line = ServerLine::Error {
+        reason: refusal.to_string(),
+    };
+    conn.try_tell(line.to_wire().as_bytes());
 }
 
 /// Out of descriptors: frees the spare one, accepts the waiting connection only to tell it
@@ -331,11 +299,7 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
     if let Ok(Ok((stream, addr))) =
         tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
     {
-        warn!("[REFUSED] {addr}: out of file descriptors");
-        let line = ServerLine::Error {
-            reason: "the server is full; try again later".into(),
-        };
-        let _ = stream.try_write(line.to_wire().as_bytes());
+        refuse_now(&Conn::tcp(stream), addr, Refusal::ServerFull);
     }
     *shared
         .spare_fd
@@ -343,11 +307,10 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
         .unwrap_or_else(PoisonError::into_inner) = std::fs::File::open("/dev/null").ok();
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
-    let _ = stream.set_nodelay(true);
+async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, port: Port) {
     match port {
-        Port::Chat => chat::serve(shared, stream, addr).await,
-        Port::File => relay::serve(shared, stream, addr).await,
+        Port::Chat => chat::serve(shared, conn, addr).await,
+        Port::File => file::serve(shared, conn, addr).await,
     }
 }
 
@@ -370,17 +333,19 @@ mod tests {
         let server = Server::bind(cfg).await.expect("binds");
         let addr = server.chat_addr().expect("addr");
         let shared = server.shared.clone();
-        let stream = || TcpStream::connect(addr);
-        let chat = chat::serve(shared.clone(), stream().await.expect("connects"), addr);
-        let file = relay::serve(shared.clone(), stream().await.expect("connects"), addr);
+        let stream = || async {
+            Conn::tcp(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("connects"),
+            )
+        };
+        let chat = chat::serve(shared.clone(), stream().await, addr);
+        let file = file::serve(shared.clone(), stream().await, addr);
         let queue = crate::net::SendQueue::new(1, 1);
-        let sock = stream().await.expect("connects");
-        let writer = crate::net::write_loop(
-            sock,
-            queue,
-            CancellationToken::new(),
-            Duration::from_secs(1),
-        );
+        let (_rd, wr) = stream().await.split();
+        let writer =
+            crate::net::write_loop(wr, queue, CancellationToken::new(), Duration::from_secs(1));
         assert!(
             std::mem::size_of_val(&chat) <= 1024,
             "chat: {}",

@@ -10,11 +10,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::relay::ForwardJob;
+use super::file::FileLink;
+use crate::flow::Refusal;
 use crate::net::{Pushed, SendQueue};
 use crate::protocol::ServerLine;
 
@@ -68,15 +68,6 @@ impl Outbox {
     }
 }
 
-/// A file connection's outgoing side: the queue of its forwarder, which owns the socket's
-/// write half and runs one transfer at a time, in order.
-pub(crate) struct FileLink {
-    /// Forwards waiting for this connection.
-    pub(crate) jobs: mpsc::Sender<Box<ForwardJob>>,
-    /// Closes the file connection (chat disconnect, an aborted forward, shutdown).
-    pub(crate) kill: CancellationToken,
-}
-
 struct ChatEntry {
     /// Which connection registered the name (a stale one must not remove a newer one).
     id: u64,
@@ -109,25 +100,8 @@ struct State {
     next_seq: u64,
 }
 
-/// Why a file connection was refused.
-#[derive(Debug)]
-pub(crate) enum FileRefusal {
-    /// No chat session (or a different one than the caller waited for).
-    NoSession,
-    /// The name already has a live file connection.
-    Taken,
-}
-
 /// Groups one user may be in at once.
 pub(crate) const MAX_GROUPS_PER_USER: usize = 256;
-
-/// A user already in [`MAX_GROUPS_PER_USER`] groups.
-#[derive(Debug)]
-pub(crate) struct TooManyGroups;
-
-/// A name that is already taken by a live connection.
-#[derive(Debug)]
-pub(crate) struct NameTaken;
 
 /// The registry of sessions and groups.
 #[derive(Default)]
@@ -151,11 +125,11 @@ impl Registry {
         ip: IpAddr,
         outbox: Outbox,
         greeting: Bytes,
-    ) -> Result<(), NameTaken> {
+    ) -> Result<(), Refusal> {
         {
             let mut st = self.state();
             if st.chats.contains_key(user) {
-                return Err(NameTaken);
+                return Err(Refusal::NameTaken(user.to_owned()));
             }
             outbox.push(greeting);
             st.next_seq += 1;
@@ -210,13 +184,13 @@ impl Registry {
         chat_id: u64,
         id: u64,
         link: Arc<FileLink>,
-    ) -> Result<(), FileRefusal> {
+    ) -> Result<(), Refusal> {
         let mut st = self.state();
         if st.chats.get(user).map(|e| e.id) != Some(chat_id) {
-            return Err(FileRefusal::NoSession);
+            return Err(Refusal::NoChatSession(user.to_owned()));
         }
         if st.files.contains_key(user) {
-            return Err(FileRefusal::Taken);
+            return Err(Refusal::FileConnectionTaken(user.to_owned()));
         }
         st.files.insert(user.to_owned(), FileEntry { id, link });
         Ok(())
@@ -304,14 +278,14 @@ impl Registry {
 
     /// Adds `user` to `group`, creating the group on first join; refused past
     /// [`MAX_GROUPS_PER_USER`] groups.
-    pub(crate) fn join(&self, group: &str, user: &str) -> Result<(), TooManyGroups> {
+    pub(crate) fn join(&self, group: &str, user: &str) -> Result<(), Refusal> {
         let mut st = self.state();
         let mine = st.memberships.entry(user.to_owned()).or_default();
         if mine.iter().any(|g| g == group) {
             return Ok(());
         }
         if mine.len() >= MAX_GROUPS_PER_USER {
-            return Err(TooManyGroups);
+            return Err(Refusal::TooManyGroups(MAX_GROUPS_PER_USER));
         }
         mine.push(group.to_owned());
         st.groups
@@ -346,5 +320,140 @@ impl Registry {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// A registered user with a queue the test can read.
+    fn user(registry: &Registry, name: &str, id: u64) -> Arc<SendQueue> {
+        let queue = SendQueue::new(64, 1 << 20);
+        let outbox = Outbox::new(name, queue.clone(), CancellationToken::new());
+        let welcome = Bytes::from(format!("Welcome, {name}!\n"));
+        registry
+            .add_chat(name, id, HERE, outbox, welcome)
+            .expect("name is free");
+        queue
+    }
+
+    fn lines(queue: &SendQueue) -> Vec<String> {
+        queue
+            .drain_now()
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).trim_end().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_name_is_held_by_one_connection_and_freed_only_by_it() {
+        let registry = Registry::default();
+        let _alice = user(&registry, "alice", 1);
+        let queue = SendQueue::new(4, 1024);
+        let outbox = Outbox::new("alice", queue, CancellationToken::new());
+        let again = registry.add_chat("alice", 2, HERE, outbox, Bytes::new());
+        assert!(matches!(again, Err(Refusal::NameTaken(n)) if n == "alice"));
+        registry.remove_chat("alice", 2); // a stale connection's removal is ignored
+        assert_eq!(registry.chat_session("alice"), Some((1, HERE)));
+        registry.remove_chat("alice", 1);
+        assert_eq!(registry.chat_session("alice"), None);
+    }
+
+    #[test]
+    fn the_welcome_comes_first_and_list_keeps_arrival_order() {
+        let registry = Registry::default();
+        let alice = user(&registry, "alice", 1);
+        let _carol = user(&registry, "carol", 2);
+        let _bob = user(&registry, "bob", 3);
+        registry.broadcast("bob", &Bytes::from("hi\n"));
+        assert_eq!(lines(&alice), ["Welcome, alice!", "hi"]);
+        assert_eq!(registry.users_except("alice"), ["carol", "bob"]);
+    }
+
+    #[test]
+    fn group_messages_reach_the_other_members_only() {
+        let registry = Registry::default();
+        let (alice, bob, carol) = (
+            user(&registry, "alice", 1),
+            user(&registry, "bob", 2),
+            user(&registry, "carol", 3),
+        );
+        for q in [&alice, &bob, &carol] {
+            lines(q);
+        }
+        registry.join("devs", "alice").expect("joins");
+        registry.join("devs", "bob").expect("joins");
+        assert!(registry.send_group("alice", "devs", &Bytes::from("g\n")));
+        assert!(!registry.send_group("carol", "devs", &Bytes::from("x\n")));
+        assert_eq!(lines(&bob), ["g"]);
+        assert!(lines(&alice).is_empty() && lines(&carol).is_empty());
+        assert_eq!(
+            registry.members_except("devs", "alice"),
+            Some(vec!["bob".to_owned()])
+        );
+        registry.remove_chat("bob", 2);
+        assert_eq!(registry.members_except("devs", "alice"), Some(vec![]));
+        registry.remove_chat("alice", 1);
+        assert_eq!(
+            registry.members_except("devs", "carol"),
+            None,
+            "empty groups go"
+        );
+    }
+
+    #[test]
+    fn a_user_may_join_only_so_many_groups() {
+        let registry = Registry::default();
+        let _alice = user(&registry, "alice", 1);
+        for i in 0..MAX_GROUPS_PER_USER {
+            registry.join(&format!("g{i}"), "alice").expect("room");
+        }
+        registry
+            .join("g0", "alice")
+            .expect("joining again is no new group");
+        assert!(matches!(
+            registry.join("one-more", "alice"),
+            Err(Refusal::TooManyGroups(MAX_GROUPS_PER_USER))
+        ));
+    }
+
+    #[test]
+    fn an_acknowledgement_counts_once_per_forward() {
+        let registry = Registry::default();
+        let _bob = user(&registry, "bob", 1);
+        assert!(!registry.take_ack("bob", "alice", "a.txt"));
+        registry.expect_ack("bob", "alice", "a.txt");
+        registry.expect_ack("nobody", "alice", "a.txt");
+        assert!(!registry.take_ack("bob", "alice", "b.txt"));
+        assert!(registry.take_ack("bob", "alice", "a.txt"));
+        assert!(!registry.take_ack("bob", "alice", "a.txt"));
+        assert!(!registry.take_ack("nobody", "alice", "a.txt"));
+    }
+
+    #[test]
+    fn a_file_connection_needs_its_chat_session_and_is_closed_with_it() {
+        let registry = Registry::default();
+        let _bob = user(&registry, "bob", 1);
+        let link = || {
+            let (jobs, _queue) = tokio::sync::mpsc::channel(1);
+            Arc::new(FileLink {
+                jobs,
+                kill: CancellationToken::new(),
+            })
+        };
+        let stale = registry.add_file("bob", 99, 10, link());
+        assert!(matches!(stale, Err(Refusal::NoChatSession(_))));
+        let first = link();
+        registry
+            .add_file("bob", 1, 10, first.clone())
+            .expect("bound");
+        let second = registry.add_file("bob", 1, 11, link());
+        assert!(matches!(second, Err(Refusal::FileConnectionTaken(_))));
+        registry.remove_chat("bob", 1);
+        assert!(first.kill.is_cancelled());
+        assert!(registry.file_link("bob").is_none());
     }
 }

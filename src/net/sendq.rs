@@ -1,195 +1,18 @@
-//! Socket plumbing shared by the server and the client engine: a framed line reader (with
-//! the idle-pause rule where the server needs it) and the writer task that drains a
-//! connection's bounded outbox.
+//! A connection's outgoing side: the bounded send queue that any task fills without
+//! waiting, and the one writer task that drains it into the socket.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{FrameError, LineFramer};
-
-/// How much a reader asks the kernel for at a time on a chat connection.
-const READ_CHUNK: usize = 8 * 1024;
 /// Slots an emptied send queue may keep (a few are reused by every message; a burst's
 /// worth is given back).
 const KEEP_LINES: usize = 8;
 /// Largest batch the writer hands to one `write` call.
 const WRITE_BATCH: usize = 64 * 1024;
-
-/// What ended a read.
-#[derive(Debug)]
-pub(crate) enum ReadEnd {
-    /// The peer closed its side (or the connection was cancelled).
-    Closed,
-    /// The peer broke the framing rules.
-    Frame(FrameError),
-    /// The socket failed.
-    Io(std::io::Error),
-}
-
-/// A socket's read side, cut into lines by [`LineFramer`].
-pub(crate) struct LineReader {
-    /// The socket's read half.
-    rd: OwnedReadHalf,
-    /// Bytes read but not yet consumed.
-    buf: BytesMut,
-    /// The framing state (pause- or line-framed).
-    framer: LineFramer,
-    /// How long bytes without a newline may sit before they count as a line.
-    idle_pause: Duration,
-}
-
-impl LineReader {
-    pub(crate) fn new(rd: OwnedReadHalf, max_line: usize, idle_pause: Duration) -> Self {
-        Self {
-            rd,
-            buf: BytesMut::new(),
-            framer: LineFramer::new(max_line),
-            idle_pause,
-        }
-    }
-
-    /// A reader on which only a newline ends a line (how a client reads the server).
-    pub(crate) fn line_framed(rd: OwnedReadHalf, max_line: usize) -> Self {
-        Self {
-            rd,
-            buf: BytesMut::new(),
-            framer: LineFramer::line_framed(max_line),
-            idle_pause: Duration::ZERO,
-        }
-    }
-
-    /// From now on only a newline ends a line (file headers, after the username).
-    pub(crate) fn require_newlines(&mut self, max_line: usize) {
-        self.framer = LineFramer::line_framed(max_line);
-    }
-
-    /// The next line, or why there is none. Bytes left without a newline when the peer
-    /// closes its side count as a last line.
-    pub(crate) async fn next_line(&mut self, cancel: &CancellationToken) -> Result<Bytes, ReadEnd> {
-        loop {
-            match self.framer.next_line(&mut self.buf) {
-                Ok(Some(line)) => return Ok(line),
-                Ok(None) => {}
-                Err(e) => return Err(ReadEnd::Frame(e)),
-            }
-            let pausing = self.framer.wants_idle_flush(&self.buf);
-            if self.buf.is_empty() && self.buf.capacity() > 0 {
-                // An idle connection holds no buffer: the one for the next read is taken
-                // once the socket is readable (most users are idle most of the time).
-                self.buf = BytesMut::new();
-            }
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(ReadEnd::Closed),
-                _ = tokio::time::sleep(self.idle_pause), if pausing => {
-                    if let Some(line) = self.framer.take_idle_line(&mut self.buf) {
-                        return Ok(line);
-                    }
-                }
-                ready = self.rd.readable() => {
-                    if let Err(e) = ready {
-                        return Err(ReadEnd::Io(e));
-                    }
-                    // Read on the stack, keep only what came: a connection's buffer is
-                    // sized by its traffic, not by the read size (no transient 8 KiB
-                    // blocks to fragment the heap of a server with 100,000 users).
-                    let mut chunk = [0u8; READ_CHUNK];
-                    match self.rd.try_read(&mut chunk) {
-                        Ok(n @ 1..) => self.buf.extend_from_slice(&chunk[..n]),
-                        Ok(0) => {
-                            return match self.buf.is_empty() {
-                                true => Err(ReadEnd::Closed),
-                                false => Ok(self.buf.split().freeze()),
-                            };
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(ReadEnd::Io(e)),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Up to `max` raw bytes (a file body): first what is buffered, then from the socket.
-    /// An empty result means the peer closed its side.
-    pub(crate) async fn read_raw(&mut self, max: usize, chunk: usize) -> std::io::Result<Bytes> {
-        if self.buf.is_empty() {
-            self.buf.reserve(chunk);
-            let want = chunk.min(max);
-            let n = (&mut self.rd)
-                .take(want as u64)
-                .read_buf(&mut self.buf)
-                .await?;
-            if n == 0 {
-                return Ok(Bytes::new());
-            }
-        }
-        let take = self.buf.len().min(max);
-        Ok(self.buf.split_to(take).freeze())
-    }
-
-    /// Reads and drops exactly `n` raw bytes; false if the peer closed, went `stall`
-    /// without sending a byte, or `cancel` fired first.
-    pub(crate) async fn skip(
-        &mut self,
-        mut n: u64,
-        chunk: usize,
-        cancel: &CancellationToken,
-        stall: Duration,
-    ) -> bool {
-        while n > 0 {
-            let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk);
-            let got = tokio::select! {
-                _ = cancel.cancelled() => return false,
-                got = tokio::time::timeout(stall, self.read_raw(want, chunk)) => got,
-            };
-            match got {
-                Ok(Ok(bytes)) if !bytes.is_empty() => n -= bytes.len() as u64,
-                _ => return false,
-            }
-        }
-        true
-    }
-
-    /// Drops buffered bytes and reads until the peer has been quiet for `quiet` (to resync
-    /// after a header whose body length is unknown). Returns false if the peer closed, if
-    /// `cancel` fired, or if it never went quiet within `limit`.
-    pub(crate) async fn discard_until_quiet(
-        &mut self,
-        quiet: Duration,
-        limit: Duration,
-        cancel: &CancellationToken,
-    ) -> bool {
-        self.buf.clear();
-        // On the heap: a stack array would live in every file connection's future.
-        let mut scratch = vec![0u8; 4096];
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep_until(deadline) => return false,
-                read = tokio::time::timeout(quiet, self.rd.read(&mut scratch)) => read,
-            };
-            match read {
-                Err(_) => return true,
-                Ok(Ok(0)) | Ok(Err(_)) => return false,
-                Ok(Ok(_)) => {}
-            }
-        }
-    }
-
-    /// Releases a large body buffer once a transfer is over, so idle connections stay small.
-    pub(crate) fn shrink(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
-            self.buf = BytesMut::new();
-        }
-    }
-}
 
 /// Writes all of `buf`, failing with `TimedOut` only if the peer accepts *nothing* for
 /// `stall`: a slow but steady reader is never cut off, a stopped one is.
@@ -284,6 +107,14 @@ impl SendQueue {
         drop(st);
         self.ready.notify_one();
         Pushed::Queued
+    }
+
+    /// Takes every queued line at once, without waiting (for tests that read a queue).
+    #[cfg(test)]
+    pub(crate) fn drain_now(&self) -> Vec<Bytes> {
+        let mut st = self.state();
+        st.bytes = 0;
+        st.lines.drain(..).collect()
     }
 
     /// No more lines: the writer sends what is queued and then shuts the socket.

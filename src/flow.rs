@@ -1,0 +1,161 @@
+//! How a step of a connection task ends when it does not simply succeed: one type for the
+//! server's tasks and the client engine's alike.
+//!
+//! A step either is refused ([`Stop::Refused`]: the request failed, the user is told why in
+//! one line, and the connection goes on) or ends the connection ([`Stop::Ended`]: nothing
+//! more can be said on it; the reason is for the log). Every user-facing reason is a
+//! variant of [`Refusal`], whose text is exactly what follows `ERROR: ` on the wire.
+
+use std::time::Duration;
+
+use crate::protocol::{FrameError, HeaderError, NameError};
+
+/// Why a connection is over.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Ended {
+    /// The peer closed its side, or the connection was closed (shutdown, a kill switch).
+    #[error("left")]
+    Closed,
+    /// The peer broke the framing rules.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent (or took) nothing for this long.
+    #[error("nothing for {0:?}")]
+    Stalled(Duration),
+    /// A transfer broke off after `got` of `size` bytes.
+    #[error("broke off after {got} of {size} bytes")]
+    BrokeOff {
+        /// Bytes that arrived.
+        got: u64,
+        /// Bytes announced.
+        size: u64,
+    },
+}
+
+/// Why a request was refused: the text is the user's `ERROR: <reason>` line.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// The server holds as many connections as it may.
+    #[error("the server is full; try again later")]
+    ServerFull,
+    /// The address holds as many connections as it may.
+    #[error("too many connections from your address")]
+    TooManyFromAddress,
+    /// The line before the username broke the framing rules (too long).
+    #[error("{0}")]
+    Frame(FrameError),
+    /// No username arrived in time.
+    #[error("no username within {} s", .0.as_secs_f64())]
+    NoUsername(Duration),
+    /// A username, group or file name that breaks the rules.
+    #[error("{0}")]
+    Name(#[from] NameError),
+    /// The username's bytes are not UTF-8.
+    #[error("username is not valid UTF-8")]
+    UsernameNotUtf8,
+    /// Someone is connected under that name.
+    #[error("username '{0}' is already connected")]
+    NameTaken(String),
+    /// A file connection for a name with no chat session.
+    #[error("'{0}' has no chat session; log in on the chat port first")]
+    NoChatSession(String),
+    /// A file connection from another address than the name's chat session.
+    #[error("'{0}' is connected from another address")]
+    OtherAddress(String),
+    /// The name has a live file connection already.
+    #[error("'{0}' already has a file connection")]
+    FileConnectionTaken(String),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A command line that is not UTF-8.
+    #[error("command is not valid UTF-8")]
+    CommandNotUtf8,
+    /// A user in as many groups as allowed.
+    #[error("you are in too many groups (at most {0})")]
+    TooManyGroups(usize),
+    /// `FILE_RECEIVED|` without both fields.
+    #[error("malformed acknowledgement: expected FILE_RECEIVED|<sender>|<filename>")]
+    MalformedAck,
+    /// An acknowledgement for a file that was not forwarded to the user.
+    #[error("no file '{filename}' from {sender} is waiting for your acknowledgement")]
+    NoSuchAck {
+        /// Who was named as the sender.
+        sender: String,
+        /// The file named.
+        filename: String,
+    },
+    /// An upload header that does not parse (its text says "invalid file header: ...").
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+    /// A file-port line over the limit.
+    #[error("invalid file header: {0}")]
+    HeaderFrame(FrameError),
+    /// `received_from_<sender>_<name>.tmp` does not fit in one path component.
+    #[error("file name too long to save as {0}")]
+    SavedNameTooLong(String),
+    /// A file over `max_file_size`.
+    #[error("file too large: {size} bytes (limit {limit})")]
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The user's quota would be exceeded.
+    #[error("upload quota exceeded: {used} of {quota} bytes used, this file needs {size}")]
+    Quota {
+        /// Bytes the user has stored.
+        used: u64,
+        /// The quota.
+        quota: u64,
+        /// Bytes this file needs.
+        size: u64,
+    },
+    /// The disk would fall under the free space the server keeps.
+    #[error("not enough disk space on the server for this file")]
+    DiskFull,
+    /// A file could not be written or put in place.
+    #[error("could not save file '{filename}': {error}")]
+    CannotSave {
+        /// The file's name as sent.
+        filename: String,
+        /// What the file system said.
+        error: std::io::Error,
+    },
+    /// A recipient has as many forwards waiting as it may.
+    #[error("{recipient} has too many files waiting; file saved as {saved_as}")]
+    TooManyWaiting {
+        /// The recipient.
+        recipient: String,
+        /// Name of the server's copy.
+        saved_as: String,
+    },
+    /// A forward that was queued or under way failed.
+    #[error("'{filename}' could not be delivered to {recipient}: {why}")]
+    NotDelivered {
+        /// The file's name as sent.
+        filename: String,
+        /// The recipient.
+        recipient: String,
+        /// What happened.
+        why: String,
+    },
+}
+
+/// How a step that did not succeed stopped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Stop {
+    /// The request failed; the user is told, and the connection goes on.
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    /// The connection is over.
+    #[error("{0}")]
+    Ended(#[from] Ended),
+}
+
+/// The result of one step of a connection task.
+pub(crate) type Step<T = ()> = Result<T, Stop>;

@@ -1,0 +1,259 @@
+//! A connection's read side, cut into lines by [`LineFramer`] (with the idle-pause rule
+//! where the server needs it), plus the raw reads a file body needs.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::ConnRead;
+use crate::flow::Ended;
+use crate::protocol::LineFramer;
+
+/// How much a reader asks the kernel for at a time on a chat connection.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A stream's read side, cut into lines. Generic over the stream so that the same reader
+/// serves plain and TLS connections, and in-memory pipes in tests.
+pub(crate) struct LineReader<R = ConnRead> {
+    /// The stream's read half.
+    rd: R,
+    /// Bytes read but not yet consumed.
+    buf: BytesMut,
+    /// The framing state (pause- or line-framed).
+    framer: LineFramer,
+    /// How long bytes without a newline may sit before they count as a line.
+    idle_pause: Duration,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub(crate) fn new(rd: R, max_line: usize, idle_pause: Duration) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::new(),
+            framer: LineFramer::new(max_line),
+            idle_pause,
+        }
+    }
+
+    /// A reader on which only a newline ends a line (how a client reads the server).
+    pub(crate) fn line_framed(rd: R, max_line: usize) -> Self {
+        Self {
+            rd,
+            buf: BytesMut::new(),
+            framer: LineFramer::line_framed(max_line),
+            idle_pause: Duration::ZERO,
+        }
+    }
+
+    /// From now on only a newline ends a line (file headers, after the username).
+    pub(crate) fn require_newlines(&mut self, max_line: usize) {
+        self.framer = LineFramer::line_framed(max_line);
+    }
+
+    /// Reads what the stream has (at most [`READ_CHUNK`] bytes) onto the buffer; 0 at end
+    /// of stream. The read lands on the stack inside one poll and only what came is kept:
+    /// a connection's buffer is sized by its traffic, not by the read size, and no scratch
+    /// array lives in the connection's future across an await (no transient 8 KiB blocks
+    /// to fragment the heap of a server with 100,000 users).
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        poll_fn(|cx| {
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.rd).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    self.buf.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// The next line, or why there is none. Bytes left without a newline when the peer
+    /// closes its side count as a last line.
+    pub(crate) async fn next_line(&mut self, cancel: &CancellationToken) -> Result<Bytes, Ended> {
+        loop {
+            match self.framer.next_line(&mut self.buf) {
+                Ok(Some(line)) => return Ok(line),
+                Ok(None) => {}
+                Err(e) => return Err(Ended::Frame(e)),
+            }
+            let pausing = self.framer.wants_idle_flush(&self.buf);
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // An idle connection holds no buffer: the one for the next read is taken
+                // once the stream is readable (most users are idle most of the time).
+                self.buf = BytesMut::new();
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Ended::Closed),
+                _ = tokio::time::sleep(self.idle_pause), if pausing => {
+                    if let Some(line) = self.framer.take_idle_line(&mut self.buf) {
+                        return Ok(line);
+                    }
+                }
+                read = self.fill() => match read {
+                    Ok(0) => {
+                        return match self.buf.is_empty() {
+                            true => Err(Ended::Closed),
+                            false => Ok(self.buf.split().freeze()),
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(Ended::Io(e)),
+                },
+            }
+        }
+    }
+
+    /// Up to `max` raw bytes (a file body): first what is buffered, then from the stream.
+    /// An empty result means the peer closed its side.
+    pub(crate) async fn read_raw(&mut self, max: usize, chunk: usize) -> std::io::Result<Bytes> {
+        if self.buf.is_empty() {
+            self.buf.reserve(chunk);
+            let want = chunk.min(max);
+            let n = (&mut self.rd)
+                .take(want as u64)
+                .read_buf(&mut self.buf)
+                .await?;
+            if n == 0 {
+                return Ok(Bytes::new());
+            }
+        }
+        let take = self.buf.len().min(max);
+        Ok(self.buf.split_to(take).freeze())
+    }
+
+    /// Reads and drops exactly `n` raw bytes. Fails with `UnexpectedEof` if the peer
+    /// closed, `TimedOut` if it went `stall` without sending a byte, and `Interrupted` if
+    /// `cancel` fired first.
+    pub(crate) async fn skip(
+        &mut self,
+        mut n: u64,
+        chunk: usize,
+        cancel: &CancellationToken,
+        stall: Duration,
+    ) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        while n > 0 {
+            let want = usize::try_from(n).unwrap_or(usize::MAX).min(chunk);
+            let got = tokio::select! {
+                _ = cancel.cancelled() => return Err(Error::from(ErrorKind::Interrupted)),
+                got = tokio::time::timeout(stall, self.read_raw(want, chunk)) => got,
+            };
+            match got {
+                Ok(Ok(bytes)) if !bytes.is_empty() => n -= bytes.len() as u64,
+                Ok(Ok(_)) => return Err(Error::from(ErrorKind::UnexpectedEof)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops buffered bytes and reads until the peer has been quiet for `quiet` (to resync
+    /// after a header whose body length is unknown). Returns how many bytes it dropped, or
+    /// `None` if the peer closed, `cancel` fired, or it never went quiet within `limit`.
+    pub(crate) async fn discard_until_quiet(
+        &mut self,
+        quiet: Duration,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Option<u64> {
+        let mut dropped = self.buf.len() as u64;
+        self.buf.clear();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(deadline) => return None,
+                read = tokio::time::timeout(quiet, self.fill()) => read,
+            };
+            match read {
+                Err(_) => return Some(dropped),
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(n)) => {
+                    dropped += n as u64;
+                    self.buf.clear();
+                }
+            }
+        }
+    }
+
+    /// Releases a large body buffer once a transfer is over, so idle connections stay small.
+    pub(crate) fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > READ_CHUNK {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn never() -> CancellationToken {
+        CancellationToken::new()
+    }
+
+    #[tokio::test]
+    async fn lines_then_raw_bytes_from_one_stream() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::line_framed(ours, 100);
+        peer.write_all(b"a|b|3\nxyzrest\n").await.expect("write");
+        assert_eq!(reader.next_line(&never()).await.expect("line"), "a|b|3");
+        assert_eq!(reader.read_raw(3, 16).await.expect("raw"), "xyz");
+        assert_eq!(reader.next_line(&never()).await.expect("line"), "rest");
+        drop(peer);
+        assert!(matches!(
+            reader.next_line(&never()).await,
+            Err(Ended::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_pause_ends_a_line_sent_without_a_newline() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(ours, 100, Duration::from_millis(25));
+        peer.write_all(b"alice").await.expect("write");
+        assert_eq!(reader.next_line(&never()).await.expect("line"), "alice");
+    }
+
+    #[tokio::test]
+    async fn skip_reports_how_it_ended() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::line_framed(ours, 100);
+        peer.write_all(b"0123456789next\n").await.expect("write");
+        reader
+            .skip(10, 4, &never(), Duration::from_secs(5))
+            .await
+            .expect("skipped");
+        assert_eq!(reader.next_line(&never()).await.expect("line"), "next");
+        drop(peer);
+        let end = reader.skip(1, 4, &never(), Duration::from_secs(5)).await;
+        assert_eq!(
+            end.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::UnexpectedEof)
+        );
+    }
+
+    #[tokio::test]
+    async fn discarding_counts_what_it_dropped() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::line_framed(ours, 100);
+        peer.write_all(b"garbage").await.expect("write");
+        let quiet = Duration::from_millis(200);
+        let dropped = reader
+            .discard_until_quiet(quiet, Duration::from_secs(5), &never())
+            .await;
+        assert_eq!(dropped, Some(7));
+    }
+}

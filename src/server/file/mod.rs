@@ -1,0 +1,188 @@
+//! The file port: the username handshake, then upload headers, each followed by its body.
+//!
+//! * this module: the file-port handshake (the connection is bound to its user's live chat
+//!   session from the same address) and the loop over upload headers, with the resync
+//!   after a bad header;
+//! * [`upload`]: one upload, in stages, with one refusal path;
+//! * [`forward`]: each file connection's forwarder, which streams uploads to it;
+//! * [`spool`]: where uploads wait until they are whole.
+//!
+//! An upload writes each chunk to its spool file and then publishes how many bytes are on
+//! disk (a `watch` channel). Each recipient's forwarder reads the spool file up to that
+//! mark, so recipients receive while the upload is still arriving, in parallel, each at
+//! its own pace, and no file is ever held in memory. If the upload breaks off, forwards
+//! that have not started are dropped and those under way close the recipient's file
+//! connection (its client discards the partial `.tmp`): nobody keeps a partial file under
+//! its final name.
+
+mod forward;
+mod spool;
+mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub(crate) use forward::FileLink;
+pub(crate) use spool::remove_stale as remove_stale_spools;
+
+use super::{read_username, Shared};
+use crate::flow::{Ended, Refusal, Step, Stop};
+use crate::net::{Conn, ConnWrite, LineReader};
+use crate::protocol::file_header::UploadHeader;
+use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
+use forward::{forward_all, tell, MAX_QUEUED_FORWARDS};
+use upload::{skip_body, upload};
+
+/// How long a file handshake waits for the chat session of the same name to appear.
+const CHAT_SESSION_WAIT: Duration = Duration::from_secs(2);
+/// After a header whose body length is unknown, input is discarded until this much quiet.
+const RESYNC_QUIET: Duration = Duration::from_millis(200);
+/// Gap between the greeting and a first forward (the lab's client reads the greeting with
+/// one `recv` and must not find a header glued to it).
+const GREETING_GAP: Duration = Duration::from_millis(100);
+
+pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
+    let (rd, wr) = conn.split();
+    let kill = shared.shutdown.child_token();
+    let limits = &shared.config.limits;
+    let mut reader = LineReader::new(rd, limits.max_header, limits.idle_pause);
+    let id = shared.next_id();
+
+    let (user, link) = match handshake(&shared, &mut reader, addr, id, &kill).await {
+        Ok(claimed) => claimed,
+        Err(Stop::Refused(refusal)) => return refuse(wr, addr, refusal).await,
+        Err(Stop::Ended(_)) => return,
+    };
+    // Greet in a write of its own: the greeting is the first thing written, and forwards
+    // only start once the forwarder owns the writer.
+    let mut wr = wr;
+    if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+        shared.registry.remove_file(&user, id);
+        return;
+    }
+    let ready_at = Instant::now() + GREETING_GAP;
+    shared.tasks.spawn(forward_all(
+        shared.clone(),
+        user.clone(),
+        wr,
+        link,
+        kill.clone(),
+        ready_at,
+    ));
+    info!("[FILE SOCKET] {user} connected for files from {addr}");
+    reader.require_newlines(shared.config.limits.max_header);
+
+    loop {
+        let step = match reader.next_line(&kill).await {
+            Ok(line) if line.is_empty() => Ok(()),
+            Ok(line) => match UploadHeader::parse(&line) {
+                // Boxed: an upload's state lives on the heap only while an upload runs,
+                // so an idle file connection stays small.
+                Ok(header) => Box::pin(upload(&shared, &user, header, &mut reader, &kill)).await,
+                Err(e) => {
+                    let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
+                    warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
+                    tell(&shared, &user, Refusal::Header(e));
+                    resync(&shared, &mut reader, &line, &kill).await
+                }
+            },
+            Err(Ended::Frame(e)) => {
+                warn!("[FILE ERROR] {addr}: {e}");
+                tell(&shared, &user, Refusal::HeaderFrame(e));
+                break;
+            }
+            Err(_) => break,
+        };
+        if step.is_err() {
+            break;
+        }
+        reader.shrink();
+    }
+    shared.registry.remove_file(&user, id);
+    kill.cancel();
+    info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// Reads the username, waits for its chat session and claims the name's file slot;
+/// returns the user and the queue its forwarder will run.
+async fn handshake(
+    shared: &Shared,
+    reader: &mut LineReader,
+    addr: SocketAddr,
+    id: u64,
+    kill: &CancellationToken,
+) -> Step<(String, mpsc::Receiver<Box<forward::ForwardJob>>)> {
+    let user = read_username(shared, reader, kill).await?;
+    // The lab's client sends both usernames at once: give the chat handshake time to win.
+    let chat_id = await_chat_session(shared, &user, addr, kill).await?;
+    let (jobs, queue) = mpsc::channel(MAX_QUEUED_FORWARDS);
+    let link = Arc::new(FileLink {
+        jobs,
+        kill: kill.clone(),
+    });
+    shared.registry.add_file(&user, chat_id, id, link)?;
+    Ok((user, queue))
+}
+
+/// After a bad header: skip the body when the header's last field is a size, else discard
+/// input until the peer goes quiet.
+async fn resync(
+    shared: &Shared,
+    reader: &mut LineReader,
+    line: &[u8],
+    kill: &CancellationToken,
+) -> Step {
+    if let Some(size) = UploadHeader::declared_size(line) {
+        return skip_body(shared, reader, size, kill).await;
+    }
+    let limit = shared.config.limits.transfer_timeout;
+    match reader.discard_until_quiet(RESYNC_QUIET, limit, kill).await {
+        Some(_) => Ok(()),
+        None => Err(Stop::Ended(Ended::Closed)),
+    }
+}
+
+/// Waits (briefly) for `user`'s chat session and returns its id. A file connection belongs
+/// to a live chat session from the same address, or to nobody.
+async fn await_chat_session(
+    shared: &Shared,
+    user: &str,
+    addr: SocketAddr,
+    kill: &CancellationToken,
+) -> Result<u64, Refusal> {
+    let deadline = Instant::now() + CHAT_SESSION_WAIT;
+    loop {
+        let joined = shared.registry.chat_joined.notified();
+        tokio::pin!(joined);
+        joined.as_mut().enable();
+        if let Some((chat_id, ip)) = shared.registry.chat_session(user) {
+            return match ip == addr.ip() {
+                true => Ok(chat_id),
+                false => Err(Refusal::OtherAddress(user.to_owned())),
+            };
+        }
+        tokio::select! {
+            _ = joined => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Refusal::NoChatSession(user.to_owned()));
+            }
+            _ = kill.cancelled() => return Err(Refusal::ShuttingDown),
+        }
+    }
+}
+
+/// Refuses a file connection with an error line and closes it.
+async fn refuse(mut wr: ConnWrite, addr: SocketAddr, refusal: Refusal) {
+    warn!("[REFUSED] {addr}: {refusal}");
+    let line = ServerLine::Error {
+        reason: refusal.to_string(),
+    };
+    let _ = wr.write_all(line.to_wire().as_bytes()).await;
+}

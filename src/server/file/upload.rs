@@ -1,0 +1,298 @@
+//! One upload, in stages: admit it (name, size, quota and disk), plan who gets it and
+//! queue their forwards, receive the body into a spool file while the forwards stream it
+//! out, then put the server's copy in place and tell the uploader. Every refusal, at any
+//! stage, takes the one path in [`refuse`].
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::super::limits::Reservation;
+use super::super::Shared;
+use super::forward::{tell, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
+use super::spool;
+use crate::flow::{Ended, Refusal, Step, Stop};
+use crate::net::LineReader;
+use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
+use crate::protocol::names::{saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
+use crate::protocol::ServerLine;
+use crate::store::FileRecord;
+use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
+
+/// One recipient's share of an upload, as planned when its header arrives.
+struct Forward {
+    recipient: String,
+    link: Arc<FileLink>,
+    /// The chat notice sent when the forward starts.
+    notice: ServerLine,
+}
+
+/// Receives one upload whose header is `header`. `Err` only when the connection is over;
+/// a refused upload has been told and its body skipped.
+pub(super) async fn upload(
+    shared: &Arc<Shared>,
+    user: &str,
+    header: UploadHeader,
+    reader: &mut LineReader,
+    kill: &CancellationToken,
+) -> Step {
+    let size = header.size;
+    if header.sender != user {
+        warn!(
+            "[FILE] {user} signed an upload as '{}'; it is sent as from {user}",
+            header.sender
+        );
+    }
+    let saved = saved_name(user, &header.filename);
+    let reservation = match admit(shared, user, &header, &saved).await {
+        Ok(reservation) => reservation,
+        Err(refusal) => return refuse(shared, user, refusal, size, reader, kill).await,
+    };
+    let cannot_save = |error| Refusal::CannotSave {
+        filename: header.filename.clone(),
+        error,
+    };
+    let mut partial = match Partial::create(spool::path(shared)).await {
+        Ok(partial) => partial,
+        Err(e) => return refuse(shared, user, cannot_save(e), size, reader, kill).await,
+    };
+    let (progress, watcher) = watch::channel(Progress::Receiving(0));
+    let mut after = queue_forwards(shared, user, &header, &saved, &partial, &watcher);
+    drop(watcher);
+
+    let stall = shared.config.limits.transfer_timeout;
+    let report = |n| {
+        let _ = progress.send(Progress::Receiving(n));
+    };
+    match receive_body(reader, &mut partial, size, kill, stall, report).await {
+        Ok(()) => {}
+        Err(BodyError::Write(e, unread)) => {
+            let _ = progress.send(Progress::Aborted);
+            return refuse(shared, user, cannot_save(e), unread, reader, kill).await;
+        }
+        Err(BodyError::Read(end)) => {
+            let _ = progress.send(Progress::Aborted);
+            let name = &header.filename;
+            warn!("[FILE ERROR] upload of '{name}' from {user} ended: {end}");
+            return Err(Stop::Ended(end));
+        }
+    }
+    let _ = progress.send(Progress::Done(size));
+    let dest = shared.config.data_dir.join(&saved);
+    let replaced = std::fs::metadata(&dest).map_or(0, |m| m.len());
+    if let Err(e) = partial.finish(&dest).await {
+        return refuse(shared, user, cannot_save(e), 0, reader, kill).await;
+    }
+    reservation.commit(replaced).await;
+    let target = header.target.to_string();
+    info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
+    let record = FileRecord {
+        id: shared.next_id(),
+        sender: user.to_owned(),
+        target,
+        filename: header.filename,
+        saved_as: saved,
+        size,
+        at: SystemTime::now(),
+    };
+    if let Err(e) = shared.store.record_file(record).await {
+        warn!("[STORE] cannot index a saved file: {e}");
+    }
+    if let Some(outbox) = shared.registry.outbox(user) {
+        for line in after.drain(..) {
+            outbox.line(&line);
+        }
+    }
+    Ok(())
+}
+
+/// The one refusal path of an upload: log it, tell the uploader, and read past the
+/// `unread` body bytes so the connection stays in step.
+async fn refuse(
+    shared: &Shared,
+    user: &str,
+    refusal: Refusal,
+    unread: u64,
+    reader: &mut LineReader,
+    kill: &CancellationToken,
+) -> Step {
+    warn!("[FILE ERROR] {user}: {refusal}");
+    tell(shared, user, refusal);
+    skip_body(shared, reader, unread, kill).await
+}
+
+/// Reads and drops `n` body bytes of a refused upload; `Err` if the connection ended (or
+/// stalled for the transfer timeout) first.
+pub(super) async fn skip_body(
+    shared: &Shared,
+    reader: &mut LineReader,
+    n: u64,
+    kill: &CancellationToken,
+) -> Step {
+    let stall = shared.config.limits.transfer_timeout;
+    reader
+        .skip(n, BODY_CHUNK, kill, stall)
+        .await
+        .map_err(|e| Stop::Ended(Ended::Io(e)))
+}
+
+/// Whether the upload may be stored at all: its saved name fits, it is within the size
+/// limit, and the user's quota and the disk have room (which it then holds).
+async fn admit(
+    shared: &Arc<Shared>,
+    user: &str,
+    header: &UploadHeader,
+    saved: &str,
+) -> Result<Reservation, Refusal> {
+    if saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
+        return Err(Refusal::SavedNameTooLong(saved.to_owned()));
+    }
+    let limit = shared.config.limits.max_file_size;
+    if header.size > limit {
+        return Err(Refusal::TooLarge {
+            size: header.size,
+            limit,
+        });
+    }
+    shared.disk.reserve(user, header.size).await
+}
+
+/// Who gets an upload: a forward per recipient with a file connection, and the lines its
+/// sender is told once the file is saved.
+fn plan(
+    shared: &Shared,
+    user: &str,
+    header: &UploadHeader,
+    saved: &str,
+) -> (Vec<Forward>, Vec<ServerLine>) {
+    let registry = &shared.registry;
+    let filename = &header.filename;
+    let no_socket = |who: &str| ServerLine::NoFileSocket {
+        user: who.into(),
+        saved_as: saved.into(),
+    };
+    let (mut forwards, mut after) = (Vec::new(), Vec::new());
+    match &header.target {
+        Target::User(to) if to == user => after.push(ServerLine::FileSelf {
+            filename: filename.clone(),
+            saved_as: saved.into(),
+        }),
+        Target::User(to) => match registry.file_link(to) {
+            Some(link) => forwards.push(Forward {
+                recipient: to.clone(),
+                link,
+                notice: ServerLine::FileIncoming {
+                    from: user.into(),
+                    filename: filename.clone(),
+                    size: header.size,
+                },
+            }),
+            None => after.push(no_socket(to)),
+        },
+        Target::Group(group) => match registry.members_except(group, user) {
+            None => after.push(ServerLine::NotInGroup {
+                group: group.clone(),
+            }),
+            Some(members) => {
+                for member in members {
+                    match registry.file_link(&member) {
+                        Some(link) => forwards.push(Forward {
+                            recipient: member,
+                            link,
+                            notice: ServerLine::FileToGroup {
+                                from: user.into(),
+                                filename: filename.clone(),
+                                group: group.clone(),
+                            },
+                        }),
+                        None => after.push(no_socket(&member)),
+                    }
+                }
+            }
+        },
+    }
+    (forwards, after)
+}
+
+/// Plans the upload and queues a forward on each recipient's file connection; returns the
+/// lines its sender is told once the file is saved.
+fn queue_forwards(
+    shared: &Shared,
+    user: &str,
+    header: &UploadHeader,
+    saved: &str,
+    partial: &Partial,
+    watcher: &watch::Receiver<Progress>,
+) -> Vec<ServerLine> {
+    let (forwards, mut after) = plan(shared, user, header, saved);
+    if forwards.is_empty() {
+        return after;
+    }
+    // One read handle for every forward of this upload (each reads at its own offset), so
+    // queued forwards cost no descriptors.
+    let src = match std::fs::File::open(partial.path()) {
+        Ok(file) => Arc::new(file),
+        Err(e) => {
+            let path = partial.path().display();
+            warn!("[FILE FORWARD ERROR] cannot open {path}: {e}");
+            for Forward { recipient, .. } in forwards {
+                after.push(ServerLine::Error {
+                    reason: Refusal::NotDelivered {
+                        filename: header.filename.clone(),
+                        recipient,
+                        why: e.to_string(),
+                    }
+                    .to_string(),
+                });
+            }
+            return after;
+        }
+    };
+    let wire = ForwardHeader {
+        sender: user.into(),
+        filename: header.filename.clone(),
+        size: header.size,
+    }
+    .to_wire();
+    let wire = Bytes::from(wire);
+    for Forward {
+        recipient,
+        link,
+        notice,
+    } in forwards
+    {
+        let job = ForwardJob {
+            notice,
+            header: wire.clone(),
+            src: src.clone(),
+            progress: watcher.clone(),
+            size: header.size,
+            sender: user.into(),
+            filename: header.filename.clone(),
+        };
+        match link.jobs.try_send(Box::new(job)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
+                let refusal = Refusal::TooManyWaiting {
+                    recipient,
+                    saved_as: saved.to_owned(),
+                };
+                after.push(ServerLine::Error {
+                    reason: refusal.to_string(),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                after.push(ServerLine::NoFileSocket {
+                    user: recipient,
+                    saved_as: saved.to_owned(),
+                });
+            }
+        }
+    }
+    after
+}

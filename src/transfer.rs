@@ -1,0 +1,160 @@
+//! Moving file bytes, for the server's uploads and the client's downloads alike: a file
+//! written under a temporary name and renamed into place only once whole ([`Partial`]),
+//! and the one loop that streams a body from a connection into it ([`receive_body`]),
+//! reporting progress as it goes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::flow::Ended;
+use crate::net::LineReader;
+
+/// Bytes moved per read or write of a file body.
+pub(crate) const BODY_CHUNK: usize = 256 * 1024;
+
+/// A file being written under a temporary name. Dropped before [`Partial::finish`], it is
+/// removed: nobody ever sees a partial file under its final name.
+pub(crate) struct Partial {
+    /// The temporary name.
+    path: PathBuf,
+    /// Open for writing until finished.
+    file: Option<tokio::fs::File>,
+}
+
+impl Partial {
+    /// Creates (or truncates) the temporary file.
+    pub(crate) async fn create(path: PathBuf) -> std::io::Result<Self> {
+        let file = tokio::fs::File::create(&path).await?;
+        Ok(Self {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// The temporary name (readers may follow the file as it grows).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("file already finished"))?;
+        file.write_all(bytes).await?;
+        // tokio's file writes go through a blocking thread; flushing makes each chunk
+        // visible to readers following the file before its progress is published.
+        file.flush().await
+    }
+
+    /// Closes the file and renames it to `dest`, replacing what was there.
+    pub(crate) async fn finish(mut self, dest: &Path) -> std::io::Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.flush().await?;
+        }
+        tokio::fs::rename(&self.path, dest).await?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.file.take();
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Why a body did not arrive whole.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// The file could not be written; this many body bytes are still to come.
+    Write(std::io::Error, u64),
+    /// The connection ended (or was cancelled, or stalled) first.
+    Read(Ended),
+}
+
+/// Streams exactly `size` body bytes from `reader` into `out`, calling `progress` with the
+/// running total after each chunk. A peer that sends nothing for `stall` is given up on.
+pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
+    reader: &mut LineReader<R>,
+    out: &mut Partial,
+    size: u64,
+    cancel: &CancellationToken,
+    stall: Duration,
+    mut progress: impl FnMut(u64),
+) -> Result<(), BodyError> {
+    let mut got = 0u64;
+    while got < size {
+        let want = usize::try_from(size - got)
+            .unwrap_or(usize::MAX)
+            .min(BODY_CHUNK);
+        let chunk = tokio::select! {
+            _ = cancel.cancelled() => return Err(BodyError::Read(Ended::Closed)),
+            chunk = tokio::time::timeout(stall, reader.read_raw(want, BODY_CHUNK)) => chunk,
+        };
+        let chunk = match chunk {
+            Ok(Ok(bytes)) if !bytes.is_empty() => bytes,
+            Ok(Ok(_)) => return Err(BodyError::Read(Ended::BrokeOff { got, size })),
+            Ok(Err(e)) => return Err(BodyError::Read(Ended::Io(e))),
+            Err(_) => return Err(BodyError::Read(Ended::Stalled(stall))),
+        };
+        got += chunk.len() as u64;
+        if let Err(e) = out.write(&chunk).await {
+            return Err(BodyError::Write(e, size - got));
+        }
+        progress(got);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_whole_body_lands_under_its_final_name_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tmp, dest) = (dir.path().join("f.tmp"), dir.path().join("f"));
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let mut reader = LineReader::line_framed(ours, 100);
+        peer.write_all(b"hello world").await.expect("write");
+        let mut out = Partial::create(tmp.clone()).await.expect("create");
+        let mut seen = Vec::new();
+        let never = CancellationToken::new();
+        let stall = Duration::from_secs(5);
+        receive_body(&mut reader, &mut out, 11, &never, stall, |n| seen.push(n))
+            .await
+            .expect("whole");
+        assert!(!dest.exists());
+        out.finish(&dest).await.expect("renamed");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"hello world");
+        assert!(!tmp.exists());
+        assert_eq!(seen.last(), Some(&11));
+    }
+
+    #[tokio::test]
+    async fn a_broken_body_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmp = dir.path().join("g.tmp");
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let mut reader = LineReader::line_framed(ours, 100);
+        peer.write_all(b"abc").await.expect("write");
+        drop(peer);
+        let mut out = Partial::create(tmp.clone()).await.expect("create");
+        let never = CancellationToken::new();
+        let stall = Duration::from_secs(5);
+        let end = receive_body(&mut reader, &mut out, 10, &never, stall, |_| {}).await;
+        assert!(matches!(
+            end,
+            Err(BodyError::Read(Ended::BrokeOff { got: 3, size: 10 }))
+        ));
+        drop(out);
+        assert!(!tmp.exists());
+    }
+}
