@@ -1,7 +1,8 @@
 # One entry point for the chores. Everything Python runs in ./.venv, made on first use.
 #   make install   build the engine and install relaychat (editable) with its dev tools
 #   make fmt       format Rust and Python
-#   make lint      cargo fmt --check, clippy -D warnings, ruff check + format --check
+#   make lint      cargo fmt --check, clippy -D warnings, ruff check + format --check,
+#                  stubtest (the hand-written _native.pyi against the compiled module)
 #   make test      every test: cargo test, then pytest (builds and installs first)
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +26,7 @@ lint: install
 	cargo clippy --all-targets --all-features -- -D warnings
 	$(PY) -m ruff check $(PYFILES)
 	$(PY) -m ruff format --check $(PYFILES)
+	$(PY) -m mypy.stubtest relaychat._native
 
 test-rust:
 	cargo test

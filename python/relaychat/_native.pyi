@@ -10,13 +10,48 @@ import os
 import pathlib
 import types
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, final
 
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "SETTINGS",
+    "Ack",
+    "AsyncClient",
+    "AsyncEventIterator",
+    "BroadcastMessage",
+    "Client",
+    "Disconnected",
+    "Event",
+    "EventIterator",
+    "FileFailed",
+    "FileIncoming",
+    "FileReceived",
+    "FileSaved",
+    "GroupFileIncoming",
+    "GroupMessage",
+    "Joined",
+    "NoFileSocket",
+    "NotInGroup",
+    "PrivateMessage",
+    "ProtocolError",
+    "RefusedError",
+    "RelaychatError",
+    "Server",
+    "ServerError",
+    "ServerText",
+    "UnknownCommand",
+    "Usage",
+    "UserList",
+    "UserNotFound",
+    "Welcome",
+    "__version__",
+    "init_logging",
+]
 
 __version__: str
 
-StrPath = str | os.PathLike[str]
+_StrPath = str | os.PathLike[str]
 
 def init_logging(level: Literal["error", "warn", "info", "debug", "trace"] = "info") -> None:
     """Send the engine's log lines (`[NEW CONNECTION] ...`, `[DISCONNECTED] ...`,
@@ -35,6 +70,7 @@ class RefusedError(RelaychatError):
 class ProtocolError(RelaychatError):
     """The peer broke the wire protocol."""
 
+@final
 class Server:
     """The relay server: a chat port and a file port sharing one registry.
 
@@ -43,12 +79,12 @@ class Server:
     exit. Other errors: `OSError` if a port cannot be bound.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         host: str = "127.0.0.1",
         chat_port: int = 2003,
         file_port: int = 2007,
-        data_dir: StrPath = ".",
+        data_dir: _StrPath = ".",
         *,
         idle_pause: float | None = None,
         max_line: int | None = None,
@@ -63,7 +99,7 @@ class Server:
         max_file_size: int | None = None,
         user_quota: int | None = None,
         min_free_disk: int | None = None,
-    ) -> None:
+    ) -> Self:
         """Configure a server. Every keyword after `data_dir` is a limit of `SETTINGS`
         (sizes and counts as ints, times in seconds); `None` or leaving it out keeps its
         default. A value below a limit's minimum is raised to it. Unknown names raise
@@ -115,6 +151,7 @@ class Server:
         tb: types.TracebackType | None,
     ) -> bool: ...
 
+@final
 class Client:
     """A connected client with blocking methods.
 
@@ -126,16 +163,16 @@ class Client:
     reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         host: str = "127.0.0.1",
         chat_port: int = 2003,
         file_port: int = 2007,
         *,
         username: str,
-        download_dir: StrPath = ".",
+        download_dir: _StrPath = ".",
         timeout: float = 10.0,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def username(self) -> str: ...
     @property
@@ -155,11 +192,11 @@ class Client:
         also delivered as an event."""
     def join(self, group: str) -> None:
         """Join `group`, creating it; returns once the server confirms."""
-    def send_file(self, target: str, path: StrPath) -> int:
+    def send_file(self, target: str, path: _StrPath) -> int:
         """Send a file to a user or to `GROUP:<group>`, streamed from disk. Returns the
         bytes sent once the last one is written. `ValueError("File does not exist")` if
         `path` is not a file."""
-    def next_event(self, timeout: float | None = None) -> Event | None:
+    def next_event(self, timeout: float | None = None) -> _AnyEvent | None:
         """The next event; `None` if none comes within `timeout` seconds (`None`: wait
         forever) or after the stream has ended."""
     def events(self, timeout: float | None = None) -> EventIterator:
@@ -175,10 +212,12 @@ class Client:
         tb: types.TracebackType | None,
     ) -> bool: ...
 
-class EventIterator(Iterator[Event]):
+@final
+class EventIterator(Iterator[_AnyEvent]):
     def __iter__(self) -> Self: ...
-    def __next__(self) -> Event: ...
+    def __next__(self) -> _AnyEvent: ...
 
+@final
 class AsyncClient:
     """The same client for asyncio: `client = await AsyncClient.connect(...)`; every
     method returns an awaitable; `async for event in client.events(timeout=...)`."""
@@ -190,7 +229,7 @@ class AsyncClient:
         file_port: int = 2007,
         *,
         username: str,
-        download_dir: StrPath = ".",
+        download_dir: _StrPath = ".",
         timeout: float = 10.0,
     ) -> Awaitable[AsyncClient]: ...
     @property
@@ -203,8 +242,8 @@ class AsyncClient:
     def send_command(self, line: str) -> Awaitable[None]: ...
     def list_users(self) -> Awaitable[list[str]]: ...
     def join(self, group: str) -> Awaitable[None]: ...
-    def send_file(self, target: str, path: StrPath) -> Awaitable[int]: ...
-    def next_event(self, timeout: float | None = None) -> Awaitable[Event | None]: ...
+    def send_file(self, target: str, path: _StrPath) -> Awaitable[int]: ...
+    def next_event(self, timeout: float | None = None) -> Awaitable[_AnyEvent | None]: ...
     def events(self, timeout: float | None = None) -> AsyncEventIterator: ...
     def close(self) -> Awaitable[None]: ...
     def __aenter__(self) -> Awaitable[Self]: ...
@@ -215,168 +254,154 @@ class AsyncClient:
         tb: types.TracebackType | None,
     ) -> Awaitable[bool]: ...
 
-class AsyncEventIterator(AsyncIterator[Event]):
+@final
+class AsyncEventIterator(AsyncIterator[_AnyEvent]):
     def __aiter__(self) -> Self: ...
-    def __anext__(self) -> Awaitable[Event]: ...
+    def __anext__(self) -> Awaitable[_AnyEvent]: ...
 
-# Events: frozen, with `line`, the text the lab's client prints for them, and
-# `__match_args__` for `match` statements. str(event) == event.line.
+@disjoint_base
+class Event:
+    """The base class of every event: frozen, with `line`, the text the lab's client prints
+    for it, and `__match_args__` (the fields in order) for `match` statements.
+    `str(event) == event.line`."""
 
-class Welcome:
+    __match_args__: ClassVar[tuple[str, ...]]
+    @property
+    def line(self) -> str: ...
+
+@final
+class Welcome(Event):
     """`Welcome, <user>!`: the server accepted the username (always the first event)."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     user: str
-    line: str
 
-class PrivateMessage:
+@final
+class PrivateMessage(Event):
     """`[PRIVATE from <sender>]: <text>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     text: str
-    line: str
 
-class BroadcastMessage:
+@final
+class BroadcastMessage(Event):
     """`[BROADCAST from <sender>]: <text>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     text: str
-    line: str
 
-class GroupMessage:
+@final
+class GroupMessage(Event):
     """`[GROUP <group>] <sender>: <text>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     group: str
     sender: str
     text: str
-    line: str
 
-class Joined:
+@final
+class Joined(Event):
     """`You joined group '<group>'`, for a `join` sent with `send_command`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     group: str
-    line: str
 
-class NotInGroup:
+@final
+class NotInGroup(Event):
     """`You are not in group '<group>'`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     group: str
-    line: str
 
-class UserList:
+@final
+class UserList(Event):
     """`Connected users: a, b`, for a `list` sent with `send_command`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     users: list[str]
-    line: str
 
-class UserNotFound:
+@final
+class UserNotFound(Event):
     """`User <user> not found.`"""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     user: str
-    line: str
 
-class Usage:
+@final
+class Usage(Event):
     """A usage line: a command lacked arguments."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     text: str
-    line: str
 
-class UnknownCommand:
+@final
+class UnknownCommand(Event):
     """`Unknown command. Use msg/broadcast/list/join/send_group`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
-    line: str
-
-class FileIncoming:
+@final
+class FileIncoming(Event):
     """`[FILE] <sender> sent you file '<filename>' (<size> bytes). Incoming on file socket.`"""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
     size: int
-    line: str
 
-class GroupFileIncoming:
+@final
+class GroupFileIncoming(Event):
     """`[FILE] <sender> sent file '<filename>' to group '<group>'.`"""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
     group: str
-    line: str
 
-class FileSaved:
+@final
+class FileSaved(Event):
     """`[FILE] You sent file '<filename>' (saved as <saved_as>).`: a file sent to yourself."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     filename: str
     saved_as: str
-    line: str
 
-class NoFileSocket:
+@final
+class NoFileSocket(Event):
     """`User <user> has no file socket; file saved as <saved_as>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     user: str
     saved_as: str
-    line: str
 
-class Ack:
+@final
+class Ack(Event):
     """`[ACK] <recipient> received file '<filename>'`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     recipient: str
     filename: str
-    line: str
 
-class ServerError:
+@final
+class ServerError(Event):
     """`ERROR: <reason>`: the server refused something."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     reason: str
-    line: str
 
-class ServerText:
+@final
+class ServerText(Event):
     """A server line of no known shape, as it came."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     text: str
-    line: str
 
-class FileReceived:
+@final
+class FileReceived(Event):
     """A file arrived whole, was renamed into place and acknowledged.
     `line` is `[FILE RECEIVED] <path> (<size> bytes) from <sender>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     sender: str
     filename: str
     path: pathlib.Path
     size: int
-    line: str
 
-class FileFailed:
+@final
+class FileFailed(Event):
     """An incoming file failed; nothing was left under its final name.
     `line` is `[FILE RECEIVE ERROR] <reason>`."""
 
-    __match_args__: ClassVar[tuple[str, ...]]
     reason: str
-    line: str
 
-class Disconnected:
+@final
+class Disconnected(Event):
     """The chat connection closed; no event follows. `line` is `Chat connection closed.`"""
 
-    __match_args__: ClassVar[tuple[str, ...]]
-    line: str
-
-Event = (
+_AnyEvent = (
     Welcome
     | PrivateMessage
     | BroadcastMessage

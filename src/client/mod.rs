@@ -280,14 +280,7 @@ impl Client {
         let inner = self.inner.clone();
         let write = tokio::spawn(async move {
             let mut chat = inner.chat.lock().await;
-            {
-                let mut waiters = inner.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-                match expect {
-                    Expect::Nothing => {}
-                    Expect::Users(tx) => waiters.users.push_back(tx),
-                    Expect::Joined(group, tx) => waiters.joins.push_back((group, tx)),
-                }
-            }
+            inner.waiters().expect(expect);
             chat.write_all(line.as_bytes())
                 .await
                 .map_err(io("sending command"))
@@ -439,12 +432,20 @@ impl Drop for OutOfStep<'_> {
     }
 }
 
-impl Inner {
+impl Waiters {
+    /// Notes what the command about to be written will be answered with.
+    fn expect(&mut self, expect: Expect) {
+        match expect {
+            Expect::Nothing => {}
+            Expect::Users(tx) => self.users.push_back(tx),
+            Expect::Joined(group, tx) => self.joins.push_back((group, tx)),
+        }
+    }
+
     /// Hands a reply to the caller waiting for it; returns the line if nobody waits.
-    fn route_reply(&self, line: ServerLine) -> Option<ServerLine> {
-        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+    fn route(&mut self, line: ServerLine) -> Option<ServerLine> {
         match line {
-            ServerLine::Users { users } => match waiters.users.pop_front() {
+            ServerLine::Users { users } => match self.users.pop_front() {
                 Some(Some(tx)) => {
                     let _ = tx.send(users);
                     None
@@ -452,8 +453,8 @@ impl Inner {
                 _ => Some(ServerLine::Users { users }),
             },
             ServerLine::Joined { group } => {
-                let i = waiters.joins.iter().position(|(g, _)| *g == group);
-                match i.and_then(|i| waiters.joins.remove(i)) {
+                let i = self.joins.iter().position(|(g, _)| *g == group);
+                match i.and_then(|i| self.joins.remove(i)) {
                     Some((_, Some(tx))) => {
                         let _ = tx.send(());
                         None
@@ -466,19 +467,22 @@ impl Inner {
     }
 }
 
+impl Inner {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 async fn read_chat(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<Event>) {
     while let Ok(line) = reader.next_line(&inner.closed).await {
         let line = ServerLine::parse(&String::from_utf8_lossy(&line));
-        if let Some(line) = inner.route_reply(line) {
+        let unclaimed = inner.waiters().route(line);
+        if let Some(line) = unclaimed {
             let _ = tx.send(Event::Line(line)).await;
         }
     }
     inner.closed.cancel();
-    {
-        let mut waiters = inner.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-        waiters.users.clear();
-        waiters.joins.clear();
-    }
+    *inner.waiters() = Waiters::default();
     let _ = tx.send(Event::Disconnected).await;
 }
 
@@ -599,4 +603,53 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let mut chat = inner.chat.lock().await;
     let _ = chat.write_all(ack.as_bytes()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_reply_goes_to_its_own_command_in_order() {
+        let mut waiters = Waiters::default();
+        let (mine, mut mine_rx) = oneshot::channel();
+        waiters.expect(Expect::Users(None)); // a raw `list`: its reply is an event
+        waiters.expect(Expect::Users(Some(mine)));
+        waiters.expect(Expect::Nothing);
+        let first = ServerLine::Users {
+            users: vec!["a".into()],
+        };
+        assert_eq!(waiters.route(first.clone()), Some(first));
+        assert!(mine_rx.try_recv().is_err(), "the first reply was not ours");
+        let second = ServerLine::Users {
+            users: vec!["b".into()],
+        };
+        assert_eq!(waiters.route(second), None);
+        assert_eq!(mine_rx.try_recv().expect("ours"), ["b"]);
+        let third = ServerLine::Users { users: vec![] };
+        assert_eq!(waiters.route(third.clone()), Some(third), "nobody waits");
+    }
+
+    #[test]
+    fn a_join_confirmation_goes_to_the_caller_of_that_group() {
+        let mut waiters = Waiters::default();
+        let (devs, mut devs_rx) = oneshot::channel();
+        waiters.expect(Expect::Joined("devs".into(), Some(devs)));
+        waiters.expect(Expect::Joined("ops".into(), None));
+        let ops = ServerLine::Joined {
+            group: "ops".into(),
+        };
+        assert_eq!(waiters.route(ops.clone()), Some(ops));
+        assert!(devs_rx.try_recv().is_err());
+        let joined = ServerLine::Joined {
+            group: "devs".into(),
+        };
+        assert_eq!(waiters.route(joined), None);
+        assert!(devs_rx.try_recv().is_ok());
+        let other = ServerLine::Broadcast {
+            from: "x".into(),
+            text: "y".into(),
+        };
+        assert_eq!(waiters.route(other.clone()), Some(other));
+    }
 }

@@ -197,7 +197,7 @@ impl Done {
     }
 }
 
-/// The engine calls both client classes offer, written once: `Client` blocks on each
+/// The engine calls and accessors both client classes offer, written once: `Client` blocks on each
 /// (GIL released, Ctrl-C honoured), `AsyncClient` returns an awaitable.
 macro_rules! engine_calls {
     (
@@ -218,6 +218,23 @@ macro_rules! engine_calls {
                 }
             )*
             $($client_only)*
+
+            /// The username this client is connected as.
+            #[getter]
+            fn username(&self) -> &str {
+                self.client.username()
+            }
+
+            /// Whether the client is closed or the server has gone.
+            #[getter]
+            fn closed(&self) -> bool {
+                self.client.is_closed()
+            }
+
+            fn __repr__(&self) -> String {
+                let (name, closed) = (self.client.username(), self.client.is_closed());
+                format!("{}(username={name:?}, closed={closed})", "Client")
+            }
         }
 
         #[pymethods]
@@ -230,6 +247,23 @@ macro_rules! engine_calls {
                 }
             )*
             $($async_only)*
+
+            /// The username this client is connected as.
+            #[getter]
+            fn username(&self) -> &str {
+                self.client.username()
+            }
+
+            /// Whether the client is closed or the server has gone.
+            #[getter]
+            fn closed(&self) -> bool {
+                self.client.is_closed()
+            }
+
+            fn __repr__(&self) -> String {
+                let (name, closed) = (self.client.username(), self.client.is_closed());
+                format!("{}(username={name:?}, closed={closed})", "AsyncClient")
+            }
         }
     };
 }
@@ -252,173 +286,139 @@ engine_calls! {
     fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);
 
     Client {
-    #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0))]
-    fn new(
-        py: Python<'_>,
-        host: String,
-        chat_port: u16,
-        file_port: u16,
-        username: String,
-        download_dir: PathBuf,
-        timeout: f64,
-    ) -> PyResult<Self> {
-        let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
-        let (client, events) = block_on(py, Client::connect(cfg))??;
-        Ok(Self {
-            client,
-            events: shared(events),
-        })
-    }
-
-    /// The username this client is connected as.
-    #[getter]
-    fn username(&self) -> &str {
-        self.client.username()
-    }
-
-    /// Whether the client is closed or the server has gone.
-    #[getter]
-    fn closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
-    /// The next event, or `None` if none comes within `timeout` seconds (`None`: wait
-    /// forever) or the connection has ended.
-    #[pyo3(signature = (timeout = None))]
-    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyEvent>> {
-        next_event_blocking(py, &self.events, seconds(timeout)?)
-    }
-
-    /// Iterates over events; stops after `Disconnected`, or when none comes within
-    /// `timeout` seconds (`None`: never).
-    #[pyo3(signature = (timeout = None))]
-    fn events(&self, timeout: Option<f64>) -> PyResult<EventIterator> {
-        Ok(EventIterator {
-            events: self.events.clone(),
-            timeout: seconds(timeout)?,
-        })
-    }
-
-    /// Closes both connections.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let c = self.client.clone();
-        block_on(py, async move { c.close().await })
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.close(py)?;
-        Ok(false)
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "Client(username={:?}, closed={})",
-            self.client.username(),
-            self.client.is_closed()
-        )
-    }
-}
-
-    AsyncClient {
-    /// Connects both sockets; awaitable.
-    #[staticmethod]
-    #[pyo3(signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0))]
-    fn connect(
-        py: Python<'_>,
-        host: String,
-        chat_port: u16,
-        file_port: u16,
-        username: String,
-        download_dir: PathBuf,
-        timeout: f64,
-    ) -> PyResult<Bound<'_, PyAny>> {
-        let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let (client, events) = Client::connect(cfg).await?;
-            Ok(PyAsyncClient {
+        #[new]
+        #[pyo3(
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0)"
+        )]
+        fn new(
+            py: Python<'_>,
+            host: String,
+            chat_port: u16,
+            file_port: u16,
+            username: String,
+            download_dir: PathBuf,
+            timeout: f64,
+        ) -> PyResult<Self> {
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
+            let (client, events) = block_on(py, Client::connect(cfg))??;
+            Ok(Self {
                 client,
                 events: shared(events),
             })
-        })
-    }
+        }
 
-    /// The username this client is connected as.
-    #[getter]
-    fn username(&self) -> &str {
-        self.client.username()
-    }
+        /// The next event, or `None` if none comes within `timeout` seconds (`None`: wait
+        /// forever) or the connection has ended.
+        #[pyo3(signature = (timeout = None))]
+        fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyEvent>> {
+            next_event_blocking(py, &self.events, seconds(timeout)?)
+        }
 
-    /// Whether the client is closed or the server has gone.
-    #[getter]
-    fn closed(&self) -> bool {
-        self.client.is_closed()
-    }
+        /// Iterates over events; stops after `Disconnected`, or when none comes within
+        /// `timeout` seconds (`None`: never).
+        #[pyo3(signature = (timeout = None))]
+        fn events(&self, timeout: Option<f64>) -> PyResult<EventIterator> {
+            Ok(EventIterator {
+                events: self.events.clone(),
+                timeout: seconds(timeout)?,
+            })
+        }
 
-    /// Awaits the next event, or `None` after `timeout` seconds or once the stream ended.
-    #[pyo3(signature = (timeout = None))]
-    fn next_event<'py>(
-        &self,
-        py: Python<'py>,
-        timeout: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let limit = seconds(timeout)?;
-        let events = self.events.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(next_event(events, limit).await.map(PyEvent))
-        })
-    }
+        /// Closes both connections.
+        fn close(&self, py: Python<'_>) -> PyResult<()> {
+            let c = self.client.clone();
+            block_on(py, async move { c.close().await })
+        }
 
-    /// Async iterator over events (`async for`), with the same stopping rules as
-    /// `Client.events`.
-    #[pyo3(signature = (timeout = None))]
-    fn events(&self, timeout: Option<f64>) -> PyResult<AsyncEventIterator> {
-        Ok(AsyncEventIterator {
-            events: self.events.clone(),
-            timeout: seconds(timeout)?,
-        })
-    }
+        fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+            slf
+        }
 
-    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let c = self.client.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            c.close().await;
-            Ok(())
-        })
-    }
-
-    fn __aenter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, PyAny>> {
-        let py = slf.py();
-        let this = slf.unbind();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(this) })
-    }
-
-    #[pyo3(signature = (*_args))]
-    fn __aexit__<'py>(
-        &self,
-        py: Python<'py>,
-        _args: &Bound<'py, PyTuple>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let c = self.client.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            c.close().await;
+        #[pyo3(signature = (*_args))]
+        fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+            self.close(py)?;
             Ok(false)
-        })
+        }
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "AsyncClient(username={:?}, closed={})",
-            self.client.username(),
-            self.client.is_closed()
-        )
+    AsyncClient {
+        /// Connects both sockets; awaitable.
+        #[staticmethod]
+        #[pyo3(
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0)"
+        )]
+        fn connect(
+            py: Python<'_>,
+            host: String,
+            chat_port: u16,
+            file_port: u16,
+            username: String,
+            download_dir: PathBuf,
+            timeout: f64,
+        ) -> PyResult<Bound<'_, PyAny>> {
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
+            pyo3_async_runtimes::tokio::future_into_py(py, async move {
+                let (client, events) = Client::connect(cfg).await?;
+                Ok(PyAsyncClient {
+                    client,
+                    events: shared(events),
+                })
+            })
+        }
+
+        /// Awaits the next event, or `None` after `timeout` seconds or once the stream ended.
+        #[pyo3(signature = (timeout = None))]
+        fn next_event<'py>(
+            &self,
+            py: Python<'py>,
+            timeout: Option<f64>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let limit = seconds(timeout)?;
+            let events = self.events.clone();
+            pyo3_async_runtimes::tokio::future_into_py(py, async move {
+                Ok(next_event(events, limit).await.map(PyEvent))
+            })
+        }
+
+        /// Async iterator over events (`async for`), with the same stopping rules as
+        /// `Client.events`.
+        #[pyo3(signature = (timeout = None))]
+        fn events(&self, timeout: Option<f64>) -> PyResult<AsyncEventIterator> {
+            Ok(AsyncEventIterator {
+                events: self.events.clone(),
+                timeout: seconds(timeout)?,
+            })
+        }
+
+        fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+            let c = self.client.clone();
+            pyo3_async_runtimes::tokio::future_into_py(py, async move {
+                c.close().await;
+                Ok(())
+            })
+        }
+
+        fn __aenter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, PyAny>> {
+            let py = slf.py();
+            let this = slf.unbind();
+            pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(this) })
+        }
+
+        #[pyo3(signature = (*_args))]
+        fn __aexit__<'py>(
+            &self,
+            py: Python<'py>,
+            _args: &Bound<'py, PyTuple>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let c = self.client.clone();
+            pyo3_async_runtimes::tokio::future_into_py(py, async move {
+                c.close().await;
+                Ok(false)
+            })
+        }
     }
-}
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -8,18 +8,31 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::client::Event;
+use crate::client::Event as EngineEvent;
 use crate::protocol::ServerLine;
+
+/// The base class of every event: `line` is what the lab's client prints for it.
+#[pyclass(module = "relaychat._native", subclass, frozen)]
+pub struct Event {
+    /// The line as the lab's client prints it.
+    #[pyo3(get)]
+    line: String,
+}
+
+#[pymethods]
+impl Event {
+    fn __str__(&self) -> &str {
+        &self.line
+    }
+}
 
 macro_rules! events {
     ($( $(#[doc = $doc:literal])* $name:ident { $($field:ident : $ty:ty),* } )*) => {
         $(
             $(#[doc = $doc])*
-            #[pyclass(module = "relaychat._native", frozen, get_all)]
+            #[pyclass(module = "relaychat._native", extends = Event, frozen, get_all)]
             pub struct $name {
                 $(pub $field: $ty,)*
-                /// The line as the lab's client prints it.
-                pub line: String,
             }
 
             #[pymethods]
@@ -34,14 +47,11 @@ macro_rules! events {
                     let fields: Vec<String> = vec![$(format!("{}={:?}", stringify!($field), self.$field)),*];
                     format!("{}({})", stringify!($name), fields.join(", "))
                 }
-
-                fn __str__(&self) -> &str {
-                    &self.line
-                }
             }
         )*
 
         pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            m.add_class::<Event>()?;
             $(m.add_class::<$name>()?;)*
             Ok(())
         }
@@ -92,13 +102,15 @@ events! {
 }
 
 /// An engine event on its way to Python.
-pub(super) struct PyEvent(pub Event);
+pub(super) struct PyEvent(pub EngineEvent);
 
-fn make<'py, T: pyo3::PyClass + Into<pyo3::PyClassInitializer<T>>>(
+fn make<'py, T: pyo3::PyClass<BaseType = Event>>(
     py: Python<'py>,
     value: T,
+    line: String,
 ) -> PyResult<Bound<'py, PyAny>> {
-    Ok(Bound::new(py, value)?.into_any())
+    let init = pyo3::PyClassInitializer::from(Event { line }).add_subclass(value);
+    Ok(Bound::new(py, init)?.into_any())
 }
 
 impl<'py> IntoPyObject<'py> for PyEvent {
@@ -108,8 +120,8 @@ impl<'py> IntoPyObject<'py> for PyEvent {
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let line = match &self.0 {
-            Event::Line(l) => l.to_string(),
-            Event::FileReceived {
+            EngineEvent::Line(l) => l.to_string(),
+            EngineEvent::FileReceived {
                 sender, path, size, ..
             } => {
                 format!(
@@ -117,49 +129,33 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                     path.display()
                 )
             }
-            Event::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
-            Event::Disconnected => "Chat connection closed.".to_owned(),
+            EngineEvent::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
+            EngineEvent::Disconnected => "Chat connection closed.".to_owned(),
         };
         match self.0 {
-            Event::Line(server_line) => match server_line {
-                ServerLine::Welcome { user } => make(py, Welcome { user, line }),
-                ServerLine::Private { from, text } => make(
-                    py,
-                    PrivateMessage {
-                        sender: from,
-                        text,
-                        line,
-                    },
-                ),
-                ServerLine::Broadcast { from, text } => make(
-                    py,
-                    BroadcastMessage {
-                        sender: from,
-                        text,
-                        line,
-                    },
-                ),
+            EngineEvent::Line(server_line) => match server_line {
+                ServerLine::Welcome { user } => make(py, Welcome { user }, line),
+                ServerLine::Private { from, text } => {
+                    make(py, PrivateMessage { sender: from, text }, line)
+                }
+                ServerLine::Broadcast { from, text } => {
+                    make(py, BroadcastMessage { sender: from, text }, line)
+                }
                 ServerLine::Group { group, from, text } => make(
                     py,
                     GroupMessage {
                         group,
                         sender: from,
                         text,
-                        line,
                     },
+                    line,
                 ),
-                ServerLine::Joined { group } => make(py, Joined { group, line }),
-                ServerLine::NotInGroup { group } => make(py, NotInGroup { group, line }),
-                ServerLine::Users { users } => make(py, UserList { users, line }),
-                ServerLine::UserNotFound { user } => make(py, UserNotFound { user, line }),
-                ServerLine::Usage(_) => make(
-                    py,
-                    Usage {
-                        text: line.clone(),
-                        line,
-                    },
-                ),
-                ServerLine::UnknownCommand => make(py, UnknownCommand { line }),
+                ServerLine::Joined { group } => make(py, Joined { group }, line),
+                ServerLine::NotInGroup { group } => make(py, NotInGroup { group }, line),
+                ServerLine::Users { users } => make(py, UserList { users }, line),
+                ServerLine::UserNotFound { user } => make(py, UserNotFound { user }, line),
+                ServerLine::Usage(_) => make(py, Usage { text: line.clone() }, line),
+                ServerLine::UnknownCommand => make(py, UnknownCommand {}, line),
                 ServerLine::FileIncoming {
                     from,
                     filename,
@@ -170,8 +166,8 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                         sender: from,
                         filename,
                         size,
-                        line,
                     },
+                    line,
                 ),
                 ServerLine::FileToGroup {
                     from,
@@ -183,25 +179,15 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                         sender: from,
                         filename,
                         group,
-                        line,
                     },
+                    line,
                 ),
-                ServerLine::FileSelf { filename, saved_as } => make(
-                    py,
-                    FileSaved {
-                        filename,
-                        saved_as,
-                        line,
-                    },
-                ),
-                ServerLine::NoFileSocket { user, saved_as } => make(
-                    py,
-                    NoFileSocket {
-                        user,
-                        saved_as,
-                        line,
-                    },
-                ),
+                ServerLine::FileSelf { filename, saved_as } => {
+                    make(py, FileSaved { filename, saved_as }, line)
+                }
+                ServerLine::NoFileSocket { user, saved_as } => {
+                    make(py, NoFileSocket { user, saved_as }, line)
+                }
                 ServerLine::Ack {
                     recipient,
                     filename,
@@ -210,13 +196,13 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                     Ack {
                         recipient,
                         filename,
-                        line,
                     },
+                    line,
                 ),
-                ServerLine::Error { reason } => make(py, ServerError { reason, line }),
-                ServerLine::Other(text) => make(py, ServerText { text, line }),
+                ServerLine::Error { reason } => make(py, ServerError { reason }, line),
+                ServerLine::Other(text) => make(py, ServerText { text }, line),
             },
-            Event::FileReceived {
+            EngineEvent::FileReceived {
                 sender,
                 filename,
                 path,
@@ -228,11 +214,11 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                     filename,
                     path,
                     size,
-                    line,
                 },
+                line,
             ),
-            Event::FileFailed { reason } => make(py, FileFailed { reason, line }),
-            Event::Disconnected => make(py, Disconnected { line }),
+            EngineEvent::FileFailed { reason } => make(py, FileFailed { reason }, line),
+            EngineEvent::Disconnected => make(py, Disconnected {}, line),
         }
     }
 }

@@ -66,7 +66,7 @@ impl PyServer {
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
         data_dir = PathBuf::from("."), **limits
-    ))]
+    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', **limits)")]
     fn new(
         host: String,
         chat_port: u16,

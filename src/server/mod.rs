@@ -99,6 +99,35 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// What every connection of a server with `config` shares, admitting at most
+    /// `max_connections` at once.
+    fn new(config: ServerConfig, max_connections: usize) -> Arc<Self> {
+        let limits = &config.limits;
+        Arc::new(Shared {
+            gate: limits::Gate::new(max_connections, limits.max_per_address),
+            disk: limits::DiskLedger::new(
+                config.data_dir.clone(),
+                limits.user_quota,
+                limits.min_free_disk,
+                config.store.clone(),
+            ),
+            spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
+            store: config.store.clone(),
+            config,
+            registry: Registry::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// A server's shared state without listeners, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: ServerConfig) -> Arc<Self> {
+        let n = config.limits.max_connections;
+        Self::new(config, n)
+    }
+
     /// A fresh id for a connection or an upload.
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -153,27 +182,10 @@ impl Server {
                 "[LIMITS] {max_connections} connections at most: the open-file limit is {fd_room}"
             );
         }
-        let gate = limits::Gate::new(max_connections, config.limits.max_per_address);
-        let disk = limits::DiskLedger::new(
-            config.data_dir.clone(),
-            config.limits.user_quota,
-            config.limits.min_free_disk,
-            config.store.clone(),
-        );
         Ok(Server {
             chat,
             file,
-            shared: Arc::new(Shared {
-                gate,
-                disk,
-                spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
-                store: config.store.clone(),
-                config,
-                registry: Registry::default(),
-                shutdown: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-                next_id: AtomicU64::new(1),
-            }),
+            shared: Shared::new(config, max_connections),
         })
     }
 

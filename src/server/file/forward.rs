@@ -201,3 +201,31 @@ async fn stream(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forward_follows_the_upload_and_stops_when_it_breaks_off() {
+        let (tx, mut rx) = watch::channel(Progress::Receiving(0));
+        let waiter = tokio::spawn(async move { wait_for_bytes(&mut rx, 0).await });
+        tx.send(Progress::Receiving(10)).expect("sent");
+        assert_eq!(waiter.await.expect("task"), Ok(10));
+
+        let mut rx = tx.subscribe();
+        tx.send(Progress::Done(10)).expect("sent");
+        assert_eq!(wait_for_bytes(&mut rx, 4).await, Ok(10));
+        assert!(
+            wait_for_bytes(&mut rx, 10).await.is_err(),
+            "nothing more comes"
+        );
+
+        let mut rx = tx.subscribe();
+        tx.send(Progress::Aborted).expect("sent");
+        assert_eq!(
+            wait_for_bytes(&mut rx, 0).await,
+            Err("the upload broke off".to_owned())
+        );
+    }
+}

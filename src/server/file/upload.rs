@@ -296,3 +296,124 @@ fn queue_forwards(
     }
     after
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::net::SendQueue;
+    use crate::server::registry::Outbox;
+    use crate::server::ServerConfig;
+
+    /// A server state with alice, bob and carol logged in; only bob has a file connection.
+    fn three_users(dir: &std::path::Path) -> Arc<Shared> {
+        let mut config = ServerConfig {
+            data_dir: dir.into(),
+            ..ServerConfig::default()
+        };
+        config.limits.max_file_size = 1000;
+        config.limits.user_quota = 1500;
+        config.limits.min_free_disk = 0;
+        let shared = Shared::for_tests(config);
+        for (id, name) in [(1, "alice"), (2, "bob"), (3, "carol")] {
+            let queue = SendQueue::new(64, 1 << 20);
+            let outbox = Outbox::new(name, queue, CancellationToken::new());
+            let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let registry = &shared.registry;
+            registry
+                .add_chat(name, id, ip, outbox, Bytes::new())
+                .expect("free");
+            registry.join("devs", name).expect("joins");
+        }
+        let (jobs, queue) = mpsc::channel(1);
+        std::mem::forget(queue); // keep the link open for the test's life
+        let link = Arc::new(FileLink {
+            jobs,
+            kill: CancellationToken::new(),
+        });
+        shared.registry.add_file("bob", 2, 10, link).expect("bound");
+        shared
+    }
+
+    fn header(target: &str, size: u64) -> UploadHeader {
+        let line = format!("alice|{target}|a.txt|{size}");
+        UploadHeader::parse(line.as_bytes()).expect("valid")
+    }
+
+    #[test]
+    fn a_plan_forwards_to_file_connections_and_tells_the_sender_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = three_users(dir.path());
+        let saved = "received_from_alice_a.txt";
+        let recipients = |forwards: &[Forward]| -> Vec<String> {
+            forwards.iter().map(|f| f.recipient.clone()).collect()
+        };
+
+        let (forwards, after) = plan(&shared, "alice", &header("bob", 5), saved);
+        assert_eq!(recipients(&forwards), ["bob"]);
+        assert!(after.is_empty());
+        assert!(matches!(
+            &forwards[0].notice,
+            ServerLine::FileIncoming { size: 5, .. }
+        ));
+
+        let (forwards, after) = plan(&shared, "alice", &header("carol", 5), saved);
+        assert!(forwards.is_empty());
+        assert_eq!(
+            after,
+            [ServerLine::NoFileSocket {
+                user: "carol".into(),
+                saved_as: saved.into()
+            }]
+        );
+
+        let (forwards, after) = plan(&shared, "alice", &header("alice", 5), saved);
+        assert!(forwards.is_empty());
+        assert!(matches!(&after[..], [ServerLine::FileSelf { .. }]));
+
+        let (forwards, after) = plan(&shared, "alice", &header("GROUP:devs", 5), saved);
+        assert_eq!(recipients(&forwards), ["bob"]);
+        assert!(matches!(&after[..], [ServerLine::NoFileSocket { user, .. }] if user == "carol"));
+
+        let (forwards, after) = plan(&shared, "alice", &header("GROUP:ops", 5), saved);
+        assert!(forwards.is_empty());
+        assert_eq!(
+            after,
+            [ServerLine::NotInGroup {
+                group: "ops".into()
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn admission_checks_the_name_the_size_and_the_quota() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = three_users(dir.path());
+        let long = "x".repeat(252); // with ".tmp", one byte over a path component
+        let refused = admit(&shared, "alice", &header("bob", 1), &long).await;
+        assert!(matches!(refused, Err(Refusal::SavedNameTooLong(_))));
+        let saved = "received_from_alice_a.txt";
+        let refused = admit(&shared, "alice", &header("bob", 1001), saved).await;
+        assert_eq!(
+            refused.err().map(|r| r.to_string()),
+            Some("file too large: 1001 bytes (limit 1000)".into())
+        );
+        let first = admit(&shared, "alice", &header("bob", 1000), saved)
+            .await
+            .expect("fits");
+        let refused = admit(&shared, "alice", &header("bob", 1000), saved).await;
+        assert!(matches!(
+            refused,
+            Err(Refusal::Quota {
+                used: 1000,
+                quota: 1500,
+                size: 1000
+            })
+        ));
+        drop(first);
+        admit(&shared, "alice", &header("bob", 1000), saved)
+            .await
+            .expect("a dropped reservation is given back");
+    }
+}
