@@ -197,14 +197,15 @@ impl Done {
     }
 }
 
-/// The engine calls and accessors both client classes offer, written once: `Client` blocks on each
-/// (GIL released, Ctrl-C honoured), `AsyncClient` returns an awaitable.
+/// The engine calls and accessors both client classes offer, written once: `Client` blocks
+/// on each call (GIL released, Ctrl-C honoured), `AsyncClient` returns an awaitable.
 macro_rules! engine_calls {
     (
         $(
             $(#[doc = $doc:literal])*
             fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty = |$c:ident| $call:expr;
         )*
+        Both { $($both:tt)* }
         Client { $($client_only:tt)* }
         AsyncClient { $($async_only:tt)* }
     ) => {
@@ -218,23 +219,7 @@ macro_rules! engine_calls {
                 }
             )*
             $($client_only)*
-
-            /// The username this client is connected as.
-            #[getter]
-            fn username(&self) -> &str {
-                self.client.username()
-            }
-
-            /// Whether the client is closed or the server has gone.
-            #[getter]
-            fn closed(&self) -> bool {
-                self.client.is_closed()
-            }
-
-            fn __repr__(&self) -> String {
-                let (name, closed) = (self.client.username(), self.client.is_closed());
-                format!("{}(username={name:?}, closed={closed})", "Client")
-            }
+            $($both)*
         }
 
         #[pymethods]
@@ -247,23 +232,7 @@ macro_rules! engine_calls {
                 }
             )*
             $($async_only)*
-
-            /// The username this client is connected as.
-            #[getter]
-            fn username(&self) -> &str {
-                self.client.username()
-            }
-
-            /// Whether the client is closed or the server has gone.
-            #[getter]
-            fn closed(&self) -> bool {
-                self.client.is_closed()
-            }
-
-            fn __repr__(&self) -> String {
-                let (name, closed) = (self.client.username(), self.client.is_closed());
-                format!("{}(username={name:?}, closed={closed})", "AsyncClient")
-            }
+            $($both)*
         }
     };
 }
@@ -284,6 +253,27 @@ engine_calls! {
     /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
     /// number of bytes sent.
     fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);
+
+    Both {
+        /// The username this client is connected as.
+        #[getter]
+        fn username(&self) -> &str {
+            self.client.username()
+        }
+
+        /// Whether the client is closed or the server has gone.
+        #[getter]
+        fn closed(&self) -> bool {
+            self.client.is_closed()
+        }
+
+        fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+            let class = slf.get_type().qualname()?;
+            let client = &slf.get().client;
+            let (name, closed) = (client.username(), client.is_closed());
+            Ok(format!("{class}(username={name:?}, closed={closed})"))
+        }
+    }
 
     Client {
         #[new]
