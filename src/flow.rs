@@ -59,6 +59,14 @@ pub(crate) enum Refusal {
     /// Someone is connected under that name.
     #[error("username '{0}' is already connected")]
     NameTaken(String),
+    /// A name that looks like a connected user's (same confusable skeleton).
+    #[error("username '{name}' looks too much like '{other}', who is connected")]
+    LookAlike {
+        /// The name asked for.
+        name: String,
+        /// The connected user it could be taken for.
+        other: String,
+    },
     /// A file connection for a name with no chat session.
     #[error("'{0}' has no chat session; log in on the chat port first")]
     NoChatSession(String),
@@ -94,6 +102,9 @@ pub(crate) enum Refusal {
     /// A file-port line over the limit.
     #[error("invalid file header: {0}")]
     HeaderFrame(FrameError),
+    /// Bytes read past and dropped after an invalid upload header.
+    #[error("discarded {0} bytes after an invalid header")]
+    Discarded(u64),
     /// `received_from_<sender>_<name>.tmp` does not fit in one path component.
     #[error("file name too long to save as {0}")]
     SavedNameTooLong(String),

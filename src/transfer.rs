@@ -11,6 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flow::Ended;
 use crate::net::LineReader;
+use crate::protocol::names::{numbered, MAX_FILENAME_BYTES, TMP_SUFFIX};
+
+/// How many numbered names a saved file may try before giving up.
+const MAX_NUMBERED: u32 = 10_000;
 
 /// Bytes moved per read or write of a file body.
 pub(crate) const BODY_CHUNK: usize = 256 * 1024;
@@ -50,14 +54,38 @@ impl Partial {
         file.flush().await
     }
 
-    /// Closes the file and renames it to `dest`, replacing what was there.
-    pub(crate) async fn finish(mut self, dest: &Path) -> std::io::Result<()> {
+    /// Closes the file and gives it the name `saved` in `dir`, or, when a file of that name
+    /// exists, the first free `numbered` name (`saved (2).ext`, ...): nothing is ever
+    /// overwritten. The rename is atomic and refuses to replace (`RENAME_NOREPLACE`), so
+    /// two writers can never take the same name. Returns the name given.
+    pub(crate) async fn finish_unique(
+        mut self,
+        dir: &Path,
+        saved: &str,
+    ) -> std::io::Result<String> {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
         if let Some(mut file) = self.file.take() {
             file.flush().await?;
         }
-        tokio::fs::rename(&self.path, dest).await?;
-        self.path = PathBuf::new();
-        Ok(())
+        for n in 1..=MAX_NUMBERED {
+            let name = match n {
+                1 => saved.to_owned(),
+                n => numbered(saved, n),
+            };
+            if name.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
+                break;
+            }
+            let dest = dir.join(&name);
+            match renameat_with(CWD, &self.path, CWD, &dest, RenameFlags::NOREPLACE) {
+                Ok(()) => {
+                    self.path = PathBuf::new();
+                    return Ok(name);
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(std::io::Error::other(format!("no free name for {saved}")))
     }
 }
 
@@ -120,7 +148,7 @@ mod tests {
     #[tokio::test]
     async fn a_whole_body_lands_under_its_final_name_only() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (tmp, dest) = (dir.path().join("f.tmp"), dir.path().join("f"));
+        let tmp = dir.path().join("f.tmp");
         let (mut peer, ours) = tokio::io::duplex(1024);
         let mut reader = LineReader::line_framed(ours, 100);
         peer.write_all(b"hello world").await.expect("write");
@@ -131,11 +159,41 @@ mod tests {
         receive_body(&mut reader, &mut out, 11, &never, stall, |n| seen.push(n))
             .await
             .expect("whole");
-        assert!(!dest.exists());
-        out.finish(&dest).await.expect("renamed");
-        assert_eq!(std::fs::read(&dest).expect("read"), b"hello world");
+        assert!(!dir.path().join("f.txt").exists());
+        let name = out
+            .finish_unique(dir.path(), "f.txt")
+            .await
+            .expect("renamed");
+        assert_eq!(name, "f.txt");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).expect("read"),
+            b"hello world"
+        );
         assert!(!tmp.exists());
         assert_eq!(seen.last(), Some(&11));
+    }
+
+    #[tokio::test]
+    async fn a_taken_name_is_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f.txt"), b"first").expect("write");
+        std::fs::write(dir.path().join("f (2).txt"), b"second").expect("write");
+        let out = Partial::create(dir.path().join("x.tmp"))
+            .await
+            .expect("create");
+        let name = out
+            .finish_unique(dir.path(), "f.txt")
+            .await
+            .expect("renamed");
+        assert_eq!(name, "f (3).txt");
+        assert_eq!(
+            std::fs::read(dir.path().join("f.txt")).expect("read"),
+            b"first"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("f (2).txt")).expect("read"),
+            b"second"
+        );
     }
 
     #[tokio::test]

@@ -194,11 +194,12 @@ def test_5_a_target_without_a_file_socket_gets_nothing_and_the_server_keeps_the_
     # No promise of a file that cannot come.
     assert drain_wire(bob, "bob", alice) == []
 
-    # The same for a user who is not connected at all.
+    # The same for a user who is not connected at all; the first copy is kept, the second
+    # gets a name of its own.
     alice.send_file("nobody", report)
     assert (
         next_of(alice, NoFileSocket).line
-        == "User nobody has no file socket; file saved as received_from_alice_report.pdf"
+        == "User nobody has no file socket; file saved as received_from_alice_report (2).pdf"
     )
     assert drain(alice, net.client("carol")) == []
 
@@ -339,14 +340,17 @@ def test_an_invalid_header_is_refused_on_chat_and_the_file_connection_keeps_work
     good = os.urandom(5000)
     good_upload = f"alice|bob|ok.bin|{len(good)}\n".encode() + good
 
+    dropped = f"ERROR: discarded {len(junk)} bytes after an invalid header"
     if size_readable:
         # The size is clear, so exactly that many bytes are skipped: the next upload may
         # follow in the very same segment.
         alice_files.send(header + junk + good_upload)
         alice_chat.expect(f"ERROR: {reason}")
+        alice_chat.expect(dropped)
     else:
         alice_files.send(header + junk)
         alice_chat.expect(f"ERROR: {reason}")
+        alice_chat.expect(dropped)
         # The body's length is unknown: the server resyncs on a quiet pause (no event to
         # wait for; this pause IS the protocol).
         time.sleep(RESYNC_QUIET + 0.3)
@@ -666,3 +670,71 @@ def test_two_transfers_to_one_recipient_never_interleave(net, tmp_path):
     assert {e.sender for e in received} == set(files)
     for e in received:
         assert e.path.read_bytes() == files[e.sender].read_bytes()
+
+
+def test_a_good_upload_right_after_a_bad_header_with_a_size_survives(net, data_dir):
+    """The bad header's last field is a size: exactly that many bytes are skipped, so the
+    valid upload in the same write goes through."""
+    alice_chat = net.chat("alice")
+    alice_files = net.file("alice")
+    bob = net.client("bob")
+    good = os.urandom(3000)
+    alice_files.send(
+        b"alice|bob|a|b.txt|5\nHELLO" + f"alice|bob|ok.bin|{len(good)}\n".encode() + good
+    )
+    alice_chat.expect(
+        "ERROR: invalid file header: expected sender|target|filename|filesize, got 5 field(s)"
+    )
+    alice_chat.expect("ERROR: discarded 5 bytes after an invalid header")
+    assert file_arrival(bob)[1].path.read_bytes() == good
+    alice_chat.expect("[ACK] bob received file 'ok.bin'")
+
+
+def test_what_a_resync_discards_is_reported_to_the_uploader(net, data_dir):
+    """A bad header without a readable size: the rest of the write is discarded until the
+    connection goes quiet, and the uploader hears exactly how much."""
+    alice_chat = net.chat("alice")
+    alice_files = net.file("alice")
+    bob = net.client("bob")
+    lost = b"alice|bob|ok.bin|4\nabcd"
+    alice_files.send(b"not a header\n" + lost)
+    alice_chat.expect(
+        "ERROR: invalid file header: expected sender|target|filename|filesize, got 1 field(s)"
+    )
+    alice_chat.expect(f"ERROR: discarded {len(lost)} bytes after an invalid header")
+    assert drain(bob, net.client("carol")) == []
+
+
+def test_saved_names_never_collide_on_the_server_or_at_the_recipient(net, data_dir):
+    """`a` sending `b_c.txt` and `a_b` sending `c.txt` both map to
+    `received_from_a_b_c.txt`; a sender re-sending a name maps to it again. Every upload
+    keeps its own copy, and every sender is told the name it got."""
+    a, a_b = net.client("a"), net.client("a_b")
+    carol = net.client("carol")
+    first, second, third = (
+        random_file(net.root / n, 100 + i) for i, n in enumerate(["b_c.txt", "c.txt", "again.txt"])
+    )
+    (net.root / "x").mkdir()
+    resent = random_file(net.root / "x" / "b_c.txt", 300)
+
+    received = []
+    for sender, path in [(a, first), (a_b, second), (a, resent)]:
+        sender.send_file("carol", path)
+        received.append(file_arrival(carol)[1])
+        next_of(sender, Ack)
+    names = [r.path.name for r in received]
+    assert names == [
+        "received_from_a_b_c.txt",
+        "received_from_a_b_c (2).txt",
+        "received_from_a_b_c (3).txt",
+    ]
+    for r, path in zip(received, [first, second, resent]):
+        assert r.path.read_bytes() == path.read_bytes()
+    for name, path in zip(names, [first, second, resent]):
+        assert server_copy(data_dir / name) == path.read_bytes()
+
+    # The server names the copy it actually kept.
+    a.send_file("nobody", third)
+    assert next_of(a, NoFileSocket).saved_as == "received_from_a_again.txt"
+    a.send_file("nobody", third)
+    assert next_of(a, NoFileSocket).saved_as == "received_from_a_again (2).txt"

@@ -178,3 +178,61 @@ def test_a_client_closing_frees_its_name_and_its_file_slot(net):
     got = {type(e): e for e in take(again, 2)}
     assert got[FileReceived].path.read_bytes() == gift.read_bytes()
     assert FileIncoming in got
+
+
+# --- look-alike names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("alice\u200b", "username may not contain U+200B, an invisible character"),
+        ("\u202eecila", "username may not contain U+202E, a bidirectional control character"),
+        ("al\u2066ice", "username may not contain U+2066, a bidirectional control character"),
+        ("a\u00adlice", "username may not contain U+00AD, an invisible character"),
+    ],
+)
+def test_invisible_and_bidi_code_points_are_refused_in_usernames(net, name, reason):
+    net.chat("alice")
+    wire = net.wire("chat")
+    wire.send(f"{name}\n".encode())
+    assert wire.expect_closed() == f"ERROR: {reason}\n".encode()
+
+
+def test_a_look_alike_of_a_connected_user_is_refused(net):
+    alice = net.chat("alice")
+    carol = net.client("carol")
+    fake = net.wire("chat")
+    fake.send("\u0430lice\n".encode())  # Cyrillic а
+    assert fake.expect_closed() == (
+        "ERROR: username '\u0430lice' looks too much like 'alice', who is connected\n".encode()
+    )
+    assert carol.list_users() == ["alice"]
+    alice.send("list\n")
+    alice.expect("Connected users: carol")
+
+
+def test_names_are_compared_in_nfc(net):
+    decomposed = "zoe\u0308"  # e + combining diaeresis
+    zoe = net.wire("chat")
+    zoe.send(f"{decomposed}\n".encode())
+    zoe.expect("Welcome, zo\u00eb!")
+    bob = net.client("bob")
+    assert bob.list_users() == ["zo\u00eb"]
+    bob.msg("zo\u00eb", "hi")
+    zoe.expect("[PRIVATE from bob]: hi")
+    again = net.wire("chat")
+    again.send("zo\u00eb\n".encode())
+    assert again.expect_closed() == "ERROR: username 'zo\u00eb' is already connected\n".encode()
+
+
+def test_a_bidi_override_in_a_file_name_is_refused(net, data_dir):
+    alice_chat = net.chat("alice")
+    alice_files = net.file("alice")
+    alice_files.send("alice|bob|up_a\u202etxt.exe|3\nabc".encode())
+    alice_chat.expect(
+        "ERROR: invalid file header: file name may not contain U+202E, "
+        "a bidirectional control character"
+    )
+    alice_chat.expect("ERROR: discarded 3 bytes after an invalid header")
+    assert list(data_dir.iterdir()) == []

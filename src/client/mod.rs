@@ -25,7 +25,7 @@ use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
     check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
 };
-use crate::protocol::{saved_name, ForwardHeader, ServerLine, Target, UploadHeader};
+use crate::protocol::{normalize, saved_name, ForwardHeader, ServerLine, Target, UploadHeader};
 use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
 use crate::{Error, Result};
 
@@ -219,7 +219,8 @@ fn invalid(e: impl std::fmt::Display) -> Error {
 impl Client {
     /// Connects both sockets as `config.username` and starts the engine's reader tasks
     /// on the current tokio runtime.
-    pub async fn connect(config: ClientConfig) -> Result<(Client, Events)> {
+    pub async fn connect(mut config: ClientConfig) -> Result<(Client, Events)> {
+        config.username = normalize(&config.username);
         check_username(&config.username).map_err(invalid)?;
         std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
         let (chat_reader, chat_wr, welcome) = handshake(&config, config.chat_port).await?;
@@ -554,7 +555,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     } = header;
     let saved = saved_name(&sender, &filename);
     let dir = &inner.config.download_dir;
-    let (path, tmp) = (dir.join(&saved), dir.join(format!("{saved}{TMP_SUFFIX}")));
+    let tmp = dir.join(format!("{saved}{TMP_SUFFIX}"));
     let cannot_save = |e: std::io::Error| format!("cannot save '{filename}' from {sender}: {e}");
     let partial = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         true => Err(std::io::Error::other("file name too long")),
@@ -587,10 +588,13 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             return Err(Stop::Ended(end));
         }
     }
-    if let Err(e) = partial.finish(&path).await {
-        fail(cannot_save(e)).await;
-        return Ok(());
-    }
+    let path = match partial.finish_unique(dir, &saved).await {
+        Ok(name) => dir.join(name),
+        Err(e) => {
+            fail(cannot_save(e)).await;
+            return Ok(());
+        }
+    };
     let ack = format_ack(&sender, &filename);
     let _ = tx
         .send(Event::FileReceived {

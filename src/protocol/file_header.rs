@@ -4,7 +4,9 @@
 //! `filesize` bytes; `target` is a username or `GROUP:<group>`.
 //! Forward, server to recipient: `sender|filename|filesize\n` and then the bytes.
 
-use super::names::{check_component, check_filename, check_group, check_username, NameError};
+use super::names::{
+    check_component, check_filename, check_group, check_username, normalize, NameError,
+};
 
 /// The prefix that makes an upload's target a group.
 pub const GROUP_PREFIX: &str = "GROUP:";
@@ -76,22 +78,25 @@ impl UploadHeader {
             return Err(HeaderError::FieldCount(fields.len()));
         };
         let size = parse_size(size)?;
-        check_username(sender)?;
+        let (sender, filename) = (normalize(sender), normalize(filename));
+        check_username(&sender)?;
         let target = match target.strip_prefix(GROUP_PREFIX) {
             Some(group) => {
-                check_group(group)?;
-                Target::Group(group.to_owned())
+                let group = normalize(group);
+                check_group(&group)?;
+                Target::Group(group)
             }
             None => {
-                check_username(target)?;
-                Target::User(target.to_owned())
+                let user = normalize(target);
+                check_username(&user)?;
+                Target::User(user)
             }
         };
-        check_filename(filename)?;
+        check_filename(&filename)?;
         Ok(Self {
-            sender: sender.to_owned(),
+            sender,
             target,
-            filename: filename.to_owned(),
+            filename,
             size,
         })
     }
@@ -104,15 +109,14 @@ impl UploadHeader {
         )
     }
 
-    /// How many body bytes follow a refused header, when the header still says so clearly
-    /// (four fields, a valid size), so the server can skip exactly them and stay in step.
+    /// How many body bytes follow a refused header, when its last `|`-separated field is a
+    /// valid size (whatever is wrong before it), so the server can skip exactly them and
+    /// stay in step.
     pub fn declared_size(line: &[u8]) -> Option<u64> {
-        let line = std::str::from_utf8(line).ok()?;
-        let fields: Vec<&str> = line.strip_suffix('\r').unwrap_or(line).split('|').collect();
-        match fields[..] {
-            [_, _, _, size] => parse_size(size).ok(),
-            _ => None,
-        }
+        let line = String::from_utf8_lossy(line);
+        let line = line.strip_suffix('\r').unwrap_or(&line);
+        let (_, size) = line.rsplit_once('|')?;
+        parse_size(size).ok()
     }
 }
 
@@ -228,7 +232,9 @@ mod tests {
         assert_eq!(UploadHeader::declared_size(b"a|b|../x|42"), Some(42));
         assert_eq!(UploadHeader::declared_size(b"a|b|x|-1"), None);
         assert_eq!(UploadHeader::declared_size(b"a|b|x"), None);
-        assert_eq!(UploadHeader::declared_size(b"\xff|b|x|1"), None);
+        assert_eq!(UploadHeader::declared_size(b"\xff|b|x|1"), Some(1));
+        assert_eq!(UploadHeader::declared_size(b"a|b|c|d.txt|5"), Some(5));
+        assert_eq!(UploadHeader::declared_size(b"garbage"), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod fuzz;
 pub use command::{Call, CommandError, Parsed, Spec, COMMANDS};
 pub use file_header::{ForwardHeader, HeaderError, Target, UploadHeader};
 pub use framing::{FrameError, LineFramer};
-pub use names::{saved_name, NameError};
+pub use names::{normalize, saved_name, skeleton, NameError};
 pub use server_line::ServerLine;
 
 /// The greeting the file port sends after a file connection's username, in a write of its

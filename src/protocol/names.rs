@@ -1,7 +1,15 @@
 //! Rules for the names that travel on the wire: users, groups and files.
 //!
 //! Names are embedded in `|`-separated headers, in space-separated commands and in file
-//! paths on both sides, so each rule below closes a way to confuse one of those.
+//! paths on both sides, so each rule below closes a way to confuse one of those. Names are
+//! also read by people: no name may hold an invisible (default-ignorable) or a
+//! bidirectional control code point, names are compared in NFC ([`normalize`]), and two
+//! users whose names share a confusable skeleton (Unicode TS #39, [`skeleton`]) cannot be
+//! online at once. The Unicode data comes from maintained crates (ICU4X's
+//! `icu_properties`, `unicode-normalization`, `unicode-security`), not from tables here.
+
+use icu_properties::props::{BidiControl, BinaryProperty, DefaultIgnorableCodePoint};
+use unicode_normalization::UnicodeNormalization;
 
 /// Longest username, in characters.
 pub const MAX_USERNAME_CHARS: usize = 32;
@@ -49,6 +57,33 @@ pub enum NameError {
         /// What kind of name.
         kind: &'static str,
     },
+    /// A bidirectional control (U+202E and friends), which reorders what people see.
+    #[error("{kind} may not contain U+{:04X}, a bidirectional control character", *.code as u32)]
+    Bidi {
+        /// What kind of name.
+        kind: &'static str,
+        /// The code point.
+        code: char,
+    },
+    /// A default-ignorable code point (U+200B and friends), which shows as nothing.
+    #[error("{kind} may not contain U+{:04X}, an invisible character", *.code as u32)]
+    Invisible {
+        /// What kind of name.
+        kind: &'static str,
+        /// The code point.
+        code: char,
+    },
+}
+
+/// A name in the form the server keeps and compares: NFC.
+pub fn normalize(name: &str) -> String {
+    name.nfc().collect()
+}
+
+/// A name's confusable skeleton (Unicode TS #39): two names with the same skeleton look
+/// alike (`alice` and `аlice` with a Cyrillic `а`, `rn` and `m`).
+pub fn skeleton(name: &str) -> String {
+    unicode_security::skeleton(name).collect()
 }
 
 fn describe(c: char) -> Option<&'static str> {
@@ -76,6 +111,12 @@ fn check(name: &str, kind: &'static str, limit: usize, allow_space: bool) -> Res
     for c in name.chars() {
         if let Some(what) = describe(c) {
             return Err(NameError::BadChar { kind, what });
+        }
+        if BidiControl::for_char(c) {
+            return Err(NameError::Bidi { kind, code: c });
+        }
+        if DefaultIgnorableCodePoint::for_char(c) {
+            return Err(NameError::Invisible { kind, code: c });
         }
         if !allow_space && c.is_whitespace() {
             return Err(NameError::BadChar {
@@ -143,6 +184,17 @@ pub fn saved_name(sender: &str, filename: &str) -> String {
     s
 }
 
+/// The `n`-th name to try for a saved file whose name is taken (`n` ≥ 2):
+/// `received_from_a_x (2).txt`; the count goes before the last extension.
+pub fn numbered(saved: &str, n: u32) -> String {
+    match saved.rfind('.') {
+        Some(dot) if dot > 0 && dot + 1 < saved.len() => {
+            format!("{} ({n}){}", &saved[..dot], &saved[dot..])
+        }
+        _ => format!("{saved} ({n})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +248,54 @@ mod tests {
         }
         assert!(check_filename(&"é".repeat(128)).is_err());
         assert!(check_filename(&"e".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn invisible_and_bidi_code_points_are_refused_in_every_name() {
+        assert_eq!(
+            check_username("alice\u{200B}").map_err(|e| e.to_string()),
+            Err("username may not contain U+200B, an invisible character".into())
+        );
+        assert_eq!(
+            check_filename("up_a\u{202E}txt.exe").map_err(|e| e.to_string()),
+            Err("file name may not contain U+202E, a bidirectional control character".into())
+        );
+        for bad in [
+            "a\u{2066}b",
+            "a\u{200D}b",
+            "a\u{FEFF}",
+            "a\u{180B}",
+            "a\u{061C}",
+        ] {
+            assert!(check_username(bad).is_err(), "{bad:?} accepted");
+            assert!(check_group(bad).is_err(), "{bad:?} accepted");
+            assert!(check_filename(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_username("zoë").is_ok());
+        assert!(check_filename("日本語 ファイル.txt").is_ok());
+    }
+
+    #[test]
+    fn names_compare_in_nfc_and_look_alikes_share_a_skeleton() {
+        assert_eq!(normalize("zoe\u{0308}"), "zo\u{00EB}");
+        assert_eq!(skeleton("alice"), skeleton("\u{0430}lice"));
+        assert_eq!(skeleton("paypal"), skeleton("paypa\u{04CF}"));
+        assert_eq!(skeleton("zoe\u{0308}"), skeleton("zo\u{00EB}"));
+        assert_ne!(skeleton("alice"), skeleton("bob"));
+    }
+
+    #[test]
+    fn a_taken_name_gets_a_number_before_its_extension() {
+        assert_eq!(
+            numbered("received_from_a_b_c.txt", 2),
+            "received_from_a_b_c (2).txt"
+        );
+        assert_eq!(
+            numbered("received_from_a_notes", 3),
+            "received_from_a_notes (3)"
+        );
+        assert_eq!(numbered("archive.tar.gz", 2), "archive.tar (2).gz");
+        assert_eq!(numbered("trailing.", 2), "trailing. (2)");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
     parse_command, Call, Parsed, Spec, BROADCAST, JOIN, LIST, MSG, SEND_GROUP,
 };
-use crate::protocol::names::check_group;
+use crate::protocol::names::{check_group, normalize};
 use crate::protocol::{CommandError, ServerLine};
 
 /// How long a closing connection's writer may take to flush what is queued.
@@ -168,7 +168,8 @@ fn unknown(session: &Session<'_>, word: &str, _line: &str) {
 }
 
 fn msg(session: &Session<'_>, call: &Call<'_>) {
-    let (to, text) = (call.arg(0), call.arg(1));
+    let (to, text) = (normalize(call.arg(0)), call.arg(1));
+    let to = to.as_str();
     let line = ServerLine::Private {
         from: session.user.into(),
         text: text.into(),
@@ -197,7 +198,8 @@ fn list(session: &Session<'_>, _call: &Call<'_>) {
 }
 
 fn join(session: &Session<'_>, call: &Call<'_>) {
-    let group = call.arg(0);
+    let group = normalize(call.arg(0));
+    let group = group.as_str();
     let joined = check_group(group)
         .map_err(Refusal::from)
         .and_then(|()| session.shared.registry.join(group, session.user));
@@ -210,7 +212,8 @@ fn join(session: &Session<'_>, call: &Call<'_>) {
 }
 
 fn send_group(session: &Session<'_>, call: &Call<'_>) {
-    let (group, text) = (call.arg(0), call.arg(1));
+    let (group, text) = (normalize(call.arg(0)), call.arg(1));
+    let group = group.as_str();
     let line = ServerLine::Group {
         group: group.into(),
         from: session.user.into(),

@@ -175,13 +175,13 @@ impl DiskLedger {
 }
 
 impl Reservation {
-    /// The upload is on disk; `replaced` bytes of an older copy of the same name are gone.
-    pub(crate) async fn commit(mut self, replaced: u64) {
+    /// The upload is on disk (under a name of its own: saved copies never replace one
+    /// another).
+    pub(crate) async fn commit(mut self) {
         self.committed = true;
         // Stored before the in-flight bytes are released, so a concurrent reservation
         // never sees neither.
-        let delta = i64::try_from(self.size).unwrap_or(i64::MAX)
-            - i64::try_from(replaced).unwrap_or(i64::MAX);
+        let delta = i64::try_from(self.size).unwrap_or(i64::MAX);
         if let Err(e) = self.ledger.store.add_bytes_stored(&self.user, delta).await {
             warn!("[STORE] cannot record {}'s stored bytes: {e}", self.user);
         }
@@ -245,15 +245,18 @@ mod tests {
         assert!(ledger.reserve("bob", 50).await.is_ok());
         drop(r);
         let r = ledger.reserve("alice", 90).await.expect("given back");
-        r.commit(0).await;
+        r.commit().await;
         let err = ledger.reserve("alice", 20).await.err().expect("over quota");
         assert_eq!(
             err.to_string(),
             "upload quota exceeded: 90 of 100 bytes used, this file needs 20"
         );
         let r = ledger.reserve("alice", 10).await.expect("fits exactly");
-        r.commit(90).await;
-        assert!(ledger.reserve("alice", 80).await.is_ok());
+        r.commit().await;
+        assert!(
+            ledger.reserve("alice", 1).await.is_err(),
+            "the quota is used up"
+        );
     }
 
     #[tokio::test]

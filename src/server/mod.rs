@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::flow::{Ended, Refusal, Step};
 use crate::net::{Conn, LineReader};
-use crate::protocol::names::check_username;
+use crate::protocol::names::{check_username, normalize};
 use crate::protocol::ServerLine;
 use crate::store::{MemoryStore, Store};
 use crate::{Error, Result};
@@ -285,8 +285,9 @@ pub(crate) async fn read_username(
     let name = std::str::from_utf8(&line)
         .map_err(|_| Refusal::UsernameNotUtf8)?
         .trim();
-    check_username(name).map_err(Refusal::from)?;
-    Ok(name.to_owned())
+    let name = normalize(name);
+    check_username(&name).map_err(Refusal::from)?;
+    Ok(name)
 }
 
 /// Tells a connection refused before any handshake why, if it takes the line at once.

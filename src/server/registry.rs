@@ -16,7 +16,7 @@ use tracing::warn;
 use super::file::FileLink;
 use crate::flow::Refusal;
 use crate::net::{Pushed, SendQueue};
-use crate::protocol::ServerLine;
+use crate::protocol::{skeleton, ServerLine};
 
 /// A chat connection's outgoing side: its bounded queue and its kill switch.
 #[derive(Clone)]
@@ -93,6 +93,8 @@ struct State {
     files: HashMap<String, FileEntry>,
     /// Group name → members in order of joining. Empty groups are removed.
     groups: HashMap<String, Vec<String>>,
+    /// Confusable skeleton → the connected user who has it (no two look-alikes online).
+    skeletons: HashMap<String, String>,
     /// User → the groups it is in (so a disconnect touches only those).
     memberships: HashMap<String, Vec<String>>,
     /// Recipient → (sender, filename) of files forwarded to it and not yet acknowledged.
@@ -131,6 +133,14 @@ impl Registry {
             if st.chats.contains_key(user) {
                 return Err(Refusal::NameTaken(user.to_owned()));
             }
+            let skeleton = skeleton(user);
+            if let Some(other) = st.skeletons.get(&skeleton) {
+                return Err(Refusal::LookAlike {
+                    name: user.to_owned(),
+                    other: other.clone(),
+                });
+            }
+            st.skeletons.insert(skeleton, user.to_owned());
             outbox.push(greeting);
             st.next_seq += 1;
             let seq = st.next_seq;
@@ -162,6 +172,7 @@ impl Registry {
             return;
         }
         st.chats.remove(user);
+        st.skeletons.remove(&skeleton(user));
         st.unacked.remove(user);
         for group in st.memberships.remove(user).unwrap_or_default() {
             if let Some(members) = st.groups.get_mut(&group) {
@@ -360,6 +371,23 @@ mod tests {
         assert_eq!(registry.chat_session("alice"), Some((1, HERE)));
         registry.remove_chat("alice", 1);
         assert_eq!(registry.chat_session("alice"), None);
+    }
+
+    #[test]
+    fn a_look_alike_of_a_connected_user_is_refused_until_that_user_leaves() {
+        let registry = Registry::default();
+        let _alice = user(&registry, "alice", 1);
+        let queue = SendQueue::new(4, 1024);
+        let outbox = Outbox::new("\u{0430}lice", queue, CancellationToken::new());
+        let fake = registry.add_chat("\u{0430}lice", 2, HERE, outbox.clone(), Bytes::new());
+        assert_eq!(
+            fake.map_err(|e| e.to_string()),
+            Err("username '\u{0430}lice' looks too much like 'alice', who is connected".into())
+        );
+        registry.remove_chat("alice", 1);
+        registry
+            .add_chat("\u{0430}lice", 2, HERE, outbox, Bytes::new())
+            .expect("free once alice left");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
                     let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
                     warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
                     tell(&shared, &user, Refusal::Header(e));
-                    resync(&shared, &mut reader, &line, &kill).await
+                    resync(&shared, &user, &mut reader, &line, &kill).await
                 }
             },
             Err(Ended::Frame(e)) => {
@@ -132,21 +132,27 @@ async fn handshake(
 }
 
 /// After a bad header: skip the body when the header's last field is a size, else discard
-/// input until the peer goes quiet.
+/// input until the peer goes quiet. Either way the uploader is told how many bytes were
+/// dropped.
 async fn resync(
     shared: &Shared,
+    user: &str,
     reader: &mut LineReader,
     line: &[u8],
     kill: &CancellationToken,
 ) -> Step {
-    if let Some(size) = UploadHeader::declared_size(line) {
-        return skip_body(shared, reader, size, kill).await;
+    let dropped = match UploadHeader::declared_size(line) {
+        Some(size) => skip_body(shared, reader, size, kill).await.map(|()| size)?,
+        None => {
+            let limit = shared.config.limits.transfer_timeout;
+            let quiet = reader.discard_until_quiet(RESYNC_QUIET, limit, kill).await;
+            quiet.ok_or(Stop::Ended(Ended::Closed))?
+        }
+    };
+    if dropped > 0 {
+        tell(shared, user, Refusal::Discarded(dropped));
     }
-    let limit = shared.config.limits.transfer_timeout;
-    match reader.discard_until_quiet(RESYNC_QUIET, limit, kill).await {
-        Some(_) => Ok(()),
-        None => Err(Stop::Ended(Ended::Closed)),
-    }
+    Ok(())
 }
 
 /// Waits (briefly) for `user`'s chat session and returns its id. A file connection belongs

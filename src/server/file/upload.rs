@@ -23,6 +23,57 @@ use crate::protocol::ServerLine;
 use crate::store::FileRecord;
 use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
 
+/// What the uploader is told once the file is saved, besides its forwards (made into
+/// lines only then, since they name the server's copy).
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    /// The file was sent to its own uploader: saved, not forwarded.
+    ToSelf,
+    /// The recipient has no file connection: saved only.
+    NoFileSocket(String),
+    /// The uploader is not in the group it sent to.
+    NotInGroup(String),
+    /// The recipient had too many forwards waiting.
+    TooManyWaiting(String),
+    /// The forward could not be queued.
+    NotDelivered {
+        /// Who it was for.
+        recipient: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Notice {
+    fn line(&self, filename: &str, saved: &str) -> ServerLine {
+        let error = |refusal: Refusal| ServerLine::Error {
+            reason: refusal.to_string(),
+        };
+        match self {
+            Notice::ToSelf => ServerLine::FileSelf {
+                filename: filename.into(),
+                saved_as: saved.into(),
+            },
+            Notice::NoFileSocket(user) => ServerLine::NoFileSocket {
+                user: user.clone(),
+                saved_as: saved.into(),
+            },
+            Notice::NotInGroup(group) => ServerLine::NotInGroup {
+                group: group.clone(),
+            },
+            Notice::TooManyWaiting(recipient) => error(Refusal::TooManyWaiting {
+                recipient: recipient.clone(),
+                saved_as: saved.into(),
+            }),
+            Notice::NotDelivered { recipient, why } => error(Refusal::NotDelivered {
+                filename: filename.into(),
+                recipient: recipient.clone(),
+                why: why.clone(),
+            }),
+        }
+    }
+}
+
 /// One recipient's share of an upload, as planned when its header arrives.
 struct Forward {
     recipient: String,
@@ -61,7 +112,7 @@ pub(super) async fn upload(
         Err(e) => return refuse(shared, user, cannot_save(e), size, reader, kill).await,
     };
     let (progress, watcher) = watch::channel(Progress::Receiving(0));
-    let mut after = queue_forwards(shared, user, &header, &saved, &partial, &watcher);
+    let notices = queue_forwards(shared, user, &header, &partial, &watcher);
     drop(watcher);
 
     let stall = shared.config.limits.transfer_timeout;
@@ -82,20 +133,20 @@ pub(super) async fn upload(
         }
     }
     let _ = progress.send(Progress::Done(size));
-    let dest = shared.config.data_dir.join(&saved);
-    let replaced = std::fs::metadata(&dest).map_or(0, |m| m.len());
-    if let Err(e) = partial.finish(&dest).await {
-        return refuse(shared, user, cannot_save(e), 0, reader, kill).await;
-    }
-    reservation.commit(replaced).await;
+    let saved = match partial.finish_unique(&shared.config.data_dir, &saved).await {
+        Ok(name) => name,
+        Err(e) => return refuse(shared, user, cannot_save(e), 0, reader, kill).await,
+    };
+    reservation.commit().await;
     let target = header.target.to_string();
     info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
+    let record_name = header.filename.clone();
     let record = FileRecord {
         id: shared.next_id(),
         sender: user.to_owned(),
         target,
         filename: header.filename,
-        saved_as: saved,
+        saved_as: saved.clone(),
         size,
         at: SystemTime::now(),
     };
@@ -103,8 +154,8 @@ pub(super) async fn upload(
         warn!("[STORE] cannot index a saved file: {e}");
     }
     if let Some(outbox) = shared.registry.outbox(user) {
-        for line in after.drain(..) {
-            outbox.line(&line);
+        for notice in &notices {
+            outbox.line(&notice.line(&record_name, &saved));
         }
     }
     Ok(())
@@ -161,26 +212,14 @@ async fn admit(
     shared.disk.reserve(user, header.size).await
 }
 
-/// Who gets an upload: a forward per recipient with a file connection, and the lines its
+/// Who gets an upload: a forward per recipient with a file connection, and what its
 /// sender is told once the file is saved.
-fn plan(
-    shared: &Shared,
-    user: &str,
-    header: &UploadHeader,
-    saved: &str,
-) -> (Vec<Forward>, Vec<ServerLine>) {
+fn plan(shared: &Shared, user: &str, header: &UploadHeader) -> (Vec<Forward>, Vec<Notice>) {
     let registry = &shared.registry;
     let filename = &header.filename;
-    let no_socket = |who: &str| ServerLine::NoFileSocket {
-        user: who.into(),
-        saved_as: saved.into(),
-    };
-    let (mut forwards, mut after) = (Vec::new(), Vec::new());
+    let (mut forwards, mut notices) = (Vec::new(), Vec::new());
     match &header.target {
-        Target::User(to) if to == user => after.push(ServerLine::FileSelf {
-            filename: filename.clone(),
-            saved_as: saved.into(),
-        }),
+        Target::User(to) if to == user => notices.push(Notice::ToSelf),
         Target::User(to) => match registry.file_link(to) {
             Some(link) => forwards.push(Forward {
                 recipient: to.clone(),
@@ -191,12 +230,10 @@ fn plan(
                     size: header.size,
                 },
             }),
-            None => after.push(no_socket(to)),
+            None => notices.push(Notice::NoFileSocket(to.clone())),
         },
         Target::Group(group) => match registry.members_except(group, user) {
-            None => after.push(ServerLine::NotInGroup {
-                group: group.clone(),
-            }),
+            None => notices.push(Notice::NotInGroup(group.clone())),
             Some(members) => {
                 for member in members {
                     match registry.file_link(&member) {
@@ -209,28 +246,27 @@ fn plan(
                                 group: group.clone(),
                             },
                         }),
-                        None => after.push(no_socket(&member)),
+                        None => notices.push(Notice::NoFileSocket(member)),
                     }
                 }
             }
         },
     }
-    (forwards, after)
+    (forwards, notices)
 }
 
-/// Plans the upload and queues a forward on each recipient's file connection; returns the
-/// lines its sender is told once the file is saved.
+/// Plans the upload and queues a forward on each recipient's file connection; returns
+/// what its sender is told once the file is saved.
 fn queue_forwards(
     shared: &Shared,
     user: &str,
     header: &UploadHeader,
-    saved: &str,
     partial: &Partial,
     watcher: &watch::Receiver<Progress>,
-) -> Vec<ServerLine> {
-    let (forwards, mut after) = plan(shared, user, header, saved);
+) -> Vec<Notice> {
+    let (forwards, mut notices) = plan(shared, user, header);
     if forwards.is_empty() {
-        return after;
+        return notices;
     }
     // One read handle for every forward of this upload (each reads at its own offset), so
     // queued forwards cost no descriptors.
@@ -239,17 +275,11 @@ fn queue_forwards(
         Err(e) => {
             let path = partial.path().display();
             warn!("[FILE FORWARD ERROR] cannot open {path}: {e}");
-            for Forward { recipient, .. } in forwards {
-                after.push(ServerLine::Error {
-                    reason: Refusal::NotDelivered {
-                        filename: header.filename.clone(),
-                        recipient,
-                        why: e.to_string(),
-                    }
-                    .to_string(),
-                });
-            }
-            return after;
+            notices.extend(forwards.into_iter().map(|f| Notice::NotDelivered {
+                recipient: f.recipient,
+                why: e.to_string(),
+            }));
+            return notices;
         }
     };
     let wire = ForwardHeader {
@@ -278,23 +308,14 @@ fn queue_forwards(
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
-                let refusal = Refusal::TooManyWaiting {
-                    recipient,
-                    saved_as: saved.to_owned(),
-                };
-                after.push(ServerLine::Error {
-                    reason: refusal.to_string(),
-                });
+                notices.push(Notice::TooManyWaiting(recipient));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                after.push(ServerLine::NoFileSocket {
-                    user: recipient,
-                    saved_as: saved.to_owned(),
-                });
+                notices.push(Notice::NoFileSocket(recipient));
             }
         }
     }
-    after
+    notices
 }
 
 #[cfg(test)]
@@ -345,12 +366,11 @@ mod tests {
     fn a_plan_forwards_to_file_connections_and_tells_the_sender_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = three_users(dir.path());
-        let saved = "received_from_alice_a.txt";
         let recipients = |forwards: &[Forward]| -> Vec<String> {
             forwards.iter().map(|f| f.recipient.clone()).collect()
         };
 
-        let (forwards, after) = plan(&shared, "alice", &header("bob", 5), saved);
+        let (forwards, after) = plan(&shared, "alice", &header("bob", 5));
         assert_eq!(recipients(&forwards), ["bob"]);
         assert!(after.is_empty());
         assert!(matches!(
@@ -358,32 +378,29 @@ mod tests {
             ServerLine::FileIncoming { size: 5, .. }
         ));
 
-        let (forwards, after) = plan(&shared, "alice", &header("carol", 5), saved);
+        let (forwards, after) = plan(&shared, "alice", &header("carol", 5));
         assert!(forwards.is_empty());
+        assert_eq!(after, [Notice::NoFileSocket("carol".into())]);
         assert_eq!(
-            after,
-            [ServerLine::NoFileSocket {
+            after[0].line("a.txt", "received_from_alice_a (2).txt"),
+            ServerLine::NoFileSocket {
                 user: "carol".into(),
-                saved_as: saved.into()
-            }]
+                saved_as: "received_from_alice_a (2).txt".into()
+            },
+            "the line names the copy as it was saved"
         );
 
-        let (forwards, after) = plan(&shared, "alice", &header("alice", 5), saved);
+        let (forwards, after) = plan(&shared, "alice", &header("alice", 5));
         assert!(forwards.is_empty());
-        assert!(matches!(&after[..], [ServerLine::FileSelf { .. }]));
+        assert_eq!(after, [Notice::ToSelf]);
 
-        let (forwards, after) = plan(&shared, "alice", &header("GROUP:devs", 5), saved);
+        let (forwards, after) = plan(&shared, "alice", &header("GROUP:devs", 5));
         assert_eq!(recipients(&forwards), ["bob"]);
-        assert!(matches!(&after[..], [ServerLine::NoFileSocket { user, .. }] if user == "carol"));
+        assert_eq!(after, [Notice::NoFileSocket("carol".into())]);
 
-        let (forwards, after) = plan(&shared, "alice", &header("GROUP:ops", 5), saved);
+        let (forwards, after) = plan(&shared, "alice", &header("GROUP:ops", 5));
         assert!(forwards.is_empty());
-        assert_eq!(
-            after,
-            [ServerLine::NotInGroup {
-                group: "ops".into()
-            }]
-        );
+        assert_eq!(after, [Notice::NotInGroup("ops".into())]);
     }
 
     #[tokio::test]
