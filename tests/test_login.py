@@ -203,7 +203,7 @@ def test_a_look_alike_of_a_connected_user_is_refused(net):
     alice = net.chat("alice")
     carol = net.client("carol")
     fake = net.wire("chat")
-    fake.send("\u0430lice\n".encode())  # Cyrillic а
+    fake.send("\u0430lice\n".encode())  # U+0430, Cyrillic small a
     assert fake.expect_closed() == (
         "ERROR: username '\u0430lice' looks too much like 'alice', who is connected\n".encode()
     )
