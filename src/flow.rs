@@ -145,6 +145,16 @@ pub(crate) enum Refusal {
         /// Name of the server's copy.
         saved_as: String,
     },
+    /// A recipient's client received a file but could not save it.
+    #[error("'{filename}' could not be saved by {recipient}: {reason}")]
+    NotSaved {
+        /// The file's name as sent.
+        filename: String,
+        /// The recipient.
+        recipient: String,
+        /// What its client said.
+        reason: String,
+    },
     /// A forward that was queued or under way failed.
     #[error("'{filename}' could not be delivered to {recipient}: {why}")]
     NotDelivered {

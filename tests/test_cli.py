@@ -145,10 +145,10 @@ def procs():
             proc.kill()
 
 
-def start_server(procs, data_dir: Path) -> tuple[Proc, int, int]:
+def start_server(procs, data_dir: Path, *extra: str) -> tuple[Proc, int, int]:
     server = procs(
         "server.py", "--host", HOST, "--chat-port", "0", "--file-port", "0",
-        "--data-dir", str(data_dir),
+        "--data-dir", str(data_dir), *extra,
     )  # fmt: skip
     chat = int(server.expect(r"\[CHAT SERVER\] Listening on (\d+)\n", START_TIMEOUT).group(1))
     file = int(server.expect(r"\[FILE SERVER\] Listening on (\d+)\n", TIMEOUT).group(1))
@@ -365,3 +365,47 @@ def test_the_client_exits_when_the_server_goes_away(procs, tmp_path):
     assert server.wait() == 0
     alice.expect_line("Chat connection closed.", START_TIMEOUT)
     assert alice.wait() == 0
+
+
+def test_a_refused_upload_is_never_reported_as_sent_and_the_exit_status_says_so(procs, tmp_path):
+    """The server has no room: the client prints the server's reason and its own
+    `[FILE SEND ERROR]`, never `[FILE SENT SUCCESSFULLY]`, and exits 1."""
+    _server, chat, file = start_server(procs, tmp_path / "data", "--min-free-disk", str(1 << 62))
+    bob = start_client(procs, chat, file, tmp_path / "bob", "--username", "bob")
+    bob.expect_line("Welcome, bob!", START_TIMEOUT)
+    report = tmp_path / "report.txt"
+    report.write_bytes(b"x" * 1000)
+    alice = start_client(procs, chat, file, tmp_path / "alice", "--username", "alice")
+    alice.send(f"send_file bob {report}")
+    alice.close_stdin()
+    assert alice.wait(START_TIMEOUT) == 1
+    out = alice.all_output()
+    assert "ERROR: not enough disk space on the server for this file\n" in out
+    assert "[FILE SEND ERROR] not enough disk space on the server for this file\n" in out
+    assert "[FILE SENT SUCCESSFULLY]" not in out
+
+
+def test_an_upload_cut_off_by_the_server_dying_is_reported_and_fails_the_exit_status(
+    procs, tmp_path
+):
+    data = tmp_path / "data"
+    server, chat, file = start_server(procs, data)
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(64 << 20)
+    alice = start_client(procs, chat, file, tmp_path / "alice", "--username", "alice")
+    alice.expect_line("Welcome, alice!", START_TIMEOUT)
+    alice.send(f"send_file nobody {big}")
+    # The upload has begun once its spool file exists; stop the server there, so the body
+    # cannot finish, and then kill it.
+    deadline = time.monotonic() + START_TIMEOUT
+    while not list(data.glob(".relaychat-upload-*.part")):
+        assert time.monotonic() < deadline, "the upload never began"
+        time.sleep(0.01)  # polling the file system: there is no event to wait on
+    server.proc.send_signal(signal.SIGSTOP)
+    server.proc.kill()
+    server.wait()
+    assert alice.wait(START_TIMEOUT) == 1
+    out = alice.all_output()
+    assert "[FILE SEND ERROR]" in out, out
+    assert "[FILE SENT SUCCESSFULLY]" not in out

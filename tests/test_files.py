@@ -23,6 +23,7 @@ import pytest
 from relaychat import (
     Ack,
     Client,
+    Disconnected,
     FileFailed,
     FileIncoming,
     FileReceived,
@@ -32,6 +33,7 @@ from relaychat import (
     NoFileSocket,
     NotInGroup,
     PrivateMessage,
+    RefusedError,
     ServerError,
     Welcome,
 )
@@ -284,7 +286,8 @@ def test_file_names_must_leave_room_for_the_saved_prefix_and_the_tmp_suffix(net,
 
     too_long = net.root / ("g" * (room + 1))
     too_long.write_bytes(b"12345")
-    alice.send_file("bob", too_long)
+    with pytest.raises(RefusedError, match="file name too long to save as"):
+        alice.send_file("bob", too_long)
     error = next_of(alice, ServerError)
     saved = f"received_from_alice_{too_long.name}"
     assert error.line == f"ERROR: file name too long to save as {saved}"
@@ -400,6 +403,9 @@ def test_a_hostile_server_cannot_make_the_client_write_outside_its_download_dir(
             with files:
                 files.recv(1024)
                 files.sendall(b"FILE_SOCKET_CONNECTED\n")
+                # Like the lab's server, it knows no extensions.
+                assert chat.recv(1024) == b"relaychat/1\n"
+                chat.sendall(b"Unknown command. Use msg/broadcast/list/join/send_group\n")
                 for name in ("../escape.txt", "/tmp/abs.txt", "..", "a\\..\\b"):
                     files.sendall(f"evil|{name}|{len(evil_body)}\n".encode() + evil_body)
                 files.sendall(b"../evil|x.txt|6\n" + evil_body)
@@ -738,3 +744,59 @@ def test_saved_names_never_collide_on_the_server_or_at_the_recipient(net, data_d
     assert next_of(a, NoFileSocket).saved_as == "received_from_a_again.txt"
     a.send_file("nobody", third)
     assert next_of(a, NoFileSocket).saved_as == "received_from_a_again (2).txt"
+
+
+# --- every transfer ends in one outcome, told to both ends ---------------------------------
+
+
+def test_send_file_returns_once_the_server_has_the_file_and_raises_when_refused(limited):
+    net = limited(max_file_size=1000)
+    alice = net.client("alice")
+    assert alice.extended
+    small = random_file(net.root / "small.bin", 1000)
+    assert alice.send_file("nobody", small) == 1000
+    # Saved by the time send_file returned: no waiting, no polling.
+    assert (net.server.data_dir / "received_from_alice_small.bin").read_bytes() == (
+        small.read_bytes()
+    )
+    big = random_file(net.root / "big.bin", 1001)
+    with pytest.raises(RefusedError, match=r"file too large: 1001 bytes \(limit 1000\)"):
+        alice.send_file("nobody", big)
+    # The connection is in step: the next upload goes through.
+    assert alice.send_file("nobody", small) == 1000
+
+
+def test_a_recipient_that_cannot_save_tells_the_uploader(net):
+    alice, bob = net.client("alice"), net.client("bob")
+    # Something the recipient's client cannot write over, even as root: a directory where
+    # its temporary file would go.
+    (net.downloads("bob") / "received_from_alice_f.txt.tmp").mkdir(parents=True)
+    f = random_file(net.root / "f.txt", 100)
+    alice.send_file("bob", f)
+    assert next_of(bob, FileIncoming).filename == "f.txt"
+    failed = next_of(bob, FileFailed)
+    assert "cannot save 'f.txt' from alice" in failed.reason
+    error = next_of(alice, ServerError)
+    assert error.reason.startswith("'f.txt' could not be saved by bob: ")
+    assert drain(alice, bob) == []
+
+
+def test_a_download_cut_off_by_the_server_stopping_fails_before_the_disconnect(net):
+    """bob is receiving when the server goes away: he gets `FileFailed` for the transfer,
+    then `Disconnected`, and keeps no partial file."""
+    alice_chat = net.chat("alice")
+    alice_files = net.file("alice")
+    bob = net.client("bob")
+    alice_files.send(b"alice|bob|half.bin|2000\n" + b"h" * 1000)  # half the body, then wait
+    assert next_of(bob, FileIncoming).filename == "half.bin"
+    net.server.stop()
+    events = []
+    while not events or not isinstance(events[-1], Disconnected):
+        event = bob.next_event(timeout=TIMEOUT)
+        assert event is not None, f"no Disconnected after {events}"
+        events.append(event)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[-2:] == ["FileFailed", "Disconnected"], kinds
+    assert "half.bin" in events[-2].reason
+    assert list(net.downloads("bob").iterdir()) == []
+    alice_chat.close()

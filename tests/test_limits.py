@@ -32,24 +32,6 @@ def error_on(chat: Wire) -> str:
     return chat.lines_until(lambda line: line.startswith("ERROR:"))[-1]
 
 
-@pytest.fixture
-def limited(tmp_path):
-    """A server with small limits, and a `Net` to it."""
-    servers = []
-
-    def start(**limits) -> Net:
-        srv = Server(HOST, 0, 0, tmp_path / "data", **limits)
-        srv.start()
-        net = Net(srv, tmp_path)
-        servers.append((srv, net))
-        return net
-
-    yield start
-    for srv, net in servers:
-        net.close()
-        srv.stop()
-
-
 # --- the connection gate -----------------------------------------------------------------
 
 

@@ -178,6 +178,10 @@ class Client:
     @property
     def closed(self) -> bool:
         """True once `close()` was called or the server closed the chat connection."""
+    @property
+    def extended(self) -> bool:
+        """Whether the server speaks relaychat's extensions (asked for at login; ours
+        does, the lab's does not)."""
     def msg(self, to: str, text: str) -> None:
         """Private message. `ValueError` if `text` is empty or holds a line break."""
     def broadcast(self, text: str) -> None:
@@ -194,8 +198,10 @@ class Client:
         """Join `group`, creating it; returns once the server confirms."""
     def send_file(self, target: str, path: _StrPath) -> int:
         """Send a file to a user or to `GROUP:<group>`, streamed from disk. Returns the
-        bytes sent once the last one is written. `ValueError("File does not exist")` if
-        `path` is not a file."""
+        bytes sent once the server has saved the whole file (with a server that speaks the
+        extensions; with the lab's server, once the last byte is written). `RefusedError`
+        with the server's reason if it refused or lost the upload;
+        `ValueError("File does not exist")` if `path` is not a file."""
     def next_event(self, timeout: float | None = None) -> _AnyEvent | None:
         """The next event; `None` if none comes within `timeout` seconds (`None`: wait
         forever) or after the stream has ended."""
@@ -236,6 +242,8 @@ class AsyncClient:
     def username(self) -> str: ...
     @property
     def closed(self) -> bool: ...
+    @property
+    def extended(self) -> bool: ...
     def msg(self, to: str, text: str) -> Awaitable[None]: ...
     def broadcast(self, text: str) -> Awaitable[None]: ...
     def send_group(self, group: str, text: str) -> Awaitable[None]: ...

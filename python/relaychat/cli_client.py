@@ -23,9 +23,23 @@ LINGER_SECONDS = 5.0
 _print_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _no_interrupt():
+    """Holds SIGINT back (it is delivered right after): the event thread interrupts the
+    input loop with it when the server goes away, and it must not cut a line short."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def say(text: str) -> None:
     """Prints one line whole: the event thread and the input loop both print."""
-    with _print_lock:
+    with _print_lock, _no_interrupt():
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
@@ -45,8 +59,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _print_events(client: Client, gone: threading.Event) -> None:
-    for event in client.events():
+class Session:
+    """What the command line knows about its run."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        #: Set once the chat connection is over (the server went away, or we closed it).
+        self.gone = threading.Event()
+        #: Whether an upload was refused, lost, or cut short: the exit status says so.
+        self.transfer_broken = False
+        #: Set while the input loop waits on standard input (only then is it interrupted).
+        self.reading = threading.Event()
+
+
+def _print_events(session: Session) -> None:
+    gone = session.gone
+    for event in session.client.events():
         if isinstance(event, Disconnected):
             if not gone.is_set():  # the server went away, not us
                 say(event.line)
@@ -54,8 +82,12 @@ def _print_events(client: Client, gone: threading.Event) -> None:
         say(event.line)
     if not gone.is_set():
         gone.set()
-        # A signal (not interrupt_main) also breaks a blocking read of standard input.
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        # Only a wait on standard input needs breaking (a signal, not interrupt_main, also
+        # breaks a blocking read); anything else the loop is doing ends on its own, since
+        # the engine's calls fail once the connection is gone. `gone` is set first, and the
+        # loop sets `reading` before it looks at `gone`: one of the two always sees the other.
+        if session.reading.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def _read_line() -> str | None:
@@ -68,7 +100,9 @@ def _read_line() -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
-def _send_file(client: Client, line: str) -> None:
+def _send_file(session: Session, line: str) -> None:
+    """Sends one file; prints success only once the server has it whole (a lab server
+    cannot say so: there, once the last byte is written)."""
     parts = line.split(" ", 2)
     if len(parts) < 3 or not parts[1] or not parts[2]:
         say(SEND_FILE_USAGE)
@@ -78,23 +112,36 @@ def _send_file(client: Client, line: str) -> None:
         say("File does not exist")
         return
     try:
-        client.send_file(target, path)
-    except (RelaychatError, OSError, ValueError) as e:
+        session.client.send_file(target, path)
+    except (RelaychatError, OSError, ValueError, TimeoutError) as e:
+        session.transfer_broken = True
         say(f"[FILE SEND ERROR] {e}")
         return
+    except KeyboardInterrupt:
+        session.transfer_broken = True
+        why = "the server closed the connection" if session.gone.is_set() else "interrupted"
+        say(f"[FILE SEND ERROR] {path} -> {target}: {why}")
+        raise
     say(f"[FILE SENT SUCCESSFULLY] {path} -> {target}")
 
 
-def _repl(client: Client) -> bool:
+def _repl(session: Session) -> bool:
     """Runs typed commands; true when input ended (end of input or `quit`)."""
+    client = session.client
     while True:
-        line = _read_line()
+        session.reading.set()
+        try:
+            if session.gone.is_set():
+                return False
+            line = _read_line()
+        finally:
+            session.reading.clear()
         if line is None or line.strip() == "quit":
             return True
         if not line.strip():
             continue
         if line == "send_file" or line.startswith("send_file "):
-            _send_file(client, line)
+            _send_file(session, line)
             continue
         try:
             client.send_command(line)
@@ -133,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RelaychatError, OSError, ValueError, TimeoutError) as e:
         say(f"ERROR: {e}")
         return 1
-    gone = threading.Event()
-    printer = threading.Thread(target=_print_events, args=(client, gone), daemon=True)
+    session = Session(client)
+    gone = session.gone
+    printer = threading.Thread(target=_print_events, args=(session,), daemon=True)
     printer.start()
     try:
-        if _repl(client):
+        if _repl(session):
             _linger(client)
     except KeyboardInterrupt:
         pass
@@ -147,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
             # The printer ends after the last event (`Disconnected`): let it print them all.
             printer.join(LINGER_SECONDS)
-    return 0
+    return 1 if session.transfer_broken else 0
 
 
 if __name__ == "__main__":

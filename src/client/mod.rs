@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::flow::{Ended, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::command::{
-    format_ack, format_command, parse_command, Parsed, Spec, BROADCAST, JOIN, LIST, MSG, SEND_GROUP,
+    format_ack, format_command, format_file_failed, parse_command, Parsed, Spec, BROADCAST, HELLO,
+    JOIN, LIST, MSG, SEND_GROUP,
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
@@ -29,6 +31,11 @@ use crate::protocol::{normalize, saved_name, ForwardHeader, ServerLine, Target, 
 use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
 use crate::{Error, Result};
 
+/// Least time the client waits for an upload's verdict after its last byte.
+const VERDICT_WAIT: Duration = Duration::from_secs(60);
+/// How long the end of the chat connection waits for the file side to report the
+/// transfer it was in, so `FileFailed` comes before `Disconnected`.
+const FILES_REPORT_GRACE: Duration = Duration::from_secs(2);
 /// Longest line the client accepts from a server.
 const MAX_SERVER_LINE: usize = 1024 * 1024;
 /// Events buffered for the application before the engine stops reading the sockets.
@@ -93,15 +100,23 @@ pub enum Event {
     Disconnected,
 }
 
+/// What an upload's verdict says: the name of the server's copy, or why it failed.
+type Verdict = std::result::Result<String, String>;
+
 /// Callers waiting for the reply to their own command (the reply is theirs, not an event).
-#[derive(Default)]
 ///
 /// Every `list` and `join` sent has an entry, in the order sent: a caller's channel, or
 /// `None` for a raw command whose reply is an event. The server answers in order, so each
-/// reply goes to its own command, never to someone else's.
+/// reply goes to its own command, never to someone else's. The same holds for the
+/// extension's hello and for upload verdicts (one per upload, in the order of uploads).
+#[derive(Default)]
 struct Waiters {
     users: VecDeque<Option<oneshot::Sender<Vec<String>>>>,
     joins: VecDeque<(String, Option<oneshot::Sender<()>>)>,
+    /// The hello sent at login, until the server answers it.
+    hello: Option<oneshot::Sender<bool>>,
+    /// Uploads whose verdict has not come yet.
+    uploads: VecDeque<oneshot::Sender<Verdict>>,
 }
 
 /// What a command that is about to be sent will be answered with.
@@ -112,6 +127,8 @@ enum Expect {
     Users(Option<oneshot::Sender<Vec<String>>>),
     /// A `You joined group` line.
     Joined(String, Option<oneshot::Sender<()>>),
+    /// `[HELLO]` (extensions on), or the unknown-command line (a lab server).
+    Hello(oneshot::Sender<bool>),
 }
 
 struct Inner {
@@ -121,6 +138,8 @@ struct Inner {
     /// File write half, for uploads (`None` while the file connection is being re-opened).
     file: tokio::sync::Mutex<Option<ConnWrite>>,
     waiters: Mutex<Waiters>,
+    /// Whether the server speaks the extensions (it answered our hello).
+    extended: std::sync::atomic::AtomicBool,
     /// Fires when the client is closed or the chat connection ends.
     closed: CancellationToken,
 }
@@ -239,13 +258,36 @@ impl Client {
             chat: tokio::sync::Mutex::new(chat_wr),
             file: tokio::sync::Mutex::new(Some(file_wr)),
             waiters: Mutex::default(),
+            extended: std::sync::atomic::AtomicBool::new(false),
             closed: CancellationToken::new(),
         });
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let _ = tx.send(Event::Line(welcome)).await;
-        tokio::spawn(read_chat(inner.clone(), chat_reader, tx.clone()));
-        tokio::spawn(read_files(inner.clone(), file_reader, tx));
-        Ok((Client { inner }, Events { rx }))
+        let files = tokio::spawn(read_files(inner.clone(), file_reader, tx.clone()));
+        tokio::spawn(read_chat(inner.clone(), chat_reader, tx, files));
+        let client = Client { inner };
+        client.hello().await?;
+        Ok((client, Events { rx }))
+    }
+
+    /// Asks for the protocol's extensions: our server answers `[HELLO]`, the lab's its
+    /// unknown-command line; neither answer becomes an event.
+    async fn hello(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let line = format!("{HELLO}\n");
+        self.write_chat(line, Expect::Hello(tx)).await?;
+        let extended = match self.await_reply(rx).await {
+            Ok(extended) => extended,
+            Err(Error::Timeout(_)) => false,
+            Err(e) => return Err(e),
+        };
+        self.inner.extended.store(extended, Relaxed);
+        Ok(())
+    }
+
+    /// Whether the server speaks the extensions (upload verdicts, failed receipts).
+    pub fn extended(&self) -> bool {
+        self.inner.extended.load(Relaxed)
     }
 
     /// The username this client is connected as.
@@ -376,6 +418,38 @@ impl Client {
             filename: filename.to_owned(),
             size,
         };
+        let verdict = self.upload(&header, file).await?;
+        match verdict {
+            None => Ok(size),
+            Some(rx) => {
+                // The server has the whole file once it says so (a lab server never does:
+                // there the last byte written is all we can know).
+                let patience = self.inner.config.timeout.max(VERDICT_WAIT);
+                let verdict = tokio::select! {
+                    verdict = tokio::time::timeout(patience, rx) => verdict,
+                    _ = self.inner.closed.cancelled() => return Err(Error::Closed),
+                };
+                match verdict {
+                    Ok(Ok(Ok(_saved_as))) => Ok(size),
+                    Ok(Ok(Err(reason))) => Err(Error::Refused(reason)),
+                    Ok(Err(_)) => Err(Error::Closed),
+                    Err(_) => Err(Error::Timeout(
+                        "waiting for the server to confirm the upload",
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Writes one upload (header and body) on the file connection. With a server that
+    /// speaks the extensions, returns where its verdict will arrive: the waiter is queued
+    /// before the header goes out, so it can never miss a verdict that comes fast.
+    async fn upload(
+        &self,
+        header: &UploadHeader,
+        file: tokio::fs::File,
+    ) -> Result<Option<oneshot::Receiver<Verdict>>> {
+        let size = header.size;
         let mut slot = self.inner.file.lock().await;
         // From the header on, anything short of the whole body (an error, a shrinking file,
         // `close()`, or this future being dropped: Ctrl-C, asyncio cancellation) leaves the
@@ -385,19 +459,36 @@ impl Client {
         let Some(Some(wr)) = guard.0.as_mut().map(|slot| slot.as_mut()) else {
             return Err(Error::Closed);
         };
-        let upload = async {
-            wr.write_all(header.to_wire().as_bytes()).await?;
+        let verdict = self.extended().then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.inner.waiters().uploads.push_back(tx);
+            rx
+        });
+        let wire = header.to_wire();
+        let sent = tokio::select! {
+            sent = wr.write_all(wire.as_bytes()) => sent,
+            _ = self.inner.closed.cancelled() => Err(std::io::ErrorKind::Interrupted.into()),
+        };
+        if let Err(e) = sent {
+            // No header reached the server, so no verdict will come: un-queue ours (the
+            // last one; the file lock keeps other uploads out).
+            if verdict.is_some() {
+                self.inner.waiters().uploads.pop_back();
+            }
+            return Err(Error::io("sending file", e));
+        }
+        let body = async {
             let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size));
             tokio::io::copy_buf(&mut body, wr).await
         };
         let sent = tokio::select! {
-            sent = upload => sent.map_err(|e| Error::io("sending file", e)),
+            sent = body => sent.map_err(|e| Error::io("sending file", e)),
             _ = self.inner.closed.cancelled() => Err(Error::Closed),
         };
         match sent {
             Ok(n) if n == size => {
                 guard.disarm();
-                Ok(n)
+                Ok(verdict)
             }
             Ok(n) => Err(Error::Protocol(format!(
                 "the file shrank while sending: {n} of {size} bytes"
@@ -440,6 +531,7 @@ impl Waiters {
             Expect::Nothing => {}
             Expect::Users(tx) => self.users.push_back(tx),
             Expect::Joined(group, tx) => self.joins.push_back((group, tx)),
+            Expect::Hello(tx) => self.hello = Some(tx),
         }
     }
 
@@ -463,6 +555,31 @@ impl Waiters {
                     _ => Some(ServerLine::Joined { group }),
                 }
             }
+            ServerLine::Hello => {
+                if let Some(tx) = self.hello.take() {
+                    let _ = tx.send(true);
+                }
+                None
+            }
+            ServerLine::UnknownCommand if self.hello.is_some() => {
+                if let Some(tx) = self.hello.take() {
+                    let _ = tx.send(false);
+                }
+                None
+            }
+            // Verdicts are the engine's own business: one per upload, never an event.
+            ServerLine::UploadOk { saved_as } => {
+                if let Some(tx) = self.uploads.pop_front() {
+                    let _ = tx.send(Ok(saved_as));
+                }
+                None
+            }
+            ServerLine::UploadFailed { reason } => {
+                if let Some(tx) = self.uploads.pop_front() {
+                    let _ = tx.send(Err(reason));
+                }
+                None
+            }
             line => Some(line),
         }
     }
@@ -474,7 +591,14 @@ impl Inner {
     }
 }
 
-async fn read_chat(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<Event>) {
+/// Reads the chat connection until it ends; then lets the file side report the transfer
+/// it was in (`FileFailed`) before the last event, `Disconnected`.
+async fn read_chat(
+    inner: Arc<Inner>,
+    mut reader: LineReader,
+    tx: mpsc::Sender<Event>,
+    files: tokio::task::JoinHandle<()>,
+) {
     while let Ok(line) = reader.next_line(&inner.closed).await {
         let line = ServerLine::parse(&String::from_utf8_lossy(&line));
         let unclaimed = inner.waiters().route(line);
@@ -484,6 +608,7 @@ async fn read_chat(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<E
     }
     inner.closed.cancel();
     *inner.waiters() = Waiters::default();
+    let _ = tokio::time::timeout(FILES_REPORT_GRACE, files).await;
     let _ = tx.send(Event::Disconnected).await;
 }
 
@@ -513,6 +638,15 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
 /// How long a file body from the server may pause before the file connection counts as
 /// dead.
 const BODY_STALL: Duration = Duration::from_secs(300);
+
+/// Reports a file we cannot save to the server (when it speaks the extensions), so its
+/// uploader hears of it instead of waiting for an `[ACK]`.
+async fn not_saved(inner: &Inner, sender: &str, filename: &str, e: &std::io::Error) {
+    if inner.extended.load(Relaxed) {
+        let line = format_file_failed(sender, filename, &e.to_string());
+        let _ = inner.chat.lock().await.write_all(line.as_bytes()).await;
+    }
+}
 
 /// Reads past `n` body bytes of a file that is not being saved.
 async fn skip(reader: &mut LineReader, n: u64, closed: &CancellationToken) -> Step {
@@ -557,6 +691,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let dir = &inner.config.download_dir;
     let tmp = dir.join(format!("{saved}{TMP_SUFFIX}"));
     let cannot_save = |e: std::io::Error| format!("cannot save '{filename}' from {sender}: {e}");
+
     let partial = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         true => Err(std::io::Error::other("file name too long")),
         false => Partial::create(tmp).await,
@@ -564,6 +699,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let mut partial = match partial {
         Ok(partial) => partial,
         Err(e) => {
+            not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
             return skip(reader, size, closed).await;
         }
@@ -572,6 +708,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         Ok(()) => {}
         Err(BodyError::Write(e, unread)) => {
             drop(partial);
+            not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
             return skip(reader, unread, closed).await;
         }
@@ -591,6 +728,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let path = match partial.finish_unique(dir, &saved).await {
         Ok(name) => dir.join(name),
         Err(e) => {
+            not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
             return Ok(());
         }

@@ -28,6 +28,9 @@ pub(crate) struct LineReader<R = ConnRead> {
     framer: LineFramer,
     /// How long bytes without a newline may sit before they count as a line.
     idle_pause: Duration,
+    /// Whether bytes left without a newline when the peer closes count as a last line
+    /// (they do for the lab's newline-less client; not once newlines are required).
+    partial_at_eof: bool,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -37,6 +40,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             buf: BytesMut::new(),
             framer: LineFramer::new(max_line),
             idle_pause,
+            partial_at_eof: true,
         }
     }
 
@@ -47,12 +51,15 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             buf: BytesMut::new(),
             framer: LineFramer::line_framed(max_line),
             idle_pause: Duration::ZERO,
+            partial_at_eof: true,
         }
     }
 
-    /// From now on only a newline ends a line (file headers, after the username).
+    /// From now on only a newline ends a line (file headers, after the username), and a
+    /// line cut short by the peer closing is dropped, not taken for a whole one.
     pub(crate) fn require_newlines(&mut self, max_line: usize) {
         self.framer = LineFramer::line_framed(max_line);
+        self.partial_at_eof = false;
     }
 
     /// Reads what the stream has (at most [`READ_CHUNK`] bytes) onto the buffer; 0 at end
@@ -101,7 +108,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 }
                 read = self.fill() => match read {
                     Ok(0) => {
-                        return match self.buf.is_empty() {
+                        return match self.buf.is_empty() || !self.partial_at_eof {
                             true => Err(Ended::Closed),
                             false => Ok(self.buf.split().freeze()),
                         };
@@ -225,6 +232,25 @@ mod tests {
         let mut reader = LineReader::new(ours, 100, Duration::from_millis(25));
         peer.write_all(b"alice").await.expect("write");
         assert_eq!(reader.next_line(&never()).await.expect("line"), "alice");
+    }
+
+    #[tokio::test]
+    async fn a_line_cut_short_counts_only_where_newlines_are_not_required() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(ours, 100, Duration::from_secs(60));
+        peer.write_all(b"alice").await.expect("write");
+        drop(peer);
+        assert_eq!(reader.next_line(&never()).await.expect("line"), "alice");
+
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(ours, 100, Duration::from_secs(60));
+        reader.require_newlines(100);
+        peer.write_all(b"alice|bob|f|1").await.expect("write");
+        drop(peer);
+        assert!(matches!(
+            reader.next_line(&never()).await,
+            Err(Ended::Closed)
+        ));
     }
 
     #[tokio::test]

@@ -15,6 +15,16 @@
 /// The lab's acknowledgement prefix: `FILE_RECEIVED|<original sender>|<filename>`.
 pub const FILE_RECEIVED_PREFIX: &str = "FILE_RECEIVED|";
 
+/// Our client's report of a file it could not save (an extension, sent only to a server
+/// that answered [`HELLO`]): `FILE_FAILED|<original sender>|<filename>|<reason>`.
+pub const FILE_FAILED_PREFIX: &str = "FILE_FAILED|";
+
+/// The line our client sends once logged in to ask for the protocol's extensions. The
+/// lab's server answers it with its unknown-command line; ours with
+/// `[HELLO] relaychat/1` (`ServerLine::Hello`). A client that never sends it sees the
+/// lab's protocol byte for byte.
+pub const HELLO: &str = "relaychat/1";
+
 /// Most arguments a command takes.
 pub const MAX_ARGS: usize = 2;
 
@@ -105,6 +115,17 @@ pub enum Parsed<'a> {
         /// The file's name as it was forwarded.
         filename: &'a str,
     },
+    /// [`HELLO`]: the client speaks the extensions.
+    Hello,
+    /// `FILE_FAILED|<sender>|<filename>|<reason>`: a recipient could not save a file.
+    FileFailed {
+        /// Who sent the file (who is told).
+        sender: &'a str,
+        /// The file's name as it was forwarded.
+        filename: &'a str,
+        /// Why it could not be saved.
+        reason: &'a str,
+    },
     /// A first word that names no command; the server decides what it means.
     Unknown {
         /// The first word, as typed.
@@ -121,7 +142,7 @@ pub enum CommandError {
     Empty,
     /// A known command with missing arguments.
     Usage(&'static Spec),
-    /// `FILE_RECEIVED|` without both fields.
+    /// `FILE_RECEIVED|` or `FILE_FAILED|` without its fields.
     MalformedAck,
 }
 
@@ -146,6 +167,24 @@ pub fn parse_command(line: &str) -> Result<Parsed<'_>, CommandError> {
             }
             _ => Err(CommandError::MalformedAck),
         };
+    }
+    if let Some(rest) = line.strip_prefix(FILE_FAILED_PREFIX) {
+        let mut fields = rest.splitn(3, '|');
+        return match (fields.next(), fields.next(), fields.next()) {
+            (Some(sender), Some(filename), Some(reason))
+                if !sender.is_empty() && !filename.is_empty() =>
+            {
+                Ok(Parsed::FileFailed {
+                    sender,
+                    filename,
+                    reason,
+                })
+            }
+            _ => Err(CommandError::MalformedAck),
+        };
+    }
+    if line == HELLO {
+        return Ok(Parsed::Hello);
     }
     let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
     let Some(spec) = find(word) else {
@@ -177,6 +216,13 @@ pub fn format_command(spec: &Spec, args: &[&str]) -> String {
 /// Formats an acknowledgement: `FILE_RECEIVED|<sender>|<filename>\n`.
 pub fn format_ack(sender: &str, filename: &str) -> String {
     format!("{FILE_RECEIVED_PREFIX}{sender}|{filename}\n")
+}
+
+/// Formats a failed receipt: `FILE_FAILED|<sender>|<filename>|<reason>\n` (line breaks in
+/// the reason become spaces).
+pub fn format_file_failed(sender: &str, filename: &str, reason: &str) -> String {
+    let reason = reason.replace(['\n', '\r'], " ");
+    format!("{FILE_FAILED_PREFIX}{sender}|{filename}|{reason}\n")
 }
 
 #[cfg(test)]
@@ -289,6 +335,23 @@ mod tests {
                 sender: "a",
                 filename: "f.txt"
             })
+        );
+    }
+
+    #[test]
+    fn the_extension_lines_parse() {
+        assert_eq!(parse_command("relaychat/1"), Ok(Parsed::Hello));
+        assert_eq!(
+            parse_command(format_file_failed("a", "f.txt", "disk\nfull").trim_end()),
+            Ok(Parsed::FileFailed {
+                sender: "a",
+                filename: "f.txt",
+                reason: "disk full"
+            })
+        );
+        assert_eq!(
+            parse_command("FILE_FAILED|a|f"),
+            Err(CommandError::MalformedAck)
         );
     }
 

@@ -6,7 +6,7 @@
 
 use std::fmt::{self, Display, Write as _};
 
-use super::command::{Spec, COMMANDS};
+use super::command::{Spec, COMMANDS, HELLO};
 
 /// The lab's reply to a line that is no command.
 pub const UNKNOWN_COMMAND: &str = "Unknown command. Use msg/broadcast/list/join/send_group";
@@ -105,6 +105,21 @@ pub enum ServerLine {
         /// File name.
         filename: String,
     },
+    /// `[HELLO] relaychat/1`: the answer to the client's [`super::command::HELLO`]; the
+    /// extension lines below are sent to this client from now on.
+    Hello,
+    /// `[UPLOAD OK] <saved_as>` (extension): the server has the whole of the client's
+    /// last upload, saved as `saved_as`. One per upload, in order.
+    UploadOk {
+        /// Name of the server's copy.
+        saved_as: String,
+    },
+    /// `[UPLOAD FAILED] <reason>` (extension): the client's last upload was refused or
+    /// broke off. One per upload, in order.
+    UploadFailed {
+        /// Why.
+        reason: String,
+    },
     /// `ERROR: <reason>`: a refused request, a limit, a bad header (not in the lab).
     Error {
         /// Human-readable reason.
@@ -172,6 +187,9 @@ impl Display for ServerLine {
             } => {
                 write!(f, "[ACK] {recipient} received file '{filename}'")
             }
+            ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
+            ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
+            ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
             ServerLine::Error { reason } => write!(f, "ERROR: {reason}"),
             ServerLine::Other(line) => f.write_str(line),
         }
@@ -293,6 +311,17 @@ fn parse_known(line: &str) -> Option<ServerLine> {
             filename: s(filename),
         });
     }
+    if line.strip_prefix("[HELLO] ") == Some(HELLO) {
+        return Some(ServerLine::Hello);
+    }
+    if let Some(saved_as) = line.strip_prefix("[UPLOAD OK] ") {
+        return Some(ServerLine::UploadOk {
+            saved_as: s(saved_as),
+        });
+    }
+    if let Some(reason) = line.strip_prefix("[UPLOAD FAILED] ") {
+        return Some(ServerLine::UploadFailed { reason: s(reason) });
+    }
     if let Some(reason) = line.strip_prefix("ERROR: ") {
         return Some(ServerLine::Error { reason: s(reason) });
     }
@@ -405,6 +434,19 @@ mod tests {
                     reason: s("file too big"),
                 },
                 "ERROR: file too big",
+            ),
+            (ServerLine::Hello, "[HELLO] relaychat/1"),
+            (
+                ServerLine::UploadOk {
+                    saved_as: s("received_from_a_x (2).txt"),
+                },
+                "[UPLOAD OK] received_from_a_x (2).txt",
+            ),
+            (
+                ServerLine::UploadFailed {
+                    reason: s("file too large: 9 bytes (limit 5)"),
+                },
+                "[UPLOAD FAILED] file too large: 9 bytes (limit 5)",
             ),
         ]
     }

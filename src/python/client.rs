@@ -267,6 +267,13 @@ engine_calls! {
             self.client.is_closed()
         }
 
+        /// Whether the server speaks relaychat's extensions (ours does, the lab's does
+        /// not): then `send_file` returns only once the server has the whole file saved.
+        #[getter]
+        fn extended(&self) -> bool {
+            self.client.extended()
+        }
+
         fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
             let class = slf.get_type().qualname()?;
             let client = &slf.get().client;

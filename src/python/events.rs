@@ -200,7 +200,14 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                     line,
                 ),
                 ServerLine::Error { reason } => make(py, ServerError { reason }, line),
+                // The extension's own lines are the engine's business; should one escape
+                // the routing, it shows as text.
                 ServerLine::Other(text) => make(py, ServerText { text }, line),
+                ServerLine::Hello
+                | ServerLine::UploadOk { .. }
+                | ServerLine::UploadFailed { .. } => {
+                    make(py, ServerText { text: line.clone() }, line)
+                }
             },
             EngineEvent::FileReceived {
                 sender,

@@ -154,6 +154,15 @@ fn handle(session: &Session<'_>, text: &str) {
             }
         }
         Ok(Parsed::Ack { sender, filename }) => ack(session, sender, filename),
+        Ok(Parsed::Hello) => {
+            session.outbox.extend();
+            session.reply(ServerLine::Hello);
+        }
+        Ok(Parsed::FileFailed {
+            sender,
+            filename,
+            reason,
+        }) => not_saved(session, sender, filename, reason),
         Ok(Parsed::Unknown { word, .. }) => unknown(session, word, text),
         Err(CommandError::Empty) => {}
         Err(CommandError::Usage(spec)) => session.reply(ServerLine::Usage(spec)),
@@ -245,6 +254,31 @@ fn ack(session: &Session<'_>, sender: &str, filename: &str) {
         filename: filename.into(),
     };
     registry.send_to(sender, Bytes::from(ack.to_wire()));
+}
+
+/// `FILE_FAILED|<sender>|<filename>|<reason>`: the recipient could not save a file; its
+/// uploader is told instead of waiting for an `[ACK]` that will not come.
+fn not_saved(session: &Session<'_>, sender: &str, filename: &str, reason: &str) {
+    let registry = &session.shared.registry;
+    if !registry.take_ack(session.user, sender, filename) {
+        return session.refuse(Refusal::NoSuchAck {
+            sender: sender.into(),
+            filename: filename.into(),
+        });
+    }
+    warn!(
+        "[FILE ERROR] {} could not save '{filename}' from {sender}: {reason}",
+        session.user
+    );
+    let refusal = Refusal::NotSaved {
+        filename: filename.into(),
+        recipient: session.user.into(),
+        reason: reason.into(),
+    };
+    let line = ServerLine::Error {
+        reason: refusal.to_string(),
+    };
+    registry.send_to(sender, Bytes::from(line.to_wire()));
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub(crate) struct Outbox {
     queue: Arc<SendQueue>,
     /// Cancels the whole connection.
     kill: CancellationToken,
+    /// Whether the client asked for the protocol's extensions (`relaychat/1`).
+    extended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Outbox {
@@ -35,7 +37,19 @@ impl Outbox {
             user: user.into(),
             queue,
             kill,
+            extended: Arc::default(),
         }
+    }
+
+    /// Marks the client as speaking the extensions.
+    pub(crate) fn extend(&self) {
+        self.extended
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the client speaks the extensions.
+    pub(crate) fn extended(&self) -> bool {
+        self.extended.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whose outbox this is.

@@ -77,6 +77,16 @@ pub(super) fn tell(shared: &Shared, user: &str, refusal: Refusal) {
     }
 }
 
+/// Gives the uploader's client its upload's verdict, if it speaks the extensions: exactly
+/// one `[UPLOAD OK]` or `[UPLOAD FAILED]` per upload header, in order.
+pub(super) fn verdict(shared: &Shared, user: &str, line: ServerLine) {
+    if let Some(outbox) = shared.registry.outbox(user) {
+        if outbox.extended() {
+            outbox.line(&line);
+        }
+    }
+}
+
 fn not_delivered(job: &ForwardJob, recipient: &str, why: String) -> Refusal {
     Refusal::NotDelivered {
         filename: job.filename.clone(),

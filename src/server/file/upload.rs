@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::super::limits::Reservation;
 use super::super::Shared;
-use super::forward::{tell, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
+use super::forward::{tell, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
@@ -129,6 +129,8 @@ pub(super) async fn upload(
             let _ = progress.send(Progress::Aborted);
             let name = &header.filename;
             warn!("[FILE ERROR] upload of '{name}' from {user} ended: {end}");
+            let reason = format!("the upload of '{name}' {end}");
+            verdict(shared, user, ServerLine::UploadFailed { reason });
             return Err(Stop::Ended(end));
         }
     }
@@ -158,6 +160,7 @@ pub(super) async fn upload(
             outbox.line(&notice.line(&record_name, &saved));
         }
     }
+    verdict(shared, user, ServerLine::UploadOk { saved_as: saved });
     Ok(())
 }
 
@@ -172,7 +175,9 @@ async fn refuse(
     kill: &CancellationToken,
 ) -> Step {
     warn!("[FILE ERROR] {user}: {refusal}");
+    let reason = refusal.to_string();
     tell(shared, user, refusal);
+    verdict(shared, user, ServerLine::UploadFailed { reason });
     skip_body(shared, reader, unread, kill).await
 }
 
