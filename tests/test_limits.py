@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -131,10 +132,10 @@ def test_a_recipient_that_stops_reading_its_file_socket_is_dropped_after_the_sen
 # --- send queues: readers that stop reading ----------------------------------------------
 
 
-def test_a_user_who_stops_reading_is_dropped_and_slows_nobody(tmp_path):
-    """Each chat connection has a bounded outbox; a reader that lets it overflow is
-    disconnected, and everyone else gets every message."""
-    with Server(HOST, 0, 0, tmp_path / "data", send_queue=64) as srv:
+def test_a_user_who_stops_reading_is_dropped_and_nothing_is_lost_for_others(tmp_path):
+    """Each chat connection has a bounded outbox; a reader that takes nothing for
+    `send_timeout` is disconnected, and everyone else gets every message."""
+    with Server(HOST, 0, 0, tmp_path / "data", send_queue=64, send_timeout=2.0) as srv:
         net = Net(srv, tmp_path)
         try:
             alice = net.client("alice")
@@ -165,10 +166,12 @@ def test_a_user_who_stops_reading_is_dropped_and_slows_nobody(tmp_path):
 PAD = "p" * 300
 
 
-def test_tens_of_thousands_of_broadcasts_reach_every_reader_while_one_never_reads(net):
+def test_tens_of_thousands_of_broadcasts_reach_every_reader_while_one_never_reads(limited):
     """One client never reads its chat socket while others exchange 30,000 broadcasts
     (9 MB, more than its queue and socket buffers hold): the readers get every message;
-    the non-reader is dropped, nobody waits for it."""
+    the non-reader is dropped once it has taken nothing for `send_timeout`, and nothing is
+    lost for anyone else."""
+    net = limited(send_timeout=2.0)
     readers = [net.client(name) for name in ("ann", "ben", "cat")]
     sleepy = net.adopt(Wire(net.server.chat_port, "sleepy", rcvbuf=4096))
     sleepy.send("sleepy\n")
@@ -332,3 +335,70 @@ def test_the_server_stays_small_when_many_users_connect_and_leave(tmp_path):
         assert vm("VmRSS", proc.pid) - start_rss < 5 * 1024
     finally:
         assert stop_server(proc) == 0
+
+
+def _storm(net: Net, users: int, per_user: int) -> dict[str, list[str]]:
+    """`users` raw clients each write `per_user` broadcasts in one write, all at once, and
+    read what the others send; returns what each one received."""
+    wires = [net.chat(f"u{i}") for i in range(users)]
+    want = (users - 1) * per_user
+    got: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def read(i: int, wire: Wire) -> None:
+        try:
+            got[f"u{i}"] = [wire.line(timeout=FILE_TIMEOUT) for _ in range(want)]
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    readers = [threading.Thread(target=read, args=(i, w)) for i, w in enumerate(wires)]
+    for t in readers:
+        t.start()
+    for i, wire in enumerate(wires):
+        wire.send("".join(f"broadcast {i}:{k}\n" for k in range(per_user)))
+    for t in readers:
+        t.join(FILE_TIMEOUT * 2)
+    assert not errors, errors[0]
+    return got
+
+
+def _check_storm(got: dict[str, list[str]], users: int, per_user: int) -> None:
+    """Every delivery made, exactly once, in order per sender."""
+    for me, lines in got.items():
+        seen: dict[int, list[int]] = {}
+        for line in lines:
+            sender, k = line.split("]: ", 1)[1].split(":")
+            seen.setdefault(int(sender), []).append(int(k))
+        others = [i for i in range(users) if f"u{i}" != me]
+        assert sorted(seen) == others, me
+        for sender, ks in seen.items():
+            assert ks == list(range(per_user)), f"{me} from u{sender}"
+
+
+def test_a_burst_slows_its_senders_and_drops_no_reader(limited):
+    """30 clients each pipeline 100 broadcasts at once into queues far smaller than the
+    burst: everyone who reads gets every message, exactly once and in order per sender;
+    nobody is dropped (before flow control, each reader passed its queue and was cut off
+    with `[SENDQ EXCEEDED]`)."""
+    net = limited(send_queue=64, send_queue_bytes=16384, send_queue_high_water=2048)
+    users, per_user = 30, 100
+    _check_storm(_storm(net, users, per_user), users, per_user)
+    assert len(net.client("late").list_users()) == users
+
+
+def test_a_slow_but_reading_client_is_never_dropped(limited):
+    """A client that reads slowly but steadily slows the flood that feeds it, and gets all
+    of it; the queue limit never cuts it off."""
+    net = limited(send_queue=16, send_queue_bytes=4096, send_queue_high_water=1024)
+    slow = net.adopt(Wire(net.server.chat_port, "slow", rcvbuf=4096))
+    slow.send("slow\n")
+    slow.expect("Welcome, slow!")
+    flood = net.chat("flood")
+    n = 3000
+    flood.send("".join(f"broadcast s{i} {PAD}\n" for i in range(n)))
+    for i in range(n):
+        assert slow.line(timeout=FILE_TIMEOUT) == f"[BROADCAST from flood]: s{i} {PAD}"
+        if i % 100 == 0:
+            time.sleep(0.01)  # the slowness is what this test checks
+    flood.send("list\n")
+    flood.expect("Connected users: slow", timeout=FILE_TIMEOUT)

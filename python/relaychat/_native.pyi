@@ -91,6 +91,7 @@ class Server:
         max_header: int | None = None,
         send_queue: int | None = None,
         send_queue_bytes: int | None = None,
+        send_queue_high_water: int | None = None,
         send_timeout: float | None = None,
         handshake_timeout: float | None = None,
         transfer_timeout: float | None = None,
@@ -110,9 +111,12 @@ class Server:
           as a line, for clients that never send newlines (the lab's).
         - `max_line` (65536 B): longest chat line; `max_header` (4096 B, at least 64):
           longest file-port line.
-        - `send_queue` (8192 lines), `send_queue_bytes` (4 MiB) and `send_timeout` (30 s): a
-          chat connection with that much queued, or a peer whose writes make no progress
-          that long, is dropped as not reading.
+        - `send_queue_high_water` (256 KiB, or a quarter of `send_queue` in lines): past it,
+          the sessions sending to a chat connection stop reading their own sockets until it
+          has drained to half (flow control: senders slow down, readers are not dropped).
+          `send_queue` (8192 lines) and `send_queue_bytes` (4 MiB) cap a queue; its senders
+          wait past them. `send_timeout` (30 s): a peer that takes nothing that long is
+          dropped.
         - `handshake_timeout` (10 s): time to send a username. `transfer_timeout` (60 s):
           longest pause inside an upload.
         - `max_connections` (10000) and `max_per_address` (256): open connections, both

@@ -1,8 +1,16 @@
 //! A connection's outgoing side: the bounded send queue that any task fills without
 //! waiting, and the one writer task that drains it into the socket.
+//!
+//! Flow control lives here too. A push never blocks, but it says when the queue is past
+//! its high-water mark ([`Pushed::Congested`]) or at its hard cap ([`Pushed::Full`], the
+//! line not taken): the chat session that pushed then stops reading its own socket until
+//! the queue is relieved ([`SendQueue::until_relieved`]) or has room again
+//! ([`SendQueue::until_room`]). So a burst slows its senders instead of dropping the
+//! readers it is meant for, and memory stays bounded.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -15,17 +23,22 @@ const KEEP_LINES: usize = 8;
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// Writes all of `buf`, failing with `TimedOut` only if the peer accepts *nothing* for
-/// `stall`: a slow but steady reader is never cut off, a stopped one is.
+/// `stall`: a slow but steady reader is never cut off, a stopped one is. `progressed` is
+/// called after every write that took some bytes.
 pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     wr: &mut W,
     mut buf: &[u8],
     stall: Duration,
+    mut progressed: impl FnMut(),
 ) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     while !buf.is_empty() {
         match tokio::time::timeout(stall, wr.write(buf)).await {
             Ok(Ok(0)) => return Err(Error::from(ErrorKind::WriteZero)),
-            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Ok(n)) => {
+                buf = &buf[n..];
+                progressed();
+            }
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
         }
@@ -40,19 +53,38 @@ pub(crate) struct SendQueue {
     state: std::sync::Mutex<QueueState>,
     /// Wakes the writer; a notification sent while it is busy is kept for its next wait.
     ready: tokio::sync::Notify,
-    /// Lines that may wait before the reader counts as not reading.
+    /// Wakes senders waiting for this queue to drain (see the module docs).
+    drained: tokio::sync::Notify,
+    /// How many senders wait on `drained` (the writer wakes them only if there are any).
+    waiting: AtomicUsize,
+    /// The hard cap in lines: a push past it is refused.
     capacity: usize,
-    /// Bytes that may wait: long lines reach it before `capacity` does.
+    /// The hard cap in bytes: long lines reach it before `capacity` does.
     max_bytes: usize,
+    /// Past this many bytes (or a quarter of `capacity` in lines) the queue is congested.
+    high_bytes: usize,
 }
 
-#[derive(Default)]
 struct QueueState {
     lines: std::collections::VecDeque<Bytes>,
     /// Bytes in `lines`.
     bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
     closed: bool,
+    /// When the writer last got bytes into the socket, or when the queue last became
+    /// non-empty: a queue whose reader takes nothing for a while stops holding senders up.
+    progress: Instant,
+}
+
+impl Default for QueueState {
+    fn default() -> Self {
+        Self {
+            lines: std::collections::VecDeque::new(),
+            bytes: 0,
+            closed: false,
+            progress: Instant::now(),
+        }
+    }
 }
 
 /// What became of a pushed line.
@@ -60,7 +92,10 @@ struct QueueState {
 pub(crate) enum Pushed {
     /// Queued for the writer.
     Queued,
-    /// The queue is at capacity: the reader is not keeping up.
+    /// Queued, past the high-water mark: the sender should wait until it is relieved.
+    Congested,
+    /// Not queued: the queue is at its hard cap. The sender keeps the line and waits for
+    /// room.
     Full,
     /// The connection is closing.
     Closed,
@@ -77,13 +112,37 @@ enum Taken {
 }
 
 impl SendQueue {
-    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Arc<Self> {
+    /// A queue that refuses lines past `capacity` lines or `max_bytes` bytes and counts as
+    /// congested past `high_bytes` bytes or a quarter of `capacity`.
+    pub(crate) fn new(capacity: usize, max_bytes: usize, high_bytes: usize) -> Arc<Self> {
+        let max_bytes = max_bytes.max(1);
         Arc::new(Self {
             state: std::sync::Mutex::default(),
             ready: tokio::sync::Notify::new(),
+            drained: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
             capacity: capacity.max(1),
-            max_bytes: max_bytes.max(1),
+            max_bytes,
+            high_bytes: high_bytes.clamp(1, max_bytes),
         })
+    }
+
+    fn high_lines(&self) -> usize {
+        (self.capacity / 4).max(1)
+    }
+
+    fn congested(&self, st: &QueueState) -> bool {
+        st.bytes > self.high_bytes || st.lines.len() > self.high_lines()
+    }
+
+    /// At or under half the high-water mark: senders waiting on it may go on.
+    fn low(&self, st: &QueueState) -> bool {
+        st.bytes <= self.high_bytes / 2 && st.lines.len() <= self.high_lines() / 2
+    }
+
+    fn has_room(&self, st: &QueueState, len: usize) -> bool {
+        let over_bytes = st.bytes + len > self.max_bytes && !st.lines.is_empty();
+        st.lines.len() < self.capacity && !over_bytes
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -92,21 +151,98 @@ impl SendQueue {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `bytes` without waiting.
+    /// Queues `bytes` without waiting, unless the queue is at its hard cap.
     pub(crate) fn push(&self, bytes: Bytes) -> Pushed {
         let mut st = self.state();
         if st.closed {
             return Pushed::Closed;
         }
-        let over_bytes = st.bytes + bytes.len() > self.max_bytes && !st.lines.is_empty();
-        if st.lines.len() >= self.capacity || over_bytes {
+        if !self.has_room(&st, bytes.len()) {
             return Pushed::Full;
+        }
+        self.append(&mut st, bytes);
+        let congested = self.congested(&st);
+        drop(st);
+        self.ready.notify_one();
+        match congested {
+            true => Pushed::Congested,
+            false => Pushed::Queued,
+        }
+    }
+
+    /// Queues `bytes` even past the hard cap: for the server's own few notices (file
+    /// notices, errors, verdicts) sent from tasks that cannot wait for a reader. False if
+    /// the connection is closing.
+    pub(crate) fn push_anyway(&self, bytes: Bytes) -> bool {
+        let mut st = self.state();
+        if st.closed {
+            return false;
+        }
+        self.append(&mut st, bytes);
+        drop(st);
+        self.ready.notify_one();
+        true
+    }
+
+    fn append(&self, st: &mut QueueState, bytes: Bytes) {
+        if st.lines.is_empty() {
+            st.progress = Instant::now();
         }
         st.bytes += bytes.len();
         st.lines.push_back(bytes);
-        drop(st);
-        self.ready.notify_one();
-        Pushed::Queued
+    }
+
+    /// The writer got bytes into the socket.
+    fn progressed(&self) {
+        self.state().progress = Instant::now();
+    }
+
+    /// Waits until `check` holds, or `deadline` (from the state) passes. The writer wakes
+    /// waiters whenever the queue falls to its low-water mark, and on close.
+    async fn wait_until(&self, check: impl Fn(&QueueState) -> Result<(), Option<Instant>>) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let deadline = match check(&self.state()) {
+                Ok(()) => break,
+                Err(deadline) => deadline,
+            };
+            match deadline {
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Waits until a sender need no longer hold back for this queue: it is at its low-water
+    /// mark, closed, or its reader has taken nothing for `grace` (a reader that does not
+    /// read is not waited for; the hard cap and `send_timeout` deal with it).
+    pub(crate) async fn until_relieved(&self, grace: Duration) {
+        self.wait_until(|st| {
+            let stalled = st.progress + grace;
+            match st.closed || self.low(st) || Instant::now() >= stalled {
+                true => Ok(()),
+                false => Err(Some(stalled)),
+            }
+        })
+        .await;
+    }
+
+    /// Waits until a line of `len` bytes fits, or the queue is closed.
+    pub(crate) async fn until_room(&self, len: usize) {
+        self.wait_until(|st| match st.closed || self.has_room(st, len) {
+            true => Ok(()),
+            false => Err(None),
+        })
+        .await;
     }
 
     /// Takes every queued line at once, without waiting (for tests that read a queue).
@@ -121,6 +257,7 @@ impl SendQueue {
     pub(crate) fn close(&self) {
         self.state().closed = true;
         self.ready.notify_one();
+        self.drained.notify_waiters();
     }
 
     /// Waits for lines and takes them: one as it is, or up to `WRITE_BATCH` bytes of several
@@ -129,6 +266,7 @@ impl SendQueue {
         loop {
             {
                 let mut st = self.state();
+                let was_full = st.lines.len() >= self.capacity || st.bytes >= self.max_bytes;
                 let taken = match st.lines.len() {
                     0 if st.closed => return Taken::End,
                     0 => None,
@@ -152,6 +290,12 @@ impl SendQueue {
                 if let Some(taken) = taken {
                     if st.lines.is_empty() && st.lines.capacity() > KEEP_LINES {
                         st.lines = std::collections::VecDeque::new();
+                    }
+                    let wake =
+                        (was_full || self.low(&st)) && self.waiting.load(Ordering::Acquire) > 0;
+                    drop(st);
+                    if wake {
+                        self.drained.notify_waiters();
                     }
                     return taken;
                 }
@@ -177,10 +321,11 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             _ = kill.cancelled() => break,
             taken = queue.take(&mut batch) => taken,
         };
+        let progressed = || queue.progressed();
         let write = async {
             match &taken {
-                Taken::One(line) => write_with_progress(&mut wr, line, stall).await,
-                Taken::Batch => write_with_progress(&mut wr, &batch, stall).await,
+                Taken::One(line) => write_with_progress(&mut wr, line, stall, progressed).await,
+                Taken::Batch => write_with_progress(&mut wr, &batch, stall, progressed).await,
                 Taken::End => Ok(()),
             }
         };
@@ -216,9 +361,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_send_queue_is_bounded_ordered_and_gives_memory_back() {
-        let q = SendQueue::new(20, 1 << 20);
+        let q = SendQueue::new(20, 1 << 20, 1 << 20);
         for i in 0..20 {
-            assert_eq!(q.push(Bytes::from(format!("{i}\n"))), Pushed::Queued);
+            // Past a quarter of the lines the queue is congested, but it still takes them.
+            let want = if i < 5 {
+                Pushed::Queued
+            } else {
+                Pushed::Congested
+            };
+            assert_eq!(q.push(Bytes::from(format!("{i}\n"))), want);
         }
         assert_eq!(q.push(Bytes::from("full\n")), Pushed::Full);
         let mut batch = BytesMut::new();
@@ -240,22 +391,78 @@ mod tests {
 
     #[test]
     fn the_send_queue_is_bounded_in_bytes_too() {
-        let q = SendQueue::new(1000, 100);
+        let q = SendQueue::new(1000, 100, 50);
         assert_eq!(
             q.push(Bytes::from(vec![b'x'; 150])),
-            Pushed::Queued,
+            Pushed::Congested,
             "one line always fits"
         );
         assert_eq!(q.push(Bytes::from("y")), Pushed::Full);
-        let q = SendQueue::new(1000, 100);
-        assert_eq!(q.push(Bytes::from(vec![b'x'; 60])), Pushed::Queued);
+        let q = SendQueue::new(1000, 100, 50);
         assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from(vec![b'x'; 20])), Pushed::Congested);
+        assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Congested);
         assert_eq!(q.push(Bytes::from("z")), Pushed::Full);
+        assert!(
+            q.push_anyway(Bytes::from("notice")),
+            "the server's own lines still go"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sender_waits_until_the_reader_drains_the_queue() {
+        let q = SendQueue::new(1000, 1 << 20, 100);
+        for _ in 0..3 {
+            q.push(Bytes::from(vec![b'x'; 60]));
+        }
+        let grace = Duration::from_secs(60);
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.until_relieved(grace).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "congested: the sender holds back");
+        let mut batch = BytesMut::new();
+        q.take(&mut batch).await;
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("relieved once drained")
+            .expect("task");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_takes_nothing_is_not_waited_for_past_the_grace() {
+        let q = SendQueue::new(1000, 1 << 20, 10);
+        q.push(Bytes::from(vec![b'x'; 60]));
+        let started = Instant::now();
+        q.until_relieved(Duration::from_millis(50)).await;
+        assert!(started.elapsed() >= Duration::from_millis(40));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_has_room_again_once_the_writer_takes() {
+        let q = SendQueue::new(2, 1 << 20, 1 << 20);
+        q.push(Bytes::from("a\n"));
+        q.push(Bytes::from("b\n"));
+        assert_eq!(q.push(Bytes::from("c\n")), Pushed::Full);
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.until_room(2).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let mut batch = BytesMut::new();
+        q.take(&mut batch).await;
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("room once taken")
+            .expect("task");
+        assert_eq!(q.push(Bytes::from("c\n")), Pushed::Queued);
     }
 
     #[tokio::test]
     async fn the_writer_wakes_for_a_line_pushed_while_it_waits() {
-        let q = SendQueue::new(8, 1 << 20);
+        let q = SendQueue::new(8, 1 << 20, 1 << 20);
         let waiter = {
             let q = q.clone();
             tokio::spawn(async move {

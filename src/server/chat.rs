@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::Outbox;
+use super::registry::{Held, Outbox};
 use super::{read_username, Shared};
 use crate::flow::{Ended, Refusal, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
@@ -23,6 +23,10 @@ use crate::protocol::{CommandError, ServerLine};
 
 /// How long a closing connection's writer may take to flush what is queued.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
+/// How long a session waits on a congested recipient that takes nothing at all before it
+/// goes on without waiting for it (that recipient's queue then fills to its hard cap, and
+/// `send_timeout` drops it if it still takes nothing).
+const FLOW_GRACE: Duration = Duration::from_secs(1);
 
 /// One user's chat session, as its command handlers see it.
 struct Session<'a> {
@@ -31,11 +35,20 @@ struct Session<'a> {
     user: &'a str,
     /// The user's own outgoing queue (for replies).
     outbox: &'a Outbox,
+    /// What the current command's deliveries left to wait for (flow control).
+    held: std::sync::Mutex<Held>,
 }
 
 impl Session<'_> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn reply(&self, line: ServerLine) {
-        self.outbox.line(&line);
+        self.outbox
+            .deliver(Bytes::from(line.to_wire()), &mut self.held());
     }
 
     fn refuse(&self, refusal: Refusal) {
@@ -61,7 +74,11 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
     let limits = &shared.config.limits;
-    let queue = SendQueue::new(limits.send_queue, limits.send_queue_bytes);
+    let queue = SendQueue::new(
+        limits.send_queue,
+        limits.send_queue_bytes,
+        limits.send_queue_high_water,
+    );
     let writer = tokio::spawn(write_loop(
         wr,
         queue.clone(),
@@ -72,7 +89,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let id = shared.next_id();
 
     let claimed = match read_username(&shared, &mut reader, &kill).await {
-        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill).map_err(Stop::Refused),
+        Ok(name) => claim(&shared, &name, id, addr, &queue).map_err(Stop::Refused),
         Err(stop) => Err(stop),
     };
     match claimed {
@@ -83,10 +100,11 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
                 shared: &shared,
                 user: &user,
                 outbox: &outbox,
+                held: std::sync::Mutex::default(),
             };
             let end = run(&session, &mut reader, &kill).await;
             if let Ended::Frame(e) = &end {
-                outbox.line(&ServerLine::Error {
+                session.reply(ServerLine::Error {
                     reason: e.to_string(),
                 });
             }
@@ -116,9 +134,8 @@ fn claim(
     id: u64,
     addr: SocketAddr,
     queue: &Arc<SendQueue>,
-    kill: &CancellationToken,
 ) -> Result<Outbox, Refusal> {
-    let outbox = Outbox::new(name, queue.clone(), kill.clone());
+    let outbox = Outbox::new(name, queue.clone());
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry
@@ -139,6 +156,14 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         match std::str::from_utf8(&line) {
             Ok(text) => handle(session, text),
             Err(_) => session.refuse(Refusal::CommandNotUtf8),
+        }
+        // Flow control: past a recipient's high-water mark, this session reads no more of
+        // its socket until that recipient has drained (or is found to take nothing).
+        let held = std::mem::take(&mut *session.held());
+        if !held.is_empty() {
+            // Boxed: its state lives on the heap only while a session is held back, so an
+            // idle session stays small.
+            Box::pin(held.settle(FLOW_GRACE, kill)).await;
         }
     }
 }
@@ -183,10 +208,11 @@ fn msg(session: &Session<'_>, call: &Call<'_>) {
         from: session.user.into(),
         text: text.into(),
     };
+    let bytes = Bytes::from(line.to_wire());
     if !session
         .shared
         .registry
-        .send_to(to, Bytes::from(line.to_wire()))
+        .send_to(to, bytes, &mut session.held())
     {
         session.reply(ServerLine::UserNotFound { user: to.into() });
     }
@@ -198,7 +224,11 @@ fn broadcast(session: &Session<'_>, call: &Call<'_>) {
         text: call.arg(0).into(),
     };
     let bytes = Bytes::from(line.to_wire());
-    session.shared.registry.broadcast(session.user, &bytes);
+    let mut held = session.held();
+    session
+        .shared
+        .registry
+        .broadcast(session.user, &bytes, &mut held);
 }
 
 fn list(session: &Session<'_>, _call: &Call<'_>) {
@@ -229,11 +259,11 @@ fn send_group(session: &Session<'_>, call: &Call<'_>) {
         text: text.into(),
     };
     let bytes = Bytes::from(line.to_wire());
-    if !session
+    let sent = session
         .shared
         .registry
-        .send_group(session.user, group, &bytes)
-    {
+        .send_group(session.user, group, &bytes, &mut session.held());
+    if !sent {
         session.reply(ServerLine::NotInGroup {
             group: group.into(),
         });
@@ -253,7 +283,7 @@ fn ack(session: &Session<'_>, sender: &str, filename: &str) {
         recipient: session.user.into(),
         filename: filename.into(),
     };
-    registry.send_to(sender, Bytes::from(ack.to_wire()));
+    registry.send_to(sender, Bytes::from(ack.to_wire()), &mut session.held());
 }
 
 /// `FILE_FAILED|<sender>|<filename>|<reason>`: the recipient could not save a file; its
@@ -278,7 +308,7 @@ fn not_saved(session: &Session<'_>, sender: &str, filename: &str, reason: &str) 
     let line = ServerLine::Error {
         reason: refusal.to_string(),
     };
-    registry.send_to(sender, Bytes::from(line.to_wire()));
+    registry.send_to(sender, Bytes::from(line.to_wire()), &mut session.held());
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ mod tests {
         };
         let chat = chat::serve(shared.clone(), stream().await, addr);
         let file = file::serve(shared.clone(), stream().await, addr);
-        let queue = crate::net::SendQueue::new(1, 1);
+        let queue = crate::net::SendQueue::new(1, 1, 1);
         let (_rd, wr) = stream().await.split();
         let writer =
             crate::net::write_loop(wr, queue, CancellationToken::new(), Duration::from_secs(1));

@@ -9,47 +9,46 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::debug;
 
 use super::file::FileLink;
 use crate::flow::Refusal;
 use crate::net::{Pushed, SendQueue};
 use crate::protocol::{skeleton, ServerLine};
 
-/// A chat connection's outgoing side: its bounded queue and its kill switch.
+/// A chat connection's outgoing side: its bounded queue.
 #[derive(Clone)]
 pub(crate) struct Outbox {
-    /// Whose queue this is (for the log line when it overflows).
+    /// Whose queue this is (for log lines).
     user: Arc<str>,
     /// Ready-made lines for the writer task.
     queue: Arc<SendQueue>,
-    /// Cancels the whole connection.
-    kill: CancellationToken,
     /// Whether the client asked for the protocol's extensions (`relaychat/1`).
-    extended: Arc<std::sync::atomic::AtomicBool>,
+    extended: Arc<AtomicBool>,
 }
 
 impl Outbox {
-    pub(crate) fn new(user: &str, queue: Arc<SendQueue>, kill: CancellationToken) -> Self {
+    pub(crate) fn new(user: &str, queue: Arc<SendQueue>) -> Self {
         Self {
             user: user.into(),
             queue,
-            kill,
             extended: Arc::default(),
         }
     }
 
     /// Marks the client as speaking the extensions.
     pub(crate) fn extend(&self) {
-        self.extended
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.extended.store(true, Ordering::Relaxed);
     }
 
     /// Whether the client speaks the extensions.
     pub(crate) fn extended(&self) -> bool {
-        self.extended.load(std::sync::atomic::Ordering::Relaxed)
+        self.extended.load(Ordering::Relaxed)
     }
 
     /// Whose outbox this is.
@@ -57,28 +56,61 @@ impl Outbox {
         &self.user
     }
 
-    /// Queues bytes without waiting. A full queue drops the connection; returns whether the
-    /// bytes were queued.
-    pub(crate) fn push(&self, bytes: Bytes) -> bool {
-        match self.queue.push(bytes) {
-            Pushed::Queued => true,
+    /// Queues a line a chat session sends on behalf of its user, without waiting; if the
+    /// queue is congested or full, `held` keeps what the session must wait on before it
+    /// reads its next command.
+    pub(crate) fn deliver(&self, bytes: Bytes, held: &mut Held) {
+        match self.queue.push(bytes.clone()) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Congested => held.0.push((self.clone(), None)),
             Pushed::Full => {
-                if !self.kill.is_cancelled() {
-                    warn!(
-                        "[SENDQ EXCEEDED] {} is not reading; disconnecting",
-                        self.user
-                    );
-                    self.kill.cancel();
-                }
-                false
+                debug!("[SENDQ FULL] {} takes nothing; its senders wait", self.user);
+                held.0.push((self.clone(), Some(bytes)));
             }
-            Pushed::Closed => false,
         }
     }
 
-    /// Formats and queues one server line.
+    /// Formats and queues one of the server's own lines (a file notice, an error, a
+    /// verdict), from a task that cannot wait for the reader. False if the connection is
+    /// closing.
     pub(crate) fn line(&self, line: &ServerLine) -> bool {
-        self.push(Bytes::from(line.to_wire()))
+        self.queue.push_anyway(Bytes::from(line.to_wire()))
+    }
+}
+
+/// What one command's deliveries left to wait for: queues past their high-water mark, and
+/// lines that found a queue full. The chat session settles them before it reads its next
+/// command, which is how a burst slows its sender instead of dropping its readers.
+#[derive(Default)]
+pub(crate) struct Held(Vec<(Outbox, Option<Bytes>)>);
+
+impl Held {
+    /// Whether there is nothing to wait for.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Delivers the lines that found a queue full and waits until every congested queue is
+    /// relieved (see `SendQueue::until_relieved`); gives up when `kill` fires.
+    pub(crate) async fn settle(self, grace: Duration, kill: &CancellationToken) {
+        for (outbox, line) in self.0 {
+            let queue = &outbox.queue;
+            if let Some(bytes) = line {
+                loop {
+                    tokio::select! {
+                        _ = kill.cancelled() => return,
+                        _ = queue.until_room(bytes.len()) => {}
+                    }
+                    if queue.push(bytes.clone()) != Pushed::Full {
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = kill.cancelled() => return,
+                _ = queue.until_relieved(grace) => {}
+            }
+        }
     }
 }
 
@@ -155,7 +187,7 @@ impl Registry {
                 });
             }
             st.skeletons.insert(skeleton, user.to_owned());
-            outbox.push(greeting);
+            outbox.queue.push_anyway(greeting);
             st.next_seq += 1;
             let seq = st.next_seq;
             st.chats.insert(
@@ -269,10 +301,10 @@ impl Registry {
     }
 
     /// Queues `bytes` for `user`; false if no such user is connected.
-    pub(crate) fn send_to(&self, user: &str, bytes: Bytes) -> bool {
+    pub(crate) fn send_to(&self, user: &str, bytes: Bytes, held: &mut Held) -> bool {
         match self.state().chats.get(user) {
             Some(e) => {
-                e.outbox.push(bytes);
+                e.outbox.deliver(bytes, held);
                 true
             }
             None => false,
@@ -280,10 +312,10 @@ impl Registry {
     }
 
     /// Queues `bytes` for every connected user but `from`.
-    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes) {
+    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) {
         for (user, e) in &self.state().chats {
             if user != from {
-                e.outbox.push(bytes.clone());
+                e.outbox.deliver(bytes.clone(), held);
             }
         }
     }
@@ -331,7 +363,13 @@ impl Registry {
     }
 
     /// Queues `bytes` for every other member of `group`; false if `from` is not a member.
-    pub(crate) fn send_group(&self, from: &str, group: &str, bytes: &Bytes) -> bool {
+    pub(crate) fn send_group(
+        &self,
+        from: &str,
+        group: &str,
+        bytes: &Bytes,
+        held: &mut Held,
+    ) -> bool {
         let st = self.state();
         let Some(members) = st.groups.get(group) else {
             return false;
@@ -341,7 +379,7 @@ impl Registry {
         }
         for member in members.iter().filter(|m| *m != from) {
             if let Some(e) = st.chats.get(member) {
-                e.outbox.push(bytes.clone());
+                e.outbox.deliver(bytes.clone(), held);
             }
         }
         true
@@ -356,8 +394,8 @@ mod tests {
 
     /// A registered user with a queue the test can read.
     fn user(registry: &Registry, name: &str, id: u64) -> Arc<SendQueue> {
-        let queue = SendQueue::new(64, 1 << 20);
-        let outbox = Outbox::new(name, queue.clone(), CancellationToken::new());
+        let queue = SendQueue::new(64, 1 << 20, 1 << 20);
+        let outbox = Outbox::new(name, queue.clone());
         let welcome = Bytes::from(format!("Welcome, {name}!\n"));
         registry
             .add_chat(name, id, HERE, outbox, welcome)
@@ -377,8 +415,8 @@ mod tests {
     fn a_name_is_held_by_one_connection_and_freed_only_by_it() {
         let registry = Registry::default();
         let _alice = user(&registry, "alice", 1);
-        let queue = SendQueue::new(4, 1024);
-        let outbox = Outbox::new("alice", queue, CancellationToken::new());
+        let queue = SendQueue::new(4, 1024, 1024);
+        let outbox = Outbox::new("alice", queue);
         let again = registry.add_chat("alice", 2, HERE, outbox, Bytes::new());
         assert!(matches!(again, Err(Refusal::NameTaken(n)) if n == "alice"));
         registry.remove_chat("alice", 2); // a stale connection's removal is ignored
@@ -391,8 +429,8 @@ mod tests {
     fn a_look_alike_of_a_connected_user_is_refused_until_that_user_leaves() {
         let registry = Registry::default();
         let _alice = user(&registry, "alice", 1);
-        let queue = SendQueue::new(4, 1024);
-        let outbox = Outbox::new("\u{0430}lice", queue, CancellationToken::new());
+        let queue = SendQueue::new(4, 1024, 1024);
+        let outbox = Outbox::new("\u{0430}lice", queue);
         let fake = registry.add_chat("\u{0430}lice", 2, HERE, outbox.clone(), Bytes::new());
         assert_eq!(
             fake.map_err(|e| e.to_string()),
@@ -410,7 +448,7 @@ mod tests {
         let alice = user(&registry, "alice", 1);
         let _carol = user(&registry, "carol", 2);
         let _bob = user(&registry, "bob", 3);
-        registry.broadcast("bob", &Bytes::from("hi\n"));
+        registry.broadcast("bob", &Bytes::from("hi\n"), &mut Held::default());
         assert_eq!(lines(&alice), ["Welcome, alice!", "hi"]);
         assert_eq!(registry.users_except("alice"), ["carol", "bob"]);
     }
@@ -428,8 +466,8 @@ mod tests {
         }
         registry.join("devs", "alice").expect("joins");
         registry.join("devs", "bob").expect("joins");
-        assert!(registry.send_group("alice", "devs", &Bytes::from("g\n")));
-        assert!(!registry.send_group("carol", "devs", &Bytes::from("x\n")));
+        assert!(registry.send_group("alice", "devs", &Bytes::from("g\n"), &mut Held::default()));
+        assert!(!registry.send_group("carol", "devs", &Bytes::from("x\n"), &mut Held::default()));
         assert_eq!(lines(&bob), ["g"]);
         assert!(lines(&alice).is_empty() && lines(&carol).is_empty());
         assert_eq!(

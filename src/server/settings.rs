@@ -182,12 +182,17 @@ settings! {
     /// Longest file-port line (username, upload header), in bytes.
     max_header: usize [Bytes] = DEFAULT_MAX_HEADER, min 64,
         "longest file-port line (username, upload header)";
-    /// Lines a chat connection may have queued before it counts as not reading.
+    /// Lines a chat connection may have queued at most (its senders wait past it); past a
+    /// quarter of it, its senders are slowed.
     send_queue: usize = 8192, min 1,
-        "lines queued for one chat connection before it counts as not reading";
-    /// Bytes a chat connection may have queued before it counts as not reading.
+        "lines queued for one chat connection at most (its senders wait past it)";
+    /// Bytes a chat connection may have queued at most (its senders wait past it).
     send_queue_bytes: usize [Bytes] = 4 << 20, min 1,
-        "bytes queued for one chat connection before it counts as not reading";
+        "bytes queued for one chat connection at most (its senders wait past it)";
+    /// Bytes queued for a chat connection past which the sessions sending to it stop
+    /// reading their own sockets until it has drained to half (flow control).
+    send_queue_high_water: usize [Bytes] = 256 << 10, min 1,
+        "bytes queued for one chat connection past which its senders are slowed";
     /// How long a write to a peer may make no progress before the peer counts as not
     /// reading and is dropped (chat lines and file forwards alike).
     send_timeout: Duration = Duration::from_secs(30), min Duration::ZERO,

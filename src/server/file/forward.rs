@@ -182,7 +182,7 @@ async fn stream(
         std::io::ErrorKind::TimedOut => format!("the recipient read nothing for {stall:?}"),
         _ => e.to_string(),
     };
-    write_with_progress(wr, &job.header, stall)
+    write_with_progress(wr, &job.header, stall, || ())
         .await
         .map_err(sent_err)?;
     let mut buf = vec![0u8; BODY_CHUNK];
@@ -204,7 +204,7 @@ async fn stream(
         if n == 0 {
             return Err("the spool file ended early".into());
         }
-        write_with_progress(wr, &buf[..n], stall)
+        write_with_progress(wr, &buf[..n], stall, || ())
             .await
             .map_err(sent_err)?;
         sent += n as u64;
