@@ -411,10 +411,24 @@ async fn broadcast(a: &Args) -> Res<()> {
             .collect(),
     );
     let total = deliveries.load(Ordering::Relaxed);
+    // Fairness: when each sender's last message had reached its last recipient, counted
+    // from the start signal (arrival times are nanoseconds since `t0`).
+    let go_ns = start.duration_since(t0).as_nanos() as u64;
+    let done: Vec<u64> = (0..s)
+        .map(|j| {
+            last[j][m as usize - 1]
+                .load(Ordering::Relaxed)
+                .saturating_sub(go_ns)
+        })
+        .collect();
+    let first_done = done.iter().min().copied().unwrap_or(0);
+    let last_done = done.iter().max().copied().unwrap_or(0);
     println!(
-        "{{\"scenario\": \"broadcast\", \"users\": {n}, \"senders\": {s}, \"window\": {ring}, \"messages\": {}, \"deliveries\": {total}, \"seconds\": {secs:.3}, \"deliveries_per_s\": {:.0}, {}}}",
+        "{{\"scenario\": \"broadcast\", \"users\": {n}, \"senders\": {s}, \"window\": {ring}, \"messages\": {}, \"deliveries\": {total}, \"seconds\": {secs:.3}, \"deliveries_per_s\": {:.0}, \"first_sender_done_ms\": {:.1}, \"last_sender_done_ms\": {:.1}, {}}}",
         m * s as u64,
         total as f64 / secs,
+        first_done as f64 / 1e6,
+        last_done as f64 / 1e6,
         lat.summary()
     );
     Ok(())

@@ -161,6 +161,30 @@ def messages(kind: str, tmp: Path, *args: str) -> dict:
     return with_server(tmp, go)
 
 
+def storm(users: int, per_user: int, tmp: Path) -> dict:
+    """Every user pipelines all its broadcasts in one write, at once, and reads everyone
+    else's: relaybench fails the run if any delivery is missing, doubled or out of order
+    per sender (a dropped reader fails it too)."""
+
+    def go(server: ServerProc) -> dict:
+        r = run_generator(
+            server, "broadcast", "--users", str(users), "--senders", str(users),
+            "--messages", str(per_user), "--window", str(per_user), "--sources", "4",
+        )  # fmt: skip
+        want = users * (users - 1) * per_user
+        return {
+            "deliveries": r["deliveries"],
+            "lost": want - r["deliveries"],
+            "seconds": r["seconds"],
+            "deliveries/s": r["deliveries_per_s"],
+            "first sender done s": r["first_sender_done_ms"] / 1000,
+            "last sender done s": r["last_sender_done_ms"] / 1000,
+            "server VmHWM MB": server.status()["VmHWM"] / 1024,
+        }
+
+    return with_server(tmp, go)
+
+
 def connect_users(users: int, sources: int, extra: int, tmp: Path) -> dict:
     flags = ("--max-connections", "30000", "--max-per-address", "30000")
 
@@ -407,6 +431,10 @@ def main() -> int:
                 "--sources",
                 "4",
             ),
+        ),
+        (
+            "storm: 200 users each pipelining 200 broadcasts at once",
+            lambda t: storm(int(n(20, 200)), int(n(20, 200)), t),
         ),
         (
             "connect: 9,500 idle users (19,000 sockets) from 16 addresses",

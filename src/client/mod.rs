@@ -239,7 +239,7 @@ impl Client {
     /// Connects both sockets as `config.username` and starts the engine's reader tasks
     /// on the current tokio runtime.
     pub async fn connect(mut config: ClientConfig) -> Result<(Client, Events)> {
-        config.username = normalize(&config.username);
+        config.username = normalize(&config.username).into_owned();
         check_username(&config.username).map_err(invalid)?;
         std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
         let (chat_reader, chat_wr, welcome) = handshake(&config, config.chat_port).await?;

@@ -71,8 +71,8 @@ struct QueueState {
     bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
     closed: bool,
-    /// When the writer last got bytes into the socket, or when the queue last became
-    /// non-empty: a queue whose reader takes nothing for a while stops holding senders up.
+    /// When the writer last got bytes into the socket: a queue whose reader takes nothing
+    /// for a while stops holding senders up.
     progress: Instant,
 }
 
@@ -94,9 +94,9 @@ pub(crate) enum Pushed {
     Queued,
     /// Queued, past the high-water mark: the sender should wait until it is relieved.
     Congested,
-    /// Not queued: the queue is at its hard cap. The sender keeps the line and waits for
-    /// room.
-    Full,
+    /// Not queued (here it is back): the queue is at its hard cap. The sender keeps the
+    /// line and waits for room.
+    Full(Bytes),
     /// The connection is closing.
     Closed,
 }
@@ -158,7 +158,7 @@ impl SendQueue {
             return Pushed::Closed;
         }
         if !self.has_room(&st, bytes.len()) {
-            return Pushed::Full;
+            return Pushed::Full(bytes);
         }
         self.append(&mut st, bytes);
         let congested = self.congested(&st);
@@ -185,9 +185,6 @@ impl SendQueue {
     }
 
     fn append(&self, st: &mut QueueState, bytes: Bytes) {
-        if st.lines.is_empty() {
-            st.progress = Instant::now();
-        }
         st.bytes += bytes.len();
         st.lines.push_back(bytes);
     }
@@ -226,8 +223,11 @@ impl SendQueue {
     /// mark, closed, or its reader has taken nothing for `grace` (a reader that does not
     /// read is not waited for; the hard cap and `send_timeout` deal with it).
     pub(crate) async fn until_relieved(&self, grace: Duration) {
+        // Counted from the later of the writer's last progress and the start of this wait:
+        // a queue that was idle a long time is not taken for a stalled one.
+        let started = Instant::now();
         self.wait_until(|st| {
-            let stalled = st.progress + grace;
+            let stalled = st.progress.max(started) + grace;
             match st.closed || self.low(st) || Instant::now() >= stalled {
                 true => Ok(()),
                 false => Err(Some(stalled)),
@@ -371,7 +371,10 @@ mod tests {
             };
             assert_eq!(q.push(Bytes::from(format!("{i}\n"))), want);
         }
-        assert_eq!(q.push(Bytes::from("full\n")), Pushed::Full);
+        assert_eq!(
+            q.push(Bytes::from("full\n")),
+            Pushed::Full(Bytes::from("full\n"))
+        );
         let mut batch = BytesMut::new();
         assert!(matches!(q.take(&mut batch).await, Taken::Batch));
         let expected: String = (0..20).map(|i| format!("{i}\n")).collect();
@@ -397,12 +400,12 @@ mod tests {
             Pushed::Congested,
             "one line always fits"
         );
-        assert_eq!(q.push(Bytes::from("y")), Pushed::Full);
+        assert_eq!(q.push(Bytes::from("y")), Pushed::Full(Bytes::from("y")));
         let q = SendQueue::new(1000, 100, 50);
         assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Queued);
         assert_eq!(q.push(Bytes::from(vec![b'x'; 20])), Pushed::Congested);
         assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Congested);
-        assert_eq!(q.push(Bytes::from("z")), Pushed::Full);
+        assert_eq!(q.push(Bytes::from("z")), Pushed::Full(Bytes::from("z")));
         assert!(
             q.push_anyway(Bytes::from("notice")),
             "the server's own lines still go"
@@ -444,7 +447,7 @@ mod tests {
         let q = SendQueue::new(2, 1 << 20, 1 << 20);
         q.push(Bytes::from("a\n"));
         q.push(Bytes::from("b\n"));
-        assert_eq!(q.push(Bytes::from("c\n")), Pushed::Full);
+        assert_eq!(q.push(Bytes::from("c\n")), Pushed::Full(Bytes::from("c\n")));
         let waiter = {
             let q = q.clone();
             tokio::spawn(async move { q.until_room(2).await })

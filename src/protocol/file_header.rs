@@ -78,16 +78,19 @@ impl UploadHeader {
             return Err(HeaderError::FieldCount(fields.len()));
         };
         let size = parse_size(size)?;
-        let (sender, filename) = (normalize(sender), normalize(filename));
+        let (sender, filename) = (
+            normalize(sender).into_owned(),
+            normalize(filename).into_owned(),
+        );
         check_username(&sender)?;
         let target = match target.strip_prefix(GROUP_PREFIX) {
             Some(group) => {
-                let group = normalize(group);
+                let group = normalize(group).into_owned();
                 check_group(&group)?;
                 Target::Group(group)
             }
             None => {
-                let user = normalize(target);
+                let user = normalize(target).into_owned();
                 check_username(&user)?;
                 Target::User(user)
             }

@@ -75,9 +75,14 @@ pub enum NameError {
     },
 }
 
-/// A name in the form the server keeps and compares: NFC.
-pub fn normalize(name: &str) -> String {
-    name.nfc().collect()
+/// A name in the form the server keeps and compares: NFC. Borrowed when it already is
+/// (always for ASCII, and usually otherwise: the quick check decides without copying).
+pub fn normalize(name: &str) -> std::borrow::Cow<'_, str> {
+    use unicode_normalization::{is_nfc_quick, IsNormalized};
+    if name.is_ascii() || is_nfc_quick(name.chars()) == IsNormalized::Yes {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    std::borrow::Cow::Owned(name.nfc().collect())
 }
 
 /// A name's confusable skeleton (Unicode TS #39): two names with the same skeleton look

@@ -203,7 +203,7 @@ fn unknown(session: &Session<'_>, word: &str, _line: &str) {
 
 fn msg(session: &Session<'_>, call: &Call<'_>) {
     let (to, text) = (normalize(call.arg(0)), call.arg(1));
-    let to = to.as_str();
+    let to: &str = &to;
     let line = ServerLine::Private {
         from: session.user.into(),
         text: text.into(),
@@ -238,7 +238,7 @@ fn list(session: &Session<'_>, _call: &Call<'_>) {
 
 fn join(session: &Session<'_>, call: &Call<'_>) {
     let group = normalize(call.arg(0));
-    let group = group.as_str();
+    let group: &str = &group;
     let joined = check_group(group)
         .map_err(Refusal::from)
         .and_then(|()| session.shared.registry.join(group, session.user));
@@ -252,7 +252,7 @@ fn join(session: &Session<'_>, call: &Call<'_>) {
 
 fn send_group(session: &Session<'_>, call: &Call<'_>) {
     let (group, text) = (normalize(call.arg(0)), call.arg(1));
-    let group = group.as_str();
+    let group: &str = &group;
     let line = ServerLine::Group {
         group: group.into(),
         from: session.user.into(),

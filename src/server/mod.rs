@@ -285,7 +285,7 @@ pub(crate) async fn read_username(
     let name = std::str::from_utf8(&line)
         .map_err(|_| Refusal::UsernameNotUtf8)?
         .trim();
-    let name = normalize(name);
+    let name = normalize(name).into_owned();
     check_username(&name).map_err(Refusal::from)?;
     Ok(name)
 }

@@ -60,10 +60,10 @@ impl Outbox {
     /// queue is congested or full, `held` keeps what the session must wait on before it
     /// reads its next command.
     pub(crate) fn deliver(&self, bytes: Bytes, held: &mut Held) {
-        match self.queue.push(bytes.clone()) {
+        match self.queue.push(bytes) {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Congested => held.0.push((self.clone(), None)),
-            Pushed::Full => {
+            Pushed::Full(bytes) => {
                 debug!("[SENDQ FULL] {} takes nothing; its senders wait", self.user);
                 held.0.push((self.clone(), Some(bytes)));
             }
@@ -95,15 +95,14 @@ impl Held {
     pub(crate) async fn settle(self, grace: Duration, kill: &CancellationToken) {
         for (outbox, line) in self.0 {
             let queue = &outbox.queue;
-            if let Some(bytes) = line {
-                loop {
-                    tokio::select! {
-                        _ = kill.cancelled() => return,
-                        _ = queue.until_room(bytes.len()) => {}
-                    }
-                    if queue.push(bytes.clone()) != Pushed::Full {
-                        break;
-                    }
+            let mut line = line;
+            while let Some(bytes) = line.take() {
+                tokio::select! {
+                    _ = kill.cancelled() => return,
+                    _ = queue.until_room(bytes.len()) => {}
+                }
+                if let Pushed::Full(bytes) = queue.push(bytes) {
+                    line = Some(bytes);
                 }
             }
             tokio::select! {
