@@ -336,7 +336,8 @@ def python_bot(mode: str, n: int, tmp: Path) -> dict:
         argv = [sys.executable, "-c", BOT, str(server.chat), str(server.file), str(n), mode]
         out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
-            raise RuntimeError(f"the {mode} bot failed: {out.stderr[-2000:]}")
+            why = out.stderr[-2000:] or f"exit status {out.returncode}, nothing on stderr"
+            raise RuntimeError(f"the {mode} bot failed: {why}")
         return {"events/s": float(out.stdout.strip())}
 
     return with_server(tmp, go)
