@@ -76,13 +76,23 @@ impl Partial {
                 break;
             }
             let dest = dir.join(&name);
-            match renameat_with(CWD, &self.path, CWD, &dest, RenameFlags::NOREPLACE) {
-                Ok(()) => {
-                    self.path = PathBuf::new();
+            let renamed = match renameat_with(CWD, &self.path, CWD, &dest, RenameFlags::NOREPLACE) {
+                // A file system without RENAME_NOREPLACE: a hard link refuses to replace too
+                // (and the temporary name is removed on drop).
+                Err(rustix::io::Errno::INVAL) => {
+                    std::fs::hard_link(&self.path, &dest).map(|()| false)
+                }
+                renamed => renamed.map(|()| true).map_err(std::io::Error::from),
+            };
+            match renamed {
+                Ok(moved) => {
+                    if moved {
+                        self.path = PathBuf::new();
+                    }
                     return Ok(name);
                 }
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(std::io::Error::other(format!("no free name for {saved}")))

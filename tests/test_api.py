@@ -469,3 +469,12 @@ def test_each_reply_goes_to_its_own_command(net):
     assert isinstance(second, Joined) and second.group == "raw"
     assert isinstance(third, UserList)
     assert alice.next_event(timeout=0.2) is None
+
+
+def test_joining_a_group_spelled_in_another_normal_form_returns(net):
+    alice = net.client("alice")
+    alice.join("caf\u0065\u0301")  # e + combining acute: the server answers in NFC
+    bob = net.client("bob")
+    bob.join("caf\u00e9")
+    alice.send_group("caf\u00e9", "hi")
+    assert next_of(bob, GroupMessage).group == "caf\u00e9"

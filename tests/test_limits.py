@@ -402,3 +402,47 @@ def test_a_slow_but_reading_client_is_never_dropped(limited):
             time.sleep(0.01)  # the slowness is what this test checks
     flood.send("list\n")
     flood.expect("Connected users: slow", timeout=FILE_TIMEOUT)
+
+
+def test_a_reader_that_takes_nothing_does_not_hold_up_every_command(limited):
+    """Past a non-reader's high-water mark its senders do not wait for it (it is not
+    reading): 50 more broadcasts go through promptly, where waiting a grace period for it
+    on each would take far longer than the deadline of the `list` below."""
+    net = limited(
+        send_queue_high_water=64,
+        send_queue=1_000_000,
+        send_queue_bytes=64 << 20,
+        send_timeout=30.0,
+    )
+    sleepy = net.adopt(Wire(net.server.chat_port, "sleepy", rcvbuf=4096))
+    sleepy.send("sleepy\n")
+    sleepy.expect("Welcome, sleepy!")
+    flood = net.chat("flood")
+    # More than sleepy's socket buffers hold (the queue's cap is far above it), so its
+    # writer ends up taking nothing more.
+    for _ in range(10):
+        flood.send("".join(f"broadcast fill {PAD}\n" for _ in range(2000)))
+    flood.send("list\n")
+    flood.expect("Connected users: sleepy", timeout=FILE_TIMEOUT)
+    for i in range(50):
+        flood.send(f"broadcast late{i}\n")
+    flood.send("list\n")
+    flood.expect("Connected users: sleepy", timeout=TIMEOUT)
+
+
+def test_notices_for_a_client_that_reads_nothing_are_bounded(limited):
+    """A client that floods its file port with bad headers and never reads its chat gets an
+    error line for each, but not without bound: past twice its queue's cap it is dropped."""
+    net = limited(send_queue=16, send_queue_bytes=4096)
+    chat = net.adopt(Wire(net.server.chat_port, "spam", rcvbuf=4096))
+    chat.send("spam\n")
+    chat.expect("Welcome, spam!")
+    files = net.file("spam")
+    try:
+        for _ in range(50):
+            files.send(b"spam|bob|/|0\n" * 200)
+    except OSError:
+        pass  # dropped mid-flood
+    chat.expect_closed(timeout=FILE_TIMEOUT)
+    watcher = net.client("watcher")
+    wait_until(lambda: "spam" not in watcher.list_users(), what="spam dropped")

@@ -160,6 +160,9 @@ def _linger(client: Client) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The event thread ends a wait on standard input with SIGINT: make sure it is not
+    # ignored (a background job of a non-interactive shell starts with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     username = args.username
     if username is None:
         try:

@@ -368,10 +368,12 @@ impl Client {
     /// `join <group>`: returns once the server has confirmed (the confirmation is returned
     /// here and is not also delivered as an event).
     pub async fn join(&self, group: &str) -> Result<()> {
-        check_group(group).map_err(invalid)?;
+        // The server answers with the name in NFC: wait for that one.
+        let group = normalize(group);
+        check_group(&group).map_err(invalid)?;
         let (tx, rx) = oneshot::channel();
-        let line = format_command(&JOIN, &[group]);
-        self.write_chat(line, Expect::Joined(group.to_owned(), Some(tx)))
+        let line = format_command(&JOIN, &[&group]);
+        self.write_chat(line, Expect::Joined(group.into_owned(), Some(tx)))
             .await?;
         self.await_reply(rx).await
     }
@@ -464,19 +466,19 @@ impl Client {
             self.inner.waiters().uploads.push_back(tx);
             rx
         });
+        // Until the whole header is out, no verdict will come for it: if the write fails,
+        // or this future is dropped (Ctrl-C, asyncio), un-queue ours (the last one: the
+        // file lock keeps other uploads out).
+        let unqueue = Unqueue(verdict.is_some().then_some(&*self.inner));
         let wire = header.to_wire();
         let sent = tokio::select! {
             sent = wr.write_all(wire.as_bytes()) => sent,
             _ = self.inner.closed.cancelled() => Err(std::io::ErrorKind::Interrupted.into()),
         };
         if let Err(e) = sent {
-            // No header reached the server, so no verdict will come: un-queue ours (the
-            // last one; the file lock keeps other uploads out).
-            if verdict.is_some() {
-                self.inner.waiters().uploads.pop_back();
-            }
             return Err(Error::io("sending file", e));
         }
+        unqueue.disarm();
         let body = async {
             let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size));
             tokio::io::copy_buf(&mut body, wr).await
@@ -503,6 +505,23 @@ impl Client {
         let _ = self.inner.chat.lock().await.shutdown().await;
         if let Some(mut wr) = self.inner.file.lock().await.take() {
             let _ = wr.shutdown().await;
+        }
+    }
+}
+
+/// Takes the last upload waiter back off the queue, unless disarmed (see `upload`).
+struct Unqueue<'a>(Option<&'a Inner>);
+
+impl Unqueue<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unqueue<'_> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            inner.waiters().uploads.pop_back();
         }
     }
 }
@@ -622,6 +641,12 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
             tokio::select! {
                 _ = inner.closed.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(100) * attempt) => {}
+            }
+            if attempt == 1 {
+                // Verdicts for uploads the server did read were sent before it closed the
+                // connection, and have had this pause to arrive; an upload still waiting
+                // now was never read and will never have one.
+                inner.waiters().uploads.clear();
             }
             if let Ok((rd, wr)) = open_file_connection(&inner.config).await {
                 *inner.file.lock().await = Some(wr);

@@ -55,8 +55,10 @@ pub(crate) struct SendQueue {
     ready: tokio::sync::Notify,
     /// Wakes senders waiting for this queue to drain (see the module docs).
     drained: tokio::sync::Notify,
-    /// How many senders wait on `drained` (the writer wakes them only if there are any).
-    waiting: AtomicUsize,
+    /// Senders waiting for the queue to be relieved (woken at its low-water mark).
+    waiting_relief: AtomicUsize,
+    /// Senders waiting for room for a line (woken by every take).
+    waiting_room: AtomicUsize,
     /// The hard cap in lines: a push past it is refused.
     capacity: usize,
     /// The hard cap in bytes: long lines reach it before `capacity` does.
@@ -71,8 +73,8 @@ struct QueueState {
     bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
     closed: bool,
-    /// When the writer last got bytes into the socket: a queue whose reader takes nothing
-    /// for a while stops holding senders up.
+    /// When the writer last took lines or got bytes into the socket: a queue whose reader
+    /// takes nothing for a while stops holding senders up.
     progress: Instant,
 }
 
@@ -120,7 +122,8 @@ impl SendQueue {
             state: std::sync::Mutex::default(),
             ready: tokio::sync::Notify::new(),
             drained: tokio::sync::Notify::new(),
-            waiting: AtomicUsize::new(0),
+            waiting_relief: AtomicUsize::new(0),
+            waiting_room: AtomicUsize::new(0),
             capacity: capacity.max(1),
             max_bytes,
             high_bytes: high_bytes.clamp(1, max_bytes),
@@ -170,18 +173,24 @@ impl SendQueue {
         }
     }
 
-    /// Queues `bytes` even past the hard cap: for the server's own few notices (file
-    /// notices, errors, verdicts) sent from tasks that cannot wait for a reader. False if
-    /// the connection is closing.
-    pub(crate) fn push_anyway(&self, bytes: Bytes) -> bool {
+    /// Queues one of the server's own notices (a file notice, an error, a verdict), sent
+    /// from a task that cannot wait for the reader: allowed past the hard cap up to twice
+    /// it, so a burst of them never needs a sender to wait; past that, `Full` (the reader
+    /// takes nothing and the notices keep coming: the caller drops the connection).
+    pub(crate) fn push_notice(&self, bytes: Bytes) -> Pushed {
         let mut st = self.state();
         if st.closed {
-            return false;
+            return Pushed::Closed;
+        }
+        let over =
+            st.lines.len() >= 2 * self.capacity || st.bytes + bytes.len() > 2 * self.max_bytes;
+        if over && !st.lines.is_empty() {
+            return Pushed::Full(bytes);
         }
         self.append(&mut st, bytes);
         drop(st);
         self.ready.notify_one();
-        true
+        Pushed::Queued
     }
 
     fn append(&self, st: &mut QueueState, bytes: Bytes) {
@@ -195,15 +204,27 @@ impl SendQueue {
     }
 
     /// Waits until `check` holds, or `deadline` (from the state) passes. The writer wakes
-    /// waiters whenever the queue falls to its low-water mark, and on close.
-    async fn wait_until(&self, check: impl Fn(&QueueState) -> Result<(), Option<Instant>>) {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+    /// waiters as the queue drains (see `take`), and on close. `count` says how many wait
+    /// (kept right even if this future is dropped mid-wait).
+    async fn wait_until(
+        &self,
+        count: &AtomicUsize,
+        check: impl Fn(&QueueState) -> Result<(), Option<Instant>>,
+    ) {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        count.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(count);
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let deadline = match check(&self.state()) {
-                Ok(()) => break,
+                Ok(()) => return,
                 Err(deadline) => deadline,
             };
             match deadline {
@@ -216,18 +237,14 @@ impl SendQueue {
                 None => notified.await,
             }
         }
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Waits until a sender need no longer hold back for this queue: it is at its low-water
     /// mark, closed, or its reader has taken nothing for `grace` (a reader that does not
     /// read is not waited for; the hard cap and `send_timeout` deal with it).
     pub(crate) async fn until_relieved(&self, grace: Duration) {
-        // Counted from the later of the writer's last progress and the start of this wait:
-        // a queue that was idle a long time is not taken for a stalled one.
-        let started = Instant::now();
-        self.wait_until(|st| {
-            let stalled = st.progress.max(started) + grace;
+        self.wait_until(&self.waiting_relief, |st| {
+            let stalled = st.progress + grace;
             match st.closed || self.low(st) || Instant::now() >= stalled {
                 true => Ok(()),
                 false => Err(Some(stalled)),
@@ -238,9 +255,11 @@ impl SendQueue {
 
     /// Waits until a line of `len` bytes fits, or the queue is closed.
     pub(crate) async fn until_room(&self, len: usize) {
-        self.wait_until(|st| match st.closed || self.has_room(st, len) {
-            true => Ok(()),
-            false => Err(None),
+        self.wait_until(&self.waiting_room, |st| {
+            match st.closed || self.has_room(st, len) {
+                true => Ok(()),
+                false => Err(None),
+            }
         })
         .await;
     }
@@ -266,7 +285,6 @@ impl SendQueue {
         loop {
             {
                 let mut st = self.state();
-                let was_full = st.lines.len() >= self.capacity || st.bytes >= self.max_bytes;
                 let taken = match st.lines.len() {
                     0 if st.closed => return Taken::End,
                     0 => None,
@@ -291,8 +309,10 @@ impl SendQueue {
                     if st.lines.is_empty() && st.lines.capacity() > KEEP_LINES {
                         st.lines = std::collections::VecDeque::new();
                     }
-                    let wake =
-                        (was_full || self.low(&st)) && self.waiting.load(Ordering::Acquire) > 0;
+                    // The writer is at work: a reader that takes is not a stalled one.
+                    st.progress = Instant::now();
+                    let wake = self.waiting_room.load(Ordering::Acquire) > 0
+                        || (self.low(&st) && self.waiting_relief.load(Ordering::Acquire) > 0);
                     drop(st);
                     if wake {
                         self.drained.notify_waiters();
@@ -406,9 +426,14 @@ mod tests {
         assert_eq!(q.push(Bytes::from(vec![b'x'; 20])), Pushed::Congested);
         assert_eq!(q.push(Bytes::from(vec![b'x'; 40])), Pushed::Congested);
         assert_eq!(q.push(Bytes::from("z")), Pushed::Full(Bytes::from("z")));
-        assert!(
-            q.push_anyway(Bytes::from("notice")),
+        assert_eq!(
+            q.push_notice(Bytes::from("notice")),
+            Pushed::Queued,
             "the server's own lines still go"
+        );
+        assert!(
+            matches!(q.push_notice(Bytes::from(vec![b'n'; 100])), Pushed::Full(_)),
+            "but not past twice the cap"
         );
     }
 

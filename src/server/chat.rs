@@ -89,7 +89,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let id = shared.next_id();
 
     let claimed = match read_username(&shared, &mut reader, &kill).await {
-        Ok(name) => claim(&shared, &name, id, addr, &queue).map_err(Stop::Refused),
+        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill).map_err(Stop::Refused),
         Err(stop) => Err(stop),
     };
     match claimed {
@@ -134,8 +134,9 @@ fn claim(
     id: u64,
     addr: SocketAddr,
     queue: &Arc<SendQueue>,
+    kill: &CancellationToken,
 ) -> Result<Outbox, Refusal> {
-    let outbox = Outbox::new(name, queue.clone());
+    let outbox = Outbox::new(name, queue.clone(), kill.clone());
     let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
     shared
         .registry

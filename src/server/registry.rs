@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::file::FileLink;
 use crate::flow::Refusal;
@@ -28,15 +28,19 @@ pub(crate) struct Outbox {
     user: Arc<str>,
     /// Ready-made lines for the writer task.
     queue: Arc<SendQueue>,
+    /// Cancels the whole connection (a client that takes nothing while the server's own
+    /// notices pile up past twice its queue's cap).
+    kill: CancellationToken,
     /// Whether the client asked for the protocol's extensions (`relaychat/1`).
     extended: Arc<AtomicBool>,
 }
 
 impl Outbox {
-    pub(crate) fn new(user: &str, queue: Arc<SendQueue>) -> Self {
+    pub(crate) fn new(user: &str, queue: Arc<SendQueue>, kill: CancellationToken) -> Self {
         Self {
             user: user.into(),
             queue,
+            kill,
             extended: Arc::default(),
         }
     }
@@ -74,7 +78,20 @@ impl Outbox {
     /// verdict), from a task that cannot wait for the reader. False if the connection is
     /// closing.
     pub(crate) fn line(&self, line: &ServerLine) -> bool {
-        self.queue.push_anyway(Bytes::from(line.to_wire()))
+        match self.queue.push_notice(Bytes::from(line.to_wire())) {
+            Pushed::Queued | Pushed::Congested => true,
+            Pushed::Closed => false,
+            Pushed::Full(_) => {
+                if !self.kill.is_cancelled() {
+                    warn!(
+                        "[SENDQ EXCEEDED] {} takes nothing; disconnecting",
+                        self.user
+                    );
+                    self.kill.cancel();
+                }
+                false
+            }
+        }
     }
 }
 
@@ -186,7 +203,7 @@ impl Registry {
                 });
             }
             st.skeletons.insert(skeleton, user.to_owned());
-            outbox.queue.push_anyway(greeting);
+            outbox.queue.push_notice(greeting);
             st.next_seq += 1;
             let seq = st.next_seq;
             st.chats.insert(
@@ -394,7 +411,7 @@ mod tests {
     /// A registered user with a queue the test can read.
     fn user(registry: &Registry, name: &str, id: u64) -> Arc<SendQueue> {
         let queue = SendQueue::new(64, 1 << 20, 1 << 20);
-        let outbox = Outbox::new(name, queue.clone());
+        let outbox = Outbox::new(name, queue.clone(), CancellationToken::new());
         let welcome = Bytes::from(format!("Welcome, {name}!\n"));
         registry
             .add_chat(name, id, HERE, outbox, welcome)
@@ -415,7 +432,7 @@ mod tests {
         let registry = Registry::default();
         let _alice = user(&registry, "alice", 1);
         let queue = SendQueue::new(4, 1024, 1024);
-        let outbox = Outbox::new("alice", queue);
+        let outbox = Outbox::new("alice", queue, CancellationToken::new());
         let again = registry.add_chat("alice", 2, HERE, outbox, Bytes::new());
         assert!(matches!(again, Err(Refusal::NameTaken(n)) if n == "alice"));
         registry.remove_chat("alice", 2); // a stale connection's removal is ignored
@@ -429,7 +446,7 @@ mod tests {
         let registry = Registry::default();
         let _alice = user(&registry, "alice", 1);
         let queue = SendQueue::new(4, 1024, 1024);
-        let outbox = Outbox::new("\u{0430}lice", queue);
+        let outbox = Outbox::new("\u{0430}lice", queue, CancellationToken::new());
         let fake = registry.add_chat("\u{0430}lice", 2, HERE, outbox.clone(), Bytes::new());
         assert_eq!(
             fake.map_err(|e| e.to_string()),

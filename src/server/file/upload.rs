@@ -344,7 +344,7 @@ mod tests {
         let shared = Shared::for_tests(config);
         for (id, name) in [(1, "alice"), (2, "bob"), (3, "carol")] {
             let queue = SendQueue::new(64, 1 << 20, 1 << 20);
-            let outbox = Outbox::new(name, queue);
+            let outbox = Outbox::new(name, queue, CancellationToken::new());
             let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
             let registry = &shared.registry;
             registry
