@@ -55,6 +55,9 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// The store could not be opened or used.
+    #[error("{0}")]
+    Store(String),
 }
 
 impl Error {

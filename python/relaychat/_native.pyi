@@ -86,6 +86,7 @@ class Server:
         file_port: int = 2007,
         data_dir: _StrPath = ".",
         *,
+        db: _StrPath | None = None,
         idle_pause: float | None = None,
         max_line: int | None = None,
         max_header: int | None = None,
@@ -107,6 +108,10 @@ class Server:
         `TypeError`, negative or fractional byte counts `ValueError`.
 
         - `data_dir`: where uploads are saved as `received_from_<sender>_<filename>`.
+        - `db`: a SQLite file to keep state in (accounts, groups, inboxes, history, the file
+          index, quotas), created and migrated at `start()`; `":memory:"` for a private
+          in-memory one. `None` keeps it in memory. `start()` raises `RelaychatError` for a
+          database that is corrupt, from a newer relaychat or in use by another server.
         - `idle_pause` (0.025 s): how long bytes without a newline wait before they count
           as a line, for clients that never send newlines (the lab's).
         - `max_line` (65536 B): longest chat line; `max_header` (4096 B, at least 64):
@@ -147,6 +152,8 @@ class Server:
     def host(self) -> str: ...
     @property
     def data_dir(self) -> pathlib.Path: ...
+    @property
+    def db(self) -> pathlib.Path | None: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,

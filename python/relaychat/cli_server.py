@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from relaychat import SETTINGS, Server, init_logging
+from relaychat import SETTINGS, RelaychatError, Server, init_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,6 +19,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file-port", type=int, default=2007, help="file port; 0 picks a free one")
     p.add_argument(
         "--data-dir", default=".", help="where uploads are saved (default: current directory)"
+    )
+    p.add_argument(
+        "--db",
+        metavar="PATH",
+        help="keep accounts, groups, inboxes, history, the file index and quotas in this SQLite "
+        "file (':memory:' for a private in-memory one); default: in memory, forgotten at exit",
     )
     limits = p.add_argument_group("limits (docs/SECURITY.md says what each one answers)")
     for name, unit, default, text in SETTINGS:
@@ -48,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = {name: getattr(args, name) for name, *_ in SETTINGS}
     limits = {name: value for name, value in limits.items() if value is not None}
     try:
-        server = Server(args.host, args.chat_port, args.file_port, args.data_dir, **limits)
+        server = Server(
+            args.host, args.chat_port, args.file_port, args.data_dir, db=args.db, **limits
+        )
     except (TypeError, ValueError) as e:
         print(f"relaychat-server: {e}", file=sys.stderr)
         return 2
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()
-    except OSError as e:
+    except (OSError, RelaychatError) as e:
         print(f"relaychat-server: {e}", file=sys.stderr)
         return 1
     return 0

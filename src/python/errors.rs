@@ -35,6 +35,7 @@ impl From<Error> for PyErr {
             Error::InvalidArgument(_) => PyValueError::new_err(text),
             Error::Closed => PyConnectionError::new_err(text),
             Error::Timeout(_) => PyTimeoutError::new_err(text),
+            Error::Store(_) => RelaychatError::new_err(text),
         }
     }
 }

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
 use crate::server::{Number, Server, ServerConfig, SettingError, Unit, SETTINGS};
+use crate::store::SqliteStore;
+use std::sync::Arc;
 
 /// A setting's value from Python: an int, or a float (seconds); bools are refused.
 fn number(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Number> {
@@ -44,6 +46,8 @@ struct Running {
 #[pyclass(module = "relaychat._native", name = "Server", frozen)]
 pub struct PyServer {
     config: ServerConfig,
+    /// The SQLite database to keep state in (`None`: in memory, forgotten at exit).
+    db: Option<PathBuf>,
     running: Mutex<Option<Running>>,
 }
 
@@ -65,13 +69,14 @@ impl PyServer {
     #[new]
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
-        data_dir = PathBuf::from("."), **limits
-    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', **limits)")]
+        data_dir = PathBuf::from("."), *, db = None, **limits
+    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, **limits)")]
     fn new(
         host: String,
         chat_port: u16,
         file_port: u16,
         data_dir: PathBuf,
+        db: Option<PathBuf>,
         limits: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let mut config = ServerConfig {
@@ -96,6 +101,7 @@ impl PyServer {
         }
         Ok(Self {
             config,
+            db,
             running: Mutex::new(None),
         })
     }
@@ -119,7 +125,15 @@ impl PyServer {
         if self.running().is_some() {
             return Ok(());
         }
-        let server = block_on(py, Server::bind(self.config.clone()))??;
+        let mut config = self.config.clone();
+        if let Some(db) = self.db.clone() {
+            // Opening checks and migrates the database: off the GIL, before serving.
+            let store = py
+                .detach(|| SqliteStore::open(&db))
+                .map_err(|e| crate::Error::Store(e.to_string()))?;
+            config.store = Arc::new(store);
+        }
+        let server = block_on(py, Server::bind(config))??;
         let chat_port = server.chat_addr()?.port();
         let file_port = server.file_addr()?.port();
         let stop = CancellationToken::new();
@@ -203,6 +217,12 @@ impl PyServer {
     #[getter]
     fn host(&self) -> &str {
         &self.config.host
+    }
+
+    /// The SQLite database state is kept in (`None`: in memory).
+    #[getter]
+    fn db(&self) -> Option<PathBuf> {
+        self.db.clone()
     }
 
     /// Where uploads are saved.

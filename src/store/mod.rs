@@ -8,21 +8,25 @@
 //! database shared by several nodes, implement the same trait.
 //!
 //! Every method returns a boxed future, so an implementation that does I/O can do it on
-//! threads of its own and never block the server's tokio workers.
+//! threads of its own and never block the server's tokio workers. [`SqliteStore`] keeps it
+//! all in one SQLite file (one writer thread with group commit, readers on their own
+//! connections).
 
 mod memory;
+mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
 /// A store operation in flight.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be read or written.
     #[error("store unavailable: {0}")]
@@ -119,4 +123,108 @@ pub trait Store: Send + Sync + 'static {
     fn bytes_stored(&self, user: &str) -> StoreFuture<'_, u64>;
     /// Changes the bytes `user` has stored by `delta` (never below zero).
     fn add_bytes_stored(&self, user: &str, delta: i64) -> StoreFuture<'_, ()>;
+}
+
+/// What every [`Store`] must do, as one test run against each implementation.
+#[cfg(test)]
+pub(crate) mod contract {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    }
+
+    fn message(from: &str, to: Scope, text: &str) -> Message {
+        Message {
+            from: from.into(),
+            to,
+            text: text.into(),
+            at: at(1_700_000_000),
+        }
+    }
+
+    /// Runs every operation of the trait against `store` (which must start empty).
+    pub(crate) async fn check(store: &dyn Store) {
+        let account = Account {
+            name: "alice".into(),
+            password_hash: "$argon2id$v=19$...".into(),
+            created: at(1_700_000_000),
+        };
+        store.create_account(account.clone()).await.expect("new");
+        assert!(matches!(
+            store.create_account(account.clone()).await,
+            Err(StoreError::Exists(_))
+        ));
+        assert_eq!(store.account("alice").await.expect("read"), Some(account));
+        assert_eq!(store.account("bob").await.expect("read"), None);
+        assert_eq!(
+            store
+                .account("'; DROP TABLE accounts; --")
+                .await
+                .expect("read"),
+            None
+        );
+
+        for text in ["one", "two"] {
+            let m = message("alice", Scope::User("bob".into()), text);
+            store.push_inbox("bob", m).await.expect("kept");
+        }
+        let inbox = store.take_inbox("bob").await.expect("taken");
+        let texts: Vec<&str> = inbox.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two"]);
+        assert_eq!(inbox[0].at, at(1_700_000_000));
+        assert!(store.take_inbox("bob").await.expect("taken").is_empty());
+
+        let devs = Scope::Group("devs".into());
+        for i in 0..5 {
+            let m = message("alice", devs.clone(), &i.to_string());
+            store.append_history(m).await.expect("kept");
+        }
+        store
+            .append_history(message("bob", Scope::Everyone, "hi"))
+            .await
+            .expect("kept");
+        let last = store.history(&devs, 2).await.expect("read");
+        let texts: Vec<&str> = last.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["3", "4"]);
+        assert_eq!(
+            store
+                .history(&Scope::Everyone, 10)
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+
+        store.add_membership("bob", "devs").await.expect("ok");
+        store.add_membership("bob", "devs").await.expect("ok");
+        store.add_membership("bob", "ops").await.expect("ok");
+        store.remove_membership("bob", "ops").await.expect("ok");
+        assert_eq!(store.memberships("bob").await.expect("read"), ["devs"]);
+
+        let file = FileRecord {
+            id: 7,
+            sender: "alice".into(),
+            target: "bob".into(),
+            filename: "a.txt".into(),
+            saved_as: "received_from_alice_a.txt".into(),
+            size: 3,
+            at: at(1_700_000_001),
+        };
+        store.record_file(file.clone()).await.expect("ok");
+        assert_eq!(
+            store.files_of("bob").await.expect("read"),
+            std::slice::from_ref(&file)
+        );
+        assert_eq!(store.files_of("alice").await.expect("read"), [file]);
+        assert!(store.files_of("carol").await.expect("read").is_empty());
+
+        store.add_bytes_stored("alice", 100).await.expect("ok");
+        store.add_bytes_stored("alice", -30).await.expect("ok");
+        assert_eq!(store.bytes_stored("alice").await.expect("read"), 70);
+        store.add_bytes_stored("alice", -100).await.expect("ok");
+        assert_eq!(store.bytes_stored("alice").await.expect("read"), 0);
+    }
 }

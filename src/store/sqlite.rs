@@ -1,0 +1,680 @@
+//! [`SqliteStore`]: the [`Store`] in one SQLite file (rusqlite, bundled SQLite).
+//!
+//! * One writer thread owns the writing connection. Writes queue to it; it takes every
+//!   write that is waiting, runs them in one transaction (each in a savepoint of its own,
+//!   so one failing write does not undo the others) and commits once: many writes, one
+//!   fsync (group commit). A write's future completes only after its commit.
+//! * Reads run on tokio's blocking pool, on connections of their own (WAL lets them read
+//!   while the writer writes), so no store access ever blocks a tokio worker.
+//! * The schema is versioned with `PRAGMA user_version` and brought up to date at open by
+//!   the migrations in [`MIGRATIONS`]. A file that is not a database, is corrupt, is from a
+//!   newer relaychat or is in use by another server is refused with a clear message and
+//!   left exactly as it was.
+//! * `:memory:` gives a private in-memory database on the same code path (forgotten at
+//!   exit).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::{Account, FileRecord, Message, Scope, Store, StoreError, StoreFuture};
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migration `i` takes a database from version `i` to `i + 1`.
+const MIGRATIONS: [&str; 1] = [r#"
+CREATE TABLE accounts (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE memberships (
+    user TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    PRIMARY KEY (user, grp)
+);
+CREATE TABLE inbox (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    scope_kind INTEGER NOT NULL,
+    scope TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX inbox_by_user ON inbox (user, id);
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY,
+    scope_kind INTEGER NOT NULL,
+    scope TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX history_by_scope ON history (scope_kind, scope, id);
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    upload_id INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    target TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    saved_as TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX files_by_sender ON files (sender, id);
+CREATE INDEX files_by_target ON files (target, id);
+CREATE TABLE stored (
+    user TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+);
+"#];
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// A write, run by the writer thread inside its transaction; what it returns is called
+/// once the transaction has committed (or failed to), to hand the result over.
+type Job = Box<dyn FnOnce(&Connection) -> Box<dyn FnOnce(Option<&StoreError>) + Send> + Send>;
+
+/// The store in one SQLite file.
+pub struct SqliteStore {
+    /// Writes for the writer thread.
+    writer: Mutex<mpsc::Sender<Job>>,
+    /// Connections for readers, opened on demand and reused.
+    readers: Arc<Readers>,
+    /// The lock that keeps a second server off this database (held while the store lives).
+    _lock: Option<std::fs::File>,
+}
+
+struct Readers {
+    /// How to open one more.
+    target: String,
+    idle: Mutex<Vec<Connection>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn ms(t: SystemTime) -> i64 {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn scope_parts(scope: &Scope) -> (i64, &str) {
+    match scope {
+        Scope::User(u) => (0, u),
+        Scope::Group(g) => (1, g),
+        Scope::Everyone => (2, ""),
+    }
+}
+
+fn scope_from(kind: i64, name: String) -> Scope {
+    match kind {
+        0 => Scope::User(name),
+        1 => Scope::Group(name),
+        _ => Scope::Everyone,
+    }
+}
+
+/// A private in-memory database for `:memory:`: a shared-cache URI unique to this store,
+/// so its readers see what its writer wrote.
+fn memory_uri() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "file:relaychat-memory-{}-{n}?mode=memory&cache=shared",
+        std::process::id()
+    )
+}
+
+fn open_connection(target: &str, read_only: bool) -> rusqlite::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    flags |= match read_only {
+        true => OpenFlags::SQLITE_OPEN_READ_ONLY,
+        false => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    };
+    let conn = Connection::open_with_flags(target, flags)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Takes the lock file beside the database, or says who holds it.
+fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            unavailable(format!(
+                "cannot open {}: {e}",
+                Path::new(&lock_path).display()
+            ))
+        })?;
+    flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        unavailable(format!(
+            "database {} is in use by another relaychat server",
+            path.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+/// Checks the database and brings its schema up to date; never wipes anything.
+fn prepare(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
+    let refused = |e: rusqlite::Error| {
+        unavailable(format!(
+            "{shown} is not a relaychat database, or is corrupt ({e}); it was left as it is"
+        ))
+    };
+    // Look before changing anything: a refused file is left byte for byte as it was.
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(refused)?;
+    if version > SCHEMA_VERSION {
+        return Err(unavailable(format!(
+            "{shown} is from a newer relaychat (schema version {version}; this one knows up to \
+             {SCHEMA_VERSION}); it was left as it is"
+        )));
+    }
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(refused)?;
+    if check != "ok" {
+        return Err(unavailable(format!(
+            "{shown} is corrupt ({check}); it was left as it is"
+        )));
+    }
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+        .map_err(refused)?;
+    tracing::debug!("[STORE] {shown}: journal mode {mode}");
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(refused)?;
+    for (from, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let to = from + 1;
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(sql).map_err(|e| {
+            unavailable(format!(
+                "{shown}: migration to schema version {to} failed: {e}"
+            ))
+        })?;
+        tx.pragma_update(None, "user_version", to as i64)
+            .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        tracing::info!("[STORE] {shown}: schema version {to}");
+    }
+    Ok(())
+}
+
+/// The writer thread: batches whatever writes are waiting into one transaction.
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable);
+        let mut done = Vec::with_capacity(batch.len());
+        for job in batch {
+            if let Err(e) = &began {
+                job(&conn)(Some(e));
+                continue;
+            }
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let deliver = job(&conn);
+            let _ = conn.execute_batch("RELEASE job");
+            done.push(deliver);
+        }
+        if began.is_err() {
+            continue;
+        }
+        match conn.execute_batch("COMMIT").map_err(unavailable) {
+            Ok(()) => done.into_iter().for_each(|deliver| deliver(None)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                done.into_iter().for_each(|deliver| deliver(Some(&e)));
+            }
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if need be) the database at `path`, or a private in-memory one for
+    /// `:memory:`. Blocks while it checks and migrates: call it before serving.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let memory = path.as_os_str() == ":memory:";
+        let (target, lock, shown) = match memory {
+            true => (memory_uri(), None, ":memory:".to_owned()),
+            false => {
+                let lock = lock(path)?;
+                let absolute: PathBuf = std::path::absolute(path).map_err(unavailable)?;
+                let target = format!("file:{}", absolute.display())
+                    .replace('?', "%3f")
+                    .replace('#', "%23");
+                (target, Some(lock), path.display().to_string())
+            }
+        };
+        let mut conn = open_connection(&target, false)
+            .map_err(|e| unavailable(format!("cannot open {shown}: {e}")))?;
+        prepare(&mut conn, &shown)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("relaychat-store".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(unavailable)?;
+        Ok(Self {
+            writer: Mutex::new(tx),
+            readers: Arc::new(Readers {
+                target,
+                idle: Mutex::default(),
+            }),
+            _lock: lock,
+        })
+    }
+
+    /// Runs `f` in the writer's next transaction; completes once it has committed.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            if result.is_err() {
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            Box::new(move |commit: Option<&StoreError>| {
+                let _ = tx.send(match commit {
+                    Some(e) => Err(e.clone()),
+                    None => result,
+                });
+            })
+        });
+        let sent = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job);
+        Box::pin(async move {
+            sent.map_err(|_| unavailable("the store's writer has stopped"))?;
+            rx.await
+                .map_err(|_| unavailable("the store's writer has stopped"))?
+        })
+    }
+
+    /// Runs `f` on a reader connection on the blocking pool.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        let readers = self.readers.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let idle = readers
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop();
+                let conn = match idle {
+                    Some(conn) => conn,
+                    None => open_connection(&readers.target, true).map_err(unavailable)?,
+                };
+                let result = f(&conn);
+                readers
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(conn);
+                result
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+}
+
+fn sql(e: rusqlite::Error) -> StoreError {
+    unavailable(e)
+}
+
+fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        from: row.get(0)?,
+        to: scope_from(row.get(1)?, row.get(2)?),
+        text: row.get(3)?,
+        at: time(row.get(4)?),
+    })
+}
+
+fn file_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        sender: row.get(1)?,
+        target: row.get(2)?,
+        filename: row.get(3)?,
+        saved_as: row.get(4)?,
+        size: u64::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
+        at: time(row.get(6)?),
+    })
+}
+
+impl Store for SqliteStore {
+    fn account(&self, name: &str) -> StoreFuture<'_, Option<Account>> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT name, password_hash, created_ms FROM accounts WHERE name = ?1",
+                [&name],
+                |row| {
+                    Ok(Account {
+                        name: row.get(0)?,
+                        password_hash: row.get(1)?,
+                        created: time(row.get(2)?),
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql)
+        })
+    }
+
+    fn create_account(&self, account: Account) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            let added = conn
+                .execute(
+                    "INSERT OR IGNORE INTO accounts (name, password_hash, created_ms) VALUES (?1, ?2, ?3)",
+                    params![account.name, account.password_hash, ms(account.created)],
+                )
+                .map_err(sql)?;
+            match added {
+                0 => Err(StoreError::Exists(format!("account '{}'", account.name))),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn memberships(&self, user: &str) -> StoreFuture<'_, Vec<String>> {
+        let user = user.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT grp FROM memberships WHERE user = ?1 ORDER BY rowid")
+                .map_err(sql)?;
+            let rows = stmt.query_map([&user], |row| row.get(0)).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn add_membership(&self, user: &str, group: &str) -> StoreFuture<'_, ()> {
+        let (user, group) = (user.to_owned(), group.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO memberships (user, grp) VALUES (?1, ?2)",
+                params![user, group],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+
+    fn remove_membership(&self, user: &str, group: &str) -> StoreFuture<'_, ()> {
+        let (user, group) = (user.to_owned(), group.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM memberships WHERE user = ?1 AND grp = ?2",
+                params![user, group],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+
+    fn push_inbox(&self, user: &str, message: Message) -> StoreFuture<'_, ()> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            let (kind, scope) = scope_parts(&message.to);
+            conn.execute(
+                "INSERT INTO inbox (user, sender, scope_kind, scope, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![user, message.from, kind, scope, message.text, ms(message.at)],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+
+    fn take_inbox(&self, user: &str) -> StoreFuture<'_, Vec<Message>> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT sender, scope_kind, scope, text, at_ms FROM inbox WHERE user = ?1 ORDER BY id",
+                )
+                .map_err(sql)?;
+            let taken: Vec<Message> = stmt
+                .query_map([&user], message_row)
+                .map_err(sql)?
+                .collect::<Result<_, _>>()
+                .map_err(sql)?;
+            conn.execute("DELETE FROM inbox WHERE user = ?1", [&user])
+                .map_err(sql)?;
+            Ok(taken)
+        })
+    }
+
+    fn append_history(&self, message: Message) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            let (kind, scope) = scope_parts(&message.to);
+            conn.execute(
+                "INSERT INTO history (scope_kind, scope, sender, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![kind, scope, message.from, message.text, ms(message.at)],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+
+    fn history(&self, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>> {
+        let scope = scope.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let (kind, name) = scope_parts(&scope);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT sender, scope_kind, scope, text, at_ms FROM \
+                     (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 ORDER BY id DESC LIMIT ?3) \
+                     ORDER BY id",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map(params![kind, name, limit], message_row)
+                .map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn record_file(&self, file: FileRecord) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO files (upload_id, sender, target, filename, saved_as, size, at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    int(file.id),
+                    file.sender,
+                    file.target,
+                    file.filename,
+                    file.saved_as,
+                    int(file.size),
+                    ms(file.at)
+                ],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+
+    fn files_of(&self, user: &str) -> StoreFuture<'_, Vec<FileRecord>> {
+        let user = user.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT upload_id, sender, target, filename, saved_as, size, at_ms FROM files \
+                     WHERE sender = ?1 OR target = ?1 ORDER BY id",
+                )
+                .map_err(sql)?;
+            let rows = stmt.query_map([&user], file_row).map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn bytes_stored(&self, user: &str) -> StoreFuture<'_, u64> {
+        let user = user.to_owned();
+        self.read(move |conn| {
+            let bytes: Option<i64> = conn
+                .query_row("SELECT bytes FROM stored WHERE user = ?1", [&user], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .map_err(sql)?;
+            Ok(u64::try_from(bytes.unwrap_or(0)).unwrap_or(0))
+        })
+    }
+
+    fn add_bytes_stored(&self, user: &str, delta: i64) -> StoreFuture<'_, ()> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO stored (user, bytes) VALUES (?1, max(?2, 0)) \
+                 ON CONFLICT (user) DO UPDATE SET bytes = max(bytes + ?2, 0)",
+                params![user, delta],
+            )
+            .map(drop)
+            .map_err(sql)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_memory_it_keeps_the_store_contract() {
+        let store = SqliteStore::open(Path::new(":memory:")).expect("opens");
+        super::super::contract::check(&store).await;
+    }
+
+    #[tokio::test]
+    async fn in_a_file_it_keeps_the_store_contract_and_everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relaychat.db");
+        {
+            let store = SqliteStore::open(&path).expect("opens");
+            super::super::contract::check(&store).await;
+            store.add_bytes_stored("carol", 42).await.expect("ok");
+        }
+        let store = SqliteStore::open(&path).expect("reopens");
+        assert_eq!(store.bytes_stored("carol").await.expect("read"), 42);
+        assert!(store.account("alice").await.expect("read").is_some());
+        assert_eq!(store.memberships("bob").await.expect("read"), ["devs"]);
+    }
+
+    #[test]
+    fn an_empty_file_is_migrated_to_the_current_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("empty.db");
+        std::fs::write(&path, b"").expect("write");
+        drop(SqliteStore::open(&path).expect("opens"));
+        let conn = Connection::open(&path).expect("open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_database_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relaychat.db");
+        let first = SqliteStore::open(&path).expect("opens");
+        let second = SqliteStore::open(&path).err().expect("refused");
+        assert!(
+            second
+                .to_string()
+                .contains("in use by another relaychat server"),
+            "{second}"
+        );
+        drop(first);
+        SqliteStore::open(&path).expect("free again");
+    }
+
+    #[test]
+    fn a_newer_or_corrupt_database_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let newer = dir.path().join("newer.db");
+        {
+            let conn = Connection::open(&newer).expect("open");
+            conn.pragma_update(None, "user_version", 99).expect("set");
+        }
+        let before = std::fs::read(&newer).expect("read");
+        let err = SqliteStore::open(&newer).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("from a newer relaychat (schema version 99"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&newer).expect("read"), before);
+
+        let garbage = dir.path().join("garbage.db");
+        let junk: Vec<u8> = (0..8192u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(&garbage, &junk).expect("write");
+        let err = SqliteStore::open(&garbage).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("is not a relaychat database, or is corrupt"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&garbage).expect("read"), junk);
+    }
+
+    #[tokio::test]
+    async fn many_writes_at_once_are_committed_together_and_all_land() {
+        let store = Arc::new(SqliteStore::open(Path::new(":memory:")).expect("opens"));
+        let mut writes = Vec::new();
+        for i in 0..500 {
+            let store = store.clone();
+            writes.push(tokio::spawn(async move {
+                store.add_bytes_stored("alice", 1).await.expect("ok");
+                i
+            }));
+        }
+        for w in writes {
+            w.await.expect("task");
+        }
+        assert_eq!(store.bytes_stored("alice").await.expect("read"), 500);
+    }
+}
