@@ -190,6 +190,15 @@ def wait_until(pred: Callable[[], object], timeout: float = TIMEOUT, what: str =
         time.sleep(0.005)
 
 
+#: The server's own files in its data directory (its SQLite store), beside saved copies.
+STORE_FILES = {"relaychat.db", "relaychat.db-wal", "relaychat.db-shm", "relaychat.db.lock"}
+
+
+def saved(directory: Path) -> list[str]:
+    """The names in a data directory, sorted, without the server's store files."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in STORE_FILES)
+
+
 def server_copy(path: Path) -> bytes:
     """The server's saved copy at `path`. It is renamed into place right after the last
     byte is on disk, which a recipient reading the cut-through forward may beat."""

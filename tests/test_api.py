@@ -38,6 +38,7 @@ from tests.conftest import (
     file_arrival,
     next_of,
     random_file,
+    saved,
     wait_until,
 )
 
@@ -417,7 +418,7 @@ def test_stopping_the_server_aborts_an_upload_and_removes_its_partial_files(serv
     wait_until(lambda: list(data_dir.glob(".relaychat-upload-*.part")), what="the spool file")
     server.stop()
     assert mallory.expect_closed() == b""
-    assert list(data_dir.iterdir()) == []
+    assert saved(data_dir) == []
     wait_until(
         lambda: not list(net.downloads("bob").iterdir()), what="bob's client removes its .tmp"
     )

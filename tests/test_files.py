@@ -52,6 +52,7 @@ from tests.conftest import (
     lines,
     next_of,
     random_file,
+    saved,
     server_copy,
     start_server,
     stop_server,
@@ -366,7 +367,7 @@ def test_an_invalid_header_is_refused_on_chat_and_the_file_connection_keeps_work
     assert server_copy(data_dir / "received_from_alice_ok.bin") == good
 
     # Only the good file was saved, nothing escaped the data directory.
-    assert sorted(p.name for p in data_dir.iterdir()) == ["received_from_alice_ok.bin"]
+    assert saved(data_dir) == ["received_from_alice_ok.bin"]
     assert not (data_dir.parent / "evil").exists()
     assert not (data_dir.parent / "received_from_alice_..").exists()
     # Nobody else noticed anything.
@@ -492,9 +493,7 @@ def test_an_upload_that_breaks_off_leaves_no_file_under_its_final_name(net, data
     assert "big.bin" in failed.reason
     assert failed.line == f"[FILE RECEIVE ERROR] {failed.reason}"
     assert sorted(p.name for p in bob_dir.iterdir()) == []
-    wait_until(
-        lambda: not list(data_dir.iterdir()), what="the server removes its partial spool file"
-    )
+    wait_until(lambda: not saved(data_dir), what="the server removes its partial spool file")
     assert drain(bob, net.client("carol")) == []
 
 
@@ -539,7 +538,7 @@ def test_sigterm_mid_upload_exits_0_and_leaves_no_partial_file(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert list(spool.iterdir()) == []
+    assert saved(spool) == []
 
 
 DOOMED_CLIENT = """

@@ -21,6 +21,7 @@ from tests.conftest import (
     drain,
     file_arrival,
     next_of,
+    saved,
     start_server,
     stop_server,
     vm,
@@ -84,7 +85,7 @@ def test_an_upload_that_stalls_is_aborted(tmp_path):
             # Nothing more comes: the server gives up on the upload and its forward.
             assert alice_files.expect_closed() == b""
             assert next_of(bob, FileFailed).reason
-            wait_until(lambda: not list((tmp_path / "data").iterdir()), what="spool removed")
+            wait_until(lambda: not saved(tmp_path / "data"), what="spool removed")
             assert not list(net.downloads("bob").iterdir())
         finally:
             net.close()

@@ -18,6 +18,7 @@ from tests.conftest import (
     file_arrival,
     next_of,
     random_file,
+    saved,
     take,
     wait_until,
 )
@@ -235,4 +236,4 @@ def test_a_bidi_override_in_a_file_name_is_refused(net, data_dir):
         "a bidirectional control character"
     )
     alice_chat.expect("ERROR: discarded 3 bytes after an invalid header")
-    assert list(data_dir.iterdir()) == []
+    assert saved(data_dir) == []

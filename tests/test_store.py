@@ -1,6 +1,7 @@
-"""Persistence: `Server(db=...)` / `--db` keeps state in one SQLite file. What lives there
-today is what the server already keeps beyond a connection (the per-user quota and the
-index of saved files); a database it cannot trust is refused, never wiped."""
+"""Persistence: the server keeps its state in one SQLite file, `<data-dir>/relaychat.db` unless
+`Server(db=...)` / `--db` says otherwise (`:memory:` forgets at exit). What lives there today
+is what the server already keeps beyond a connection (the per-user quota and the index of
+saved files); a database it cannot trust is refused, never wiped."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def test_the_quota_counts_across_restarts(tmp_path):
                 net.close()
     rows = sqlite3.connect(db).execute("SELECT sender, filename, size FROM files").fetchall()
     assert rows == [("alice", "f1.bin", 1000)]
+
+
+def test_by_default_state_lives_in_the_data_directory(tmp_path):
+    data = tmp_path / "data"
+    for attempt, want in [(1, "User bob has no file socket"), (2, "ERROR: upload quota")]:
+        with Server(HOST, 0, 0, data, user_quota=1500) as srv:
+            assert srv.db == data / "relaychat.db"
+            net = Net(srv, tmp_path)
+            try:
+                assert upload(net, f"f{attempt}.bin", 1000).startswith(want), attempt
+            finally:
+                net.close()
+    assert (data / "relaychat.db").is_file()
 
 
 def test_memory_keeps_nothing_across_restarts(tmp_path):

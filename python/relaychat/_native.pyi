@@ -108,10 +108,11 @@ class Server:
         `TypeError`, negative or fractional byte counts `ValueError`.
 
         - `data_dir`: where uploads are saved as `received_from_<sender>_<filename>`.
-        - `db`: a SQLite file to keep state in (accounts, groups, inboxes, history, the file
-          index, quotas), created and migrated at `start()`; `":memory:"` for a private
-          in-memory one. `None` keeps it in memory. `start()` raises `RelaychatError` for a
-          database that is corrupt, from a newer relaychat or in use by another server.
+        - `db`: the SQLite file that keeps state (accounts, groups, inboxes, history, the
+          file index, quotas), created and migrated at `start()`; default
+          `<data_dir>/relaychat.db`; `":memory:"` for a private in-memory one, forgotten at
+          exit. `start()` raises `RelaychatError` for a database that is corrupt, from a
+          newer relaychat or in use by another server.
         - `idle_pause` (0.025 s): how long bytes without a newline wait before they count
           as a line, for clients that never send newlines (the lab's).
         - `max_line` (65536 B): longest chat line; `max_header` (4096 B, at least 64):
@@ -153,7 +154,7 @@ class Server:
     @property
     def data_dir(self) -> pathlib.Path: ...
     @property
-    def db(self) -> pathlib.Path | None: ...
+    def db(self) -> pathlib.Path: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,

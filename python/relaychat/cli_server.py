@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--db",
         metavar="PATH",
-        help="keep accounts, groups, inboxes, history, the file index and quotas in this SQLite "
-        "file (':memory:' for a private in-memory one); default: in memory, forgotten at exit",
+        help="the SQLite file that keeps accounts, groups, inboxes, history, the file index and "
+        "quotas (default: DATA_DIR/relaychat.db; ':memory:' forgets everything at exit)",
     )
     limits = p.add_argument_group("limits (docs/SECURITY.md says what each one answers)")
     for name, unit, default, text in SETTINGS:

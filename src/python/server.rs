@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::wait::{block_on, runtime, seconds};
 use crate::server::{Number, Server, ServerConfig, SettingError, Unit, SETTINGS};
 use crate::store::SqliteStore;
+
+/// The database's name in the data directory when `db` is not given.
+const DEFAULT_DB: &str = "relaychat.db";
 use std::sync::Arc;
 
 /// A setting's value from Python: an int, or a float (seconds); bools are refused.
@@ -46,8 +49,8 @@ struct Running {
 #[pyclass(module = "relaychat._native", name = "Server", frozen)]
 pub struct PyServer {
     config: ServerConfig,
-    /// The SQLite database to keep state in (`None`: in memory, forgotten at exit).
-    db: Option<PathBuf>,
+    /// The SQLite database state is kept in (`:memory:`: in memory, forgotten at exit).
+    db: PathBuf,
     running: Mutex<Option<Running>>,
 }
 
@@ -99,6 +102,7 @@ impl PyServer {
                 SettingError::Invalid { .. } => PyValueError::new_err(e.to_string()),
             })?;
         }
+        let db = db.unwrap_or_else(|| config.data_dir.join(DEFAULT_DB));
         Ok(Self {
             config,
             db,
@@ -126,13 +130,12 @@ impl PyServer {
             return Ok(());
         }
         let mut config = self.config.clone();
-        if let Some(db) = self.db.clone() {
-            // Opening checks and migrates the database: off the GIL, before serving.
-            let store = py
-                .detach(|| SqliteStore::open(&db))
-                .map_err(|e| crate::Error::Store(e.to_string()))?;
-            config.store = Arc::new(store);
-        }
+        // Opening checks and migrates the database: off the GIL, before serving.
+        let db = self.db.clone();
+        let store = py
+            .detach(|| SqliteStore::open(&db))
+            .map_err(|e| crate::Error::Store(e.to_string()))?;
+        config.store = Arc::new(store);
         let server = block_on(py, Server::bind(config))??;
         let chat_port = server.chat_addr()?.port();
         let file_port = server.file_addr()?.port();
@@ -219,9 +222,9 @@ impl PyServer {
         &self.config.host
     }
 
-    /// The SQLite database state is kept in (`None`: in memory).
+    /// The SQLite database state is kept in (`:memory:`: in memory).
     #[getter]
-    fn db(&self) -> Option<PathBuf> {
+    fn db(&self) -> PathBuf {
         self.db.clone()
     }
 

@@ -272,6 +272,11 @@ impl SqliteStore {
         let (target, lock, shown) = match memory {
             true => (memory_uri(), None, ":memory:".to_owned()),
             false => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        unavailable(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
                 let lock = lock(path)?;
                 let absolute: PathBuf = std::path::absolute(path).map_err(unavailable)?;
                 let target = format!("file:{}", absolute.display())
