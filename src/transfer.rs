@@ -1,7 +1,7 @@
 //! Moving file bytes, for the server's uploads and the client's downloads alike: a file
 //! written under a temporary name and renamed into place only once whole ([`Partial`]),
 //! and the one loop that streams a body from a connection into it ([`receive_body`]),
-//! reporting progress as it goes.
+//! reporting progress and hashing it (BLAKE3) as it goes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -118,7 +118,8 @@ pub(crate) enum BodyError {
 }
 
 /// Streams exactly `size` body bytes from `reader` into `out`, calling `progress` with the
-/// running total after each chunk. A peer that sends nothing for `stall` is given up on.
+/// running total after each chunk; returns the body's BLAKE3 hash. A peer that sends
+/// nothing for `stall` is given up on.
 pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
     reader: &mut LineReader<R>,
     out: &mut Partial,
@@ -126,7 +127,8 @@ pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
     cancel: &CancellationToken,
     stall: Duration,
     mut progress: impl FnMut(u64),
-) -> Result<(), BodyError> {
+) -> Result<blake3::Hash, BodyError> {
+    let mut hasher = blake3::Hasher::new();
     let mut got = 0u64;
     while got < size {
         let want = usize::try_from(size - got)
@@ -146,9 +148,10 @@ pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
         if let Err(e) = out.write(&chunk).await {
             return Err(BodyError::Write(e, size - got));
         }
+        hasher.update(&chunk);
         progress(got);
     }
-    Ok(())
+    Ok(hasher.finalize())
 }
 
 #[cfg(test)]
@@ -166,9 +169,10 @@ mod tests {
         let mut seen = Vec::new();
         let never = CancellationToken::new();
         let stall = Duration::from_secs(5);
-        receive_body(&mut reader, &mut out, 11, &never, stall, |n| seen.push(n))
+        let hash = receive_body(&mut reader, &mut out, 11, &never, stall, |n| seen.push(n))
             .await
             .expect("whole");
+        assert_eq!(hash, blake3::hash(b"hello world"));
         assert!(!dir.path().join("f.txt").exists());
         let name = out
             .finish_unique(dir.path(), "f.txt")

@@ -107,3 +107,24 @@ def test_the_command_line_refuses_a_corrupt_database_with_a_clear_message(tmp_pa
     assert "is not a relaychat database, or is corrupt" in proc.stderr
     assert "[CHAT SERVER]" not in proc.stdout
     assert db.read_bytes() == b"not a database at all" * 100
+
+
+def test_the_file_index_keeps_each_saved_copy_with_its_blake3_hash(tmp_path):
+    db = tmp_path / "relaychat.db"
+    with Server(HOST, 0, 0, tmp_path / "data", db=db) as srv:
+        net = Net(srv, tmp_path)
+        try:
+            for name, size in [("a.bin", 1000), ("a.bin", 1000), ("b.bin", 999)]:
+                assert upload(net, name, size).startswith("User bob has no file socket")
+        finally:
+            net.close()
+    rows = sqlite3.connect(db).execute("SELECT saved_as, blake3 FROM files ORDER BY id").fetchall()
+    names = [saved_as for saved_as, _ in rows]
+    assert names == [
+        "received_from_alice_a.bin",
+        "received_from_alice_a (2).bin",
+        "received_from_alice_b.bin",
+    ]
+    hashes = [h for _, h in rows]
+    assert all(len(h) == 64 and set(h) <= set("0123456789abcdef") for h in hashes)
+    assert hashes[0] == hashes[1] != hashes[2], "the same bytes, the same hash"

@@ -730,7 +730,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         }
     };
     match receive_body(reader, &mut partial, size, closed, BODY_STALL, |_| {}).await {
-        Ok(()) => {}
+        Ok(_hash) => {}
         Err(BodyError::Write(e, unread)) => {
             drop(partial);
             not_saved(inner, &sender, &filename, &e).await;

@@ -86,6 +86,8 @@ pub struct FileRecord {
     pub saved_as: String,
     /// Its size in bytes.
     pub size: u64,
+    /// Its BLAKE3 hash, in hex (empty for files indexed before hashes were kept).
+    pub blake3: String,
     /// When it was saved.
     pub at: SystemTime,
 }
@@ -211,6 +213,7 @@ pub(crate) mod contract {
             filename: "a.txt".into(),
             saved_as: "received_from_alice_a.txt".into(),
             size: 3,
+            blake3: blake3::hash(b"abc").to_hex().to_string(),
             at: at(1_700_000_001),
         };
         store.record_file(file.clone()).await.expect("ok");

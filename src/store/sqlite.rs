@@ -24,10 +24,11 @@ use tokio::sync::oneshot;
 use super::{Account, FileRecord, Message, Scope, Store, StoreError, StoreFuture};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
@@ -73,7 +74,11 @@ CREATE TABLE stored (
     user TEXT PRIMARY KEY,
     bytes INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE files ADD COLUMN blake3 TEXT NOT NULL DEFAULT '';
+"#,
+];
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -386,6 +391,7 @@ fn file_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
         saved_as: row.get(4)?,
         size: u64::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
         at: time(row.get(6)?),
+        blake3: row.get(7)?,
     })
 }
 
@@ -525,8 +531,8 @@ impl Store for SqliteStore {
     fn record_file(&self, file: FileRecord) -> StoreFuture<'_, ()> {
         self.write(move |conn| {
             conn.execute(
-                "INSERT INTO files (upload_id, sender, target, filename, saved_as, size, at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO files (upload_id, sender, target, filename, saved_as, size, at_ms, blake3) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     int(file.id),
                     file.sender,
@@ -534,7 +540,8 @@ impl Store for SqliteStore {
                     file.filename,
                     file.saved_as,
                     int(file.size),
-                    ms(file.at)
+                    ms(file.at),
+                    file.blake3
                 ],
             )
             .map(drop)
@@ -547,7 +554,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT upload_id, sender, target, filename, saved_as, size, at_ms FROM files \
+                    "SELECT upload_id, sender, target, filename, saved_as, size, at_ms, blake3 FROM files \
                      WHERE sender = ?1 OR target = ?1 ORDER BY id",
                 )
                 .map_err(sql)?;
@@ -619,6 +626,42 @@ mod tests {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_database_of_every_earlier_version_is_migrated_and_keeps_its_rows() {
+        for version in 1..SCHEMA_VERSION {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("old.db");
+            {
+                let conn = Connection::open(&path).expect("open");
+                for sql in &MIGRATIONS[..usize::try_from(version).expect("small")] {
+                    conn.execute_batch(sql).expect("old schema");
+                }
+                conn.pragma_update(None, "user_version", version)
+                    .expect("set");
+                conn.execute(
+                    "INSERT INTO files (upload_id, sender, target, filename, saved_as, size, at_ms) \
+                     VALUES (1, 'alice', 'bob', 'a.txt', 'received_from_alice_a.txt', 3, 0)",
+                    [],
+                )
+                .expect("old row");
+                conn.execute("INSERT INTO stored (user, bytes) VALUES ('alice', 3)", [])
+                    .expect("old row");
+            }
+            let store = SqliteStore::open(&path).expect("migrates");
+            let files = store.files_of("alice").await.expect("read");
+            assert_eq!(files.len(), 1, "from version {version}");
+            assert_eq!(files[0].filename, "a.txt");
+            assert_eq!(files[0].blake3, "", "no hash was kept then");
+            assert_eq!(store.bytes_stored("alice").await.expect("read"), 3);
+            drop(store);
+            let conn = Connection::open(&path).expect("open");
+            let now: i64 = conn
+                .query_row("PRAGMA user_version", [], |row| row.get(0))
+                .expect("version");
+            assert_eq!(now, SCHEMA_VERSION);
+        }
     }
 
     #[test]

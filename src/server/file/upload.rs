@@ -119,8 +119,8 @@ pub(super) async fn upload(
     let report = |n| {
         let _ = progress.send(Progress::Receiving(n));
     };
-    match receive_body(reader, &mut partial, size, kill, stall, report).await {
-        Ok(()) => {}
+    let hash = match receive_body(reader, &mut partial, size, kill, stall, report).await {
+        Ok(hash) => hash,
         Err(BodyError::Write(e, unread)) => {
             let _ = progress.send(Progress::Aborted);
             return refuse(shared, user, cannot_save(e), unread, reader, kill).await;
@@ -133,7 +133,7 @@ pub(super) async fn upload(
             verdict(shared, user, ServerLine::UploadFailed { reason });
             return Err(Stop::Ended(end));
         }
-    }
+    };
     let _ = progress.send(Progress::Done(size));
     let saved = match partial.finish_unique(&shared.config.data_dir, &saved).await {
         Ok(name) => name,
@@ -150,6 +150,7 @@ pub(super) async fn upload(
         filename: header.filename,
         saved_as: saved.clone(),
         size,
+        blake3: hash.to_hex().to_string(),
         at: SystemTime::now(),
     };
     if let Err(e) = shared.store.record_file(record).await {
