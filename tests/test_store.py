@@ -114,8 +114,10 @@ def test_the_file_index_keeps_each_saved_copy_with_its_blake3_hash(tmp_path):
     with Server(HOST, 0, 0, tmp_path / "data", db=db) as srv:
         net = Net(srv, tmp_path)
         try:
+            alice_chat, alice_files = net.chat("alice"), net.file("alice")
             for name, size in [("a.bin", 1000), ("a.bin", 1000), ("b.bin", 999)]:
-                assert upload(net, name, size).startswith("User bob has no file socket")
+                alice_files.send(f"alice|bob|{name}|{size}\n".encode() + b"x" * size)
+                assert alice_chat.line().startswith("User bob has no file socket")
         finally:
             net.close()
     rows = sqlite3.connect(db).execute("SELECT saved_as, blake3 FROM files ORDER BY id").fetchall()
