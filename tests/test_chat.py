@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 
 import pytest
-from relaychat import BroadcastMessage, PrivateMessage
+from relaychat import BroadcastMessage, GroupList, Left, NotInGroup, PrivateMessage
 
 from tests.conftest import drain, lines, next_of
 
@@ -139,3 +139,48 @@ def test_blank_lines_are_ignored(net):
     alice = net.chat("alice")
     alice.send(b"\n\r\n   \n\t\nlist\n")
     alice.expect("Connected users: ")
+
+
+# --- leave, groups, members ----------------------------------------------------------------
+
+
+def test_groups_members_and_leave(net):
+    alice, bob = net.chat("alice"), net.chat("bob")
+    for wire, group in [(alice, "devs"), (bob, "devs"), (alice, "ops")]:
+        wire.send(f"join {group}\n")
+        wire.expect(f"You joined group '{group}'")
+    alice.send("groups\n")
+    alice.expect("Your groups: devs, ops")
+    bob.send("members devs\n")
+    bob.expect("Members of 'devs': alice, bob")
+    bob.send("members ops\n")
+    bob.expect("You are not in group 'ops'")  # only members see who is in a group
+    alice.send("leave devs\n")
+    alice.expect("You left group 'devs'")
+    alice.send("send_group devs still here?\n")
+    alice.expect("You are not in group 'devs'")
+    alice.send("leave devs\n")
+    alice.expect("You are not in group 'devs'")
+    bob.send("members devs\n")
+    bob.expect("Members of 'devs': bob")
+    bob.send("leave devs\n")
+    bob.expect("You left group 'devs'")
+    bob.send("groups\n")
+    bob.expect("Your groups: ")
+    for line, usage in [
+        ("leave", "Usage: leave <group_name>"),
+        ("members", "Usage: members <group_name>"),
+    ]:
+        bob.send(f"{line}\n")
+        bob.expect(usage)
+
+
+def test_the_client_leaves_and_hears_it_as_an_event(net):
+    alice = net.client("alice")
+    alice.join("devs")
+    alice.leave("devs")
+    assert next_of(alice, Left).group == "devs"
+    alice.send_command("groups")
+    assert next_of(alice, GroupList).groups == []
+    alice.leave("devs")
+    assert next_of(alice, NotInGroup).group == "devs"

@@ -29,8 +29,11 @@ __all__ = [
     "FileReceived",
     "FileSaved",
     "GroupFileIncoming",
+    "GroupList",
     "GroupMessage",
     "Joined",
+    "Left",
+    "MemberList",
     "NoFileSocket",
     "NotInGroup",
     "PrivateMessage",
@@ -206,6 +209,8 @@ class Client:
     def list_users(self) -> list[str]:
         """The other connected users, in order of arrival. The reply is returned here, not
         also delivered as an event."""
+    def leave(self, group: str) -> None:
+        """`leave <group>`; the answer comes as an event (`Left` or `NotInGroup`)."""
     def join(self, group: str) -> None:
         """Join `group`, creating it; returns once the server confirms."""
     def send_file(self, target: str, path: _StrPath) -> int:
@@ -262,6 +267,7 @@ class AsyncClient:
     def send_command(self, line: str) -> Awaitable[None]: ...
     def list_users(self) -> Awaitable[list[str]]: ...
     def join(self, group: str) -> Awaitable[None]: ...
+    def leave(self, group: str) -> Awaitable[None]: ...
     def send_file(self, target: str, path: _StrPath) -> Awaitable[int]: ...
     def next_event(self, timeout: float | None = None) -> Awaitable[_AnyEvent | None]: ...
     def events(self, timeout: float | None = None) -> AsyncEventIterator: ...
@@ -322,6 +328,25 @@ class Joined(Event):
     """`You joined group '<group>'`, for a `join` sent with `send_command`."""
 
     group: str
+
+@final
+class Left(Event):
+    """`You left group '<group>'`."""
+
+    group: str
+
+@final
+class GroupList(Event):
+    """`Your groups: ...`: the groups one is in, in order of joining (answer to `groups`)."""
+
+    groups: list[str]
+
+@final
+class MemberList(Event):
+    """`Members of '<group>': ...`, in order of joining (answer to `members <group>`)."""
+
+    group: str
+    members: list[str]
 
 @final
 class NotInGroup(Event):
@@ -428,6 +453,9 @@ _AnyEvent = (
     | GroupMessage
     | Joined
     | NotInGroup
+    | Left
+    | GroupList
+    | MemberList
     | UserList
     | UserNotFound
     | Usage

@@ -21,7 +21,7 @@ use crate::flow::{Ended, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::command::{
     format_ack, format_command, format_file_failed, parse_command, Parsed, Spec, BROADCAST, HELLO,
-    JOIN, LIST, MSG, SEND_GROUP,
+    JOIN, LEAVE, LIST, MSG, SEND_GROUP,
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
@@ -376,6 +376,14 @@ impl Client {
         self.write_chat(line, Expect::Joined(group.into_owned(), Some(tx)))
             .await?;
         self.await_reply(rx).await
+    }
+
+    /// `leave <group>`: its answer (`You left group`, or `You are not in group`) comes as
+    /// an event.
+    pub async fn leave(&self, group: &str) -> Result<()> {
+        let group = normalize(group);
+        check_group(&group).map_err(invalid)?;
+        self.command(&LEAVE, &[&group]).await
     }
 
     async fn await_reply<T>(&self, rx: oneshot::Receiver<T>) -> Result<T> {

@@ -79,8 +79,39 @@ pub static SEND_GROUP: Spec = Spec {
     help: "send a message to the other members of a group",
 };
 
+/// `leave <group_name>`: leaves a group (deleted once empty).
+pub static LEAVE: Spec = Spec {
+    name: "leave",
+    args: 1,
+    usage: "Usage: leave <group_name>",
+    help: "leave a group",
+};
+/// `groups`: the groups one is in.
+pub static GROUPS: Spec = Spec {
+    name: "groups",
+    args: 0,
+    usage: "Usage: groups",
+    help: "show the groups you are in",
+};
+/// `members <group_name>`: who is in a group one is in.
+pub static MEMBERS: Spec = Spec {
+    name: "members",
+    args: 1,
+    usage: "Usage: members <group_name>",
+    help: "show who is in a group you are in",
+};
+
 /// Every chat command, in the order `help` lists them.
-pub static COMMANDS: [&Spec; 5] = [&MSG, &BROADCAST, &LIST, &JOIN, &SEND_GROUP];
+pub static COMMANDS: [&Spec; 8] = [
+    &MSG,
+    &BROADCAST,
+    &LIST,
+    &JOIN,
+    &SEND_GROUP,
+    &LEAVE,
+    &GROUPS,
+    &MEMBERS,
+];
 
 /// A command of the table with its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -127,12 +127,12 @@ proptest! {
     }
 
     #[test]
-    fn commands_round_trip(to in name(), group in name(), body in text(), which in 0usize..5) {
+    fn commands_round_trip(to in name(), group in name(), body in text(), which in 0usize..super::COMMANDS.len()) {
         let spec = super::COMMANDS[which];
         let first = if spec.name == "msg" { &to } else { &group };
         let args = match spec.args {
             0 => vec![],
-            1 if spec.name == "join" => vec![group.as_str()],
+            1 if matches!(spec.name, "join" | "leave" | "members") => vec![group.as_str()],
             1 => vec![body.as_str()],
             _ => vec![first.as_str(), body.as_str()],
         };

@@ -47,6 +47,23 @@ pub enum ServerLine {
         /// Group.
         group: String,
     },
+    /// `You left group '<g>'` (not in the lab).
+    Left {
+        /// Group.
+        group: String,
+    },
+    /// `Your groups: a, b` (not in the lab): the groups one is in, in order of joining.
+    Groups {
+        /// The groups.
+        groups: Vec<String>,
+    },
+    /// `Members of '<g>': a, b` (not in the lab), in order of joining.
+    Members {
+        /// Group.
+        group: String,
+        /// Its members.
+        members: Vec<String>,
+    },
     /// `You are not in group '<g>'`.
     NotInGroup {
         /// Group.
@@ -138,15 +155,18 @@ impl Display for ServerLine {
             ServerLine::Group { group, from, text } => write!(f, "[GROUP {group}] {from}: {text}"),
             ServerLine::Joined { group } => write!(f, "You joined group '{group}'"),
             ServerLine::NotInGroup { group } => write!(f, "You are not in group '{group}'"),
+            ServerLine::Left { group } => write!(f, "You left group '{group}'"),
             ServerLine::Users { users } => {
                 f.write_str("Connected users: ")?;
-                for (i, u) in users.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    f.write_str(u)?;
-                }
-                Ok(())
+                comma_list(f, users)
+            }
+            ServerLine::Groups { groups } => {
+                f.write_str("Your groups: ")?;
+                comma_list(f, groups)
+            }
+            ServerLine::Members { group, members } => {
+                write!(f, "Members of '{group}': ")?;
+                comma_list(f, members)
             }
             ServerLine::UserNotFound { user } => write!(f, "User {user} not found."),
             ServerLine::Usage(spec) => f.write_str(spec.usage),
@@ -193,6 +213,24 @@ impl Display for ServerLine {
             ServerLine::Error { reason } => write!(f, "ERROR: {reason}"),
             ServerLine::Other(line) => f.write_str(line),
         }
+    }
+}
+
+fn comma_list(f: &mut fmt::Formatter<'_>, items: &[String]) -> fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        f.write_str(item)?;
+    }
+    Ok(())
+}
+
+/// `a, b` → `[a, b]`; the empty string → no items.
+fn split_list(rest: &str) -> Vec<String> {
+    match rest.is_empty() {
+        true => Vec::new(),
+        false => rest.split(", ").map(String::from).collect(),
     }
 }
 
@@ -252,12 +290,24 @@ fn parse_known(line: &str) -> Option<ServerLine> {
         return Some(ServerLine::NotInGroup { group: s(group) });
     }
     if let Some(rest) = line.strip_prefix("Connected users: ") {
-        let users = if rest.is_empty() {
-            Vec::new()
-        } else {
-            rest.split(", ").map(s).collect()
-        };
-        return Some(ServerLine::Users { users });
+        return Some(ServerLine::Users {
+            users: split_list(rest),
+        });
+    }
+    if let Some(group) = between(line, "You left group '", "'") {
+        return Some(ServerLine::Left { group: s(group) });
+    }
+    if let Some(rest) = line.strip_prefix("Your groups: ") {
+        return Some(ServerLine::Groups {
+            groups: split_list(rest),
+        });
+    }
+    if let Some(rest) = line.strip_prefix("Members of '") {
+        let (group, members) = rest.split_once("': ")?;
+        return Some(ServerLine::Members {
+            group: s(group),
+            members: split_list(members),
+        });
     }
     // Before `User <u> not found.`: a saved file name may itself end in " not found.".
     let no_socket = line
@@ -436,6 +486,24 @@ mod tests {
                 "ERROR: file too big",
             ),
             (ServerLine::Hello, "[HELLO] relaychat/1"),
+            (
+                ServerLine::Left { group: s("devs") },
+                "You left group 'devs'",
+            ),
+            (
+                ServerLine::Groups {
+                    groups: vec![s("devs"), s("ops")],
+                },
+                "Your groups: devs, ops",
+            ),
+            (ServerLine::Groups { groups: vec![] }, "Your groups: "),
+            (
+                ServerLine::Members {
+                    group: s("devs"),
+                    members: vec![s("alice"), s("bob")],
+                },
+                "Members of 'devs': alice, bob",
+            ),
             (
                 ServerLine::UploadOk {
                     saved_as: s("received_from_a_x (2).txt"),

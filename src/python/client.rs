@@ -250,6 +250,8 @@ engine_calls! {
     fn list_users() -> Vec<String> = |c| c.list_users();
     /// Joins `group` (creating it), returning once the server confirms.
     fn join(group: String) -> () = |c| c.join(&group);
+    /// Leaves `group`; the answer comes as an event (`Left` or `NotInGroup`).
+    fn leave(group: String) -> () = |c| c.leave(&group);
     /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
     /// number of bytes sent.
     fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);

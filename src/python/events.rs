@@ -71,6 +71,12 @@ events! {
     Joined { group: String }
     /// `You are not in group '<group>'`.
     NotInGroup { group: String }
+    /// `You left group '<group>'`.
+    Left { group: String }
+    /// `Your groups: ...`: the groups one is in.
+    GroupList { groups: Vec<String> }
+    /// `Members of '<group>': ...`.
+    MemberList { group: String, members: Vec<String> }
     /// `Connected users: ...` (for a `list` typed as a raw command).
     UserList { users: Vec<String> }
     /// `User <user> not found.`
@@ -152,6 +158,11 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 ),
                 ServerLine::Joined { group } => make(py, Joined { group }, line),
                 ServerLine::NotInGroup { group } => make(py, NotInGroup { group }, line),
+                ServerLine::Left { group } => make(py, Left { group }, line),
+                ServerLine::Groups { groups } => make(py, GroupList { groups }, line),
+                ServerLine::Members { group, members } => {
+                    make(py, MemberList { group, members }, line)
+                }
                 ServerLine::Users { users } => make(py, UserList { users }, line),
                 ServerLine::UserNotFound { user } => make(py, UserNotFound { user }, line),
                 ServerLine::Usage(_) => make(py, Usage { text: line.clone() }, line),

@@ -16,7 +16,8 @@ use super::{read_username, Shared};
 use crate::flow::{Ended, Refusal, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
-    parse_command, Call, Parsed, Spec, BROADCAST, JOIN, LIST, MSG, SEND_GROUP,
+    parse_command, Call, Parsed, Spec, BROADCAST, GROUPS, JOIN, LEAVE, LIST, MEMBERS, MSG,
+    SEND_GROUP,
 };
 use crate::protocol::names::{check_group, normalize};
 use crate::protocol::{CommandError, ServerLine};
@@ -62,12 +63,15 @@ impl Session<'_> {
 type Handler = fn(&Session<'_>, &Call<'_>);
 
 /// Every command of the protocol's table with the code that runs it.
-static HANDLERS: [(&Spec, Handler); 5] = [
+static HANDLERS: [(&Spec, Handler); 8] = [
     (&MSG, msg),
     (&BROADCAST, broadcast),
     (&LIST, list),
     (&JOIN, join),
     (&SEND_GROUP, send_group),
+    (&LEAVE, leave),
+    (&GROUPS, groups),
+    (&MEMBERS, members),
 ];
 
 pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
@@ -269,6 +273,30 @@ fn send_group(session: &Session<'_>, call: &Call<'_>) {
             group: group.into(),
         });
     }
+}
+
+fn leave(session: &Session<'_>, call: &Call<'_>) {
+    let group = normalize(call.arg(0)).into_owned();
+    let left = session.shared.registry.leave(&group, session.user);
+    session.reply(match left {
+        true => ServerLine::Left { group },
+        false => ServerLine::NotInGroup { group },
+    });
+}
+
+fn groups(session: &Session<'_>, _call: &Call<'_>) {
+    let groups = session.shared.registry.groups_of(session.user);
+    session.reply(ServerLine::Groups { groups });
+}
+
+fn members(session: &Session<'_>, call: &Call<'_>) {
+    let group = normalize(call.arg(0)).into_owned();
+    session.reply(
+        match session.shared.registry.members(&group, session.user) {
+            Some(members) => ServerLine::Members { group, members },
+            None => ServerLine::NotInGroup { group },
+        },
+    );
 }
 
 /// `FILE_RECEIVED|<sender>|<filename>`: relayed to the sender as `[ACK]`, once per forward.

@@ -167,6 +167,18 @@ struct State {
 /// Groups one user may be in at once.
 pub(crate) const MAX_GROUPS_PER_USER: usize = 256;
 
+impl State {
+    /// Takes `user` out of `group`'s member list; a group left empty is deleted.
+    fn drop_member(&mut self, group: &str, user: &str) {
+        if let Some(members) = self.groups.get_mut(group) {
+            members.retain(|m| m != user);
+            if members.is_empty() {
+                self.groups.remove(group);
+            }
+        }
+    }
+}
+
 /// The registry of sessions and groups.
 #[derive(Default)]
 pub(crate) struct Registry {
@@ -237,12 +249,7 @@ impl Registry {
         st.skeletons.remove(&skeleton(user));
         st.unacked.remove(user);
         for group in st.memberships.remove(user).unwrap_or_default() {
-            if let Some(members) = st.groups.get_mut(&group) {
-                members.retain(|m| m != user);
-                if members.is_empty() {
-                    st.groups.remove(&group);
-                }
-            }
+            st.drop_member(&group, user);
         }
         if let Some(file) = st.files.remove(user) {
             file.link.kill.cancel();
@@ -366,6 +373,39 @@ impl Registry {
             .or_default()
             .push(user.to_owned());
         Ok(())
+    }
+
+    /// Takes `user` out of `group`; false if it was not a member.
+    pub(crate) fn leave(&self, group: &str, user: &str) -> bool {
+        let mut st = self.state();
+        let Some(mine) = st.memberships.get_mut(user) else {
+            return false;
+        };
+        let Some(i) = mine.iter().position(|g| g == group) else {
+            return false;
+        };
+        mine.remove(i);
+        if mine.is_empty() {
+            st.memberships.remove(user);
+        }
+        st.drop_member(group, user);
+        true
+    }
+
+    /// The groups `user` is in, in order of joining.
+    pub(crate) fn groups_of(&self, user: &str) -> Vec<String> {
+        self.state()
+            .memberships
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every member of `group`, in order of joining, or `None` if `me` is not one of them.
+    pub(crate) fn members(&self, group: &str, me: &str) -> Option<Vec<String>> {
+        let st = self.state();
+        let members = st.groups.get(group)?;
+        members.iter().any(|m| m == me).then(|| members.clone())
     }
 
     /// The members of `group` other than `me`, or `None` if `me` is not a member.
@@ -498,6 +538,36 @@ mod tests {
             None,
             "empty groups go"
         );
+    }
+
+    #[test]
+    fn leaving_a_group_and_listing_groups_and_members() {
+        let registry = Registry::default();
+        let (_alice, _bob) = (user(&registry, "alice", 1), user(&registry, "bob", 2));
+        for (group, who) in [("devs", "alice"), ("devs", "bob"), ("ops", "alice")] {
+            registry.join(group, who).expect("joins");
+        }
+        assert_eq!(registry.groups_of("alice"), ["devs", "ops"]);
+        assert_eq!(
+            registry.members("devs", "bob"),
+            Some(vec!["alice".to_owned(), "bob".to_owned()])
+        );
+        assert_eq!(registry.members("ops", "bob"), None, "members only");
+        assert!(registry.leave("devs", "alice"));
+        assert!(!registry.leave("devs", "alice"), "not a member any more");
+        assert_eq!(registry.groups_of("alice"), ["ops"]);
+        assert_eq!(
+            registry.members("devs", "bob"),
+            Some(vec!["bob".to_owned()])
+        );
+        assert!(registry.leave("devs", "bob"));
+        assert_eq!(
+            registry.members("devs", "bob"),
+            None,
+            "an empty group is gone"
+        );
+        registry.join("devs", "alice").expect("a fresh group");
+        assert_eq!(registry.groups_of("alice"), ["ops", "devs"]);
     }
 
     #[test]
