@@ -126,6 +126,9 @@ pub(crate) enum Refusal {
         /// Bytes this file needs.
         size: u64,
     },
+    /// The store cannot say how much the user has stored (so the quota cannot be checked).
+    #[error("the server cannot check your quota just now ({0}); try again later")]
+    Store(String),
     /// The disk would fall under the free space the server keeps.
     #[error("not enough disk space on the server for this file")]
     DiskFull,

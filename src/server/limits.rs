@@ -102,6 +102,9 @@ pub(crate) struct DiskLedger {
     min_free: u64,
     store: Arc<dyn Store>,
     in_flight: Mutex<InFlight>,
+    /// Orders reservations and commits: a reservation never reads the stored bytes between
+    /// a commit's store write and its release of the in-flight bytes.
+    order: tokio::sync::Mutex<()>,
 }
 
 /// Space set aside for one upload. Dropped without `commit`, it is given back.
@@ -109,7 +112,6 @@ pub(crate) struct Reservation {
     ledger: Arc<DiskLedger>,
     user: String,
     size: u64,
-    committed: bool,
 }
 
 impl DiskLedger {
@@ -125,6 +127,7 @@ impl DiskLedger {
             min_free,
             store,
             in_flight: Mutex::default(),
+            order: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -140,10 +143,11 @@ impl DiskLedger {
         user: &str,
         size: u64,
     ) -> Result<Reservation, Refusal> {
-        let stored = self.store.bytes_stored(user).await.unwrap_or_else(|e| {
+        let _order = self.order.lock().await;
+        let stored = self.store.bytes_stored(user).await.map_err(|e| {
             warn!("[STORE] cannot read {user}'s stored bytes: {e}");
-            0
-        });
+            Refusal::Store(e.to_string())
+        })?;
         let mut in_flight = locked(&self.in_flight);
         let pending = in_flight.per_user.get(user).copied().unwrap_or(0);
         let used = stored.saturating_add(pending);
@@ -169,7 +173,6 @@ impl DiskLedger {
             ledger: self.clone(),
             user: user.to_owned(),
             size,
-            committed: false,
         })
     }
 }
@@ -177,23 +180,24 @@ impl DiskLedger {
 impl Reservation {
     /// The upload is on disk (under a name of its own: saved copies never replace one
     /// another).
-    pub(crate) async fn commit(mut self) {
-        self.committed = true;
-        // Stored before the in-flight bytes are released, so a concurrent reservation
-        // never sees neither.
+    pub(crate) async fn commit(self) {
+        // Stored before the in-flight bytes are released (by the drop), under the order
+        // lock, so a concurrent reservation never sees neither.
+        let ledger = self.ledger.clone();
+        let _order = ledger.order.lock().await;
         let delta = i64::try_from(self.size).unwrap_or(i64::MAX);
-        if let Err(e) = self.ledger.store.add_bytes_stored(&self.user, delta).await {
+        if let Err(e) = ledger.store.add_bytes_stored(&self.user, delta).await {
             warn!("[STORE] cannot record {}'s stored bytes: {e}", self.user);
         }
-        locked(&self.ledger.in_flight).release(&self.user, self.size);
+        drop(self);
     }
 }
 
 impl Drop for Reservation {
+    /// In-flight bytes are given back however the upload ended (committed or not, or its
+    /// future dropped mid-commit).
     fn drop(&mut self) {
-        if !self.committed {
-            locked(&self.ledger.in_flight).release(&self.user, self.size);
-        }
+        locked(&self.ledger.in_flight).release(&self.user, self.size);
     }
 }
 

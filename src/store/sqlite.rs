@@ -11,10 +11,9 @@
 //!   newer relaychat or is in use by another server is refused with a clear message and
 //!   left exactly as it was.
 //! * `:memory:` gives a private in-memory database on the same code path (forgotten at
-//!   exit).
+//!   exit); there, reads go through the writer thread too (one connection holds it).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -83,23 +82,31 @@ ALTER TABLE files ADD COLUMN blake3 TEXT NOT NULL DEFAULT '';
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
-/// A write, run by the writer thread inside its transaction; what it returns is called
-/// once the transaction has committed (or failed to), to hand the result over.
-type Job = Box<dyn FnOnce(&Connection) -> Box<dyn FnOnce(Option<&StoreError>) + Send> + Send>;
+/// What a job hands back after running: called once its transaction has committed (`None`)
+/// or failed (`Some(error)`), to hand the result over.
+type Deliver = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// A write for the writer thread. Called with the connection inside the batch's
+/// transaction, it runs its SQL and returns its `Deliver`; called with an error (the batch
+/// could not begin, or the transaction was lost), it runs nothing and reports the error.
+type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> Option<Deliver> + Send>;
 
 /// The store in one SQLite file.
 pub struct SqliteStore {
-    /// Writes for the writer thread.
-    writer: Mutex<mpsc::Sender<Job>>,
-    /// Connections for readers, opened on demand and reused.
-    readers: Arc<Readers>,
+    /// Writes for the writer thread (`None` once the store is being dropped).
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The writer thread, joined on drop (before the lock is let go).
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Connections for readers, opened on demand and reused (`None` for `:memory:`, whose
+    /// one connection is the writer's).
+    readers: Option<Arc<Readers>>,
     /// The lock that keeps a second server off this database (held while the store lives).
     _lock: Option<std::fs::File>,
 }
 
 struct Readers {
-    /// How to open one more.
-    target: String,
+    /// The database file.
+    path: PathBuf,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -136,24 +143,14 @@ fn scope_from(kind: i64, name: String) -> Scope {
     }
 }
 
-/// A private in-memory database for `:memory:`: a shared-cache URI unique to this store,
-/// so its readers see what its writer wrote.
-fn memory_uri() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "file:relaychat-memory-{}-{n}?mode=memory&cache=shared",
-        std::process::id()
-    )
-}
-
-fn open_connection(target: &str, read_only: bool) -> rusqlite::Result<Connection> {
-    let mut flags = OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+/// Opens the database by its path (never as a URI, so no character in it means anything).
+fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX;
     flags |= match read_only {
         true => OpenFlags::SQLITE_OPEN_READ_ONLY,
         false => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
     };
-    let conn = Connection::open_with_flags(target, flags)?;
+    let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }
@@ -174,23 +171,25 @@ fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
                 Path::new(&lock_path).display()
             ))
         })?;
-    flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-        unavailable(format!(
+    flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|e| match e {
+        rustix::io::Errno::WOULDBLOCK => unavailable(format!(
             "database {} is in use by another relaychat server",
             path.display()
-        ))
+        )),
+        e => unavailable(format!("cannot lock {}: {e}", path.display())),
     })?;
     Ok(file)
 }
 
-/// Checks the database and brings its schema up to date; never wipes anything.
-fn prepare(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
+/// Looks at an existing database without changing a byte of it: it must be a SQLite
+/// database of a schema version we know, intact, and (at version 0) empty, not some other
+/// program's.
+fn inspect(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     let refused = |e: rusqlite::Error| {
         unavailable(format!(
             "{shown} is not a relaychat database, or is corrupt ({e}); it was left as it is"
         ))
     };
-    // Look before changing anything: a refused file is left byte for byte as it was.
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(refused)?;
@@ -200,6 +199,22 @@ fn prepare(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
              {SCHEMA_VERSION}); it was left as it is"
         )));
     }
+    if version < 0 {
+        return Err(unavailable(format!(
+            "{shown} is not a relaychat database (schema version {version}); it was left as it is"
+        )));
+    }
+    if version == 0 {
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+            .map_err(refused)?;
+        if tables > 0 {
+            return Err(unavailable(format!(
+                "{shown} is another program's database ({tables} schema objects, no relaychat \
+                 schema version); it was left as it is"
+            )));
+        }
+    }
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |row| row.get(0))
         .map_err(refused)?;
@@ -208,33 +223,51 @@ fn prepare(conn: &mut Connection, shown: &str) -> Result<(), StoreError> {
             "{shown} is corrupt ({check}); it was left as it is"
         )));
     }
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
-        .map_err(refused)?;
-    tracing::debug!("[STORE] {shown}: journal mode {mode}");
+    Ok(())
+}
+
+/// Sets the writer's connection up and brings the schema up to date.
+fn prepare(conn: &mut Connection, shown: &str, file: bool) -> Result<(), StoreError> {
+    inspect(conn, shown)?;
+    let failed = |e: rusqlite::Error| unavailable(format!("{shown}: {e}"));
+    if file {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .map_err(failed)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(
+                "[STORE] {shown}: journal mode {mode}, not WAL: readers wait for writes"
+            );
+        }
+    }
     conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-        .map_err(refused)?;
+        .map_err(failed)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(failed)?;
     for (from, sql) in MIGRATIONS
         .iter()
         .enumerate()
         .skip(usize::try_from(version).unwrap_or(0))
     {
         let to = from + 1;
-        let tx = conn.transaction().map_err(unavailable)?;
+        let tx = conn.transaction().map_err(failed)?;
         tx.execute_batch(sql).map_err(|e| {
             unavailable(format!(
                 "{shown}: migration to schema version {to} failed: {e}"
             ))
         })?;
         tx.pragma_update(None, "user_version", to as i64)
-            .map_err(unavailable)?;
-        tx.commit().map_err(unavailable)?;
+            .map_err(failed)?;
+        tx.commit().map_err(failed)?;
         tracing::info!("[STORE] {shown}: schema version {to}");
     }
     Ok(())
 }
 
-/// The writer thread: batches whatever writes are waiting into one transaction.
+/// The writer thread: batches whatever writes are waiting into one transaction. A job's
+/// result is handed over only after the commit; if the transaction is lost on the way
+/// (SQLite rolls back by itself on some errors), every job of the batch is told it failed.
 fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -244,25 +277,39 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable);
-        let mut done = Vec::with_capacity(batch.len());
-        for job in batch {
-            if let Err(e) = &began {
-                job(&conn)(Some(e));
-                continue;
-            }
-            let _ = conn.execute_batch("SAVEPOINT job");
-            let deliver = job(&conn);
-            let _ = conn.execute_batch("RELEASE job");
-            done.push(deliver);
-        }
-        if began.is_err() {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable) {
+            batch.into_iter().for_each(|job| drop(job(Err(&e))));
             continue;
         }
-        match conn.execute_batch("COMMIT").map_err(unavailable) {
-            Ok(()) => done.into_iter().for_each(|deliver| deliver(None)),
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
+        let mut done: Vec<Deliver> = Vec::with_capacity(batch.len());
+        let mut lost = None;
+        let mut rest = batch.into_iter();
+        for job in rest.by_ref() {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                lost = Some(unavailable(e));
+                drop(job(Err(lost.as_ref().expect("just set"))));
+                break;
+            }
+            done.extend(job(Ok(&conn)));
+            if conn.execute_batch("RELEASE job").is_err() || conn.is_autocommit() {
+                lost = Some(unavailable("the transaction was lost"));
+                break;
+            }
+        }
+        let lost = match lost {
+            Some(e) => Some(e),
+            None => conn.execute_batch("COMMIT").map_err(unavailable).err(),
+        };
+        match lost {
+            None => done.into_iter().for_each(|deliver| deliver(None)),
+            Some(e) => {
+                if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+                    tracing::error!("[STORE] cannot roll back a failed batch: the store stops");
+                    rest.for_each(|job| drop(job(Err(&e))));
+                    done.into_iter().for_each(|deliver| deliver(Some(&e)));
+                    return;
+                }
+                rest.for_each(|job| drop(job(Err(&e))));
                 done.into_iter().for_each(|deliver| deliver(Some(&e)));
             }
         }
@@ -274,8 +321,9 @@ impl SqliteStore {
     /// `:memory:`. Blocks while it checks and migrates: call it before serving.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let memory = path.as_os_str() == ":memory:";
-        let (target, lock, shown) = match memory {
-            true => (memory_uri(), None, ":memory:".to_owned()),
+        let shown = path.display().to_string();
+        let lock = match memory {
+            true => None,
             false => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| {
@@ -283,26 +331,33 @@ impl SqliteStore {
                     })?;
                 }
                 let lock = lock(path)?;
-                let absolute: PathBuf = std::path::absolute(path).map_err(unavailable)?;
-                let target = format!("file:{}", absolute.display())
-                    .replace('?', "%3f")
-                    .replace('#', "%23");
-                (target, Some(lock), path.display().to_string())
+                // An existing database is looked at read-only first: one we refuse is left
+                // byte for byte as it was.
+                if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+                    let conn = open_connection(path, true).map_err(|e| {
+                        unavailable(format!("{shown} is not a relaychat database, or is corrupt ({e}); it was left as it is"))
+                    })?;
+                    inspect(&conn, &shown)?;
+                }
+                Some(lock)
             }
         };
-        let mut conn = open_connection(&target, false)
+        let mut conn = open_connection(path, false)
             .map_err(|e| unavailable(format!("cannot open {shown}: {e}")))?;
-        prepare(&mut conn, &shown)?;
+        prepare(&mut conn, &shown, !memory)?;
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("relaychat-store".into())
             .spawn(move || write_loop(conn, rx))
             .map_err(unavailable)?;
         Ok(Self {
-            writer: Mutex::new(tx),
-            readers: Arc::new(Readers {
-                target,
-                idle: Mutex::default(),
+            writer: Mutex::new(Some(tx)),
+            thread: Some(thread),
+            readers: (!memory).then(|| {
+                Arc::new(Readers {
+                    path: path.to_owned(),
+                    idle: Mutex::default(),
+                })
             }),
             _lock: lock,
         })
@@ -315,35 +370,46 @@ impl SqliteStore {
     ) -> StoreFuture<'_, T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let _ = tx.send(Err(e.clone()));
+                    return None;
+                }
+            };
             let result = f(conn);
             if result.is_err() {
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
-            Box::new(move |commit: Option<&StoreError>| {
+            Some(Box::new(move |commit: Option<&StoreError>| {
                 let _ = tx.send(match commit {
                     Some(e) => Err(e.clone()),
                     None => result,
                 });
-            })
+            }))
         });
-        let sent = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(job);
+        let sent = match &*self.writer.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(writer) => writer.send(job).is_ok(),
+            None => false,
+        };
         Box::pin(async move {
-            sent.map_err(|_| unavailable("the store's writer has stopped"))?;
+            if !sent {
+                return Err(unavailable("the store's writer has stopped"));
+            }
             rx.await
                 .map_err(|_| unavailable("the store's writer has stopped"))?
         })
     }
 
-    /// Runs `f` on a reader connection on the blocking pool.
+    /// Runs `f` on a reader connection on the blocking pool (for `:memory:`, in the
+    /// writer's thread: its one connection holds the database).
     fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<'_, T> {
-        let readers = self.readers.clone();
+        let Some(readers) = self.readers.clone() else {
+            return self.write(f);
+        };
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let idle = readers
@@ -353,7 +419,7 @@ impl SqliteStore {
                     .pop();
                 let conn = match idle {
                     Some(conn) => conn,
-                    None => open_connection(&readers.target, true).map_err(unavailable)?,
+                    None => open_connection(&readers.path, true).map_err(unavailable)?,
                 };
                 let result = f(&conn);
                 readers
@@ -366,6 +432,19 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?
         })
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Lets the writer finish what is queued and joins it, before the lock is let go.
+    fn drop(&mut self) {
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -707,6 +786,38 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read(&garbage).expect("read"), junk);
+    }
+
+    #[test]
+    fn another_programs_database_is_refused_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let theirs = dir.path().join("theirs.db");
+        {
+            let conn = Connection::open(&theirs).expect("open");
+            conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('x');")
+                .expect("their schema");
+        }
+        let before = std::fs::read(&theirs).expect("read");
+        let err = SqliteStore::open(&theirs).err().expect("refused");
+        assert!(
+            err.to_string().contains("another program's database"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&theirs).expect("read"), before);
+    }
+
+    #[tokio::test]
+    async fn a_path_is_a_path_whatever_characters_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join("100%41 ?x#y.db");
+        {
+            let store = SqliteStore::open(&odd).expect("opens");
+            store.add_bytes_stored("alice", 5).await.expect("ok");
+        }
+        assert!(odd.is_file(), "the file is the one named");
+        assert!(!dir.path().join("100A ").exists());
+        let store = SqliteStore::open(&odd).expect("reopens");
+        assert_eq!(store.bytes_stored("alice").await.expect("read"), 5);
     }
 
     #[tokio::test]
