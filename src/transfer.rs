@@ -19,22 +19,27 @@ const MAX_NUMBERED: u32 = 10_000;
 /// Bytes moved per read or write of a file body.
 pub(crate) const BODY_CHUNK: usize = 256 * 1024;
 
-/// A file being written under a temporary name. Dropped before [`Partial::finish`], it is
-/// removed: nobody ever sees a partial file under its final name.
+/// A file being written under a temporary name. Dropped before
+/// [`Partial::finish_unique`], it is removed: nobody ever sees a partial file under its
+/// final name.
 pub(crate) struct Partial {
     /// The temporary name.
     path: PathBuf,
     /// Open for writing until finished.
     file: Option<tokio::fs::File>,
+    /// Whether others read the file while it grows (the server's spool, which forwards
+    /// follow): then every chunk is flushed before its progress is reported.
+    followed: bool,
 }
 
 impl Partial {
-    /// Creates (or truncates) the temporary file.
-    pub(crate) async fn create(path: PathBuf) -> std::io::Result<Self> {
+    /// Creates (or truncates) the temporary file; `followed` as in [`Partial`].
+    pub(crate) async fn create(path: PathBuf, followed: bool) -> std::io::Result<Self> {
         let file = tokio::fs::File::create(&path).await?;
         Ok(Self {
             path,
             file: Some(file),
+            followed,
         })
     }
 
@@ -50,8 +55,12 @@ impl Partial {
             .ok_or_else(|| std::io::Error::other("file already finished"))?;
         file.write_all(bytes).await?;
         // tokio's file writes go through a blocking thread; flushing makes each chunk
-        // visible to readers following the file before its progress is published.
-        file.flush().await
+        // visible to readers following the file before its progress is published. Nobody
+        // follows a download, so its writes overlap the next read instead.
+        match self.followed {
+            true => file.flush().await,
+            false => Ok(()),
+        }
     }
 
     /// Closes the file and gives it the name `saved` in `dir`, or, when a file of that name
@@ -165,7 +174,7 @@ mod tests {
         let (mut peer, ours) = tokio::io::duplex(1024);
         let mut reader = LineReader::line_framed(ours, 100);
         peer.write_all(b"hello world").await.expect("write");
-        let mut out = Partial::create(tmp.clone()).await.expect("create");
+        let mut out = Partial::create(tmp.clone(), false).await.expect("create");
         let mut seen = Vec::new();
         let never = CancellationToken::new();
         let stall = Duration::from_secs(5);
@@ -192,7 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f.txt"), b"first").expect("write");
         std::fs::write(dir.path().join("f (2).txt"), b"second").expect("write");
-        let out = Partial::create(dir.path().join("x.tmp"))
+        let out = Partial::create(dir.path().join("x.tmp"), false)
             .await
             .expect("create");
         let name = out
@@ -218,7 +227,7 @@ mod tests {
         let mut reader = LineReader::line_framed(ours, 100);
         peer.write_all(b"abc").await.expect("write");
         drop(peer);
-        let mut out = Partial::create(tmp.clone()).await.expect("create");
+        let mut out = Partial::create(tmp.clone(), false).await.expect("create");
         let never = CancellationToken::new();
         let stall = Duration::from_secs(5);
         let end = receive_body(&mut reader, &mut out, 10, &never, stall, |_| {}).await;

@@ -23,23 +23,9 @@ LINGER_SECONDS = 5.0
 _print_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def _no_interrupt():
-    """Holds SIGINT back (it is delivered right after): the event thread interrupts the
-    input loop with it when the server goes away, and it must not cut a line short."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def say(text: str) -> None:
     """Prints one line whole: the event thread and the input loop both print."""
-    with _print_lock, _no_interrupt():
+    with _print_lock:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 

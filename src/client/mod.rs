@@ -727,7 +727,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
 
     let partial = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
         true => Err(std::io::Error::other("file name too long")),
-        false => Partial::create(tmp).await,
+        false => Partial::create(tmp, false).await,
     };
     let mut partial = match partial {
         Ok(partial) => partial,

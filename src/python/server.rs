@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
-use crate::server::{Number, Server, ServerConfig, SettingError, Unit, SETTINGS};
+use crate::server::{Number, Server, ServerConfig, SettingError, SETTINGS};
 use crate::store::SqliteStore;
 
 /// The database's name in the data directory when `db` is not given.
@@ -266,9 +266,7 @@ fn settings_table(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
             Some(Number::Float(f)) => f.into_pyobject(py)?.into_any(),
             None => py.None().into_bound(py),
         };
-        let unit = match s.unit {
-            Unit::Bytes | Unit::Count | Unit::Seconds => s.unit.name(),
-        };
+        let unit = s.unit.name();
         PyTuple::new(
             py,
             [

@@ -87,6 +87,21 @@ pub(super) fn verdict(shared: &Shared, user: &str, line: ServerLine) {
     }
 }
 
+/// An upload header that ends in a refusal: the uploader's `ERROR:` line and, for a client
+/// that speaks the extensions, the `[UPLOAD FAILED]` verdict with the same reason.
+pub(super) fn fail_upload(shared: &Shared, user: &str, refusal: Refusal) {
+    let Some(outbox) = shared.registry.outbox(user) else {
+        return;
+    };
+    let reason = refusal.to_string();
+    outbox.line(&ServerLine::Error {
+        reason: reason.clone(),
+    });
+    if outbox.extended() {
+        outbox.line(&ServerLine::UploadFailed { reason });
+    }
+}
+
 fn not_delivered(job: &ForwardJob, recipient: &str, why: String) -> Refusal {
     Refusal::NotDelivered {
         filename: job.filename.clone(),

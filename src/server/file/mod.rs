@@ -37,7 +37,7 @@ use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::file_header::UploadHeader;
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
-use forward::{forward_all, tell, verdict, MAX_QUEUED_FORWARDS};
+use forward::{fail_upload, forward_all, tell, MAX_QUEUED_FORWARDS};
 use upload::{skip_body, upload};
 
 /// How long a file handshake waits for the chat session of the same name to appear.
@@ -89,18 +89,13 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
                 Err(e) => {
                     let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
                     warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
-                    let reason = e.to_string();
-                    tell(&shared, &user, Refusal::Header(e));
-                    verdict(&shared, &user, ServerLine::UploadFailed { reason });
+                    fail_upload(&shared, &user, Refusal::Header(e));
                     resync(&shared, &user, &mut reader, &line, &kill).await
                 }
             },
             Err(Ended::Frame(e)) => {
                 warn!("[FILE ERROR] {addr}: {e}");
-                let refusal = Refusal::HeaderFrame(e);
-                let reason = refusal.to_string();
-                tell(&shared, &user, refusal);
-                verdict(&shared, &user, ServerLine::UploadFailed { reason });
+                fail_upload(&shared, &user, Refusal::HeaderFrame(e));
                 break;
             }
             Err(_) => break,

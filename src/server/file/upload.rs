@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::super::limits::Reservation;
 use super::super::Shared;
-use super::forward::{tell, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
+use super::forward::{fail_upload, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
@@ -107,7 +107,7 @@ pub(super) async fn upload(
         filename: header.filename.clone(),
         error,
     };
-    let mut partial = match Partial::create(spool::path(shared)).await {
+    let mut partial = match Partial::create(spool::path(shared), true).await {
         Ok(partial) => partial,
         Err(e) => return refuse(shared, user, cannot_save(e), size, reader, kill).await,
     };
@@ -176,9 +176,7 @@ async fn refuse(
     kill: &CancellationToken,
 ) -> Step {
     warn!("[FILE ERROR] {user}: {refusal}");
-    let reason = refusal.to_string();
-    tell(shared, user, refusal);
-    verdict(shared, user, ServerLine::UploadFailed { reason });
+    fail_upload(shared, user, refusal);
     skip_body(shared, reader, unread, kill).await
 }
 
