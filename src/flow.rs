@@ -67,18 +67,65 @@ pub(crate) enum Refusal {
         /// The connected user it could be taken for.
         other: String,
     },
+    /// A name that looks like a registered one (same confusable skeleton).
+    #[error("username '{name}' looks too much like '{other}', which is registered")]
+    LookAlikeRegistered {
+        /// The name asked for.
+        name: String,
+        /// The registered name it could be taken for.
+        other: String,
+    },
     /// A file connection for a name with no chat session.
     #[error("'{0}' has no chat session; log in on the chat port first")]
     NoChatSession(String),
     /// A file connection from another address than the name's chat session.
     #[error("'{0}' is connected from another address")]
     OtherAddress(String),
+    /// A file connection whose secret is not its chat session's.
+    #[error("the file connection's proof does not match a chat session of '{0}'")]
+    BadProof(String),
     /// The name has a live file connection already.
     #[error("'{0}' already has a file connection")]
     FileConnectionTaken(String),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The password given at login (or as the old one of `passwd`) is not the account's.
+    #[error("wrong password")]
+    WrongPassword,
+    /// Too many wrong passwords for this name or from this address, lately.
+    #[error("too many attempts, try again in {0} s")]
+    TooManyAttempts(u64),
+    /// A guest, on a server that admits registered users only.
+    #[error("this server requires an account")]
+    AccountRequired,
+    /// No password arrived in time after the prompt.
+    #[error("no password within {} s", .0.as_secs_f64())]
+    NoPassword(Duration),
+    /// `register` on a server whose operator closed registration.
+    #[error("registration is closed on this server")]
+    RegistrationClosed,
+    /// `register` by a user whose name is registered already.
+    #[error("'{0}' is registered already")]
+    AlreadyRegistered(String),
+    /// A command only registered users have.
+    #[error("{0} needs an account (register first)")]
+    NeedsAccount(&'static str),
+    /// A new password that breaks the rules.
+    #[error("{0}")]
+    Password(#[from] crate::protocol::command::PasswordError),
+    /// A user's offline inbox holds as many messages as it may.
+    #[error("{0}'s inbox is full")]
+    InboxFull(String),
+    /// The server keeps no history.
+    #[error("history is off on this server")]
+    HistoryOff,
+    /// A `history` argument that does not parse.
+    #[error("usage: history <username|GROUP:group_name> [count], count from 1")]
+    BadHistory,
+    /// The store failed a write or read a request needs.
+    #[error("the server could not store that just now; try again later")]
+    StoreFailed,
     /// A command line that is not UTF-8.
     #[error("command is not valid UTF-8")]
     CommandNotUtf8,

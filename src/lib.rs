@@ -58,6 +58,9 @@ pub enum Error {
     /// The store could not be opened or used.
     #[error("{0}")]
     Store(String),
+    /// The name is registered and no password was given.
+    #[error("'{0}' is registered on this server: a password is needed")]
+    PasswordRequired(String),
 }
 
 impl Error {

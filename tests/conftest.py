@@ -312,8 +312,9 @@ class Net:
     def downloads(self, name: str) -> Path:
         return self.root / "downloads" / name
 
-    def client(self, name: str) -> Client:
-        """A `Client` logged in as `name`, its `Welcome` event consumed."""
+    def client(self, name: str, password: str | None = None) -> Client:
+        """A `Client` logged in as `name` (with `password` for a registered name), its
+        `Welcome` event consumed."""
         client = Client(
             HOST,
             self.server.chat_port,
@@ -321,6 +322,7 @@ class Net:
             username=name,
             download_dir=self.downloads(name),
             timeout=TIMEOUT,
+            password=password,
         )
         self._clients.append(client)
         welcome = next_of(client, Welcome)

@@ -137,10 +137,10 @@ def test_events_are_frozen_and_matchable(net):
     event = next_of(bob, PrivateMessage)
     with pytest.raises(AttributeError):
         event.text = "changed"
-    assert PrivateMessage.__match_args__ == ("sender", "text")
-    assert GroupMessage.__match_args__ == ("group", "sender", "text")
+    assert PrivateMessage.__match_args__ == ("sender", "text", "queued_at")
+    assert GroupMessage.__match_args__ == ("group", "sender", "text", "queued_at")
     assert FileReceived.__match_args__ == ("sender", "filename", "path", "size")
-    assert repr(event) == 'PrivateMessage(sender="alice", text="x")'
+    assert repr(event) == 'PrivateMessage(sender="alice", text="x", queued_at=None)'
 
 
 def test_events_iterator_stops_when_quiet(net):

@@ -16,6 +16,7 @@ from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "SETTINGS",
+    "AccountBook",
     "Ack",
     "AsyncClient",
     "AsyncEventIterator",
@@ -31,14 +32,20 @@ __all__ = [
     "GroupFileIncoming",
     "GroupList",
     "GroupMessage",
+    "HistoryEnd",
+    "HistoryEntry",
     "Joined",
     "Left",
     "MemberList",
+    "MessageQueued",
     "NoFileSocket",
     "NotInGroup",
+    "PasswordChanged",
+    "PasswordRequiredError",
     "PrivateMessage",
     "ProtocolError",
     "RefusedError",
+    "Registered",
     "RelaychatError",
     "Server",
     "ServerError",
@@ -70,6 +77,9 @@ class RefusedError(RelaychatError):
     """The server refused the request (an `ERROR: ...` line, or a closed handshake),
     e.g. a username that is invalid or already connected."""
 
+class PasswordRequiredError(RefusedError):
+    """The name is registered on the server and no password was given."""
+
 class ProtocolError(RelaychatError):
     """The peer broke the wire protocol."""
 
@@ -90,6 +100,9 @@ class Server:
         data_dir: _StrPath = ".",
         *,
         db: _StrPath | None = None,
+        require_account: bool = False,
+        registration: bool = True,
+        history: bool = True,
         idle_pause: float | None = None,
         max_line: int | None = None,
         max_header: int | None = None,
@@ -104,6 +117,10 @@ class Server:
         max_file_size: int | None = None,
         user_quota: int | None = None,
         min_free_disk: int | None = None,
+        inbox_max: int | None = None,
+        history_days: int | None = None,
+        login_attempts: int | None = None,
+        login_lockout: float | None = None,
     ) -> Self:
         """Configure a server. Every keyword after `data_dir` is a limit of `SETTINGS`
         (sizes and counts as ints, times in seconds); `None` or leaving it out keeps its
@@ -132,6 +149,12 @@ class Server:
           ports together.
         - `max_file_size` (4 GiB), `user_quota` (16 GiB of saved copies per user),
           `min_free_disk` (256 MiB left free in `data_dir`), in bytes.
+        - `require_account`: only registered names may log in. `registration=False`:
+          `register` is refused (the operator adds accounts with `AccountBook`).
+          `history=False`: no message history is kept.
+        - `inbox_max` (10000): messages kept for one registered user while away.
+          `history_days` (30): days of history kept. `login_attempts` (5) wrong passwords
+          per name and per address lock it out for `login_lockout` (300 s).
         """
     @property
     def limits(self) -> dict[str, int | float]:
@@ -174,6 +197,9 @@ class Client:
     Incoming files are written to `<download_dir>/received_from_<sender>_<name>.tmp`,
     renamed into place once whole, acknowledged, and reported as `FileReceived`.
 
+    A registered name needs its `password` (the server asks for it at login):
+    `PasswordRequiredError` without one, `RefusedError("wrong password")` for a wrong one.
+
     Raises `RefusedError` if the server refuses the username, `OSError` if it cannot be
     reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
     """
@@ -187,6 +213,7 @@ class Client:
         username: str,
         download_dir: _StrPath = ".",
         timeout: float = 10.0,
+        password: str | None = None,
     ) -> Self: ...
     @property
     def username(self) -> str: ...
@@ -219,6 +246,15 @@ class Client:
         extensions; with the lab's server, once the last byte is written). `RefusedError`
         with the server's reason if it refused or lost the upload;
         `ValueError("File does not exist")` if `path` is not a file."""
+    def register(self, password: str) -> None:
+        """Register the name we are connected as; later logins need `password`.
+        `ValueError` for a password the rules refuse (8 characters to 128 bytes, no
+        spaces); `RefusedError` with the server's reason if it refuses."""
+    def passwd(self, old: str, new: str) -> None:
+        """Change our password; `RefusedError("wrong password")` if `old` is wrong."""
+    def history(self, conversation: str, count: int = 20) -> list[HistoryEntry]:
+        """The last `count` (at most 1000) messages with a user, or in `GROUP:<group>`,
+        oldest first. Registered users only (`RefusedError` for guests)."""
     def next_event(self, timeout: float | None = None) -> _AnyEvent | None:
         """The next event; `None` if none comes within `timeout` seconds (`None`: wait
         forever) or after the stream has ended."""
@@ -254,6 +290,7 @@ class AsyncClient:
         username: str,
         download_dir: _StrPath = ".",
         timeout: float = 10.0,
+        password: str | None = None,
     ) -> Awaitable[AsyncClient]: ...
     @property
     def username(self) -> str: ...
@@ -269,6 +306,9 @@ class AsyncClient:
     def join(self, group: str) -> Awaitable[None]: ...
     def leave(self, group: str) -> Awaitable[None]: ...
     def send_file(self, target: str, path: _StrPath) -> Awaitable[int]: ...
+    def register(self, password: str) -> Awaitable[None]: ...
+    def passwd(self, old: str, new: str) -> Awaitable[None]: ...
+    def history(self, conversation: str, count: int = 20) -> Awaitable[list[HistoryEntry]]: ...
     def next_event(self, timeout: float | None = None) -> Awaitable[_AnyEvent | None]: ...
     def events(self, timeout: float | None = None) -> AsyncEventIterator: ...
     def close(self) -> Awaitable[None]: ...
@@ -303,25 +343,29 @@ class Welcome(Event):
 
 @final
 class PrivateMessage(Event):
-    """`[PRIVATE from <sender>]: <text>`."""
+    """`[PRIVATE from <sender>]: <text>`. `queued_at`: when it was sent (UTC, ISO 8601) if
+    it waited in our inbox while we were away, else `None`."""
 
     sender: str
     text: str
+    queued_at: str | None
 
 @final
 class BroadcastMessage(Event):
-    """`[BROADCAST from <sender>]: <text>`."""
+    """`[BROADCAST from <sender>]: <text>` (`queued_at` as for `PrivateMessage`)."""
 
     sender: str
     text: str
+    queued_at: str | None
 
 @final
 class GroupMessage(Event):
-    """`[GROUP <group>] <sender>: <text>`."""
+    """`[GROUP <group>] <sender>: <text>` (`queued_at` as for `PrivateMessage`)."""
 
     group: str
     sender: str
     text: str
+    queued_at: str | None
 
 @final
 class Joined(Event):
@@ -443,6 +487,53 @@ class FileFailed(Event):
     reason: str
 
 @final
+class Registered(Event):
+    """`Registered <user>.`, for a `register` sent with `send_command`."""
+
+    user: str
+
+@final
+class PasswordChanged(Event):
+    """`Password changed.`, for a `passwd` sent with `send_command`."""
+
+@final
+class MessageQueued(Event):
+    """`User <user> is offline; message queued.`: it reaches them at their next login."""
+
+    user: str
+
+@final
+class HistoryEntry(Event):
+    """`[HISTORY <at>] <sender>: <text>`: one message of a conversation (`at` in UTC, ISO
+    8601)."""
+
+    at: str
+    sender: str
+    text: str
+
+@final
+class HistoryEnd(Event):
+    """`[HISTORY END] <count> messages`: the end of a `history` answer."""
+
+    count: int
+
+@final
+class AccountBook:
+    """The accounts of a database, managed offline (refused while a server uses it).
+    `relaychat-server accounts ...` is built on it."""
+
+    def __new__(cls, db: _StrPath) -> Self: ...
+    def add(self, name: str, password: str) -> str:
+        """Register `name`; returns it as stored (NFC). `ValueError` if the name or the
+        password breaks the rules, or the name or a look-alike is registered."""
+    def passwd(self, name: str, password: str) -> bool:
+        """Set `name`'s password; False if there is no such account."""
+    def remove(self, name: str) -> bool:
+        """Delete `name` with its memberships and inbox; False if there was none."""
+    def list(self) -> list[tuple[str, str]]:
+        """Every account as `(name, created)` (UTC, ISO 8601), by name."""
+
+@final
 class Disconnected(Event):
     """The chat connection closed; no event follows. `line` is `Chat connection closed.`"""
 
@@ -467,6 +558,11 @@ _AnyEvent = (
     | Ack
     | ServerError
     | ServerText
+    | Registered
+    | PasswordChanged
+    | MessageQueued
+    | HistoryEntry
+    | HistoryEnd
     | FileReceived
     | FileFailed
     | Disconnected

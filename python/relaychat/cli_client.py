@@ -3,18 +3,22 @@
 Reads commands from standard input (typed or piped), one per line. `send_file <user|GROUP:g>
 <path>` sends a file; `quit` or end of input exits; everything else goes to the server as
 typed. Every server line and file event is printed as the lab's client prints it.
+
+A registered name's password comes from `--password-file`, `RELAYCHAT_PASSWORD`, or, when
+the server asks for it, a hidden prompt (on a terminal) or the next line of standard input.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
 import signal
 import sys
 import threading
 
-from relaychat import Client, Disconnected, RelaychatError
+from relaychat import Client, Disconnected, PasswordRequiredError, RelaychatError
 
 SEND_FILE_USAGE = "Usage: send_file <username/group> <filepath>"
 #: How long to wait, after the last command, for its replies before exiting.
@@ -42,7 +46,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)"
     )
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read a registered name's password from the first line of FILE "
+        "(else RELAYCHAT_PASSWORD, else asked when the server wants it)",
+    )
     return p.parse_args(argv)
+
+
+def _given_password(args: argparse.Namespace) -> str | None:
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return os.environ.get("RELAYCHAT_PASSWORD")
+
+
+def _ask_password(username: str) -> str | None:
+    """The password the server asked for: hidden on a terminal; else the next line of
+    standard input, after the server's prompt line (as the lab's client would show it)."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"Password for {username}: ")
+    say(f"Password for {username}:")
+    return _read_line()
 
 
 class Session:
@@ -155,16 +181,27 @@ def main(argv: list[str] | None = None) -> int:
             username = input("Enter username: ").strip()
         except (EOFError, KeyboardInterrupt):
             return 0
-    try:
-        client = Client(
+
+    def connect(password: str | None) -> Client:
+        return Client(
             args.host,
             args.chat_port,
             args.file_port,
             username=username,
             download_dir=args.download_dir,
             timeout=args.timeout,
+            password=password,
         )
-    except KeyboardInterrupt:
+
+    try:
+        try:
+            client = connect(_given_password(args))
+        except PasswordRequiredError:
+            password = _ask_password(username)
+            if password is None:
+                return 1
+            client = connect(password)
+    except (KeyboardInterrupt, EOFError):
         return 0
     except (RelaychatError, OSError, ValueError, TimeoutError) as e:
         say(f"ERROR: {e}")

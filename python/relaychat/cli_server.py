@@ -1,12 +1,21 @@
-"""`python server.py` / `relaychat-server`: run the relay until Ctrl-C or SIGTERM."""
+"""`python server.py` / `relaychat-server`: run the relay until Ctrl-C or SIGTERM.
+
+`relaychat-server accounts add|remove|list|passwd [NAME] --data-dir D` manages accounts
+while the server is stopped (the password from a hidden prompt, or the first line of
+standard input when it is not a terminal).
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import signal
 import sys
 
-from relaychat import SETTINGS, RelaychatError, Server, init_logging
+from relaychat import SETTINGS, AccountBook, RelaychatError, Server, init_logging
+
+DEFAULT_DB = "relaychat.db"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,6 +34,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="the SQLite file that keeps accounts, groups, inboxes, history, the file index and "
         "quotas (default: DATA_DIR/relaychat.db; ':memory:' forgets everything at exit)",
+    )
+    accounts = p.add_argument_group("accounts and history (docs/SECURITY.md)")
+    accounts.add_argument(
+        "--require-account",
+        action="store_true",
+        help="only registered names may log in (guests are refused)",
+    )
+    accounts.add_argument(
+        "--registration",
+        choices=["open", "closed"],
+        default="open",
+        help="whether guests may 'register' their name (default %(default)s; "
+        "'relaychat-server accounts add' works either way)",
+    )
+    accounts.add_argument(
+        "--history",
+        choices=["on", "off"],
+        default="on",
+        help="keep message history for 'history' (default %(default)s; see --history-days)",
     )
     limits = p.add_argument_group("limits (docs/SECURITY.md says what each one answers)")
     for name, unit, default, text in SETTINGS:
@@ -48,14 +76,77 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def parse_accounts_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="relaychat-server accounts",
+        description="Manage accounts while the server is stopped. Passwords come from a "
+        "hidden prompt, or from the first line of standard input when it is not a terminal.",
+    )
+    p.add_argument("action", choices=["add", "remove", "list", "passwd"])
+    p.add_argument("name", nargs="?", help="the account (all but 'list')")
+    p.add_argument("--data-dir", default=".", help="the server's data directory")
+    p.add_argument("--db", metavar="PATH", help="the database (default: DATA_DIR/relaychat.db)")
+    args = p.parse_args(argv)
+    if args.action != "list" and not args.name:
+        p.error(f"'{args.action}' needs a NAME")
+    return args
+
+
+def read_password(name: str) -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"Password for {name}: ")
+        if getpass.getpass("Again: ") != first:
+            raise ValueError("the passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def accounts_main(argv: list[str]) -> int:
+    args = parse_accounts_args(argv)
+    db = args.db or os.path.join(args.data_dir, DEFAULT_DB)
+    try:
+        book = AccountBook(db)
+        if args.action == "list":
+            for name, created in book.list():
+                print(f"{name}\t{created}")
+        elif args.action == "remove":
+            if not book.remove(args.name):
+                print(f"relaychat-server: no account '{args.name}'", file=sys.stderr)
+                return 1
+            print(f"Removed {args.name}.")
+        elif args.action == "add":
+            name = book.add(args.name, read_password(args.name))
+            print(f"Registered {name}.")
+        elif not book.passwd(args.name, read_password(args.name)):
+            print(f"relaychat-server: no account '{args.name}'", file=sys.stderr)
+            return 1
+        else:
+            print("Password changed.")
+    except (ValueError, OSError, RelaychatError) as e:
+        print(f"relaychat-server: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["accounts"]:
+        return accounts_main(argv[1:])
     args = parse_args(argv)
     init_logging(args.log_level)
     limits = {name: getattr(args, name) for name, *_ in SETTINGS}
     limits = {name: value for name, value in limits.items() if value is not None}
     try:
         server = Server(
-            args.host, args.chat_port, args.file_port, args.data_dir, db=args.db, **limits
+            args.host,
+            args.chat_port,
+            args.file_port,
+            args.data_dir,
+            db=args.db,
+            require_account=args.require_account,
+            registration=args.registration == "open",
+            history=args.history == "on",
+            **limits,
         )
     except (TypeError, ValueError) as e:
         print(f"relaychat-server: {e}", file=sys.stderr)

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::flow::{Ended, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::command::{
-    format_ack, format_command, format_file_failed, parse_command, Parsed, Spec, BROADCAST, HELLO,
-    JOIN, LEAVE, LIST, MSG, SEND_GROUP,
+    check_password, format_ack, format_command, format_file_failed, parse_command, Parsed, Spec,
+    BROADCAST, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
@@ -44,7 +44,7 @@ const EVENT_QUEUE: usize = 65_536;
 const FILE_RECONNECT_TRIES: u32 = 10;
 
 /// Where and as whom to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Server host name or address.
     pub host: String,
@@ -58,6 +58,23 @@ pub struct ClientConfig {
     pub download_dir: PathBuf,
     /// How long to wait for a connection, a handshake reply or a command's reply.
     pub timeout: Duration,
+    /// The password, for a registered name (the server asks for it at login).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    /// Everything but the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("host", &self.host)
+            .field("chat_port", &self.chat_port)
+            .field("file_port", &self.file_port)
+            .field("username", &self.username)
+            .field("download_dir", &self.download_dir)
+            .field("timeout", &self.timeout)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -71,6 +88,7 @@ impl ClientConfig {
             username: username.into(),
             download_dir: PathBuf::from("."),
             timeout: Duration::from_secs(10),
+            password: None,
         }
     }
 }
@@ -80,6 +98,13 @@ impl ClientConfig {
 pub enum Event {
     /// A line from the server's chat port, parsed.
     Line(ServerLine),
+    /// A message kept for us while we were away, and when it was sent (UTC, ISO 8601).
+    Queued {
+        /// When it was sent.
+        at: String,
+        /// The message, as it would have come live.
+        line: ServerLine,
+    },
     /// A file arrived whole, was renamed into place, and has been acknowledged.
     FileReceived {
         /// Who sent it.
@@ -117,6 +142,34 @@ struct Waiters {
     hello: Option<oneshot::Sender<bool>>,
     /// Uploads whose verdict has not come yet.
     uploads: VecDeque<oneshot::Sender<Verdict>>,
+    /// `register`, `passwd` and `history` calls, in the order sent.
+    requests: VecDeque<Request>,
+    /// The time of a `[QUEUED <time>]` line, for the message that follows it.
+    queued_at: Option<String>,
+}
+
+/// One of the messages of a conversation, as `history` returns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// When it was sent (UTC, ISO 8601).
+    pub at: String,
+    /// Who wrote it.
+    pub sender: String,
+    /// What it said.
+    pub text: String,
+}
+
+/// A call waiting for its answer, which is its own line or an `ERROR:` line.
+enum Request {
+    /// `Registered <name>.`
+    Register(oneshot::Sender<std::result::Result<(), String>>),
+    /// `Password changed.`
+    Passwd(oneshot::Sender<std::result::Result<(), String>>),
+    /// `[HISTORY ...]` lines, then `[HISTORY END]`.
+    History(
+        Vec<HistoryEntry>,
+        oneshot::Sender<std::result::Result<Vec<HistoryEntry>, String>>,
+    ),
 }
 
 /// What a command that is about to be sent will be answered with.
@@ -129,10 +182,14 @@ enum Expect {
     Joined(String, Option<oneshot::Sender<()>>),
     /// `[HELLO]` (extensions on), or the unknown-command line (a lab server).
     Hello(oneshot::Sender<bool>),
+    /// The answer of `register`, `passwd` or `history`.
+    Request(Request),
 }
 
 struct Inner {
     config: ClientConfig,
+    /// The secret that proves our file connection (given at a login with a password).
+    proof: Option<String>,
     /// Chat write half: one command per write, never two at once.
     chat: tokio::sync::Mutex<ConnWrite>,
     /// File write half, for uploads (`None` while the file connection is being re-opened).
@@ -186,30 +243,71 @@ async fn connect(config: &ClientConfig, port: u16) -> Result<Conn> {
     Ok(Conn::tcp(stream))
 }
 
-/// Sends the username alone and reads the one-line reply.
+/// Sends `first` (the username, alone) and reads the one-line reply.
 async fn handshake(
     config: &ClientConfig,
     port: u16,
+    first: &str,
 ) -> Result<(LineReader, ConnWrite, ServerLine)> {
     let (rd, mut wr) = connect(config, port).await?.split();
-    wr.write_all(format!("{}\n", config.username).as_bytes())
+    wr.write_all(format!("{first}\n").as_bytes())
         .await
         .map_err(io("sending username"))?;
     let mut reader = LineReader::line_framed(rd, MAX_SERVER_LINE);
+    let reply = next_reply(config, &mut reader).await?;
+    Ok((reader, wr, reply))
+}
+
+/// The next line of a handshake; an `ERROR:` line is a refusal.
+async fn next_reply(config: &ClientConfig, reader: &mut LineReader) -> Result<ServerLine> {
     let never = CancellationToken::new();
     let line = tokio::time::timeout(config.timeout, reader.next_line(&never))
         .await
         .map_err(|_| Error::Timeout("waiting for the server's greeting"))?
         .map_err(|_| Error::Refused("the server closed the connection".into()))?;
-    let reply = ServerLine::parse(&String::from_utf8_lossy(&line));
-    match reply {
+    match ServerLine::parse(&String::from_utf8_lossy(&line)) {
         ServerLine::Error { reason } => Err(Error::Refused(reason)),
-        reply => Ok((reader, wr, reply)),
+        reply => Ok(reply),
     }
 }
 
-async fn open_file_connection(config: &ClientConfig) -> Result<(LineReader, ConnWrite)> {
-    let (reader, wr, greeting) = handshake(config, config.file_port).await?;
+/// Logs in on the chat port: the username, and the password if the server asks for one
+/// (after asking for the extensions, so the server gives us the file connection's proof
+/// and the times of queued messages). Returns the welcome and the proof.
+async fn log_in(
+    config: &ClientConfig,
+) -> Result<(LineReader, ConnWrite, ServerLine, Option<String>)> {
+    let (mut reader, mut wr, reply) = handshake(config, config.chat_port, &config.username).await?;
+    let ServerLine::PasswordPrompt { .. } = reply else {
+        return Ok((reader, wr, reply, None));
+    };
+    let Some(password) = &config.password else {
+        return Err(Error::PasswordRequired(config.username.clone()));
+    };
+    wr.write_all(format!("{HELLO}\n{password}\n").as_bytes())
+        .await
+        .map_err(io("sending password"))?;
+    let welcome = next_reply(config, &mut reader).await?;
+    let proof = match next_reply(config, &mut reader).await? {
+        ServerLine::Session { token } => token,
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected the session's proof after the welcome, got {other}"
+            )))
+        }
+    };
+    Ok((reader, wr, welcome, Some(proof)))
+}
+
+async fn open_file_connection(
+    config: &ClientConfig,
+    proof: Option<&str>,
+) -> Result<(LineReader, ConnWrite)> {
+    let first = match proof {
+        Some(proof) => format!("{} {proof}", config.username),
+        None => config.username.clone(),
+    };
+    let (reader, wr, greeting) = handshake(config, config.file_port, &first).await?;
     match greeting {
         ServerLine::Other(line) if line == "FILE_SOCKET_CONNECTED" => Ok((reader, wr)),
         other => Err(Error::Protocol(format!(
@@ -242,7 +340,7 @@ impl Client {
         config.username = normalize(&config.username).into_owned();
         check_username(&config.username).map_err(invalid)?;
         std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
-        let (chat_reader, chat_wr, welcome) = handshake(&config, config.chat_port).await?;
+        let (chat_reader, chat_wr, welcome, proof) = log_in(&config).await?;
         if welcome
             != (ServerLine::Welcome {
                 user: config.username.clone(),
@@ -252,9 +350,10 @@ impl Client {
                 "expected a welcome, got {welcome}"
             )));
         }
-        let (file_reader, file_wr) = open_file_connection(&config).await?;
+        let (file_reader, file_wr) = open_file_connection(&config, proof.as_deref()).await?;
         let inner = Arc::new(Inner {
             config,
+            proof,
             chat: tokio::sync::Mutex::new(chat_wr),
             file: tokio::sync::Mutex::new(Some(file_wr)),
             waiters: Mutex::default(),
@@ -376,6 +475,50 @@ impl Client {
         self.write_chat(line, Expect::Joined(group.into_owned(), Some(tx)))
             .await?;
         self.await_reply(rx).await
+    }
+
+    /// `register <password>`: claims our name; returns once the server has registered it
+    /// (an `ERROR:` answer is raised as a refusal).
+    pub async fn register(&self, password: &str) -> Result<()> {
+        check_password(password).map_err(invalid)?;
+        let (tx, rx) = oneshot::channel();
+        let line = format_command(&REGISTER, &[password]);
+        self.write_chat(line, Expect::Request(Request::Register(tx)))
+            .await?;
+        self.await_reply(rx).await?.map_err(Error::Refused)
+    }
+
+    /// `passwd <old> <new>`: returns once the password is changed.
+    pub async fn passwd(&self, old: &str, new: &str) -> Result<()> {
+        one_line("the old password", old)?;
+        if old.contains(' ') {
+            return Err(Error::InvalidArgument(
+                "a password may not contain spaces".into(),
+            ));
+        }
+        check_password(new).map_err(invalid)?;
+        let (tx, rx) = oneshot::channel();
+        let line = format_command(&PASSWD, &[old, new]);
+        self.write_chat(line, Expect::Request(Request::Passwd(tx)))
+            .await?;
+        self.await_reply(rx).await?.map_err(Error::Refused)
+    }
+
+    /// `history <user|GROUP:group> [count]`: the last messages of a conversation, oldest
+    /// first (returned here, not as events).
+    pub async fn history(&self, with: &str, count: usize) -> Result<Vec<HistoryEntry>> {
+        let name = with.strip_prefix(GROUP_PREFIX);
+        match name {
+            Some(group) => check_group(group),
+            None => check_username(with),
+        }
+        .map_err(invalid)?;
+        let (tx, rx) = oneshot::channel();
+        let arg = format!("{with} {}", count.max(1));
+        let line = format_command(&HISTORY, &[&arg]);
+        let request = Request::History(Vec::new(), tx);
+        self.write_chat(line, Expect::Request(request)).await?;
+        self.await_reply(rx).await?.map_err(Error::Refused)
     }
 
     /// `leave <group>`: its answer (`You left group`, or `You are not in group`) comes as
@@ -559,7 +702,52 @@ impl Waiters {
             Expect::Users(tx) => self.users.push_back(tx),
             Expect::Joined(group, tx) => self.joins.push_back((group, tx)),
             Expect::Hello(tx) => self.hello = Some(tx),
+            Expect::Request(request) => self.requests.push_back(request),
         }
+    }
+
+    /// Hands a line to the oldest waiting request if it answers it; returns the line if
+    /// it does not. An `ERROR:` line while a request waits is taken as its answer (the
+    /// server answers commands in order; its own notices about files can come between,
+    /// and would be taken too: a known limit of this plain-text protocol).
+    fn route_request(&mut self, line: ServerLine) -> Option<ServerLine> {
+        let request = match self.requests.pop_front() {
+            Some(request) => request,
+            None => return Some(line),
+        };
+        match (request, line) {
+            (Request::Register(tx), ServerLine::Registered { .. }) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Request::Passwd(tx), ServerLine::PasswordChanged) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Request::History(mut got, tx), ServerLine::History { at, from, text }) => {
+                got.push(HistoryEntry {
+                    at,
+                    sender: from,
+                    text,
+                });
+                self.requests.push_front(Request::History(got, tx));
+            }
+            (Request::History(got, tx), ServerLine::HistoryEnd { .. }) => {
+                let _ = tx.send(Ok(got));
+            }
+            (Request::Register(tx) | Request::Passwd(tx), ServerLine::Error { reason }) => {
+                let _ = tx.send(Err(reason));
+            }
+            (Request::History(_, tx), ServerLine::Error { reason }) => {
+                let _ = tx.send(Err(reason));
+            }
+            (Request::History(_, tx), ServerLine::NotInGroup { group }) => {
+                let _ = tx.send(Err(format!("You are not in group '{group}'")));
+            }
+            (request, line) => {
+                self.requests.push_front(request);
+                return Some(line);
+            }
+        }
+        None
     }
 
     /// Hands a reply to the caller waiting for it; returns the line if nobody waits.
@@ -607,6 +795,12 @@ impl Waiters {
                 }
                 None
             }
+            line @ (ServerLine::Registered { .. }
+            | ServerLine::PasswordChanged
+            | ServerLine::History { .. }
+            | ServerLine::HistoryEnd { .. }
+            | ServerLine::Error { .. }
+            | ServerLine::NotInGroup { .. }) => self.route_request(line),
             line => Some(line),
         }
     }
@@ -628,9 +822,19 @@ async fn read_chat(
 ) {
     while let Ok(line) = reader.next_line(&inner.closed).await {
         let line = ServerLine::parse(&String::from_utf8_lossy(&line));
-        let unclaimed = inner.waiters().route(line);
-        if let Some(line) = unclaimed {
-            let _ = tx.send(Event::Line(line)).await;
+        let event = {
+            let mut waiters = inner.waiters();
+            match (line, waiters.queued_at.take()) {
+                (ServerLine::QueuedAt { at }, _) => {
+                    waiters.queued_at = Some(at);
+                    None
+                }
+                (line, Some(at)) => Some(Event::Queued { at, line }),
+                (line, None) => waiters.route(line).map(Event::Line),
+            }
+        };
+        if let Some(event) = event {
+            let _ = tx.send(event).await;
         }
     }
     inner.closed.cancel();
@@ -656,7 +860,8 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
                 // now was never read and will never have one.
                 inner.waiters().uploads.clear();
             }
-            if let Ok((rd, wr)) = open_file_connection(&inner.config).await {
+            if let Ok((rd, wr)) = open_file_connection(&inner.config, inner.proof.as_deref()).await
+            {
                 *inner.file.lock().await = Some(wr);
                 reader = rd;
                 continue 'connection;

@@ -8,7 +8,7 @@
 //! ([`SendQueue::until_room`]). So a burst slows its senders instead of dropping the
 //! readers it is meant for, and memory stays bounded.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,10 @@ pub(crate) struct SendQueue {
     waiting_relief: AtomicUsize,
     /// Senders waiting for room for a line (woken by every take).
     waiting_room: AtomicUsize,
+    /// Tasks waiting for lines to be written (see `until_written`).
+    waiting_written: AtomicUsize,
+    /// Lines written into the socket so far.
+    written: AtomicU64,
     /// The hard cap in lines: a push past it is refused.
     capacity: usize,
     /// The hard cap in bytes: long lines reach it before `capacity` does.
@@ -69,6 +73,8 @@ pub(crate) struct SendQueue {
 
 struct QueueState {
     lines: std::collections::VecDeque<Bytes>,
+    /// Lines ever queued.
+    pushed: u64,
     /// Bytes in `lines`.
     bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
@@ -82,6 +88,7 @@ impl Default for QueueState {
     fn default() -> Self {
         Self {
             lines: std::collections::VecDeque::new(),
+            pushed: 0,
             bytes: 0,
             closed: false,
             progress: Instant::now(),
@@ -107,8 +114,8 @@ pub(crate) enum Pushed {
 enum Taken {
     /// One line, to write as it is.
     One(Bytes),
-    /// Several lines, copied into the batch buffer.
-    Batch,
+    /// This many lines, copied into the batch buffer.
+    Batch(u64),
     /// The queue is closed and empty.
     End,
 }
@@ -124,6 +131,8 @@ impl SendQueue {
             drained: tokio::sync::Notify::new(),
             waiting_relief: AtomicUsize::new(0),
             waiting_room: AtomicUsize::new(0),
+            waiting_written: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
             capacity: capacity.max(1),
             max_bytes,
             high_bytes: high_bytes.clamp(1, max_bytes),
@@ -194,6 +203,7 @@ impl SendQueue {
     }
 
     fn append(&self, st: &mut QueueState, bytes: Bytes) {
+        st.pushed += 1;
         st.bytes += bytes.len();
         st.lines.push_back(bytes);
     }
@@ -264,6 +274,33 @@ impl SendQueue {
         .await;
     }
 
+    /// How many lines have been queued so far: `until_written` of it waits for all of
+    /// them.
+    pub(crate) fn pushed(&self) -> u64 {
+        self.state().pushed
+    }
+
+    /// Waits until the first `mark` lines ever queued have been written into the socket;
+    /// false if the queue closed first (they may not have been).
+    pub(crate) async fn until_written(&self, mark: u64) -> bool {
+        self.wait_until(&self.waiting_written, |st| {
+            match st.closed || self.written.load(Ordering::Acquire) >= mark {
+                true => Ok(()),
+                false => Err(None),
+            }
+        })
+        .await;
+        self.written.load(Ordering::Acquire) >= mark
+    }
+
+    /// The writer got `lines` whole lines into the socket.
+    fn wrote(&self, lines: u64) {
+        self.written.fetch_add(lines, Ordering::AcqRel);
+        if self.waiting_written.load(Ordering::Acquire) > 0 {
+            self.drained.notify_waiters();
+        }
+    }
+
     /// Takes every queued line at once, without waiting (for tests that read a queue).
     #[cfg(test)]
     pub(crate) fn drain_now(&self) -> Vec<Bytes> {
@@ -291,18 +328,20 @@ impl SendQueue {
                     1 => st.lines.pop_front().map(Taken::One),
                     _ => {
                         batch.clear();
+                        let mut n = 0;
                         while batch.len() < WRITE_BATCH {
                             match st.lines.pop_front() {
                                 Some(line) => batch.extend_from_slice(&line),
                                 None => break,
                             }
+                            n += 1;
                         }
-                        Some(Taken::Batch)
+                        Some(Taken::Batch(n))
                     }
                 };
                 st.bytes -= match &taken {
                     Some(Taken::One(line)) => line.len(),
-                    Some(Taken::Batch) => batch.len(),
+                    Some(Taken::Batch(_)) => batch.len(),
                     _ => 0,
                 };
                 if let Some(taken) = taken {
@@ -345,7 +384,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         let write = async {
             match &taken {
                 Taken::One(line) => write_with_progress(&mut wr, line, stall, progressed).await,
-                Taken::Batch => write_with_progress(&mut wr, &batch, stall, progressed).await,
+                Taken::Batch(_) => write_with_progress(&mut wr, &batch, stall, progressed).await,
                 Taken::End => Ok(()),
             }
         };
@@ -368,7 +407,11 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             kill.cancel();
             break;
         }
-        if batch.capacity() > 0 && matches!(taken, Taken::Batch) {
+        queue.wrote(match taken {
+            Taken::Batch(n) => n,
+            _ => 1,
+        });
+        if batch.capacity() > 0 && matches!(taken, Taken::Batch(_)) {
             batch = BytesMut::new(); // idle connections hold no batch buffer
         }
     }
@@ -396,7 +439,7 @@ mod tests {
             Pushed::Full(Bytes::from("full\n"))
         );
         let mut batch = BytesMut::new();
-        assert!(matches!(q.take(&mut batch).await, Taken::Batch));
+        assert!(matches!(q.take(&mut batch).await, Taken::Batch(_)));
         let expected: String = (0..20).map(|i| format!("{i}\n")).collect();
         assert_eq!(&batch[..], expected.as_bytes());
         assert_eq!(

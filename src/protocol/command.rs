@@ -101,8 +101,30 @@ pub static MEMBERS: Spec = Spec {
     help: "show who is in a group you are in",
 };
 
+/// `register <password>`: a guest claims its name with a password.
+pub static REGISTER: Spec = Spec {
+    name: "register",
+    args: 1,
+    usage: "Usage: register <password>",
+    help: "register your name, with a password asked at each login",
+};
+/// `passwd <old> <new>`: changes one's password.
+pub static PASSWD: Spec = Spec {
+    name: "passwd",
+    args: 2,
+    usage: "Usage: passwd <old_password> <new_password>",
+    help: "change your password",
+};
+/// `history <user|GROUP:group> [n]`: the last messages of a conversation.
+pub static HISTORY: Spec = Spec {
+    name: "history",
+    args: 1,
+    usage: "Usage: history <username|GROUP:group_name> [count]",
+    help: "show the last messages with a user or in a group (registered users)",
+};
+
 /// Every chat command, in the order `help` lists them.
-pub static COMMANDS: [&Spec; 8] = [
+pub static COMMANDS: [&Spec; 11] = [
     &MSG,
     &BROADCAST,
     &LIST,
@@ -111,7 +133,87 @@ pub static COMMANDS: [&Spec; 8] = [
     &LEAVE,
     &GROUPS,
     &MEMBERS,
+    &HISTORY,
+    &REGISTER,
+    &PASSWD,
 ];
+
+/// Fewest characters in a password.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Most bytes in a password.
+pub const MAX_PASSWORD_BYTES: usize = 128;
+
+/// Why a password was refused. The text is what the user is told after `ERROR: `.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PasswordError {
+    /// Fewer than [`MIN_PASSWORD_CHARS`] characters.
+    #[error("password is shorter than {MIN_PASSWORD_CHARS} characters")]
+    TooShort,
+    /// More than [`MAX_PASSWORD_BYTES`] bytes.
+    #[error("password is longer than {MAX_PASSWORD_BYTES} bytes")]
+    TooLong,
+    /// A space or a control character: a password is one word of the command line
+    /// (`passwd <old> <new>`).
+    #[error("password may not contain spaces or control characters")]
+    BadChar,
+}
+
+/// Checks a new password: one word of 8 characters to 128 bytes.
+pub fn check_password(password: &str) -> Result<(), PasswordError> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(PasswordError::TooLong);
+    }
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(PasswordError::TooShort);
+    }
+    if password
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(PasswordError::BadChar);
+    }
+    Ok(())
+}
+
+/// Messages `history` shows when no count is given, and at most.
+pub const HISTORY_DEFAULT: usize = 20;
+/// The most messages one `history` shows.
+pub const HISTORY_MAX: usize = 1000;
+
+/// A `history` request: whose conversation, and how many messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRequest<'a> {
+    /// A user name, or a group name (given as `GROUP:<name>`).
+    pub with: &'a str,
+    /// Whether `with` names a group.
+    pub group: bool,
+    /// How many messages (1 to [`HISTORY_MAX`]).
+    pub count: usize,
+}
+
+/// Parses the argument of `history` (`bob`, `bob 50`, `GROUP:devs 5`); `None` if the count
+/// is not a whole number of at least 1 or there is more after it. Counts past
+/// [`HISTORY_MAX`] are cut to it.
+pub fn parse_history(arg: &str) -> Option<HistoryRequest<'_>> {
+    let mut words = arg.split_whitespace();
+    let target = words.next()?;
+    let count = match words.next() {
+        Some(n) => n.parse::<usize>().ok().filter(|&n| n > 0)?,
+        None => HISTORY_DEFAULT,
+    };
+    if words.next().is_some() {
+        return None;
+    }
+    let (with, group) = match target.strip_prefix(crate::protocol::file_header::GROUP_PREFIX) {
+        Some(name) => (name, true),
+        None => (target, false),
+    };
+    Some(HistoryRequest {
+        with,
+        group,
+        count: count.min(HISTORY_MAX),
+    })
+}
 
 /// A command of the table with its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +390,30 @@ mod tests {
                 filename: "report.pdf"
             })
         );
+    }
+
+    #[test]
+    fn a_password_is_one_word_of_8_characters_to_128_bytes() {
+        assert_eq!(check_password("s3cret-pw"), Ok(()));
+        assert_eq!(check_password("éééééééé"), Ok(()), "characters, not bytes");
+        assert_eq!(check_password("short"), Err(PasswordError::TooShort));
+        assert_eq!(
+            check_password(&"x".repeat(129)),
+            Err(PasswordError::TooLong)
+        );
+        assert_eq!(check_password("two words"), Err(PasswordError::BadChar));
+        assert_eq!(check_password("tab\there!"), Err(PasswordError::BadChar));
+    }
+
+    #[test]
+    fn history_takes_a_conversation_and_an_optional_count() {
+        let req = |with, group, count| Some(HistoryRequest { with, group, count });
+        assert_eq!(parse_history("bob"), req("bob", false, HISTORY_DEFAULT));
+        assert_eq!(parse_history("GROUP:devs 5"), req("devs", true, 5));
+        assert_eq!(parse_history("bob 999999"), req("bob", false, HISTORY_MAX));
+        for bad in ["bob 0", "bob -1", "bob x", "bob 5 more", ""] {
+            assert_eq!(parse_history(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

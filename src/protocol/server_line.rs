@@ -137,6 +137,48 @@ pub enum ServerLine {
         /// Why.
         reason: String,
     },
+    /// `Password for <u>:`: the name is registered; the next line is its password.
+    PasswordPrompt {
+        /// The registered name.
+        user: String,
+    },
+    /// `Registered <u>.`: the name now belongs to its user.
+    Registered {
+        /// The name.
+        user: String,
+    },
+    /// `Password changed.`
+    PasswordChanged,
+    /// `User <u> is offline; message queued.`: kept for a registered user's next login.
+    MessageQueued {
+        /// The recipient.
+        user: String,
+    },
+    /// `[HISTORY <time>] <u>: <m>`: one message of a conversation (time in UTC, ISO 8601).
+    History {
+        /// When the server accepted it (`2026-11-29T14:00:00Z`).
+        at: String,
+        /// Who wrote it.
+        from: String,
+        /// What it said.
+        text: String,
+    },
+    /// `[HISTORY END] <n> messages`: the end of a `history` answer.
+    HistoryEnd {
+        /// How many messages it had.
+        count: usize,
+    },
+    /// `[QUEUED <time>]` (extension): the next line is a message kept while the user was
+    /// away, sent at that time (UTC, ISO 8601).
+    QueuedAt {
+        /// When it was sent.
+        at: String,
+    },
+    /// `[SESSION] <token>` (extension): proves this user's file connection.
+    Session {
+        /// The secret (hex).
+        token: String,
+    },
     /// `ERROR: <reason>`: a refused request, a limit, a bad header (not in the lab).
     Error {
         /// Human-readable reason.
@@ -210,6 +252,16 @@ impl Display for ServerLine {
             ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
             ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
             ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
+            ServerLine::PasswordPrompt { user } => write!(f, "Password for {user}:"),
+            ServerLine::Registered { user } => write!(f, "Registered {user}."),
+            ServerLine::PasswordChanged => f.write_str("Password changed."),
+            ServerLine::MessageQueued { user } => {
+                write!(f, "User {user} is offline; message queued.")
+            }
+            ServerLine::History { at, from, text } => write!(f, "[HISTORY {at}] {from}: {text}"),
+            ServerLine::HistoryEnd { count } => write!(f, "[HISTORY END] {count} messages"),
+            ServerLine::QueuedAt { at } => write!(f, "[QUEUED {at}]"),
+            ServerLine::Session { token } => write!(f, "[SESSION] {token}"),
             ServerLine::Error { reason } => write!(f, "ERROR: {reason}"),
             ServerLine::Other(line) => f.write_str(line),
         }
@@ -319,6 +371,9 @@ fn parse_known(line: &str) -> Option<ServerLine> {
             saved_as: s(saved_as),
         });
     }
+    if let Some(user) = between(line, "User ", " is offline; message queued.") {
+        return Some(ServerLine::MessageQueued { user: s(user) });
+    }
     if let Some(user) = between(line, "User ", " not found.") {
         return Some(ServerLine::UserNotFound { user: s(user) });
     }
@@ -371,6 +426,35 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     }
     if let Some(reason) = line.strip_prefix("[UPLOAD FAILED] ") {
         return Some(ServerLine::UploadFailed { reason: s(reason) });
+    }
+    if let Some(user) = between(line, "Password for ", ":") {
+        return Some(ServerLine::PasswordPrompt { user: s(user) });
+    }
+    if let Some(user) = between(line, "Registered ", ".") {
+        return Some(ServerLine::Registered { user: s(user) });
+    }
+    if line == "Password changed." {
+        return Some(ServerLine::PasswordChanged);
+    }
+    if let Some(count) = between(line, "[HISTORY END] ", " messages") {
+        return Some(ServerLine::HistoryEnd {
+            count: count.parse().ok()?,
+        });
+    }
+    if let Some(rest) = line.strip_prefix("[HISTORY ") {
+        let (at, rest) = rest.split_once("] ")?;
+        let (from, text) = rest.split_once(": ")?;
+        return Some(ServerLine::History {
+            at: s(at),
+            from: s(from),
+            text: s(text),
+        });
+    }
+    if let Some(at) = between(line, "[QUEUED ", "]") {
+        return Some(ServerLine::QueuedAt { at: s(at) });
+    }
+    if let Some(token) = line.strip_prefix("[SESSION] ") {
+        return Some(ServerLine::Session { token: s(token) });
     }
     if let Some(reason) = line.strip_prefix("ERROR: ") {
         return Some(ServerLine::Error { reason: s(reason) });
@@ -516,6 +600,38 @@ mod tests {
                 },
                 "[UPLOAD FAILED] file too large: 9 bytes (limit 5)",
             ),
+            (
+                ServerLine::PasswordPrompt { user: s("alice") },
+                "Password for alice:",
+            ),
+            (
+                ServerLine::Registered { user: s("alice") },
+                "Registered alice.",
+            ),
+            (ServerLine::PasswordChanged, "Password changed."),
+            (
+                ServerLine::MessageQueued { user: s("bob") },
+                "User bob is offline; message queued.",
+            ),
+            (
+                ServerLine::History {
+                    at: s("2026-11-29T14:00:00Z"),
+                    from: s("alice"),
+                    text: s("hi: there]"),
+                },
+                "[HISTORY 2026-11-29T14:00:00Z] alice: hi: there]",
+            ),
+            (
+                ServerLine::HistoryEnd { count: 2 },
+                "[HISTORY END] 2 messages",
+            ),
+            (
+                ServerLine::QueuedAt {
+                    at: s("2026-11-29T14:00:00Z"),
+                },
+                "[QUEUED 2026-11-29T14:00:00Z]",
+            ),
+            (ServerLine::Session { token: s("00ff") }, "[SESSION] 00ff"),
         ]
     }
 

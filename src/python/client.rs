@@ -85,6 +85,7 @@ async fn next_event(events: SharedEvents, timeout: Option<Duration>) -> Option<E
     event
 }
 
+#[allow(clippy::too_many_arguments)] // Python keyword arguments
 fn config(
     host: String,
     chat_port: u16,
@@ -92,6 +93,7 @@ fn config(
     username: String,
     download_dir: PathBuf,
     timeout: f64,
+    password: Option<String>,
 ) -> PyResult<ClientConfig> {
     Ok(ClientConfig {
         host,
@@ -100,6 +102,7 @@ fn config(
         username,
         download_dir,
         timeout: seconds(Some(timeout))?.unwrap_or(Duration::from_secs(10)),
+        password,
     })
 }
 
@@ -202,7 +205,7 @@ impl Done {
 macro_rules! engine_calls {
     (
         $(
-            $(#[doc = $doc:literal])*
+            $(#[$attr:meta])*
             fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty = |$c:ident| $call:expr;
         )*
         Both { $($both:tt)* }
@@ -212,7 +215,7 @@ macro_rules! engine_calls {
         #[pymethods]
         impl PyClient {
             $(
-                $(#[doc = $doc])*
+                $(#[$attr])*
                 fn $name(&self, py: Python<'_>, $($arg: $ty),*) -> PyResult<$ret> {
                     let $c = self.client.clone();
                     Ok(block_on(py, async move { $call.await })??)
@@ -225,7 +228,7 @@ macro_rules! engine_calls {
         #[pymethods]
         impl PyAsyncClient {
             $(
-                $(#[doc = $doc])*
+                $(#[$attr])*
                 fn $name<'py>(&self, py: Python<'py>, $($arg: $ty),*) -> PyResult<Bound<'py, PyAny>> {
                     let $c = self.client.clone();
                     pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok($call.await?) })
@@ -255,6 +258,18 @@ engine_calls! {
     /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
     /// number of bytes sent.
     fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);
+    /// Registers the name we are connected as, with `password` (asked at each later
+    /// login); raises `RefusedError` with the server's reason if it is refused.
+    fn register(password: String) -> () = |c| c.register(&password);
+    /// Changes our password.
+    fn passwd(old: String, new: String) -> () = |c| c.passwd(&old, &new);
+    /// The last `count` messages with a user (or in `GROUP:<group>`), oldest first, as
+    /// `HistoryEntry` events (registered users).
+    #[pyo3(signature = (conversation, count = 20))]
+    fn history(conversation: String, count: usize) -> Vec<PyEvent> = |c| async move {
+        let entries = c.history(&conversation, count).await?;
+        Ok::<_, crate::Error>(entries.into_iter().map(PyEvent::history).collect::<Vec<PyEvent>>())
+    };
 
     Both {
         /// The username this client is connected as.
@@ -287,9 +302,10 @@ engine_calls! {
     Client {
         #[new]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None)"
         )]
+        #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn new(
             py: Python<'_>,
             host: String,
@@ -298,8 +314,9 @@ engine_calls! {
             username: String,
             download_dir: PathBuf,
             timeout: f64,
+            password: Option<String>,
         ) -> PyResult<Self> {
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password)?;
             let (client, events) = block_on(py, Client::connect(cfg))??;
             Ok(Self {
                 client,
@@ -345,9 +362,10 @@ engine_calls! {
         /// Connects both sockets; awaitable.
         #[staticmethod]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None)"
         )]
+        #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn connect(
             py: Python<'_>,
             host: String,
@@ -356,8 +374,9 @@ engine_calls! {
             username: String,
             download_dir: PathBuf,
             timeout: f64,
+            password: Option<String>,
         ) -> PyResult<Bound<'_, PyAny>> {
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout)?;
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password)?;
             pyo3_async_runtimes::tokio::future_into_py(py, async move {
                 let (client, events) = Client::connect(cfg).await?;
                 Ok(PyAsyncClient {

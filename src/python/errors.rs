@@ -20,6 +20,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    PasswordRequiredError,
+    RefusedError,
+    "The name is registered on the server and no password was given."
+);
+create_exception!(
+    _native,
     ProtocolError,
     RelaychatError,
     "The peer broke the wire protocol."
@@ -36,6 +42,7 @@ impl From<Error> for PyErr {
             Error::Closed => PyConnectionError::new_err(text),
             Error::Timeout(_) => PyTimeoutError::new_err(text),
             Error::Store(_) => RelaychatError::new_err(text),
+            Error::PasswordRequired(_) => PasswordRequiredError::new_err(text),
         }
     }
 }
@@ -45,5 +52,9 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RelaychatError", py.get_type::<RelaychatError>())?;
     m.add("RefusedError", py.get_type::<RefusedError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add(
+        "PasswordRequiredError",
+        py.get_type::<PasswordRequiredError>(),
+    )?;
     Ok(())
 }

@@ -61,12 +61,13 @@ macro_rules! events {
 events! {
     /// `Welcome, <user>!`: the server accepted the username.
     Welcome { user: String }
-    /// `[PRIVATE from <sender>]: <text>`.
-    PrivateMessage { sender: String, text: String }
-    /// `[BROADCAST from <sender>]: <text>`.
-    BroadcastMessage { sender: String, text: String }
-    /// `[GROUP <group>] <sender>: <text>`.
-    GroupMessage { group: String, sender: String, text: String }
+    /// `[PRIVATE from <sender>]: <text>`; `queued_at` is when it was sent if it waited in
+    /// our inbox while we were away (UTC, ISO 8601), else `None`.
+    PrivateMessage { sender: String, text: String, queued_at: Option<String> }
+    /// `[BROADCAST from <sender>]: <text>` (`queued_at` as for `PrivateMessage`).
+    BroadcastMessage { sender: String, text: String, queued_at: Option<String> }
+    /// `[GROUP <group>] <sender>: <text>` (`queued_at` as for `PrivateMessage`).
+    GroupMessage { group: String, sender: String, text: String, queued_at: Option<String> }
     /// `You joined group '<group>'` (for a `join` typed as a raw command).
     Joined { group: String }
     /// `You are not in group '<group>'`.
@@ -95,6 +96,16 @@ events! {
     NoFileSocket { user: String, saved_as: String }
     /// `[ACK] <recipient> received file '<filename>'`.
     Ack { recipient: String, filename: String }
+    /// `Registered <user>.`: the name is ours now (for a `register` typed as a raw command).
+    Registered { user: String }
+    /// `Password changed.`
+    PasswordChanged {}
+    /// `User <user> is offline; message queued.`: delivered at their next login.
+    MessageQueued { user: String }
+    /// `[HISTORY <at>] <sender>: <text>`: one message of a conversation.
+    HistoryEntry { at: String, sender: String, text: String }
+    /// `[HISTORY END] <count> messages`.
+    HistoryEnd { count: usize }
     /// `ERROR: <reason>`: the server refused something.
     ServerError { reason: String }
     /// A server line of no known shape, as it came.
@@ -109,6 +120,17 @@ events! {
 
 /// An engine event on its way to Python.
 pub(super) struct PyEvent(pub EngineEvent);
+
+impl PyEvent {
+    /// One message of a `history` answer, as its event.
+    pub(super) fn history(entry: crate::client::HistoryEntry) -> Self {
+        Self(EngineEvent::Line(ServerLine::History {
+            at: entry.at,
+            from: entry.sender,
+            text: entry.text,
+        }))
+    }
+}
 
 fn make<'py, T: pyo3::PyClass<BaseType = Event>>(
     py: Python<'py>,
@@ -126,7 +148,7 @@ impl<'py> IntoPyObject<'py> for PyEvent {
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let line = match &self.0 {
-            EngineEvent::Line(l) => l.to_string(),
+            EngineEvent::Line(l) | EngineEvent::Queued { line: l, .. } => l.to_string(),
             EngineEvent::FileReceived {
                 sender, path, size, ..
             } => {
@@ -138,105 +160,131 @@ impl<'py> IntoPyObject<'py> for PyEvent {
             EngineEvent::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
             EngineEvent::Disconnected => "Chat connection closed.".to_owned(),
         };
-        match self.0 {
-            EngineEvent::Line(server_line) => match server_line {
-                ServerLine::Welcome { user } => make(py, Welcome { user }, line),
-                ServerLine::Private { from, text } => {
-                    make(py, PrivateMessage { sender: from, text }, line)
-                }
-                ServerLine::Broadcast { from, text } => {
-                    make(py, BroadcastMessage { sender: from, text }, line)
-                }
-                ServerLine::Group { group, from, text } => make(
-                    py,
-                    GroupMessage {
-                        group,
-                        sender: from,
-                        text,
-                    },
-                    line,
-                ),
-                ServerLine::Joined { group } => make(py, Joined { group }, line),
-                ServerLine::NotInGroup { group } => make(py, NotInGroup { group }, line),
-                ServerLine::Left { group } => make(py, Left { group }, line),
-                ServerLine::Groups { groups } => make(py, GroupList { groups }, line),
-                ServerLine::Members { group, members } => {
-                    make(py, MemberList { group, members }, line)
-                }
-                ServerLine::Users { users } => make(py, UserList { users }, line),
-                ServerLine::UserNotFound { user } => make(py, UserNotFound { user }, line),
-                ServerLine::Usage(_) => make(py, Usage { text: line.clone() }, line),
-                ServerLine::UnknownCommand => make(py, UnknownCommand {}, line),
-                ServerLine::FileIncoming {
-                    from,
-                    filename,
-                    size,
-                } => make(
-                    py,
-                    FileIncoming {
-                        sender: from,
-                        filename,
-                        size,
-                    },
-                    line,
-                ),
-                ServerLine::FileToGroup {
-                    from,
-                    filename,
-                    group,
-                } => make(
-                    py,
-                    GroupFileIncoming {
-                        sender: from,
-                        filename,
-                        group,
-                    },
-                    line,
-                ),
-                ServerLine::FileSelf { filename, saved_as } => {
-                    make(py, FileSaved { filename, saved_as }, line)
-                }
-                ServerLine::NoFileSocket { user, saved_as } => {
-                    make(py, NoFileSocket { user, saved_as }, line)
-                }
-                ServerLine::Ack {
-                    recipient,
-                    filename,
-                } => make(
-                    py,
-                    Ack {
-                        recipient,
-                        filename,
-                    },
-                    line,
-                ),
-                ServerLine::Error { reason } => make(py, ServerError { reason }, line),
-                // The extension's own lines are the engine's business; should one escape
-                // the routing, it shows as text.
-                ServerLine::Other(text) => make(py, ServerText { text }, line),
-                ServerLine::Hello
-                | ServerLine::UploadOk { .. }
-                | ServerLine::UploadFailed { .. } => {
-                    make(py, ServerText { text: line.clone() }, line)
-                }
-            },
+        let (server_line, queued_at) = match self.0 {
+            EngineEvent::Line(server_line) => (server_line, None),
+            EngineEvent::Queued { at, line } => (line, Some(at)),
             EngineEvent::FileReceived {
                 sender,
                 filename,
                 path,
                 size,
-            } => make(
-                py,
-                FileReceived {
+            } => {
+                let received = FileReceived {
                     sender,
                     filename,
                     path,
                     size,
+                };
+                return make(py, received, line);
+            }
+            EngineEvent::FileFailed { reason } => return make(py, FileFailed { reason }, line),
+            EngineEvent::Disconnected => return make(py, Disconnected {}, line),
+        };
+        match server_line {
+            ServerLine::Welcome { user } => make(py, Welcome { user }, line),
+            ServerLine::Private { from, text } => make(
+                py,
+                PrivateMessage {
+                    sender: from,
+                    text,
+                    queued_at,
                 },
                 line,
             ),
-            EngineEvent::FileFailed { reason } => make(py, FileFailed { reason }, line),
-            EngineEvent::Disconnected => make(py, Disconnected {}, line),
+            ServerLine::Broadcast { from, text } => make(
+                py,
+                BroadcastMessage {
+                    sender: from,
+                    text,
+                    queued_at,
+                },
+                line,
+            ),
+            ServerLine::Group { group, from, text } => make(
+                py,
+                GroupMessage {
+                    group,
+                    sender: from,
+                    text,
+                    queued_at,
+                },
+                line,
+            ),
+            ServerLine::Joined { group } => make(py, Joined { group }, line),
+            ServerLine::NotInGroup { group } => make(py, NotInGroup { group }, line),
+            ServerLine::Left { group } => make(py, Left { group }, line),
+            ServerLine::Groups { groups } => make(py, GroupList { groups }, line),
+            ServerLine::Members { group, members } => make(py, MemberList { group, members }, line),
+            ServerLine::Users { users } => make(py, UserList { users }, line),
+            ServerLine::UserNotFound { user } => make(py, UserNotFound { user }, line),
+            ServerLine::Usage(_) => make(py, Usage { text: line.clone() }, line),
+            ServerLine::UnknownCommand => make(py, UnknownCommand {}, line),
+            ServerLine::FileIncoming {
+                from,
+                filename,
+                size,
+            } => make(
+                py,
+                FileIncoming {
+                    sender: from,
+                    filename,
+                    size,
+                },
+                line,
+            ),
+            ServerLine::FileToGroup {
+                from,
+                filename,
+                group,
+            } => make(
+                py,
+                GroupFileIncoming {
+                    sender: from,
+                    filename,
+                    group,
+                },
+                line,
+            ),
+            ServerLine::FileSelf { filename, saved_as } => {
+                make(py, FileSaved { filename, saved_as }, line)
+            }
+            ServerLine::NoFileSocket { user, saved_as } => {
+                make(py, NoFileSocket { user, saved_as }, line)
+            }
+            ServerLine::Ack {
+                recipient,
+                filename,
+            } => make(
+                py,
+                Ack {
+                    recipient,
+                    filename,
+                },
+                line,
+            ),
+            ServerLine::Error { reason } => make(py, ServerError { reason }, line),
+            ServerLine::Registered { user } => make(py, Registered { user }, line),
+            ServerLine::PasswordChanged => make(py, PasswordChanged {}, line),
+            ServerLine::MessageQueued { user } => make(py, MessageQueued { user }, line),
+            ServerLine::History { at, from, text } => make(
+                py,
+                HistoryEntry {
+                    at,
+                    sender: from,
+                    text,
+                },
+                line,
+            ),
+            ServerLine::HistoryEnd { count } => make(py, HistoryEnd { count }, line),
+            // The extension's own lines are the engine's business; should one escape
+            // the routing, it shows as text.
+            ServerLine::Other(text) => make(py, ServerText { text }, line),
+            ServerLine::Hello
+            | ServerLine::UploadOk { .. }
+            | ServerLine::UploadFailed { .. }
+            | ServerLine::PasswordPrompt { .. }
+            | ServerLine::QueuedAt { .. }
+            | ServerLine::Session { .. } => make(py, ServerText { text: line.clone() }, line),
         }
     }
 }

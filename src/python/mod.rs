@@ -1,6 +1,7 @@
 //! PyO3 bindings: the crate as `relaychat._native`. Thin classes over [`crate::server`] and
 //! [`crate::client`]; no protocol or state lives here.
 
+mod accounts;
 mod client;
 mod errors;
 mod events;
@@ -37,5 +38,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     events::register(m)?;
     server::register(m)?;
     client::register(m)?;
+    accounts::register(m)?;
     Ok(())
 }

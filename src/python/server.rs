@@ -10,7 +10,7 @@ use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
-use crate::server::{Number, Server, ServerConfig, SettingError, SETTINGS};
+use crate::server::{Number, Policy, Server, ServerConfig, SettingError, SETTINGS};
 use crate::store::SqliteStore;
 
 /// The database's name in the data directory when `db` is not given.
@@ -66,20 +66,26 @@ impl PyServer {
 
 #[pymethods]
 impl PyServer {
-    /// `Server(host, chat_port, file_port, data_dir, **limits)`: every limit of
-    /// `relaychat.SETTINGS` may be given by name (sizes and counts as ints, times in
-    /// seconds).
+    /// `Server(host, chat_port, file_port, data_dir, *, db, require_account, registration,
+    /// history, **limits)`: every limit of `relaychat.SETTINGS` may be given by name (sizes
+    /// and counts as ints, times in seconds). `require_account` turns guests away,
+    /// `registration=False` closes `register`, `history=False` keeps no history.
     #[new]
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
-        data_dir = PathBuf::from("."), *, db = None, **limits
-    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, **limits)")]
+        data_dir = PathBuf::from("."), *, db = None, require_account = false,
+        registration = true, history = true, **limits
+    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, require_account=False, registration=True, history=True, **limits)")]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
         chat_port: u16,
         file_port: u16,
         data_dir: PathBuf,
         db: Option<PathBuf>,
+        require_account: bool,
+        registration: bool,
+        history: bool,
         limits: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let mut config = ServerConfig {
@@ -87,6 +93,11 @@ impl PyServer {
             chat_port,
             file_port,
             data_dir,
+            policy: Policy {
+                require_account,
+                registration,
+                history,
+            },
             ..ServerConfig::default()
         };
         for (key, value) in limits.into_iter().flat_map(|d| d.iter()) {

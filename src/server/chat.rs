@@ -1,26 +1,36 @@
-//! The chat port: the username handshake, then one command per line, each answered by its
-//! handler in [`HANDLERS`] (the protocol's command table paired with the code that runs
-//! it). A first word that names no command goes to [`unknown`], the one place a later
-//! extension hooks.
+//! The chat port: the username handshake (and, for a registered name, its password), the
+//! delivery of what waited in the user's offline inbox, then one command per line, each
+//! answered by its handler in [`HANDLERS`] (the protocol's command table paired with the
+//! code that runs it). A first word that names no command goes to [`unknown`], the one
+//! place a later extension hooks.
+//!
+//! A handler either answers at once ([`Handler::Now`]) or needs the store
+//! ([`Handler::Later`]): the session awaits it before it reads the next command, so
+//! replies keep the order of the commands.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::{Held, Outbox};
+use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, Shared};
-use crate::flow::{Ended, Refusal, Stop};
+use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
-    parse_command, Call, Parsed, Spec, BROADCAST, GROUPS, JOIN, LEAVE, LIST, MEMBERS, MSG,
-    SEND_GROUP,
+    check_password, parse_command, parse_history, Call, Parsed, Spec, BROADCAST, GROUPS, HELLO,
+    HISTORY, JOIN, LEAVE, LIST, MEMBERS, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
 use crate::protocol::names::{check_group, normalize};
 use crate::protocol::{CommandError, ServerLine};
+use crate::store::{Account, Message, Scope};
 
 /// How long a closing connection's writer may take to flush what is queued.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -28,14 +38,20 @@ const FLUSH_GRACE: Duration = Duration::from_secs(2);
 /// goes on without waiting for it (that recipient's queue then fills to its hard cap, and
 /// `send_timeout` drops it if it still takes nothing).
 const FLOW_GRACE: Duration = Duration::from_secs(1);
+/// Inbox messages read from the store at a time while they are delivered.
+const REPLAY_PAGE: usize = 512;
 
 /// One user's chat session, as its command handlers see it.
 struct Session<'a> {
     shared: &'a Shared,
     /// The user's name.
     user: &'a str,
+    /// The chat connection's id.
+    id: u64,
     /// The user's own outgoing queue (for replies).
     outbox: &'a Outbox,
+    /// Whether the name is a registered account.
+    registered: AtomicBool,
     /// What the current command's deliveries left to wait for (flow control).
     held: std::sync::Mutex<Held>,
 }
@@ -57,22 +73,89 @@ impl Session<'_> {
             reason: refusal.to_string(),
         });
     }
+
+    fn registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
+    }
+
+    /// A message from this user to `to`, sent now.
+    fn message(&self, to: Scope, text: &str) -> Message {
+        Message {
+            from: self.user.to_owned(),
+            to,
+            text: text.to_owned(),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// Adds a delivered message to the history (when the server keeps one).
+    async fn remember(&self, message: Message) {
+        if !self.shared.config.policy.history {
+            return;
+        }
+        if let Err(e) = self.shared.store.append_history(message).await {
+            warn!("[STORE] cannot append to the history: {e}");
+        }
+    }
+
+    /// Puts `message` in the inboxes of the ticket's users; returns those whose inbox is
+    /// full, or the refusal if the store failed.
+    async fn queue(
+        &self,
+        ticket: InboxTicket<'_>,
+        message: Message,
+    ) -> Result<Vec<String>, Refusal> {
+        if ticket.users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.shared.config.limits.inbox_max;
+        let pushed = self
+            .shared
+            .store
+            .push_inbox(ticket.users.clone(), message, max)
+            .await;
+        drop(ticket);
+        pushed.map_err(|e| {
+            warn!("[STORE] cannot queue a message: {e}");
+            Refusal::StoreFailed
+        })
+    }
 }
 
+/// A future a handler hands back for the session to await.
+type Later<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// A command's handler.
-type Handler = fn(&Session<'_>, &Call<'_>);
+#[derive(Clone, Copy)]
+enum Handler {
+    /// Answers at once.
+    Now(fn(&Session<'_>, &Call<'_>)),
+    /// Needs the store: the session awaits it before the next command.
+    Later(for<'a> fn(&'a Session<'a>, Call<'a>) -> Later<'a>),
+}
 
 /// Every command of the protocol's table with the code that runs it.
-static HANDLERS: [(&Spec, Handler); 8] = [
-    (&MSG, msg),
-    (&BROADCAST, broadcast),
-    (&LIST, list),
-    (&JOIN, join),
-    (&SEND_GROUP, send_group),
-    (&LEAVE, leave),
-    (&GROUPS, groups),
-    (&MEMBERS, members),
+static HANDLERS: [(&Spec, Handler); 11] = [
+    (&MSG, Handler::Later(msg)),
+    (&BROADCAST, Handler::Later(broadcast)),
+    (&LIST, Handler::Now(list)),
+    (&JOIN, Handler::Later(join)),
+    (&SEND_GROUP, Handler::Later(send_group)),
+    (&LEAVE, Handler::Later(leave)),
+    (&GROUPS, Handler::Now(groups)),
+    (&MEMBERS, Handler::Now(members)),
+    (&HISTORY, Handler::Later(history)),
+    (&REGISTER, Handler::Later(register)),
+    (&PASSWD, Handler::Later(passwd)),
 ];
+
+/// What a login established.
+struct Login {
+    /// The name is a registered account (its password was right).
+    registered: bool,
+    /// The client asked for the extensions before its password.
+    extended: bool,
+}
 
 pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let (rd, wr) = conn.split();
@@ -93,19 +176,35 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let id = shared.next_id();
 
     let claimed = match read_username(&shared, &mut reader, &kill).await {
-        Ok(name) => claim(&shared, &name, id, addr, &queue, &kill).map_err(Stop::Refused),
+        Ok(name) => {
+            let pending = PendingLogin::new(&shared, &name, addr);
+            // Boxed: the login's state lives on the heap only while it runs, so an idle
+            // session stays small.
+            match Box::pin(login(&shared, &name, addr, &mut reader, &queue, &kill)).await {
+                Ok(login) => claim(&shared, &name, id, addr, &queue, &kill, &login)
+                    .map(|outbox| (outbox, login))
+                    .map_err(Stop::Refused),
+                Err(stop) => Err(stop),
+            }
+            .inspect(|_| drop(pending))
+        }
         Err(stop) => Err(stop),
     };
     match claimed {
-        Ok(outbox) => {
+        Ok((outbox, login)) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
             let session = Session {
                 shared: &shared,
                 user: &user,
+                id,
                 outbox: &outbox,
+                registered: AtomicBool::new(login.registered),
                 held: std::sync::Mutex::default(),
             };
+            if login.registered {
+                Box::pin(replay_inbox(&session, &queue, &kill)).await;
+            }
             let end = run(&session, &mut reader, &kill).await;
             if let Ended::Frame(e) = &end {
                 session.reply(ServerLine::Error {
@@ -131,7 +230,106 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     }
 }
 
-/// Claims a checked username and queues its welcome.
+/// A login waiting for its password, known to the registry until it is over (a file
+/// connection of the same name and address waits for it meanwhile).
+struct PendingLogin<'a> {
+    shared: &'a Shared,
+    name: String,
+    addr: SocketAddr,
+}
+
+impl<'a> PendingLogin<'a> {
+    fn new(shared: &'a Shared, name: &str, addr: SocketAddr) -> Self {
+        shared.registry.begin_login(name, addr.ip());
+        Self {
+            shared,
+            name: name.to_owned(),
+            addr,
+        }
+    }
+}
+
+impl Drop for PendingLogin<'_> {
+    fn drop(&mut self) {
+        self.shared.registry.end_login(&self.name, self.addr.ip());
+    }
+}
+
+/// Decides whether `name` may log in: a guest if the name is not registered (and the
+/// server takes guests), else the holder of its password, asked for with
+/// `Password for <name>:`.
+async fn login(
+    shared: &Shared,
+    name: &str,
+    addr: SocketAddr,
+    reader: &mut LineReader,
+    queue: &SendQueue,
+    kill: &CancellationToken,
+) -> Step<Login> {
+    // Guests cost no store read: the registry knows every registered name.
+    let account = match shared.registry.is_registered(name) {
+        true => shared.store.account(name).await.map_err(|e| {
+            warn!("[STORE] cannot look up account '{name}': {e}");
+            Refusal::StoreFailed
+        })?,
+        false => None,
+    };
+    let Some(account) = account else {
+        if shared.config.policy.require_account {
+            return Err(Refusal::AccountRequired.into());
+        }
+        return Ok(Login {
+            registered: false,
+            extended: false,
+        });
+    };
+    let ip = addr.ip();
+    if let Some(secs) = shared.accounts.locked(name, ip) {
+        return Err(Refusal::TooManyAttempts(secs).into());
+    }
+    let prompt = ServerLine::PasswordPrompt { user: name.into() };
+    queue.push_notice(Bytes::from(prompt.to_wire()));
+    let limit = shared.config.limits.handshake_timeout;
+    let deadline = Instant::now() + limit;
+    let mut extended = false;
+    let line = loop {
+        let line = match tokio::time::timeout_at(deadline, reader.next_line(kill)).await {
+            Ok(Ok(line)) => line,
+            Ok(Err(Ended::Frame(e))) => return Err(Refusal::Frame(e).into()),
+            Ok(Err(end)) => return Err(end.into()),
+            Err(_) => return Err(Refusal::NoPassword(limit).into()),
+        };
+        // Our client asks for the extensions before its password (so its inbox comes
+        // with the times the messages were sent); a password is never this word.
+        if !extended && line.as_ref() == HELLO.as_bytes() {
+            extended = true;
+            continue;
+        }
+        break line;
+    };
+    let password = String::from_utf8_lossy(&line).trim().to_owned();
+    if shared
+        .accounts
+        .verify(password, account.password_hash)
+        .await?
+    {
+        shared.accounts.succeeded(name, ip);
+        return Ok(Login {
+            registered: true,
+            extended,
+        });
+    }
+    let delay = shared.accounts.failed(name, ip);
+    warn!("[LOGIN FAILED] wrong password for {name} from {addr}");
+    tokio::select! {
+        _ = kill.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+    Err(Refusal::WrongPassword.into())
+}
+
+/// Claims a checked username and queues its welcome (and, for our client logged in with a
+/// password, the secret that proves its file connection).
 fn claim(
     shared: &Shared,
     name: &str,
@@ -139,13 +337,104 @@ fn claim(
     addr: SocketAddr,
     queue: &Arc<SendQueue>,
     kill: &CancellationToken,
+    login: &Login,
 ) -> Result<Outbox, Refusal> {
     let outbox = Outbox::new(name, queue.clone(), kill.clone());
-    let welcome = Bytes::from(ServerLine::Welcome { user: name.into() }.to_wire());
-    shared
-        .registry
-        .add_chat(name, id, addr.ip(), outbox.clone(), welcome)?;
+    let mut greeting = ServerLine::Welcome { user: name.into() }.to_wire();
+    let session = login.registered.then(super::accounts::token);
+    if login.extended {
+        outbox.extend();
+        if let Some(token) = &session {
+            greeting.push_str(
+                &ServerLine::Session {
+                    token: token.clone(),
+                }
+                .to_wire(),
+            );
+        }
+    }
+    shared.registry.add_chat(
+        name,
+        id,
+        addr.ip(),
+        outbox.clone(),
+        Bytes::from(greeting),
+        session,
+    )?;
     Ok(outbox)
+}
+
+/// Delivers what waited in the user's inbox, oldest first, each as the line it would have
+/// been live (our client gets `[QUEUED <time>]` before each), before any live message.
+/// An entry is forgotten once its line has been written to the socket.
+async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &CancellationToken) {
+    let (shared, user) = (session.shared, session.user);
+    let registry = &shared.registry;
+    let mut delivered = 0usize;
+    loop {
+        let mark = registry.inbox_mark(user);
+        let page = match shared.store.peek_inbox(user, 0, REPLAY_PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                warn!("[STORE] cannot read {user}'s inbox: {e}");
+                break;
+            }
+        };
+        let Some(last) = page.last().map(|q| q.id) else {
+            if registry.finish_replay(user, session.id, mark) {
+                if delivered > 0 {
+                    info!("[INBOX] {user}: {delivered} queued messages delivered");
+                }
+                return;
+            }
+            // A message for the user is being queued: read again once it is.
+            tokio::select! {
+                _ = kill.cancelled() => return,
+                _ = registry.inbox_written.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            continue;
+        };
+        for queued in &page {
+            if session.outbox.extended() {
+                let at = humantime::format_rfc3339_seconds(queued.message.at).to_string();
+                session.reply(ServerLine::QueuedAt { at });
+            }
+            session.reply(live_line(&queued.message));
+            let held = std::mem::take(&mut *session.held());
+            if !held.is_empty() {
+                Box::pin(held.settle(FLOW_GRACE, kill)).await;
+            }
+        }
+        let written = tokio::select! {
+            _ = kill.cancelled() => false,
+            written = queue.until_written(queue.pushed()) => written,
+        };
+        if !written {
+            return;
+        }
+        if let Err(e) = shared.store.drop_inbox(user, last).await {
+            warn!("[STORE] cannot clear {user}'s delivered inbox: {e}");
+            break;
+        }
+        delivered += page.len();
+    }
+    // The store failed: go live; what is left waits for the next login.
+    registry.end_replay(user, session.id);
+}
+
+/// The line a queued message would have been, had its recipient been there.
+fn live_line(message: &Message) -> ServerLine {
+    let (from, text) = (message.from.clone(), message.text.clone());
+    match &message.to {
+        Scope::User(_) => ServerLine::Private { from, text },
+        Scope::Group(group) => ServerLine::Group {
+            group: group.clone(),
+            from,
+            text,
+        },
+        Scope::Everyone => ServerLine::Broadcast { from, text },
+    }
 }
 
 /// Reads and answers commands until the connection ends; returns how it ended.
@@ -159,7 +448,11 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
             Err(end) => return end,
         };
         match std::str::from_utf8(&line) {
-            Ok(text) => handle(session, text),
+            Ok(text) => {
+                if let Some(later) = handle(session, text) {
+                    later.await;
+                }
+            }
             Err(_) => session.refuse(Refusal::CommandNotUtf8),
         }
         // Flow control: past a recipient's high-water mark, this session reads no more of
@@ -173,13 +466,18 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
     }
 }
 
-/// Answers one command line.
-fn handle(session: &Session<'_>, text: &str) {
+/// Answers one command line, or hands back what is left to await.
+fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
     match parse_command(text) {
         Ok(Parsed::Call(call)) => {
-            debug!("[{}] {text}", session.user);
+            // Passwords never reach the log.
+            match call.is(&REGISTER) || call.is(&PASSWD) {
+                true => debug!("[{}] {} ...", session.user, call.spec.name),
+                false => debug!("[{}] {text}", session.user),
+            }
             match HANDLERS.iter().find(|(spec, _)| call.is(spec)) {
-                Some((_, handler)) => handler(session, &call),
+                Some((_, Handler::Now(handler))) => handler(session, &call),
+                Some((_, Handler::Later(handler))) => return Some(handler(session, call)),
                 None => unknown(session, call.spec.name, text),
             }
         }
@@ -198,6 +496,7 @@ fn handle(session: &Session<'_>, text: &str) {
         Err(CommandError::Usage(spec)) => session.reply(ServerLine::Usage(spec)),
         Err(CommandError::MalformedAck) => session.refuse(Refusal::MalformedAck),
     }
+    None
 }
 
 /// Where every line whose first word names no command ends up.
@@ -206,34 +505,51 @@ fn unknown(session: &Session<'_>, word: &str, _line: &str) {
     session.reply(ServerLine::UnknownCommand);
 }
 
-fn msg(session: &Session<'_>, call: &Call<'_>) {
-    let (to, text) = (normalize(call.arg(0)), call.arg(1));
-    let to: &str = &to;
-    let line = ServerLine::Private {
-        from: session.user.into(),
-        text: text.into(),
-    };
-    let bytes = Bytes::from(line.to_wire());
-    if !session
-        .shared
-        .registry
-        .send_to(to, bytes, &mut session.held())
-    {
-        session.reply(ServerLine::UserNotFound { user: to.into() });
-    }
+fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        let (to, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
+        let line = ServerLine::Private {
+            from: session.user.into(),
+            text: text.into(),
+        };
+        let bytes = Bytes::from(line.to_wire());
+        let sent = session
+            .shared
+            .registry
+            .send_to(&to, bytes, &mut session.held());
+        let message = session.message(Scope::User(to.clone()), text);
+        match sent {
+            Sent::Live => session.remember(message).await,
+            Sent::Queue(ticket) => match session.queue(ticket, message.clone()).await {
+                Ok(full) if full.is_empty() => {
+                    session.reply(ServerLine::MessageQueued { user: to });
+                    session.remember(message).await;
+                }
+                Ok(_) => session.refuse(Refusal::InboxFull(to)),
+                Err(refusal) => session.refuse(refusal),
+            },
+            Sent::NotFound => session.reply(ServerLine::UserNotFound { user: to }),
+        }
+    })
 }
 
-fn broadcast(session: &Session<'_>, call: &Call<'_>) {
-    let line = ServerLine::Broadcast {
-        from: session.user.into(),
-        text: call.arg(0).into(),
-    };
-    let bytes = Bytes::from(line.to_wire());
-    let mut held = session.held();
-    session
-        .shared
-        .registry
-        .broadcast(session.user, &bytes, &mut held);
+fn broadcast<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        let line = ServerLine::Broadcast {
+            from: session.user.into(),
+            text: call.arg(0).into(),
+        };
+        let bytes = Bytes::from(line.to_wire());
+        let behind = session
+            .shared
+            .registry
+            .broadcast(session.user, &bytes, &mut session.held());
+        // Users whose inbox is being delivered get it behind what waited for them.
+        let message = session.message(Scope::Everyone, call.arg(0));
+        if let Err(refusal) = session.queue(behind, message).await {
+            session.refuse(refusal);
+        }
+    })
 }
 
 fn list(session: &Session<'_>, _call: &Call<'_>) {
@@ -241,47 +557,75 @@ fn list(session: &Session<'_>, _call: &Call<'_>) {
     session.reply(ServerLine::Users { users });
 }
 
-fn join(session: &Session<'_>, call: &Call<'_>) {
-    let group = normalize(call.arg(0));
-    let group: &str = &group;
-    let joined = check_group(group)
-        .map_err(Refusal::from)
-        .and_then(|()| session.shared.registry.join(group, session.user));
-    match joined {
-        Ok(()) => session.reply(ServerLine::Joined {
-            group: group.into(),
-        }),
-        Err(refusal) => session.refuse(refusal),
-    }
+fn join<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        let group = normalize(call.arg(0)).into_owned();
+        let joined = check_group(&group)
+            .map_err(Refusal::from)
+            .and_then(|()| session.shared.registry.join(&group, session.user));
+        if let Err(refusal) = joined {
+            return session.refuse(refusal);
+        }
+        if session.registered() {
+            let stored = session.shared.store.add_membership(session.user, &group);
+            if let Err(e) = stored.await {
+                warn!(
+                    "[STORE] cannot record {} joining '{group}': {e}",
+                    session.user
+                );
+            }
+        }
+        session.reply(ServerLine::Joined { group });
+    })
 }
 
-fn send_group(session: &Session<'_>, call: &Call<'_>) {
-    let (group, text) = (normalize(call.arg(0)), call.arg(1));
-    let group: &str = &group;
-    let line = ServerLine::Group {
-        group: group.into(),
-        from: session.user.into(),
-        text: text.into(),
-    };
-    let bytes = Bytes::from(line.to_wire());
-    let sent = session
-        .shared
-        .registry
-        .send_group(session.user, group, &bytes, &mut session.held());
-    if !sent {
-        session.reply(ServerLine::NotInGroup {
-            group: group.into(),
-        });
-    }
+fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        let (group, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
+        let line = ServerLine::Group {
+            group: group.clone(),
+            from: session.user.into(),
+            text: text.into(),
+        };
+        let bytes = Bytes::from(line.to_wire());
+        let sent =
+            session
+                .shared
+                .registry
+                .send_group(session.user, &group, &bytes, &mut session.held());
+        let Some(away) = sent else {
+            return session.reply(ServerLine::NotInGroup { group });
+        };
+        let message = session.message(Scope::Group(group), text);
+        match session.queue(away, message.clone()).await {
+            Ok(full) => {
+                for user in full {
+                    session.refuse(Refusal::InboxFull(user));
+                }
+                session.remember(message).await;
+            }
+            Err(refusal) => session.refuse(refusal),
+        }
+    })
 }
 
-fn leave(session: &Session<'_>, call: &Call<'_>) {
-    let group = normalize(call.arg(0)).into_owned();
-    let left = session.shared.registry.leave(&group, session.user);
-    session.reply(match left {
-        true => ServerLine::Left { group },
-        false => ServerLine::NotInGroup { group },
-    });
+fn leave<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        let group = normalize(call.arg(0)).into_owned();
+        if !session.shared.registry.leave(&group, session.user) {
+            return session.reply(ServerLine::NotInGroup { group });
+        }
+        if session.registered() {
+            let stored = session.shared.store.remove_membership(session.user, &group);
+            if let Err(e) = stored.await {
+                warn!(
+                    "[STORE] cannot record {} leaving '{group}': {e}",
+                    session.user
+                );
+            }
+        }
+        session.reply(ServerLine::Left { group });
+    })
 }
 
 fn groups(session: &Session<'_>, _call: &Call<'_>) {
@@ -299,6 +643,150 @@ fn members(session: &Session<'_>, call: &Call<'_>) {
     );
 }
 
+/// `history <user|GROUP:group> [n]`: the last messages of a conversation one is part of.
+fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        if !session.shared.config.policy.history {
+            return session.refuse(Refusal::HistoryOff);
+        }
+        if !session.registered() {
+            return session.refuse(Refusal::NeedsAccount("history"));
+        }
+        let Some(request) = parse_history(call.arg(0)) else {
+            return session.refuse(Refusal::BadHistory);
+        };
+        let with = normalize(request.with).into_owned();
+        let scope = match request.group {
+            true => {
+                if session
+                    .shared
+                    .registry
+                    .members(&with, session.user)
+                    .is_none()
+                {
+                    return session.reply(ServerLine::NotInGroup { group: with });
+                }
+                Scope::Group(with)
+            }
+            false => Scope::User(with),
+        };
+        let messages = session
+            .shared
+            .store
+            .history(session.user, &scope, request.count)
+            .await;
+        let messages = match messages {
+            Ok(messages) => messages,
+            Err(e) => {
+                warn!("[STORE] cannot read history: {e}");
+                return session.refuse(Refusal::StoreFailed);
+            }
+        };
+        let count = messages.len();
+        for m in messages {
+            session.reply(ServerLine::History {
+                at: humantime::format_rfc3339_seconds(m.at).to_string(),
+                from: m.from,
+                text: m.text,
+            });
+        }
+        session.reply(ServerLine::HistoryEnd { count });
+    })
+}
+
+/// `register <password>`: a guest claims its name.
+fn register<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        if let Err(refusal) = claim_name(session, call.arg(0)).await {
+            return session.refuse(refusal);
+        }
+        session.registered.store(true, Ordering::Relaxed);
+        info!("[ACCOUNTS] {} registered", session.user);
+        // From now on its groups outlast its connections.
+        let groups = session.shared.registry.groups_of(session.user);
+        for group in groups {
+            let stored = session.shared.store.add_membership(session.user, &group);
+            if let Err(e) = stored.await {
+                warn!("[STORE] cannot record {} in '{group}': {e}", session.user);
+            }
+        }
+        session.reply(ServerLine::Registered {
+            user: session.user.into(),
+        });
+    })
+}
+
+async fn claim_name(session: &Session<'_>, password: &str) -> Result<(), Refusal> {
+    let (shared, user) = (session.shared, session.user);
+    if !shared.config.policy.registration {
+        return Err(Refusal::RegistrationClosed);
+    }
+    if session.registered() {
+        return Err(Refusal::AlreadyRegistered(user.into()));
+    }
+    check_password(password)?;
+    shared.registry.claim_account(user)?;
+    let stored = async {
+        let password_hash = shared.accounts.hash(password.to_owned()).await?;
+        let account = Account {
+            name: user.into(),
+            password_hash,
+            created: SystemTime::now(),
+        };
+        shared.store.create_account(account).await.map_err(|e| {
+            warn!("[STORE] cannot register {user}: {e}");
+            match e {
+                crate::store::StoreError::Exists(_) => Refusal::AlreadyRegistered(user.into()),
+                _ => Refusal::StoreFailed,
+            }
+        })
+    };
+    stored
+        .await
+        .inspect_err(|_| shared.registry.unclaim_account(user))
+}
+
+/// `passwd <old> <new>`.
+fn passwd<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        match change_password(session, call.arg(0), call.arg(1)).await {
+            Ok(()) => session.reply(ServerLine::PasswordChanged),
+            Err(refusal) => session.refuse(refusal),
+        }
+    })
+}
+
+async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<(), Refusal> {
+    let (shared, user) = (session.shared, session.user);
+    if !session.registered() {
+        return Err(Refusal::NeedsAccount("passwd"));
+    }
+    let unavailable = |e| {
+        warn!("[STORE] cannot change {user}'s password: {e}");
+        Refusal::StoreFailed
+    };
+    let account = shared.store.account(user).await.map_err(unavailable)?;
+    let account = account.ok_or(Refusal::NeedsAccount("passwd"))?;
+    if !shared
+        .accounts
+        .verify(old.to_owned(), account.password_hash)
+        .await?
+    {
+        warn!("[ACCOUNTS] {user}: wrong old password for passwd");
+        return Err(Refusal::WrongPassword);
+    }
+    check_password(new)?;
+    let hash = shared.accounts.hash(new.to_owned()).await?;
+    match shared.store.set_password(user, hash).await {
+        Ok(true) => {
+            info!("[ACCOUNTS] {user} changed their password");
+            Ok(())
+        }
+        Ok(false) => Err(Refusal::NeedsAccount("passwd")),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 /// `FILE_RECEIVED|<sender>|<filename>`: relayed to the sender as `[ACK]`, once per forward.
 fn ack(session: &Session<'_>, sender: &str, filename: &str) {
     let registry = &session.shared.registry;
@@ -312,7 +800,7 @@ fn ack(session: &Session<'_>, sender: &str, filename: &str) {
         recipient: session.user.into(),
         filename: filename.into(),
     };
-    registry.send_to(sender, Bytes::from(ack.to_wire()), &mut session.held());
+    registry.deliver_to(sender, Bytes::from(ack.to_wire()), &mut session.held());
 }
 
 /// `FILE_FAILED|<sender>|<filename>|<reason>`: the recipient could not save a file; its
@@ -337,7 +825,7 @@ fn not_saved(session: &Session<'_>, sender: &str, filename: &str, reason: &str) 
     let line = ServerLine::Error {
         reason: refusal.to_string(),
     };
-    registry.send_to(sender, Bytes::from(line.to_wire()), &mut session.held());
+    registry.deliver_to(sender, Bytes::from(line.to_wire()), &mut session.held());
 }
 
 #[cfg(test)]

@@ -236,7 +236,7 @@ mod tests {
 
     fn ledger(quota: u64, min_free: u64) -> (tempfile::TempDir, Arc<DiskLedger>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(crate::store::MemoryStore::new());
+        let store = Arc::new(crate::store::SqliteStore::in_memory());
         let ledger = DiskLedger::new(dir.path().into(), quota, min_free, store);
         (dir, ledger)
     }

@@ -4,12 +4,14 @@
 //! token, and [`Server::run`] waits for all of them before it returns (tokio-util's
 //! `CancellationToken` and `TaskTracker`).
 
+mod accounts;
 mod chat;
 mod file;
 mod limits;
 mod registry;
 pub mod settings;
 
+pub use accounts::{add_account, hash_password, set_account_password, verify_password};
 pub use limits::raise_open_file_limit;
 pub use settings::{Limits, Number, Setting, SettingError, Unit, SETTINGS};
 
@@ -29,7 +31,7 @@ use crate::flow::{Ended, Refusal, Step};
 use crate::net::{Conn, LineReader};
 use crate::protocol::names::{check_username, normalize};
 use crate::protocol::ServerLine;
-use crate::store::{MemoryStore, Store};
+use crate::store::{SqliteStore, Store};
 use crate::{Error, Result};
 use registry::Registry;
 
@@ -49,6 +51,29 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// What persists beyond a connection (in memory unless another store is given).
     pub store: Arc<dyn Store>,
+    /// Who may log in and what the server keeps.
+    pub policy: Policy,
+}
+
+/// The operator's yes-or-no choices about accounts and history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Only registered names may log in (guests get an error).
+    pub require_account: bool,
+    /// Guests may `register` their name.
+    pub registration: bool,
+    /// Messages are kept for `history` (for `history_days`).
+    pub history: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            require_account: false,
+            registration: true,
+            history: true,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -59,7 +84,8 @@ impl Default for ServerConfig {
             file_port: 2007,
             data_dir: PathBuf::from("."),
             limits: Limits::default(),
-            store: Arc::new(MemoryStore::new()),
+            store: Arc::new(SqliteStore::in_memory()),
+            policy: Policy::default(),
         }
     }
 }
@@ -72,6 +98,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("file_port", &self.file_port)
             .field("data_dir", &self.data_dir)
             .field("limits", &self.limits)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +120,8 @@ pub(crate) struct Shared {
     gate: Arc<limits::Gate>,
     /// Room on disk, and each user's quota.
     pub(crate) disk: Arc<limits::DiskLedger>,
+    /// Password hashing and the brakes on guessing.
+    pub(crate) accounts: accounts::Accounts,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
     spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
@@ -111,6 +140,7 @@ impl Shared {
                 limits.min_free_disk,
                 config.store.clone(),
             ),
+            accounts: accounts::Accounts::new(limits.login_attempts, limits.login_lockout),
             spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
             store: config.store.clone(),
             config,
@@ -182,11 +212,25 @@ impl Server {
                 "[LIMITS] {max_connections} connections at most: the open-file limit is {fd_room}"
             );
         }
-        Ok(Server {
-            chat,
-            file,
-            shared: Shared::new(config, max_connections),
-        })
+        let shared = Shared::new(config, max_connections);
+        let store = &shared.store;
+        let accounts = store
+            .accounts()
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?;
+        let memberships = store
+            .memberships()
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?;
+        info!(
+            "[STORE] {} accounts, {} group memberships",
+            accounts.len(),
+            memberships.len()
+        );
+        shared
+            .registry
+            .load(accounts.into_iter().map(|a| a.name).collect(), memberships);
+        Ok(Server { chat, file, shared })
     }
 
     /// The chat listener's real address.
@@ -213,6 +257,9 @@ impl Server {
         shared
             .tasks
             .spawn(accept_loop(shared.clone(), file, Port::File));
+        if shared.config.policy.history {
+            shared.tasks.spawn(prune_history(shared.clone()));
+        }
         tokio::select! {
             _ = shutdown => {}
             _ = shared.shutdown.cancelled() => {}
@@ -269,8 +316,47 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
     }
 }
 
+/// How often history older than `history_days` is deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes history older than `history_days`, at start and then every hour.
+async fn prune_history(shared: Arc<Shared>) {
+    let keep = Duration::from_secs(shared.config.limits.history_days.saturating_mul(86_400));
+    loop {
+        let before = std::time::SystemTime::now()
+            .checked_sub(keep)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        match shared.store.prune_history(before).await {
+            Ok(0) => {}
+            Ok(n) => info!("[STORE] {n} messages older than {keep:?} left the history"),
+            Err(e) => warn!("[STORE] cannot prune the history: {e}"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}
+
 /// Reads and checks the username a connection opens with, on either port.
 pub(crate) async fn read_username(
+    shared: &Shared,
+    reader: &mut LineReader,
+    kill: &CancellationToken,
+) -> Step<String> {
+    let line = read_first_line(shared, reader, kill).await?;
+    checked_name(&line)
+}
+
+/// A username as sent, normalized and checked.
+pub(crate) fn checked_name(name: &str) -> Step<String> {
+    let name = normalize(name.trim()).into_owned();
+    check_username(&name).map_err(Refusal::from)?;
+    Ok(name)
+}
+
+/// Reads the first line of a connection (within the handshake timeout), as UTF-8.
+pub(crate) async fn read_first_line(
     shared: &Shared,
     reader: &mut LineReader,
     kill: &CancellationToken,
@@ -282,12 +368,8 @@ pub(crate) async fn read_username(
         Ok(Err(end)) => return Err(end.into()),
         Err(_) => return Err(Refusal::NoUsername(limit).into()),
     };
-    let name = std::str::from_utf8(&line)
-        .map_err(|_| Refusal::UsernameNotUtf8)?
-        .trim();
-    let name = normalize(name).into_owned();
-    check_username(&name).map_err(Refusal::from)?;
-    Ok(name)
+    let line = std::str::from_utf8(&line).map_err(|_| Refusal::UsernameNotUtf8)?;
+    Ok(line.trim().to_owned())
 }
 
 /// Tells a connection refused before any handshake why, if it takes the line at once.

@@ -218,6 +218,18 @@ settings! {
     /// Free disk space the server always leaves in the data directory, in bytes.
     min_free_disk: u64 = 256 << 20, min 0,
         "free space always left in the data directory";
+    /// Messages kept for one registered user while away, at most.
+    inbox_max: u64 [Count] = 10_000, min 0,
+        "messages kept for one registered user while away";
+    /// Days of message history kept (older messages are deleted every hour).
+    history_days: u64 [Count] = 30, min 1,
+        "days of message history kept";
+    /// Wrong passwords (per name, and per address) that lock it out.
+    login_attempts: usize = 5, min 1,
+        "wrong passwords, per name and per address, before a lockout";
+    /// How long a lockout lasts, and how long failures are remembered.
+    login_lockout: Duration = Duration::from_secs(300), min Duration::ZERO,
+        "how long a name or address is locked out after too many wrong passwords";
 }
 
 impl Number {

@@ -3,23 +3,21 @@
 //!
 //! Accounts, group memberships, offline inboxes, message history, the file index and
 //! upload quotas all live here. The server talks to the trait only; nothing else in the
-//! server knows how they are kept. [`MemoryStore`] keeps them in memory (a restart forgets
-//! everything, as the lab's server does); an embedded SQLite store, and later a networked
-//! database shared by several nodes, implement the same trait.
+//! server knows how they are kept. [`SqliteStore`] keeps them in one SQLite file (or, for
+//! `:memory:`, in memory: a restart forgets everything, as the lab's server does); a
+//! networked database shared by several nodes can implement the same trait later.
 //!
 //! Every method returns a boxed future, so an implementation that does I/O can do it on
 //! threads of its own and never block the server's tokio workers. [`SqliteStore`] keeps it
 //! all in one SQLite file (one writer thread with group commit, readers on their own
 //! connections).
 
-mod memory;
 mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
 /// A store operation in flight.
@@ -92,29 +90,56 @@ pub struct FileRecord {
     pub at: SystemTime,
 }
 
+/// One message waiting in an offline inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// Its place in the inbox (increasing; entries up to one are dropped together).
+    pub id: u64,
+    /// The message.
+    pub message: Message,
+}
+
 /// The server's persistent state. Implementations are shared by every connection task.
 pub trait Store: Send + Sync + 'static {
     /// The account that owns `name`, if it is registered.
     fn account(&self, name: &str) -> StoreFuture<'_, Option<Account>>;
     /// Registers a name; fails with [`StoreError::Exists`] if it is taken.
     fn create_account(&self, account: Account) -> StoreFuture<'_, ()>;
+    /// Replaces an account's password hash; false if there is no such account.
+    fn set_password(&self, name: &str, password_hash: String) -> StoreFuture<'_, bool>;
+    /// Deletes an account with its memberships and inbox; false if there was none.
+    fn remove_account(&self, name: &str) -> StoreFuture<'_, bool>;
+    /// Every account, by name.
+    fn accounts(&self) -> StoreFuture<'_, Vec<Account>>;
 
-    /// The groups `user` belongs to (beyond its connection).
-    fn memberships(&self, user: &str) -> StoreFuture<'_, Vec<String>>;
+    /// Every `(user, group)` membership, in order of joining.
+    fn memberships(&self) -> StoreFuture<'_, Vec<(String, String)>>;
     /// Records that `user` is in `group`.
     fn add_membership(&self, user: &str, group: &str) -> StoreFuture<'_, ()>;
     /// Records that `user` left `group`.
     fn remove_membership(&self, user: &str, group: &str) -> StoreFuture<'_, ()>;
 
-    /// Keeps a message for `user` until it next logs in.
-    fn push_inbox(&self, user: &str, message: Message) -> StoreFuture<'_, ()>;
-    /// Takes (and forgets) every message kept for `user`, oldest first.
-    fn take_inbox(&self, user: &str) -> StoreFuture<'_, Vec<Message>>;
+    /// Keeps `message` for each of `users` until they next log in, except for those whose
+    /// inbox holds `max` messages already: those are returned.
+    fn push_inbox(
+        &self,
+        users: Vec<String>,
+        message: Message,
+        max: u64,
+    ) -> StoreFuture<'_, Vec<String>>;
+    /// Up to `limit` messages of `user`'s inbox after entry `after`, oldest first.
+    fn peek_inbox(&self, user: &str, after: u64, limit: usize) -> StoreFuture<'_, Vec<Queued>>;
+    /// Forgets `user`'s inbox entries up to and including `upto` (they were delivered).
+    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, ()>;
 
-    /// Appends a delivered message to the history.
+    /// Appends a delivered message to the history. May complete once the message is
+    /// queued, before it is durable; a later [`Store::history`] sees it all the same.
     fn append_history(&self, message: Message) -> StoreFuture<'_, ()>;
-    /// The last `limit` messages of a conversation, oldest first.
-    fn history(&self, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>>;
+    /// The last `limit` messages of a conversation, oldest first: of group `g` for
+    /// `Scope::Group(g)`, between `me` and `u` (both ways) for `Scope::User(u)`.
+    fn history(&self, me: &str, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>>;
+    /// Forgets history older than `before`; returns how many messages went.
+    fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64>;
 
     /// Adds a saved file to the index.
     fn record_file(&self, file: FileRecord) -> StoreFuture<'_, ()>;
@@ -168,43 +193,122 @@ pub(crate) mod contract {
                 .expect("read"),
             None
         );
-
-        for text in ["one", "two"] {
-            let m = message("alice", Scope::User("bob".into()), text);
-            store.push_inbox("bob", m).await.expect("kept");
+        assert!(store.set_password("alice", "new".into()).await.expect("ok"));
+        assert!(!store.set_password("nobody", "x".into()).await.expect("ok"));
+        let alice = store.account("alice").await.expect("read").expect("there");
+        assert_eq!(alice.password_hash, "new");
+        for name in ["carol", "dave"] {
+            let account = Account {
+                name: name.into(),
+                password_hash: "h".into(),
+                created: at(1_700_000_000),
+            };
+            store.create_account(account).await.expect("new");
         }
-        let inbox = store.take_inbox("bob").await.expect("taken");
-        let texts: Vec<&str> = inbox.iter().map(|m| m.text.as_str()).collect();
-        assert_eq!(texts, ["one", "two"]);
-        assert_eq!(inbox[0].at, at(1_700_000_000));
-        assert!(store.take_inbox("bob").await.expect("taken").is_empty());
+        let names: Vec<String> = store
+            .accounts()
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert_eq!(names, ["alice", "carol", "dave"]);
 
+        // Inboxes: pushed to several at once, read in pages, dropped once delivered, and
+        // capped per user.
+        let to_bob = |text: &str| message("alice", Scope::User("bob".into()), text);
+        for text in ["one", "two", "three"] {
+            let full = store
+                .push_inbox(vec!["bob".into(), "dave".into()], to_bob(text), 3)
+                .await
+                .expect("kept");
+            assert!(full.is_empty());
+        }
+        let full = store
+            .push_inbox(vec!["bob".into(), "carol".into()], to_bob("four"), 3)
+            .await
+            .expect("kept");
+        assert_eq!(full, ["bob"], "bob's inbox is full; carol's is not");
+        let page = store.peek_inbox("bob", 0, 2).await.expect("read");
+        let texts: Vec<&str> = page.iter().map(|q| q.message.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two"]);
+        assert_eq!(page[0].message.at, at(1_700_000_000));
+        assert_eq!(page[0].message.to, Scope::User("bob".into()));
+        let rest = store.peek_inbox("bob", page[1].id, 10).await.expect("read");
+        assert_eq!(rest.len(), 1);
+        store.drop_inbox("bob", page[1].id).await.expect("dropped");
+        let left = store.peek_inbox("bob", 0, 10).await.expect("read");
+        assert_eq!(left, rest, "only what was delivered is gone");
+        store.drop_inbox("bob", rest[0].id).await.expect("dropped");
+        assert!(store
+            .peek_inbox("bob", 0, 10)
+            .await
+            .expect("read")
+            .is_empty());
+        let room = store
+            .push_inbox(vec!["bob".into()], to_bob("five"), 3)
+            .await
+            .expect("kept");
+        assert!(room.is_empty(), "delivered messages make room");
+        assert_eq!(
+            store.peek_inbox("dave", 0, 10).await.expect("read").len(),
+            3
+        );
+
+        // History: a group's, and a private conversation seen from either side.
         let devs = Scope::Group("devs".into());
         for i in 0..5 {
             let m = message("alice", devs.clone(), &i.to_string());
             store.append_history(m).await.expect("kept");
         }
-        store
-            .append_history(message("bob", Scope::Everyone, "hi"))
-            .await
-            .expect("kept");
-        let last = store.history(&devs, 2).await.expect("read");
+        store.append_history(to_bob("hi bob")).await.expect("kept");
+        let reply = message("bob", Scope::User("alice".into()), "hi alice");
+        store.append_history(reply).await.expect("kept");
+        let other = message("carol", Scope::User("bob".into()), "not yours");
+        store.append_history(other).await.expect("kept");
+        let last = store.history("alice", &devs, 2).await.expect("read");
         let texts: Vec<&str> = last.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["3", "4"]);
-        assert_eq!(
-            store
-                .history(&Scope::Everyone, 10)
+        for (me, other) in [("alice", "bob"), ("bob", "alice")] {
+            let talk = store
+                .history(me, &Scope::User(other.into()), 10)
                 .await
-                .expect("read")
-                .len(),
-            1
-        );
+                .expect("read");
+            let texts: Vec<&str> = talk.iter().map(|m| m.text.as_str()).collect();
+            assert_eq!(texts, ["hi bob", "hi alice"]);
+        }
+        let newer = message("alice", devs.clone(), "new");
+        let newer = Message {
+            at: at(1_800_000_000),
+            ..newer
+        };
+        store.append_history(newer).await.expect("kept");
+        let pruned = store.prune_history(at(1_750_000_000)).await.expect("ok");
+        assert_eq!(pruned, 8);
+        let kept = store.history("alice", &devs, 10).await.expect("read");
+        assert_eq!(kept.len(), 1);
 
+        // Memberships, in order of joining; removing an account takes its inbox and
+        // memberships with it.
         store.add_membership("bob", "devs").await.expect("ok");
         store.add_membership("bob", "devs").await.expect("ok");
         store.add_membership("bob", "ops").await.expect("ok");
+        store.add_membership("dave", "ops").await.expect("ok");
         store.remove_membership("bob", "ops").await.expect("ok");
-        assert_eq!(store.memberships("bob").await.expect("read"), ["devs"]);
+        let all = store.memberships().await.expect("read");
+        let pair = |u: &str, g: &str| (u.to_owned(), g.to_owned());
+        assert_eq!(all, [pair("bob", "devs"), pair("dave", "ops")]);
+        assert!(store.remove_account("dave").await.expect("ok"));
+        assert!(!store.remove_account("dave").await.expect("ok"));
+        assert_eq!(
+            store.memberships().await.expect("read"),
+            [pair("bob", "devs")]
+        );
+        assert!(store
+            .peek_inbox("dave", 0, 10)
+            .await
+            .expect("read")
+            .is_empty());
 
         let file = FileRecord {
             id: 7,

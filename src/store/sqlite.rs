@@ -14,19 +14,19 @@
 //!   exit); there, reads go through the writer thread too (one connection holds it).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{Account, FileRecord, Message, Scope, Store, StoreError, StoreFuture};
+use super::{Account, FileRecord, Message, Queued, Scope, Store, StoreError, StoreFuture};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
@@ -77,10 +77,20 @@ CREATE TABLE stored (
     r#"
 ALTER TABLE files ADD COLUMN blake3 TEXT NOT NULL DEFAULT '';
 "#,
+    r#"
+CREATE TABLE inbox_sizes (
+    user TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
+INSERT INTO inbox_sizes (user, n) SELECT user, count(*) FROM inbox GROUP BY user;
+CREATE INDEX history_by_pair ON history (scope_kind, scope, sender, id);
+"#,
 ];
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Writes waiting for the writer at most; past it, writers wait (backpressure).
+const WRITE_QUEUE: usize = 16 * 1024;
 
 /// What a job hands back after running: called once its transaction has committed (`None`)
 /// or failed (`Some(error)`), to hand the result over.
@@ -107,8 +117,14 @@ pub struct SqliteStore {
 struct Readers {
     /// The database file.
     path: PathBuf,
+    /// Connections not in use (at most [`MAX_READERS`]).
     idle: Mutex<Vec<Connection>>,
+    /// Reads at once (each holds a connection and a blocking thread).
+    slots: tokio::sync::Semaphore,
 }
+
+/// Reads that run at once, and reader connections kept open.
+const MAX_READERS: usize = 4;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -268,8 +284,8 @@ fn prepare(conn: &mut Connection, shown: &str, file: bool) -> Result<(), StoreEr
 /// The writer thread: batches whatever writes are waiting into one transaction. A job's
 /// result is handed over only after the commit; if the transaction is lost on the way
 /// (SQLite rolls back by itself on some errors), every job of the batch is told it failed.
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
+fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -345,7 +361,7 @@ impl SqliteStore {
         let mut conn = open_connection(path, false)
             .map_err(|e| unavailable(format!("cannot open {shown}: {e}")))?;
         prepare(&mut conn, &shown, !memory)?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Job>(WRITE_QUEUE);
         let thread = std::thread::Builder::new()
             .name("relaychat-store".into())
             .spawn(move || write_loop(conn, rx))
@@ -357,10 +373,20 @@ impl SqliteStore {
                 Arc::new(Readers {
                     path: path.to_owned(),
                     idle: Mutex::default(),
+                    slots: tokio::sync::Semaphore::new(MAX_READERS),
                 })
             }),
             _lock: lock,
         })
+    }
+
+    /// A private in-memory database (forgotten when the store is dropped).
+    ///
+    /// # Panics
+    /// If the process cannot start the writer thread.
+    #[allow(clippy::expect_used)]
+    pub fn in_memory() -> Self {
+        Self::open(Path::new(":memory:")).expect("an in-memory SQLite database opens")
     }
 
     /// Runs `f` in the writer's next transaction; completes once it has committed.
@@ -369,11 +395,42 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<'_, T> {
         let (tx, rx) = oneshot::channel();
+        let queued = self.enqueue(f, move |result| {
+            let _ = tx.send(result);
+        });
+        Box::pin(async move {
+            queued.await?;
+            rx.await
+                .map_err(|_| unavailable("the store's writer has stopped"))?
+        })
+    }
+
+    /// Hands `f` to the writer; completes once it is queued (waiting while the queue is
+    /// full), without waiting for the commit: for writes whose loss in a crash costs
+    /// little (history). A failure is logged.
+    fn write_later(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    ) -> StoreFuture<'_, ()> {
+        self.enqueue(f, move |result| {
+            if let Err(e) = result {
+                tracing::warn!("[STORE] {what}: {e}");
+            }
+        })
+    }
+
+    /// Queues a job that runs `f` and hands its result (after the commit) to `done`.
+    fn enqueue<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+    ) -> StoreFuture<'_, ()> {
         let job: Job = Box::new(move |conn| {
             let conn = match conn {
                 Ok(conn) => conn,
                 Err(e) => {
-                    let _ = tx.send(Err(e.clone()));
+                    done(Err(e.clone()));
                     return None;
                 }
             };
@@ -382,22 +439,23 @@ impl SqliteStore {
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
             Some(Box::new(move |commit: Option<&StoreError>| {
-                let _ = tx.send(match commit {
+                done(match commit {
                     Some(e) => Err(e.clone()),
                     None => result,
                 });
             }))
         });
-        let sent = match &*self.writer.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(writer) => writer.send(job).is_ok(),
-            None => false,
-        };
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Box::pin(async move {
-            if !sent {
-                return Err(unavailable("the store's writer has stopped"));
+            let stopped = || unavailable("the store's writer has stopped");
+            match writer {
+                Some(writer) => writer.send(job).await.map_err(|_| stopped()),
+                None => Err(stopped()),
             }
-            rx.await
-                .map_err(|_| unavailable("the store's writer has stopped"))?
         })
     }
 
@@ -411,6 +469,8 @@ impl SqliteStore {
             return self.write(f);
         };
         Box::pin(async move {
+            let _slot = readers.slots.acquire().await.map_err(unavailable)?;
+            let readers = readers.clone();
             tokio::task::spawn_blocking(move || {
                 let idle = readers
                     .idle
@@ -509,13 +569,60 @@ impl Store for SqliteStore {
         })
     }
 
-    fn memberships(&self, user: &str) -> StoreFuture<'_, Vec<String>> {
-        let user = user.to_owned();
+    fn set_password(&self, name: &str, password_hash: String) -> StoreFuture<'_, bool> {
+        let name = name.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE accounts SET password_hash = ?2 WHERE name = ?1",
+                params![name, password_hash],
+            )
+            .map(|n| n > 0)
+            .map_err(sql)
+        })
+    }
+
+    fn remove_account(&self, name: &str) -> StoreFuture<'_, bool> {
+        let name = name.to_owned();
+        self.write(move |conn| {
+            let gone = conn
+                .execute("DELETE FROM accounts WHERE name = ?1", [&name])
+                .map_err(sql)?;
+            for table in ["memberships", "inbox", "inbox_sizes"] {
+                conn.execute(&format!("DELETE FROM {table} WHERE user = ?1"), [&name])
+                    .map_err(sql)?;
+            }
+            Ok(gone > 0)
+        })
+    }
+
+    fn accounts(&self) -> StoreFuture<'_, Vec<Account>> {
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT grp FROM memberships WHERE user = ?1 ORDER BY rowid")
+                .prepare_cached(
+                    "SELECT name, password_hash, created_ms FROM accounts ORDER BY name",
+                )
                 .map_err(sql)?;
-            let rows = stmt.query_map([&user], |row| row.get(0)).map_err(sql)?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok(Account {
+                        name: row.get(0)?,
+                        password_hash: row.get(1)?,
+                        created: time(row.get(2)?),
+                    })
+                })
+                .map_err(sql)?;
+            rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn memberships(&self) -> StoreFuture<'_, Vec<(String, String)>> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT user, grp FROM memberships ORDER BY rowid")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(sql)?;
             rows.collect::<Result<_, _>>().map_err(sql)
         })
     }
@@ -544,66 +651,154 @@ impl Store for SqliteStore {
         })
     }
 
-    fn push_inbox(&self, user: &str, message: Message) -> StoreFuture<'_, ()> {
-        let user = user.to_owned();
+    fn push_inbox(
+        &self,
+        users: Vec<String>,
+        message: Message,
+        max: u64,
+    ) -> StoreFuture<'_, Vec<String>> {
         self.write(move |conn| {
             let (kind, scope) = scope_parts(&message.to);
-            conn.execute(
-                "INSERT INTO inbox (user, sender, scope_kind, scope, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![user, message.from, kind, scope, message.text, ms(message.at)],
-            )
-            .map(drop)
-            .map_err(sql)
+            let mut full = Vec::new();
+            for user in users {
+                let n: i64 = conn
+                    .prepare_cached("SELECT n FROM inbox_sizes WHERE user = ?1")
+                    .and_then(|mut stmt| stmt.query_row([&user], |row| row.get(0)).optional())
+                    .map_err(sql)?
+                    .unwrap_or(0);
+                if u64::try_from(n).unwrap_or(0) >= max {
+                    full.push(user);
+                    continue;
+                }
+                conn.prepare_cached(
+                    "INSERT INTO inbox (user, sender, scope_kind, scope, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![user, message.from, kind, scope, message.text, ms(message.at)])
+                })
+                .map_err(sql)?;
+                conn.prepare_cached(
+                    "INSERT INTO inbox_sizes (user, n) VALUES (?1, 1) \
+                     ON CONFLICT (user) DO UPDATE SET n = n + 1",
+                )
+                .and_then(|mut stmt| stmt.execute([&user]))
+                .map_err(sql)?;
+            }
+            Ok(full)
         })
     }
 
-    fn take_inbox(&self, user: &str) -> StoreFuture<'_, Vec<Message>> {
+    fn peek_inbox(&self, user: &str, after: u64, limit: usize) -> StoreFuture<'_, Vec<Queued>> {
         let user = user.to_owned();
-        self.write(move |conn| {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT sender, scope_kind, scope, text, at_ms FROM inbox WHERE user = ?1 ORDER BY id",
+                    "SELECT sender, scope_kind, scope, text, at_ms, id FROM inbox \
+                     WHERE user = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                 )
                 .map_err(sql)?;
-            let taken: Vec<Message> = stmt
-                .query_map([&user], message_row)
-                .map_err(sql)?
-                .collect::<Result<_, _>>()
+            let rows = stmt
+                .query_map(params![user, int(after), limit], |row| {
+                    Ok(Queued {
+                        message: message_row(row)?,
+                        id: u64::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
+                    })
+                })
                 .map_err(sql)?;
-            conn.execute("DELETE FROM inbox WHERE user = ?1", [&user])
+            rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, ()> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            let gone = conn
+                .execute(
+                    "DELETE FROM inbox WHERE user = ?1 AND id <= ?2",
+                    params![user, int(upto)],
+                )
                 .map_err(sql)?;
-            Ok(taken)
+            conn.execute(
+                "UPDATE inbox_sizes SET n = max(n - ?2, 0) WHERE user = ?1",
+                params![user, i64::try_from(gone).unwrap_or(i64::MAX)],
+            )
+            .map(drop)
+            .map_err(sql)
         })
     }
 
     fn append_history(&self, message: Message) -> StoreFuture<'_, ()> {
-        self.write(move |conn| {
+        self.write_later("cannot append to the history", move |conn| {
             let (kind, scope) = scope_parts(&message.to);
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT INTO history (scope_kind, scope, sender, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![kind, scope, message.from, message.text, ms(message.at)],
             )
+            .and_then(|mut stmt| {
+                stmt.execute(params![kind, scope, message.from, message.text, ms(message.at)])
+            })
             .map(drop)
             .map_err(sql)
         })
     }
 
-    fn history(&self, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>> {
-        let scope = scope.clone();
+    fn history(&self, me: &str, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>> {
+        let (me, scope) = (me.to_owned(), scope.clone());
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |conn| {
+        // Appends are not waited for: first let every one queued so far commit (a write
+        // that changes nothing commits without touching the disk).
+        let barrier = self.write(|_| Ok(()));
+        let read = self.read(move |conn| {
             let (kind, name) = scope_parts(&scope);
-            let mut stmt = conn
-                .prepare_cached(
+            // A private conversation is two index ranges: what `me` sent to `name`, and
+            // what `name` sent to `me`.
+            let all: [&dyn rusqlite::ToSql; 4] = [&kind, &name, &limit, &me];
+            let (query, args) = match scope {
+                Scope::User(_) => (
+                    "SELECT sender, scope_kind, scope, text, at_ms FROM ( \
+                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND sender = ?4 \
+                                      ORDER BY id DESC LIMIT ?3) \
+                       UNION ALL \
+                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?4 AND sender = ?2 \
+                                      ORDER BY id DESC LIMIT ?3) \
+                       ORDER BY id DESC LIMIT ?3) ORDER BY id",
+                    &all[..],
+                ),
+                _ => (
                     "SELECT sender, scope_kind, scope, text, at_ms FROM \
                      (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 ORDER BY id DESC LIMIT ?3) \
                      ORDER BY id",
-                )
-                .map_err(sql)?;
-            let rows = stmt
-                .query_map(params![kind, name, limit], message_row)
-                .map_err(sql)?;
+                    &all[..3],
+                ),
+            };
+            let mut stmt = conn.prepare_cached(query).map_err(sql)?;
+            let rows = stmt.query_map(args, message_row).map_err(sql)?;
             rows.collect::<Result<_, _>>().map_err(sql)
+        });
+        Box::pin(async move {
+            barrier.await?;
+            read.await
+        })
+    }
+
+    fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64> {
+        // Oldest first, a bounded batch per statement: the history is appended in time
+        // order, so what is old is at its start.
+        self.write(move |conn| {
+            let mut gone = 0u64;
+            loop {
+                let n = conn
+                    .execute(
+                        "DELETE FROM history WHERE id IN \
+                         (SELECT id FROM history ORDER BY id LIMIT 10000) AND at_ms < ?1",
+                        [ms(before)],
+                    )
+                    .map_err(sql)?;
+                gone += n as u64;
+                if n < 10_000 {
+                    return Ok(gone);
+                }
+            }
         })
     }
 
@@ -691,7 +886,10 @@ mod tests {
         let store = SqliteStore::open(&path).expect("reopens");
         assert_eq!(store.bytes_stored("carol").await.expect("read"), 42);
         assert!(store.account("alice").await.expect("read").is_some());
-        assert_eq!(store.memberships("bob").await.expect("read"), ["devs"]);
+        assert_eq!(
+            store.memberships().await.expect("read"),
+            [("bob".to_owned(), "devs".to_owned())]
+        );
     }
 
     #[test]
@@ -727,6 +925,12 @@ mod tests {
                 .expect("old row");
                 conn.execute("INSERT INTO stored (user, bytes) VALUES ('alice', 3)", [])
                     .expect("old row");
+                conn.execute(
+                    "INSERT INTO inbox (user, sender, scope_kind, scope, text, at_ms) \
+                     VALUES ('bob', 'alice', 0, 'bob', 'kept', 0)",
+                    [],
+                )
+                .expect("old row");
             }
             let store = SqliteStore::open(&path).expect("migrates");
             let files = store.files_of("alice").await.expect("read");
@@ -734,6 +938,19 @@ mod tests {
             assert_eq!(files[0].filename, "a.txt");
             assert_eq!(files[0].blake3, "", "no hash was kept then");
             assert_eq!(store.bytes_stored("alice").await.expect("read"), 3);
+            let inbox = store.peek_inbox("bob", 0, 10).await.expect("read");
+            assert_eq!(inbox.len(), 1);
+            let message = |text: &str| Message {
+                from: "alice".into(),
+                to: Scope::User("bob".into()),
+                text: text.into(),
+                at: SystemTime::now(),
+            };
+            let full = store
+                .push_inbox(vec!["bob".into()], message("more"), 1)
+                .await
+                .expect("ok");
+            assert_eq!(full, ["bob"], "the old entry counts against the cap");
             drop(store);
             let conn = Connection::open(&path).expect("open");
             let now: i64 = conn

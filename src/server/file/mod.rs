@@ -32,7 +32,7 @@ use tracing::{info, warn};
 pub(crate) use forward::FileLink;
 pub(crate) use spool::remove_stale as remove_stale_spools;
 
-use super::{read_username, Shared};
+use super::{checked_name, read_first_line, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::file_header::UploadHeader;
@@ -40,8 +40,14 @@ use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 use forward::{fail_upload, forward_all, tell, MAX_QUEUED_FORWARDS};
 use upload::{skip_body, upload};
 
-/// How long a file handshake waits for the chat session of the same name to appear.
+/// How long a file handshake waits for the chat session of the same name to appear
+/// (longer while that session's login waits for its password).
 const CHAT_SESSION_WAIT: Duration = Duration::from_secs(2);
+/// The lab's client waits 2 s for the greeting; a file connection held longer than this
+/// (its chat login waited for a password) is not greeted at all, or the client, which has
+/// stopped waiting, would read the greeting as a file header. Refusals are not sent then
+/// either, for the same reason.
+const GREETING_WINDOW: Duration = Duration::from_millis(1500);
 /// After a header whose body length is unknown, input is discarded until this much quiet.
 const RESYNC_QUIET: Duration = Duration::from_millis(200);
 /// Gap between the greeting and a first forward (the lab's client reads the greeting with
@@ -55,19 +61,29 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let mut reader = LineReader::new(rd, limits.max_header, limits.idle_pause);
     let id = shared.next_id();
 
-    let (user, link) = match handshake(&shared, &mut reader, addr, id, &kill).await {
+    let started = Instant::now();
+    let mut held = false;
+    let (user, link) = match handshake(&shared, &mut reader, addr, id, &kill, &mut held).await {
         Ok(claimed) => claimed,
+        Err(Stop::Refused(refusal)) if held && started.elapsed() >= GREETING_WINDOW => {
+            return warn!("[REFUSED] {addr}: {refusal} (held for a login too long to be told)");
+        }
         Err(Stop::Refused(refusal)) => return refuse(wr, addr, refusal).await,
         Err(Stop::Ended(_)) => return,
     };
     // Greet in a write of its own: the greeting is the first thing written, and forwards
     // only start once the forwarder owns the writer.
     let mut wr = wr;
-    if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
-        shared.registry.remove_file(&user, id);
-        return;
+    let mut ready_at = Instant::now();
+    if !held || started.elapsed() < GREETING_WINDOW {
+        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+            shared.registry.remove_file(&user, id);
+            return;
+        }
+        ready_at += GREETING_GAP;
+    } else {
+        info!("[FILE SOCKET] {user}: held for its login, so not greeted");
     }
-    let ready_at = Instant::now() + GREETING_GAP;
     shared.tasks.spawn(forward_all(
         shared.clone(),
         user.clone(),
@@ -118,10 +134,24 @@ async fn handshake(
     addr: SocketAddr,
     id: u64,
     kill: &CancellationToken,
+    held: &mut bool,
 ) -> Step<(String, mpsc::Receiver<Box<forward::ForwardJob>>)> {
-    let user = read_username(shared, reader, kill).await?;
-    // The lab's client sends both usernames at once: give the chat handshake time to win.
-    let chat_id = await_chat_session(shared, &user, addr, kill).await?;
+    // `<name>`, or from our client logged in with a password, `<name> <secret>`.
+    let line = read_first_line(shared, reader, kill).await?;
+    let (name, proof) = match line.split_once(' ') {
+        Some((name, proof)) => (name, Some(proof.trim())),
+        None => (line.as_str(), None),
+    };
+    let user = checked_name(name)?;
+    let chat_id = match proof {
+        Some(proof) => shared
+            .registry
+            .chat_by_token(&user, proof)
+            .ok_or_else(|| Refusal::BadProof(user.clone()))?,
+        // The lab's client sends both usernames at once: give the chat handshake time to
+        // win.
+        None => await_chat_session(shared, &user, addr, kill, held).await?,
+    };
     let (jobs, queue) = mpsc::channel(MAX_QUEUED_FORWARDS);
     let link = Arc::new(FileLink {
         jobs,
@@ -155,15 +185,19 @@ async fn resync(
     Ok(())
 }
 
-/// Waits (briefly) for `user`'s chat session and returns its id. A file connection belongs
-/// to a live chat session from the same address, or to nobody.
+/// Waits (briefly, or while its login waits for a password) for `user`'s chat session and
+/// returns its id. A file connection belongs to a live chat session from the same address,
+/// or to nobody. `held` says whether it waited for a login's password.
 async fn await_chat_session(
     shared: &Shared,
     user: &str,
     addr: SocketAddr,
     kill: &CancellationToken,
+    held: &mut bool,
 ) -> Result<u64, Refusal> {
-    let deadline = Instant::now() + CHAT_SESSION_WAIT;
+    let start = Instant::now();
+    // A password must come within the handshake timeout after the name did.
+    let held_at_most = start + 2 * shared.config.limits.handshake_timeout + CHAT_SESSION_WAIT;
     loop {
         let joined = shared.registry.chat_joined.notified();
         tokio::pin!(joined);
@@ -174,11 +208,18 @@ async fn await_chat_session(
                 false => Err(Refusal::OtherAddress(user.to_owned())),
             };
         }
+        let pending = shared.registry.login_pending(user, addr.ip());
+        *held |= pending;
+        let deadline = match pending {
+            true => held_at_most,
+            false => start + CHAT_SESSION_WAIT,
+        };
+        if Instant::now() >= deadline {
+            return Err(Refusal::NoChatSession(user.to_owned()));
+        }
         tokio::select! {
             _ = joined => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(Refusal::NoChatSession(user.to_owned()));
-            }
+            _ = tokio::time::sleep_until(deadline) => {}
             _ = kill.cancelled() => return Err(Refusal::ShuttingDown),
         }
     }

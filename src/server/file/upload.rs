@@ -347,7 +347,7 @@ mod tests {
             let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
             let registry = &shared.registry;
             registry
-                .add_chat(name, id, ip, outbox, Bytes::new())
+                .add_chat(name, id, ip, outbox, Bytes::new(), None)
                 .expect("free");
             registry.join("devs", name).expect("joins");
         }
