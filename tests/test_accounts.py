@@ -42,6 +42,11 @@ def register(net: Net, name: str, password: str = PASSWORD) -> None:
     wire.send(f"register {password}\n")
     wire.expect(f"Registered {name}.")
     wire.close()
+    wait_gone(net, name)
+
+
+def wait_gone(net: Net, name: str) -> None:
+    """Waits until the server has seen `name`'s chat connection close."""
     probe = net.chat(f"probe-{name}")
     wait_until(lambda: name not in connected(probe), what=f"{name} has left")
     probe.close()

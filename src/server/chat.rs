@@ -520,9 +520,11 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
         let message = session.message(Scope::User(to.clone()), text);
         match sent {
             Sent::Live => session.remember(message).await,
-            Sent::Queue(ticket) => match session.queue(ticket, message.clone()).await {
+            Sent::Queue(ticket, away) => match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
-                    session.reply(ServerLine::MessageQueued { user: to });
+                    if away {
+                        session.reply(ServerLine::MessageQueued { user: to });
+                    }
                     session.remember(message).await;
                 }
                 Ok(_) => session.refuse(Refusal::InboxFull(to)),

@@ -554,7 +554,8 @@ impl Registry {
     pub(crate) fn send_to(&self, user: &str, bytes: Bytes, held: &mut Held) -> Sent<'_> {
         let mut st = self.state();
         if st.queues_for(user) {
-            return Sent::Queue(self.ticket(&mut st, vec![user.to_owned()]));
+            let away = !st.chats.contains_key(user);
+            return Sent::Queue(self.ticket(&mut st, vec![user.to_owned()]), away);
         }
         match st.chats.get(user) {
             Some(e) => {
@@ -688,8 +689,10 @@ impl Registry {
 pub(crate) enum Sent<'r> {
     /// Queued for the live recipient.
     Live,
-    /// To the recipient's offline inbox: write it there, then drop the ticket.
-    Queue(InboxTicket<'r>),
+    /// To the recipient's inbox: write it there, then drop the ticket. True if the
+    /// recipient is away (false: it is online, its inbox being delivered; the message
+    /// follows it).
+    Queue(InboxTicket<'r>, bool),
     /// No such user, live or registered.
     NotFound,
 }

@@ -266,6 +266,13 @@ pub(crate) mod contract {
         store.append_history(reply).await.expect("kept");
         let other = message("carol", Scope::User("bob".into()), "not yours");
         store.append_history(other).await.expect("kept");
+        let note = message("carol", Scope::User("carol".into()), "to myself");
+        store.append_history(note).await.expect("kept");
+        let notes = store
+            .history("carol", &Scope::User("carol".into()), 10)
+            .await
+            .expect("read");
+        assert_eq!(notes.len(), 1, "a note to oneself is one message");
         let last = store.history("alice", &devs, 2).await.expect("read");
         let texts: Vec<&str> = last.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["3", "4"]);
@@ -284,7 +291,7 @@ pub(crate) mod contract {
         };
         store.append_history(newer).await.expect("kept");
         let pruned = store.prune_history(at(1_750_000_000)).await.expect("ok");
-        assert_eq!(pruned, 8);
+        assert_eq!(pruned, 9);
         let kept = store.history("alice", &devs, 10).await.expect("read");
         assert_eq!(kept.len(), 1);
 

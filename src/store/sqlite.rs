@@ -760,7 +760,7 @@ impl Store for SqliteStore {
                                       ORDER BY id DESC LIMIT ?3) \
                        UNION ALL \
                        SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?4 AND sender = ?2 \
-                                      ORDER BY id DESC LIMIT ?3) \
+                                      AND ?2 <> ?4 ORDER BY id DESC LIMIT ?3) \
                        ORDER BY id DESC LIMIT ?3) ORDER BY id",
                     &all[..],
                 ),

@@ -1,0 +1,198 @@
+"""Store and forward: messages for a registered user who is away are kept and arrive at their
+next login, as the lines they would have been, oldest first, before anything live; groups of
+registered users outlast their connections; nothing is lost to a kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from relaychat import GroupMessage, MessageQueued, PrivateMessage, ServerError, UserNotFound
+
+from tests.conftest import (
+    TIMEOUT,
+    Net,
+    Wire,
+    drain,
+    next_of,
+    start_server,
+    stop_server,
+    wait_until,
+)
+from tests.test_accounts import PASSWORD, connected, log_in, register, wait_gone
+
+
+def test_a_message_to_a_registered_user_who_is_away_waits_for_them(net):
+    register(net, "bob")
+    alice = net.chat("alice")
+    alice.send("msg bob are you there?\n")
+    alice.expect("User bob is offline; message queued.")
+    alice.send("msg bob second\n")
+    alice.expect("User bob is offline; message queued.")
+    alice.send("msg nobody hi\n")
+    alice.expect("User nobody not found.")
+
+    # A lab-style login: right after the welcome, the lines it would have got live.
+    bob = net.wire("chat", "bob")
+    bob.send("bob")
+    bob.expect("Password for bob:")
+    bob.send(PASSWORD)
+    bob.expect("Welcome, bob!")
+    bob.expect("[PRIVATE from alice]: are you there?")
+    bob.expect("[PRIVATE from alice]: second")
+    alice.send("msg bob live now\n")
+    bob.expect("[PRIVATE from alice]: live now")
+    bob.close()
+
+    # Delivered once: the next login finds the inbox empty.
+    again = log_in(net, "bob")
+    alice.send("msg bob marker\n")
+    again.expect("[PRIVATE from alice]: marker")
+
+
+def test_our_client_is_told_when_each_queued_message_was_sent(net):
+    register(net, "bob")
+    alice = net.client("alice")
+    alice.msg("bob", "one")
+    assert next_of(alice, MessageQueued).user == "bob"
+    bob = net.client("bob", PASSWORD)
+    first = next_of(bob, PrivateMessage)
+    assert (first.sender, first.text) == ("alice", "one")
+    assert first.queued_at is not None and first.queued_at.endswith("Z"), first.queued_at
+    assert first.line == "[PRIVATE from alice]: one"
+    alice.msg("bob", "two")
+    assert next_of(bob, PrivateMessage).queued_at is None
+
+
+def test_messages_sent_while_the_inbox_is_delivered_come_after_it(net):
+    register(net, "bob")
+    alice = net.chat("alice")
+    queued = 3000
+    alice.send("".join(f"msg bob q{i}\n" for i in range(queued)))
+    for _ in range(queued):
+        alice.expect("User bob is offline; message queued.")
+    bob = net.wire("chat", "bob")
+    bob.send("bob\n")
+    bob.expect("Password for bob:")
+    bob.send(f"{PASSWORD}\n")
+    # Live messages race the delivery of the inbox: every one of them comes after it.
+    alice.send("".join(f"msg bob live{i}\n" for i in range(100)))
+    got = bob.lines_until(lambda line: line == "[PRIVATE from alice]: live99", timeout=30)
+    assert got[0] == "Welcome, bob!"
+    texts = [line.removeprefix("[PRIVATE from alice]: ") for line in got[1:]]
+    assert texts == [f"q{i}" for i in range(queued)] + [f"live{i}" for i in range(100)]
+
+
+def test_group_messages_wait_for_registered_members_and_groups_outlast_connections(net):
+    bob = net.chat("bob")
+    bob.send("join devs\n")
+    bob.expect("You joined group 'devs'")
+    bob.send(f"register {PASSWORD}\n")  # groups joined as a guest are kept from now on
+    bob.expect("Registered bob.")
+    bob.send("join ops\n")
+    bob.expect("You joined group 'ops'")
+    bob.close()
+    wait_gone(net, "bob")
+    alice = net.client("alice")
+    alice.join("devs")
+    alice.send_command("members devs")
+    assert alice.next_event(timeout=TIMEOUT).line == "Members of 'devs': bob, alice"
+
+    alice.send_group("devs", "standup at 10")
+    bob = log_in(net, "bob")
+    bob.expect("[GROUP devs] alice: standup at 10")
+    bob.send("groups\n")
+    bob.expect("Your groups: devs, ops")
+    bob.send("leave ops\n")
+    bob.expect("You left group 'ops'")
+
+
+def test_an_inbox_holds_only_so_many_messages(limited):
+    net = limited(inbox_max=2)
+    register(net, "bob")
+    alice = net.client("alice")
+    for text in ("one", "two"):
+        alice.msg("bob", text)
+        assert next_of(alice, MessageQueued).user == "bob"
+    alice.msg("bob", "three")
+    assert next_of(alice, ServerError).reason == "bob's inbox is full"
+    bob = net.client("bob", PASSWORD)
+    assert [next_of(bob, PrivateMessage).text for _ in range(2)] == ["one", "two"]
+    # Delivered messages make room again.
+    alice.msg("bob", "four")
+    assert next_of(bob, PrivateMessage).text == "four"
+
+
+def test_hostile_texts_are_kept_and_delivered_verbatim(net):
+    register(net, "bob")
+    alice = net.client("alice")
+    texts = [
+        "'); DROP TABLE inbox; --",
+        "Robert'); DELETE FROM accounts WHERE ('1'='1",
+        "\u202e\u0000 not really",
+        "x" * 60_000,
+    ]
+    for text in texts:
+        alice.send_command(f"msg bob {text}")
+        assert next_of(alice, MessageQueued).user == "bob"
+    bob = net.client("bob", PASSWORD)
+    assert [next_of(bob, PrivateMessage).text for _ in texts] == texts
+    assert drain(bob, alice) == []
+
+
+def test_nothing_queued_is_lost_to_a_kill_9(tmp_path):
+    """kill -9 right after `... message queued.`; the restarted server delivers it, once."""
+    proc, ports, _ = start_server(tmp_path)
+    try:
+        bob = Wire(ports["CHAT"], "bob")
+        bob.send("bob\n")
+        bob.expect("Welcome, bob!")
+        bob.send(f"register {PASSWORD}\n")
+        bob.expect("Registered bob.")
+        bob.close()
+        alice = Wire(ports["CHAT"], "alice")
+        alice.send("alice\n")
+        alice.expect("Welcome, alice!")
+        wait_until(lambda: "bob" not in connected(alice), what="bob has left")
+        alice.send("msg bob kept\n")
+        alice.expect("User bob is offline; message queued.")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=TIMEOUT)
+        alice.close()
+    finally:
+        stop_server(proc)
+
+    proc, ports, _ = start_server(tmp_path)
+    try:
+        for login in ("first", "second"):
+            bob = Wire(ports["CHAT"], "bob")
+            bob.send("bob\n")
+            bob.expect("Password for bob:")
+            bob.send(f"{PASSWORD}\n")
+            bob.expect("Welcome, bob!")
+            bob.send("msg bob marker\n")  # to oneself: after whatever was queued
+            got = bob.lines_until(lambda line: line.endswith("marker"))
+            bob.close()
+            queued = [line for line in got if "kept" in line]
+            if login == "first":
+                assert queued == ["[PRIVATE from alice]: kept"], got
+            else:
+                assert queued == [], f"delivered twice: {got}"
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_the_python_api_sees_queued_and_not_found(net: Net):
+    register(net, "bob")
+    alice = net.client("alice")
+    alice.msg("ghost", "hi")
+    assert next_of(alice, UserNotFound).user == "ghost"
+    alice.join("devs")
+    bob = net.client("bob", PASSWORD)
+    bob.join("devs")
+    bob.close()
+    wait_gone(net, "bob")
+    alice.send_group("devs", "later")
+    bob = net.client("bob", PASSWORD)
+    event = next_of(bob, GroupMessage)
+    assert (event.group, event.text, event.queued_at is not None) == ("devs", "later", True)
