@@ -84,6 +84,12 @@ pub(crate) enum Refusal {
     /// A file connection whose secret is not its chat session's.
     #[error("the file connection's proof does not match a chat session of '{0}'")]
     BadProof(String),
+    /// A request that needs the user's file connection, which it does not have.
+    #[error("you have no file connection")]
+    NoFileConnection,
+    /// `get` of a file that is not in the index, or not the user's.
+    #[error("no file #{0} of yours is in the index")]
+    NoSuchFile(u64),
     /// The name has a live file connection already.
     #[error("'{0}' already has a file connection")]
     FileConnectionTaken(String),

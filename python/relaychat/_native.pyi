@@ -25,10 +25,13 @@ __all__ = [
     "Disconnected",
     "Event",
     "EventIterator",
+    "FileEntry",
     "FileFailed",
     "FileIncoming",
+    "FileQueued",
     "FileReceived",
     "FileSaved",
+    "FilesEnd",
     "GroupFileIncoming",
     "GroupList",
     "GroupMessage",
@@ -255,6 +258,12 @@ class Client:
     def history(self, conversation: str, count: int = 20) -> list[HistoryEntry]:
         """The last `count` (at most 1000) messages with a user, or in `GROUP:<group>`,
         oldest first. Registered users only (`RefusedError` for guests)."""
+    def files(self) -> list[FileEntry]:
+        """The last 50 files we sent or received (also to our groups), oldest first, with
+        their ids. Registered users only."""
+    def get(self, id: int) -> None:
+        """Ask for file `id` of `files()` again: it arrives as a forward (`FileIncoming`
+        and `FileReceived` events), or a `ServerError` says why not."""
     def next_event(self, timeout: float | None = None) -> _AnyEvent | None:
         """The next event; `None` if none comes within `timeout` seconds (`None`: wait
         forever) or after the stream has ended."""
@@ -309,6 +318,8 @@ class AsyncClient:
     def register(self, password: str) -> Awaitable[None]: ...
     def passwd(self, old: str, new: str) -> Awaitable[None]: ...
     def history(self, conversation: str, count: int = 20) -> Awaitable[list[HistoryEntry]]: ...
+    def files(self) -> Awaitable[list[FileEntry]]: ...
+    def get(self, id: int) -> Awaitable[None]: ...
     def next_event(self, timeout: float | None = None) -> Awaitable[_AnyEvent | None]: ...
     def events(self, timeout: float | None = None) -> AsyncEventIterator: ...
     def close(self) -> Awaitable[None]: ...
@@ -518,6 +529,32 @@ class HistoryEnd(Event):
     count: int
 
 @final
+class FileQueued(Event):
+    """`User <user> is offline; file queued.`: it reaches them at their next login."""
+
+    user: str
+
+@final
+class FileEntry(Event):
+    """`[FILES #<id>] <at> <sender> -> <target>: '<filename>' (<size> bytes, blake3 <hex>)`:
+    one file of the server's index (`blake3` is `-` for files saved before hashes were
+    kept)."""
+
+    id: int
+    at: str
+    sender: str
+    target: str
+    filename: str
+    size: int
+    blake3: str
+
+@final
+class FilesEnd(Event):
+    """`[FILES END] <count> files`: the end of a `files` answer."""
+
+    count: int
+
+@final
 class AccountBook:
     """The accounts of a database, managed offline (refused while a server uses it).
     `relaychat-server accounts ...` is built on it."""
@@ -563,6 +600,9 @@ _AnyEvent = (
     | MessageQueued
     | HistoryEntry
     | HistoryEnd
+    | FileQueued
+    | FileEntry
+    | FilesEnd
     | FileReceived
     | FileFailed
     | Disconnected

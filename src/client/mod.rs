@@ -21,7 +21,7 @@ use crate::flow::{Ended, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::command::{
     check_password, format_ack, format_command, format_file_failed, parse_command, Parsed, Spec,
-    BROADCAST, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG, PASSWD, REGISTER, SEND_GROUP,
+    BROADCAST, FILES, GET, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{
@@ -165,6 +165,11 @@ enum Request {
     Register(oneshot::Sender<std::result::Result<(), String>>),
     /// `Password changed.`
     Passwd(oneshot::Sender<std::result::Result<(), String>>),
+    /// `[FILES #...]` lines, then `[FILES END]`.
+    Files(
+        Vec<ServerLine>,
+        oneshot::Sender<std::result::Result<Vec<ServerLine>, String>>,
+    ),
     /// `[HISTORY ...]` lines, then `[HISTORY END]`.
     History(
         Vec<HistoryEntry>,
@@ -521,6 +526,22 @@ impl Client {
         self.await_reply(rx).await?.map_err(Error::Refused)
     }
 
+    /// `files`: the last files we sent or received (also to our groups), oldest first, as
+    /// `ServerLine::FileEntry` lines (returned here, not as events).
+    pub async fn files(&self) -> Result<Vec<ServerLine>> {
+        let (tx, rx) = oneshot::channel();
+        let line = format_command(&FILES, &[]);
+        self.write_chat(line, Expect::Request(Request::Files(Vec::new(), tx)))
+            .await?;
+        self.await_reply(rx).await?.map_err(Error::Refused)
+    }
+
+    /// `get <id>`: the server sends file `id` of its index again, as a forward (its events
+    /// follow: the `[FILE]` notice and `FileReceived`, or an `ERROR:` line).
+    pub async fn get(&self, id: u64) -> Result<()> {
+        self.command(&GET, &[&id.to_string()]).await
+    }
+
     /// `leave <group>`: its answer (`You left group`, or `You are not in group`) comes as
     /// an event.
     pub async fn leave(&self, group: &str) -> Result<()> {
@@ -733,6 +754,16 @@ impl Waiters {
             (Request::History(got, tx), ServerLine::HistoryEnd { .. }) => {
                 let _ = tx.send(Ok(got));
             }
+            (Request::Files(mut got, tx), line @ ServerLine::FileEntry { .. }) => {
+                got.push(line);
+                self.requests.push_front(Request::Files(got, tx));
+            }
+            (Request::Files(got, tx), ServerLine::FilesEnd { .. }) => {
+                let _ = tx.send(Ok(got));
+            }
+            (Request::Files(_, tx), ServerLine::Error { reason }) => {
+                let _ = tx.send(Err(reason));
+            }
             (Request::Register(tx) | Request::Passwd(tx), ServerLine::Error { reason }) => {
                 let _ = tx.send(Err(reason));
             }
@@ -799,6 +830,8 @@ impl Waiters {
             | ServerLine::PasswordChanged
             | ServerLine::History { .. }
             | ServerLine::HistoryEnd { .. }
+            | ServerLine::FileEntry { .. }
+            | ServerLine::FilesEnd { .. }
             | ServerLine::Error { .. }
             | ServerLine::NotInGroup { .. }) => self.route_request(line),
             line => Some(line),

@@ -123,8 +123,23 @@ pub static HISTORY: Spec = Spec {
     help: "show the last messages with a user or in a group (registered users)",
 };
 
+/// `files`: the last files one sent or received, with their ids.
+pub static FILES: Spec = Spec {
+    name: "files",
+    args: 0,
+    usage: "Usage: files",
+    help: "list the files you sent or received, with ids for get (registered users)",
+};
+/// `get <id>`: a file of the index again, on one's file connection.
+pub static GET: Spec = Spec {
+    name: "get",
+    args: 1,
+    usage: "Usage: get <file_id>",
+    help: "receive a file of the index again (registered users)",
+};
+
 /// Every chat command, in the order `help` lists them.
-pub static COMMANDS: [&Spec; 11] = [
+pub static COMMANDS: [&Spec; 13] = [
     &MSG,
     &BROADCAST,
     &LIST,
@@ -134,6 +149,8 @@ pub static COMMANDS: [&Spec; 11] = [
     &GROUPS,
     &MEMBERS,
     &HISTORY,
+    &FILES,
+    &GET,
     &REGISTER,
     &PASSWD,
 ];

@@ -154,6 +154,34 @@ pub enum ServerLine {
         /// The recipient.
         user: String,
     },
+    /// `User <u> is offline; file queued.`: forwarded at a registered user's next login.
+    FileQueued {
+        /// The recipient.
+        user: String,
+    },
+    /// `[FILES #<id>] <time> <sender> -> <target>: '<name>' (<n> bytes, blake3 <hex>)`: one
+    /// file of the index.
+    FileEntry {
+        /// Its id (for `get`).
+        id: u64,
+        /// When it was saved (UTC, ISO 8601).
+        at: String,
+        /// Who sent it.
+        sender: String,
+        /// Where it went (`bob` or `GROUP:devs`).
+        target: String,
+        /// Its name as sent.
+        filename: String,
+        /// Its size in bytes.
+        size: u64,
+        /// Its BLAKE3 hash in hex (`-` if it was saved before hashes were kept).
+        blake3: String,
+    },
+    /// `[FILES END] <n> files`.
+    FilesEnd {
+        /// How many were listed.
+        count: usize,
+    },
     /// `[HISTORY <time>] <u>: <m>`: one message of a conversation (time in UTC, ISO 8601).
     History {
         /// When the server accepted it (`2026-11-29T14:00:00Z`).
@@ -258,6 +286,20 @@ impl Display for ServerLine {
             ServerLine::MessageQueued { user } => {
                 write!(f, "User {user} is offline; message queued.")
             }
+            ServerLine::FileQueued { user } => write!(f, "User {user} is offline; file queued."),
+            ServerLine::FileEntry {
+                id,
+                at,
+                sender,
+                target,
+                filename,
+                size,
+                blake3,
+            } => write!(
+                f,
+                "[FILES #{id}] {at} {sender} -> {target}: '{filename}' ({size} bytes, blake3 {blake3})"
+            ),
+            ServerLine::FilesEnd { count } => write!(f, "[FILES END] {count} files"),
             ServerLine::History { at, from, text } => write!(f, "[HISTORY {at}] {from}: {text}"),
             ServerLine::HistoryEnd { count } => write!(f, "[HISTORY END] {count} messages"),
             ServerLine::QueuedAt { at } => write!(f, "[QUEUED {at}]"),
@@ -371,6 +413,9 @@ fn parse_known(line: &str) -> Option<ServerLine> {
             saved_as: s(saved_as),
         });
     }
+    if let Some(user) = between(line, "User ", " is offline; file queued.") {
+        return Some(ServerLine::FileQueued { user: s(user) });
+    }
     if let Some(user) = between(line, "User ", " is offline; message queued.") {
         return Some(ServerLine::MessageQueued { user: s(user) });
     }
@@ -435,6 +480,28 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     }
     if line == "Password changed." {
         return Some(ServerLine::PasswordChanged);
+    }
+    if let Some(count) = between(line, "[FILES END] ", " files") {
+        return Some(ServerLine::FilesEnd {
+            count: count.parse().ok()?,
+        });
+    }
+    if let Some(rest) = between(line, "[FILES #", ")") {
+        let (id, rest) = rest.split_once("] ")?;
+        let (at, rest) = rest.split_once(' ')?;
+        let (sender, rest) = rest.split_once(" -> ")?;
+        let (target, rest) = rest.split_once(": '")?;
+        let (filename, rest) = rest.rsplit_once("' (")?;
+        let (size, blake3) = rest.split_once(" bytes, blake3 ")?;
+        return Some(ServerLine::FileEntry {
+            id: id.parse().ok()?,
+            at: s(at),
+            sender: s(sender),
+            target: s(target),
+            filename: s(filename),
+            size: size.parse().ok()?,
+            blake3: s(blake3),
+        });
     }
     if let Some(count) = between(line, "[HISTORY END] ", " messages") {
         return Some(ServerLine::HistoryEnd {
@@ -621,6 +688,23 @@ mod tests {
                 },
                 "[HISTORY 2026-11-29T14:00:00Z] alice: hi: there]",
             ),
+            (
+                ServerLine::FileQueued { user: s("bob") },
+                "User bob is offline; file queued.",
+            ),
+            (
+                ServerLine::FileEntry {
+                    id: 7,
+                    at: s("2026-11-29T14:00:00Z"),
+                    sender: s("alice"),
+                    target: s("GROUP:devs"),
+                    filename: s("it's (1) -> x: y.txt"),
+                    size: 12,
+                    blake3: s("af13"),
+                },
+                "[FILES #7] 2026-11-29T14:00:00Z alice -> GROUP:devs: 'it's (1) -> x: y.txt' (12 bytes, blake3 af13)",
+            ),
+            (ServerLine::FilesEnd { count: 1 }, "[FILES END] 1 files"),
             (
                 ServerLine::HistoryEnd { count: 2 },
                 "[HISTORY END] 2 messages",

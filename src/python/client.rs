@@ -261,6 +261,14 @@ engine_calls! {
     /// Registers the name we are connected as, with `password` (asked at each later
     /// login); raises `RefusedError` with the server's reason if it is refused.
     fn register(password: String) -> () = |c| c.register(&password);
+    /// The last files we sent or received (also to our groups), oldest first, as
+    /// `FileEntry` events (registered users).
+    fn files() -> Vec<PyEvent> = |c| async move {
+        let lines = c.files().await?;
+        Ok::<_, crate::Error>(lines.into_iter().map(PyEvent::file).collect::<Vec<PyEvent>>())
+    };
+    /// Asks for file `id` of the index again; it arrives as a forward (events follow).
+    fn get(id: u64) -> () = |c| c.get(id);
     /// Changes our password.
     fn passwd(old: String, new: String) -> () = |c| c.passwd(&old, &new);
     /// The last `count` messages with a user (or in `GROUP:<group>`), oldest first, as

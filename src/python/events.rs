@@ -106,6 +106,12 @@ events! {
     HistoryEntry { at: String, sender: String, text: String }
     /// `[HISTORY END] <count> messages`.
     HistoryEnd { count: usize }
+    /// `User <user> is offline; file queued.`: it reaches them at their next login.
+    FileQueued { user: String }
+    /// `[FILES #<id>] ...`: one file of the index (`get(id)` sends it again).
+    FileEntry { id: u64, at: String, sender: String, target: String, filename: String, size: u64, blake3: String }
+    /// `[FILES END] <count> files`.
+    FilesEnd { count: usize }
     /// `ERROR: <reason>`: the server refused something.
     ServerError { reason: String }
     /// A server line of no known shape, as it came.
@@ -122,6 +128,11 @@ events! {
 pub(super) struct PyEvent(pub EngineEvent);
 
 impl PyEvent {
+    /// One line of a `files` answer, as its event.
+    pub(super) fn file(line: ServerLine) -> Self {
+        Self(EngineEvent::Line(line))
+    }
+
     /// One message of a `history` answer, as its event.
     pub(super) fn history(entry: crate::client::HistoryEntry) -> Self {
         Self(EngineEvent::Line(ServerLine::History {
@@ -276,6 +287,29 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 line,
             ),
             ServerLine::HistoryEnd { count } => make(py, HistoryEnd { count }, line),
+            ServerLine::FileQueued { user } => make(py, FileQueued { user }, line),
+            ServerLine::FileEntry {
+                id,
+                at,
+                sender,
+                target,
+                filename,
+                size,
+                blake3,
+            } => make(
+                py,
+                FileEntry {
+                    id,
+                    at,
+                    sender,
+                    target,
+                    filename,
+                    size,
+                    blake3,
+                },
+                line,
+            ),
+            ServerLine::FilesEnd { count } => make(py, FilesEnd { count }, line),
             // The extension's own lines are the engine's business; should one escape
             // the routing, it shows as text.
             ServerLine::Other(text) => make(py, ServerText { text }, line),

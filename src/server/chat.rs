@@ -25,9 +25,10 @@ use super::{read_username, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
-    check_password, parse_command, parse_history, Call, Parsed, Spec, BROADCAST, GROUPS, HELLO,
-    HISTORY, JOIN, LEAVE, LIST, MEMBERS, MSG, PASSWD, REGISTER, SEND_GROUP,
+    check_password, parse_command, parse_history, Call, Parsed, Spec, BROADCAST, FILES, GET,
+    GROUPS, HELLO, HISTORY, JOIN, LEAVE, LIST, MEMBERS, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
+use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{check_group, normalize};
 use crate::protocol::{CommandError, ServerLine};
 use crate::store::{Account, Message, Scope};
@@ -135,7 +136,7 @@ enum Handler {
 }
 
 /// Every command of the protocol's table with the code that runs it.
-static HANDLERS: [(&Spec, Handler); 11] = [
+static HANDLERS: [(&Spec, Handler); 13] = [
     (&MSG, Handler::Later(msg)),
     (&BROADCAST, Handler::Later(broadcast)),
     (&LIST, Handler::Now(list)),
@@ -145,6 +146,8 @@ static HANDLERS: [(&Spec, Handler); 11] = [
     (&GROUPS, Handler::Now(groups)),
     (&MEMBERS, Handler::Now(members)),
     (&HISTORY, Handler::Later(history)),
+    (&FILES, Handler::Later(files)),
+    (&GET, Handler::Later(get)),
     (&REGISTER, Handler::Later(register)),
     (&PASSWD, Handler::Later(passwd)),
 ];
@@ -694,6 +697,89 @@ fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
         }
         session.reply(ServerLine::HistoryEnd { count });
     })
+}
+
+/// Files `files` lists at most.
+const FILES_LISTED: usize = 50;
+
+/// `files`: the last files one sent, or that were sent to one or to one's groups.
+fn files<'a>(session: &'a Session<'a>, _call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        if !session.registered() {
+            return session.refuse(Refusal::NeedsAccount("files"));
+        }
+        let user = session.user;
+        let groups = session.shared.registry.groups_of(user);
+        let targets = std::iter::once(user.to_owned())
+            .chain(groups.into_iter().map(|g| format!("{GROUP_PREFIX}{g}")))
+            .collect();
+        let found = session
+            .shared
+            .store
+            .files_of(user, targets, FILES_LISTED)
+            .await;
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                warn!("[STORE] cannot list {user}'s files: {e}");
+                return session.refuse(Refusal::StoreFailed);
+            }
+        };
+        let count = found.len();
+        for file in found {
+            session.reply(ServerLine::FileEntry {
+                id: file.id,
+                at: humantime::format_rfc3339_seconds(file.at).to_string(),
+                sender: file.sender,
+                target: file.target,
+                filename: file.filename,
+                size: file.size,
+                blake3: match file.blake3.is_empty() {
+                    true => "-".into(),
+                    false => file.blake3,
+                },
+            });
+        }
+        session.reply(ServerLine::FilesEnd { count });
+    })
+}
+
+/// `get <id>`: a file of the index, sent again on one's file connection as a forward.
+fn get<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
+    Box::pin(async move {
+        if let Err(refusal) = send_again(session, call.arg(0)).await {
+            session.refuse(refusal);
+        }
+    })
+}
+
+async fn send_again(session: &Session<'_>, arg: &str) -> Result<(), Refusal> {
+    let (shared, user) = (session.shared, session.user);
+    if !session.registered() {
+        return Err(Refusal::NeedsAccount("get"));
+    }
+    let id: u64 = arg
+        .trim()
+        .trim_start_matches('#')
+        .parse()
+        .map_err(|_| Refusal::NoSuchFile(0))?;
+    let file = shared.store.file(id).await.map_err(|e| {
+        warn!("[STORE] cannot look up file #{id}: {e}");
+        Refusal::StoreFailed
+    })?;
+    let mine = |f: &crate::store::FileRecord| {
+        f.sender == user
+            || f.target == user
+            || f.target
+                .strip_prefix(GROUP_PREFIX)
+                .is_some_and(|g| shared.registry.members(g, user).is_some())
+    };
+    let file = file.filter(mine).ok_or(Refusal::NoSuchFile(id))?;
+    info!(
+        "[FILE] {user} asked for file #{id} ({}) again",
+        file.saved_as
+    );
+    super::file::forward_saved(shared, user, &file, false)
 }
 
 /// `register <password>`: a guest claims its name.

@@ -359,6 +359,12 @@ impl Registry {
         self.state().registered(user)
     }
 
+    /// Whether `user` is registered and has no chat session (what is sent to it waits).
+    pub(crate) fn away(&self, user: &str) -> bool {
+        let st = self.state();
+        st.registered(user) && !st.chats.contains_key(user)
+    }
+
     /// A login for `user` from `ip` waits for its password (a file connection of that
     /// name from that address is held meanwhile).
     pub(crate) fn begin_login(&self, user: &str, ip: IpAddr) {

@@ -72,7 +72,7 @@ pub struct Message {
 /// One file the server saved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRecord {
-    /// The upload's id (unique for the server's life).
+    /// Its id in the index (given by [`Store::record_file`], which ignores this field).
     pub id: u64,
     /// Who uploaded it.
     pub sender: String,
@@ -141,10 +141,25 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets history older than `before`; returns how many messages went.
     fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64>;
 
-    /// Adds a saved file to the index.
-    fn record_file(&self, file: FileRecord) -> StoreFuture<'_, ()>;
-    /// Files sent by or to `user` (directly), oldest first.
-    fn files_of(&self, user: &str) -> StoreFuture<'_, Vec<FileRecord>>;
+    /// Adds a saved file to the index; returns its id there.
+    fn record_file(&self, file: FileRecord) -> StoreFuture<'_, u64>;
+    /// The last `limit` files sent by `user` or to one of `targets` (`bob`, `GROUP:devs`),
+    /// oldest first.
+    fn files_of(
+        &self,
+        user: &str,
+        targets: Vec<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<FileRecord>>;
+    /// The indexed file with this id.
+    fn file(&self, id: u64) -> StoreFuture<'_, Option<FileRecord>>;
+
+    /// Keeps file `id` for `user` until its next login with a file connection.
+    fn queue_file(&self, user: &str, id: u64) -> StoreFuture<'_, ()>;
+    /// The files kept for `user`, oldest first.
+    fn queued_files(&self, user: &str) -> StoreFuture<'_, Vec<FileRecord>>;
+    /// Forgets that file `id` waits for `user` (it was delivered).
+    fn drop_queued_file(&self, user: &str, id: u64) -> StoreFuture<'_, ()>;
 
     /// Bytes of saved copies `user` has stored.
     fn bytes_stored(&self, user: &str) -> StoreFuture<'_, u64>;
@@ -327,13 +342,50 @@ pub(crate) mod contract {
             blake3: blake3::hash(b"abc").to_hex().to_string(),
             at: at(1_700_000_001),
         };
-        store.record_file(file.clone()).await.expect("ok");
+        let id = store.record_file(file.clone()).await.expect("ok");
+        let file = FileRecord { id, ..file };
+        let to_group = FileRecord {
+            target: "GROUP:devs".into(),
+            ..file.clone()
+        };
+        let group_id = store.record_file(to_group.clone()).await.expect("ok");
+        let to_group = FileRecord {
+            id: group_id,
+            ..to_group
+        };
+        assert_ne!(id, group_id);
+        let of = |user: &'static str, targets: &[&str], limit| {
+            let targets = targets.iter().map(|t| t.to_string()).collect();
+            store.files_of(user, targets, limit)
+        };
         assert_eq!(
-            store.files_of("bob").await.expect("read"),
+            of("bob", &["bob"], 10).await.expect("read"),
             std::slice::from_ref(&file)
         );
-        assert_eq!(store.files_of("alice").await.expect("read"), [file]);
-        assert!(store.files_of("carol").await.expect("read").is_empty());
+        assert_eq!(
+            of("bob", &["bob", "GROUP:devs"], 10).await.expect("read"),
+            [file.clone(), to_group.clone()]
+        );
+        assert_eq!(
+            of("alice", &["alice"], 10).await.expect("read"),
+            [file.clone(), to_group.clone()],
+            "what one sent"
+        );
+        assert_eq!(
+            of("alice", &["alice"], 1).await.expect("read"),
+            std::slice::from_ref(&to_group),
+            "the last ones"
+        );
+        assert!(of("carol", &["carol"], 10).await.expect("read").is_empty());
+        assert_eq!(store.file(id).await.expect("read"), Some(file.clone()));
+        assert_eq!(store.file(id + 100).await.expect("read"), None);
+
+        store.queue_file("carol", id).await.expect("ok");
+        store.queue_file("carol", group_id).await.expect("ok");
+        let waiting = store.queued_files("carol").await.expect("read");
+        assert_eq!(waiting, [file.clone(), to_group]);
+        store.drop_queued_file("carol", id).await.expect("ok");
+        assert_eq!(store.queued_files("carol").await.expect("read").len(), 1);
 
         store.add_bytes_stored("alice", 100).await.expect("ok");
         store.add_bytes_stored("alice", -30).await.expect("ok");

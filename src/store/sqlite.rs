@@ -84,6 +84,11 @@ CREATE TABLE inbox_sizes (
 );
 INSERT INTO inbox_sizes (user, n) SELECT user, count(*) FROM inbox GROUP BY user;
 CREATE INDEX history_by_pair ON history (scope_kind, scope, sender, id);
+CREATE TABLE queued_files (
+    user TEXT NOT NULL,
+    file INTEGER NOT NULL,
+    PRIMARY KEY (user, file)
+);
 "#,
 ];
 
@@ -521,6 +526,9 @@ fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
+/// The columns `file_row` reads, in its order.
+const FILE_COLUMNS: &str = "id, sender, target, filename, saved_as, size, at_ms, blake3";
+
 fn file_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
     Ok(FileRecord {
         id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
@@ -587,7 +595,7 @@ impl Store for SqliteStore {
             let gone = conn
                 .execute("DELETE FROM accounts WHERE name = ?1", [&name])
                 .map_err(sql)?;
-            for table in ["memberships", "inbox", "inbox_sizes"] {
+            for table in ["memberships", "inbox", "inbox_sizes", "queued_files"] {
                 conn.execute(&format!("DELETE FROM {table} WHERE user = ?1"), [&name])
                     .map_err(sql)?;
             }
@@ -802,13 +810,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record_file(&self, file: FileRecord) -> StoreFuture<'_, ()> {
+    fn record_file(&self, file: FileRecord) -> StoreFuture<'_, u64> {
         self.write(move |conn| {
             conn.execute(
                 "INSERT INTO files (upload_id, sender, target, filename, saved_as, size, at_ms, blake3) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
-                    int(file.id),
                     file.sender,
                     file.target,
                     file.filename,
@@ -818,22 +825,94 @@ impl Store for SqliteStore {
                     file.blake3
                 ],
             )
+            .map_err(sql)?;
+            Ok(u64::try_from(conn.last_insert_rowid()).unwrap_or(0))
+        })
+    }
+
+    fn files_of(
+        &self,
+        user: &str,
+        targets: Vec<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<FileRecord>> {
+        let user = user.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            // The user's own uploads, and each target's: one index range each.
+            let mut found: Vec<FileRecord> = Vec::new();
+            let mut by_sender = conn
+                .prepare_cached(&format!(
+                    "SELECT {FILE_COLUMNS} FROM files WHERE sender = ?1 ORDER BY id DESC LIMIT ?2"
+                ))
+                .map_err(sql)?;
+            let rows = by_sender
+                .query_map(params![user, limit], file_row)
+                .map_err(sql)?;
+            found.extend(rows.collect::<Result<Vec<_>, _>>().map_err(sql)?);
+            let mut by_target = conn
+                .prepare_cached(&format!(
+                    "SELECT {FILE_COLUMNS} FROM files WHERE target = ?1 ORDER BY id DESC LIMIT ?2"
+                ))
+                .map_err(sql)?;
+            for target in &targets {
+                let rows = by_target
+                    .query_map(params![target, limit], file_row)
+                    .map_err(sql)?;
+                found.extend(rows.collect::<Result<Vec<_>, _>>().map_err(sql)?);
+            }
+            found.sort_unstable_by_key(|f| std::cmp::Reverse(f.id));
+            found.dedup_by_key(|f| f.id);
+            found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            found.reverse();
+            Ok(found)
+        })
+    }
+
+    fn file(&self, id: u64) -> StoreFuture<'_, Option<FileRecord>> {
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"))
+                .and_then(|mut stmt| stmt.query_row([int(id)], file_row).optional())
+                .map_err(sql)
+        })
+    }
+
+    fn queue_file(&self, user: &str, id: u64) -> StoreFuture<'_, ()> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO queued_files (user, file) VALUES (?1, ?2)",
+                params![user, int(id)],
+            )
             .map(drop)
             .map_err(sql)
         })
     }
 
-    fn files_of(&self, user: &str) -> StoreFuture<'_, Vec<FileRecord>> {
+    fn queued_files(&self, user: &str) -> StoreFuture<'_, Vec<FileRecord>> {
         let user = user.to_owned();
         self.read(move |conn| {
+            let columns = FILE_COLUMNS.replace(", ", ", f.");
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT upload_id, sender, target, filename, saved_as, size, at_ms, blake3 FROM files \
-                     WHERE sender = ?1 OR target = ?1 ORDER BY id",
-                )
+                .prepare_cached(&format!(
+                    "SELECT f.{columns} FROM queued_files q JOIN files f ON f.id = q.file \
+                     WHERE q.user = ?1 ORDER BY q.file"
+                ))
                 .map_err(sql)?;
             let rows = stmt.query_map([&user], file_row).map_err(sql)?;
             rows.collect::<Result<_, _>>().map_err(sql)
+        })
+    }
+
+    fn drop_queued_file(&self, user: &str, id: u64) -> StoreFuture<'_, ()> {
+        let user = user.to_owned();
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM queued_files WHERE user = ?1 AND file = ?2",
+                params![user, int(id)],
+            )
+            .map(drop)
+            .map_err(sql)
         })
     }
 
@@ -933,7 +1012,7 @@ mod tests {
                 .expect("old row");
             }
             let store = SqliteStore::open(&path).expect("migrates");
-            let files = store.files_of("alice").await.expect("read");
+            let files = store.files_of("alice", Vec::new(), 10).await.expect("read");
             assert_eq!(files.len(), 1, "from version {version}");
             assert_eq!(files[0].filename, "a.txt");
             assert_eq!(files[0].blake3, "", "no hash was kept then");

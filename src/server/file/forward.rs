@@ -18,7 +18,9 @@ use tracing::warn;
 use super::super::Shared;
 use crate::flow::Refusal;
 use crate::net::{write_with_progress, ConnWrite};
-use crate::protocol::ServerLine;
+use crate::protocol::file_header::GROUP_PREFIX;
+use crate::protocol::{ForwardHeader, ServerLine};
+use crate::store::FileRecord;
 use crate::transfer::BODY_CHUNK;
 
 /// Forwards that may wait on one file connection; more are refused with an error line.
@@ -60,9 +62,49 @@ pub(crate) struct ForwardJob {
     pub(crate) sender: String,
     /// The file's name as sent.
     pub(crate) filename: String,
+    /// A file that waited for its recipient: its index id, forgotten once it is sent.
+    pub(crate) queued: Option<u64>,
 }
 
 impl ForwardJob {
+    /// A forward of a file the server has saved (a file that waited for its recipient, or
+    /// one asked for again with `get`).
+    pub(crate) fn saved(
+        shared: &Shared,
+        file: &FileRecord,
+        queued: bool,
+    ) -> std::io::Result<ForwardJob> {
+        let src = std::fs::File::open(shared.config.data_dir.join(&file.saved_as))?;
+        let (_done, progress) = watch::channel(Progress::Done(file.size));
+        let header = ForwardHeader {
+            sender: file.sender.clone(),
+            filename: file.filename.clone(),
+            size: file.size,
+        };
+        let notice = match file.target.strip_prefix(GROUP_PREFIX) {
+            Some(group) => ServerLine::FileToGroup {
+                from: file.sender.clone(),
+                filename: file.filename.clone(),
+                group: group.into(),
+            },
+            None => ServerLine::FileIncoming {
+                from: file.sender.clone(),
+                filename: file.filename.clone(),
+                size: file.size,
+            },
+        };
+        Ok(ForwardJob {
+            notice,
+            header: Bytes::from(header.to_wire()),
+            src: Arc::new(src),
+            progress,
+            size: file.size,
+            sender: file.sender.clone(),
+            filename: file.filename.clone(),
+            queued: queued.then_some(file.id),
+        })
+    }
+
     fn aborted(&self) -> bool {
         *self.progress.borrow() == Progress::Aborted
     }
@@ -156,6 +198,11 @@ pub(super) async fn forward_all(
             kill.cancel();
             break;
         }
+        if let Some(id) = job.queued {
+            if let Err(e) = shared.store.drop_queued_file(&recipient, id).await {
+                warn!("[STORE] cannot note file #{id} as delivered to {recipient}: {e}");
+            }
+        }
     }
     // Forwards still waiting will never run: their senders hear it.
     queue.close();
@@ -165,6 +212,34 @@ pub(super) async fn forward_all(
             tell(&shared, &job.sender, not_delivered(&job, &recipient, why));
         }
     }
+}
+
+/// Queues the forward of a saved file on `recipient`'s file connection.
+pub(crate) fn forward_saved(
+    shared: &Shared,
+    recipient: &str,
+    file: &FileRecord,
+    queued: bool,
+) -> Result<(), Refusal> {
+    let link = shared
+        .registry
+        .file_link(recipient)
+        .ok_or(Refusal::NoFileConnection)?;
+    let job = ForwardJob::saved(shared, file, queued).map_err(|e| {
+        warn!("[FILE FORWARD ERROR] cannot open {}: {e}", file.saved_as);
+        Refusal::NotDelivered {
+            filename: file.filename.clone(),
+            recipient: recipient.into(),
+            why: format!("the server's copy cannot be read ({e})"),
+        }
+    })?;
+    link.jobs.try_send(Box::new(job)).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => Refusal::TooManyWaiting {
+            recipient: recipient.into(),
+            saved_as: file.saved_as.clone(),
+        },
+        mpsc::error::TrySendError::Closed(_) => Refusal::NoFileConnection,
+    })
 }
 
 /// Waits until the spool holds more than `sent` bytes; returns how many it holds.

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub(crate) use forward::FileLink;
+pub(crate) use forward::{forward_saved, FileLink};
 pub(crate) use spool::remove_stale as remove_stale_spools;
 
 use super::{checked_name, read_first_line, Shared};
@@ -93,6 +93,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
         ready_at,
     ));
     info!("[FILE SOCKET] {user} connected for files from {addr}");
+    deliver_queued(&shared, &user).await;
     reader.require_newlines(shared.config.limits.max_header);
 
     loop {
@@ -159,6 +160,27 @@ async fn handshake(
     });
     shared.registry.add_file(&user, chat_id, id, link)?;
     Ok((user, queue))
+}
+
+/// Forwards the files that waited for `user` while it was away (each is forgotten once it
+/// has been sent whole).
+async fn deliver_queued(shared: &Shared, user: &str) {
+    if !shared.registry.is_registered(user) {
+        return;
+    }
+    let waiting = match shared.store.queued_files(user).await {
+        Ok(waiting) => waiting,
+        Err(e) => return warn!("[STORE] cannot read the files kept for {user}: {e}"),
+    };
+    for file in waiting {
+        if let Err(refusal) = forward_saved(shared, user, &file, true) {
+            warn!(
+                "[FILE FORWARD ERROR] {user} <- kept file #{}: {refusal}",
+                file.id
+            );
+            break;
+        }
+    }
 }
 
 /// After a bad header: skip the body when the header's last field is a size, else discard

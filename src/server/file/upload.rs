@@ -31,6 +31,8 @@ enum Notice {
     ToSelf,
     /// The recipient has no file connection: saved only.
     NoFileSocket(String),
+    /// The recipient is registered and away: saved, and forwarded at its next login.
+    Queued(String),
     /// The uploader is not in the group it sent to.
     NotInGroup(String),
     /// The recipient had too many forwards waiting.
@@ -58,6 +60,7 @@ impl Notice {
                 user: user.clone(),
                 saved_as: saved.into(),
             },
+            Notice::Queued(user) => ServerLine::FileQueued { user: user.clone() },
             Notice::NotInGroup(group) => ServerLine::NotInGroup {
                 group: group.clone(),
             },
@@ -153,8 +156,25 @@ pub(super) async fn upload(
         blake3: hash.to_hex().to_string(),
         at: SystemTime::now(),
     };
-    if let Err(e) = shared.store.record_file(record).await {
+    let indexed = shared.store.record_file(record).await;
+    if let Err(e) = &indexed {
         warn!("[STORE] cannot index a saved file: {e}");
+    }
+    // Recipients who are away get the file at their next login: keep it for them (before
+    // its sender is told so).
+    let mut notices = notices;
+    for notice in &mut notices {
+        let Notice::Queued(recipient) = notice else {
+            continue;
+        };
+        let kept = match &indexed {
+            Ok(id) => shared.store.queue_file(recipient, *id).await,
+            Err(e) => Err(e.clone()),
+        };
+        if let Err(e) = kept {
+            warn!("[STORE] cannot keep '{saved}' for {recipient}: {e}");
+            *notice = Notice::NoFileSocket(std::mem::take(recipient));
+        }
     }
     if let Some(outbox) = shared.registry.outbox(user) {
         for notice in &notices {
@@ -224,6 +244,7 @@ fn plan(shared: &Shared, user: &str, header: &UploadHeader) -> (Vec<Forward>, Ve
     let (mut forwards, mut notices) = (Vec::new(), Vec::new());
     match &header.target {
         Target::User(to) if to == user => notices.push(Notice::ToSelf),
+        Target::User(to) if registry.away(to) => notices.push(Notice::Queued(to.clone())),
         Target::User(to) => match registry.file_link(to) {
             Some(link) => forwards.push(Forward {
                 recipient: to.clone(),
@@ -240,6 +261,10 @@ fn plan(shared: &Shared, user: &str, header: &UploadHeader) -> (Vec<Forward>, Ve
             None => notices.push(Notice::NotInGroup(group.clone())),
             Some(members) => {
                 for member in members {
+                    if registry.away(&member) {
+                        notices.push(Notice::Queued(member));
+                        continue;
+                    }
                     match registry.file_link(&member) {
                         Some(link) => forwards.push(Forward {
                             recipient: member,
@@ -307,6 +332,7 @@ fn queue_forwards(
             size: header.size,
             sender: user.into(),
             filename: header.filename.clone(),
+            queued: None,
         };
         match link.jobs.try_send(Box::new(job)) {
             Ok(()) => {}
