@@ -41,6 +41,8 @@ struct Args {
     users: usize,
     senders: usize,
     sources: u8,
+    /// Answers a server that asks for a password (registered names).
+    password: Option<String>,
 }
 
 fn parse_args() -> Result<Args, lexopt::Error> {
@@ -59,6 +61,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
         users: 50,
         senders: 5,
         sources: 1,
+        password: None,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next()? {
@@ -76,6 +79,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("users") => a.users = p.value()?.parse()?,
             Long("senders") => a.senders = p.value()?.parse()?,
             Long("sources") => a.sources = p.value()?.parse()?,
+            Long("password") => a.password = Some(p.value()?.string()?),
             _ => return Err(arg.unexpected()),
         }
     }
@@ -147,6 +151,15 @@ async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Op
     };
     let mut buf = Vec::new();
     chat.line(&mut buf).await?;
+    if let (true, Some(password)) = (
+        buf == format!("Password for {name}:").as_bytes(),
+        &a.password,
+    ) {
+        chat.wr
+            .write_all(format!("{password}\n").as_bytes())
+            .await?;
+        chat.line(&mut buf).await?;
+    }
     if buf != format!("Welcome, {name}!").as_bytes() {
         return Err(format!("{name}: {}", String::from_utf8_lossy(&buf)).into());
     }

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from relaychat import AccountBook
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "target" / "release" / "relaybench"
@@ -157,6 +160,174 @@ def messages(kind: str, tmp: Path, *args: str) -> dict:
         rate = r["msgs_per_s"] if kind == "private" else r["deliveries_per_s"]
         key = "msgs/s" if kind == "private" else "deliveries/s"
         return {key: rate, "p50 µs": r["p50_us"], "p99 µs": r["p99_us"], "max µs": r["max_us"]}
+
+    return with_server(tmp, go)
+
+
+def history_cost(history: bool, msgs: int, tmp: Path) -> dict:
+    """Private messages, pipelined, with the history kept or not; afterwards every message
+    must be in the history (or none, with `--history off`)."""
+    data = Path(tempfile.mkdtemp(dir=tmp))
+    # Private messages are kept between registered users only: register all 100 first.
+    book = AccountBook(data / "relaychat.db")
+    for i in range(50):
+        for name in (f"r{i}", f"s{i}"):
+            book.add(name, "bench-password")
+    del book
+    server = ServerProc(data, *([] if history else ["--history", "off"]))
+    try:
+        r = run_generator(
+            server,
+            "private",
+            "--pairs",
+            "50",
+            "--messages",
+            str(msgs),
+            "--window",
+            "64",
+            "--password",
+            "bench-password",
+        )
+    finally:
+        server.stop()
+    with sqlite3.connect(data / "relaychat.db") as db:
+        kept = db.execute("SELECT count(*) FROM history").fetchone()[0]
+    shutil.rmtree(data, ignore_errors=True)
+    expected = 50 * msgs if history else 0
+    if kept != expected:
+        raise RuntimeError(f"{kept} messages in the history, expected {expected}")
+    return {"msgs/s": r["msgs_per_s"], "p99 µs": r["p99_us"], "in history": kept}
+
+
+class Line:
+    """A netcat-style chat connection: lines out, lines in."""
+
+    def __init__(self, port: int, name: str, password: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.reader = self.sock.makefile("rb")
+        self.send(f"{name}\n")
+        line = self.reader.readline()
+        if password is not None:
+            if line != f"Password for {name}:\n".encode():
+                raise RuntimeError(f"{name}: expected the password prompt, got {line!r}")
+            self.send(f"{password}\n")
+            line = self.reader.readline()
+        if line != f"Welcome, {name}!\n".encode():
+            raise RuntimeError(f"{name}: expected the welcome, got {line!r}")
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def line(self) -> bytes:
+        return self.reader.readline()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def register_user(port: int, name: str, password: str) -> None:
+    user = Line(port, name)
+    user.send(f"register {password}\n")
+    if user.line() != f"Registered {name}.\n".encode():
+        raise RuntimeError(f"cannot register {name}")
+    user.close()
+    probe = Line(port, f"probe-{name}")
+    while True:  # until the server has seen the session end
+        probe.send("list\n")
+        if name not in probe.line().decode():
+            break
+    probe.close()
+
+
+def inbox(total: int, senders: int, tmp: Path) -> dict:
+    """`senders` guests queue `total` messages for a registered user who is away (each
+    pipelining its share); then the user logs in: how long until the last one is there.
+    Every message must arrive once, in each sender's order."""
+
+    def go(server: ServerProc) -> dict:
+        register_user(server.chat, "owner", "owner-password")
+        per = total // senders
+        conns = [Line(server.chat, f"q{k}") for k in range(senders)]
+        t0 = time.perf_counter()
+
+        def queue(k: int) -> None:
+            conn = conns[k]
+            conn.send("".join(f"msg owner {k} {i}\n" for i in range(per)))
+            for _ in range(per):
+                if conn.line() != b"User owner is offline; message queued.\n":
+                    raise RuntimeError("a message was not queued")
+
+        threads = [threading.Thread(target=queue, args=(k,)) for k in range(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        queued_s = time.perf_counter() - t0
+        sock = socket.create_connection(("127.0.0.1", server.chat), timeout=60)
+        reader = sock.makefile("rb")
+        sock.sendall(b"owner\n")
+        if reader.readline() != b"Password for owner:\n":
+            raise RuntimeError("no password prompt")
+        t1 = time.perf_counter()
+        sock.sendall(b"owner-password\n")
+        if reader.readline() != b"Welcome, owner!\n":
+            raise RuntimeError("no welcome")
+        seen = [0] * senders
+        for _ in range(per * senders):
+            line = reader.readline().decode()
+            k, i = (int(x) for x in line.split("]: ", 1)[1].split())
+            if i != seen[k]:
+                raise RuntimeError(f"from q{k}: got #{i}, expected #{seen[k]}")
+            seen[k] += 1
+        delivered_s = time.perf_counter() - t1
+        reader.close()
+        sock.close()
+        for conn in conns:
+            conn.close()
+        return {
+            "queued msgs/s": per * senders / queued_s,
+            "login to last message s": delivered_s,
+        }
+
+    return with_server(tmp, go)
+
+
+def logins_vs_chat(rate: int, msgs: int, tmp: Path) -> dict:
+    """Chat latency (private, closed loop) alone and while a registered user logs in and
+    out `rate` times a second (each login hashes a password with argon2id)."""
+
+    def go(server: ServerProc) -> dict:
+        register_user(server.chat, "visitor", "visitor-password")
+        args = ["private", "--pairs", "50", "--messages", str(msgs)]
+        alone = run_generator(server, *args)
+        stop, done = threading.Event(), []
+
+        def log_in_and_out() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                Line(server.chat, "visitor", "visitor-password").close()
+                done.append(time.perf_counter() - t)
+                stop.wait(max(0.0, 1 / rate - (time.perf_counter() - t)))
+
+        bots = [threading.Thread(target=log_in_and_out) for _ in range(2)]
+        t0 = time.perf_counter()
+        for b in bots:
+            b.start()
+        try:
+            busy = run_generator(server, *args)
+        finally:
+            stop.set()
+            for b in bots:
+                b.join()
+        seconds = time.perf_counter() - t0
+        return {
+            "p99 µs alone": alone["p99_us"],
+            "p99 µs with logins": busy["p99_us"],
+            "p99 ratio": busy["p99_us"] / max(alone["p99_us"], 1),
+            "logins/s": len(done) / seconds,
+            "login ms p50": 1000 * statistics.median(done) if done else 0,
+        }
 
     return with_server(tmp, go)
 
@@ -411,10 +582,6 @@ def main() -> int:
             lambda t: messages("private", t, *private_args, n(40, 4000)),
         ),
         (
-            "private, 50 pairs, pipelined (window 64)",
-            lambda t: messages("private", t, *private_args, n(200, 40000), "--window", "64"),
-        ),
-        (
             "broadcast, 50 users, 5 senders, closed loop",
             lambda t: messages("broadcast", t, "--users", "50", *fanout_args, n(20, 2000)),
         ),
@@ -432,6 +599,23 @@ def main() -> int:
                 "--sources",
                 "4",
             ),
+        ),
+        (
+            "private, 50 pairs, pipelined (window 64), --history off",
+            lambda t: history_cost(False, int(n(200, 40000)), t),
+        ),
+        (
+            "private, 50 pairs, pipelined (window 64), history on (default; every message "
+            "checked in it afterwards)",
+            lambda t: history_cost(True, int(n(200, 40000)), t),
+        ),
+        (
+            "inbox: 100,000 messages queued by 100 senders, then their owner logs in",
+            lambda t: inbox(int(n(1000, 100_000)), int(n(10, 100)), t),
+        ),
+        (
+            "logins: private closed loop, alone and with 20 logins/s (argon2id)",
+            lambda t: logins_vs_chat(20, int(n(40, 2000)), t),
         ),
         (
             "storm: 200 users each pipelining 200 broadcasts at once",

@@ -84,6 +84,9 @@ pub(crate) enum Refusal {
     /// A file connection whose secret is not its chat session's.
     #[error("the file connection's proof does not match a chat session of '{0}'")]
     BadProof(String),
+    /// A name-only file connection for a session whose client was given a proof.
+    #[error("'{0}' must open its file connection with its session's proof")]
+    ProofRequired(String),
     /// A request that needs the user's file connection, which it does not have.
     #[error("you have no file connection")]
     NoFileConnection,

@@ -239,6 +239,12 @@ def test_a_file_connection_with_a_wrong_proof_is_refused(net):
     assert stranger.expect_closed() == (
         b"ERROR: the file connection's proof does not match a chat session of 'alice'\n"
     )
+    # Without a proof, the same address is not enough for a session that was given one.
+    bare = net.wire("file", "alice")
+    bare.send("alice\n")
+    assert bare.expect_closed() == (
+        b"ERROR: 'alice' must open its file connection with its session's proof\n"
+    )
 
 
 def test_accounts_survive_a_restart(tmp_path):

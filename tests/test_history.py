@@ -63,6 +63,23 @@ def test_a_group_history_is_for_its_members(net):
     bob.expect("You are not in group 'devs'")
 
 
+def test_what_a_name_said_as_a_guest_is_not_its_new_owners_history(net):
+    register(net, "bob")
+    bob = log_in(net, "bob")
+    stranger = net.chat("alice")  # a guest, before anyone registered "alice"
+    stranger.send("msg bob a guest's secret\n")
+    bob.expect("[PRIVATE from alice]: a guest's secret")
+    stranger.send(f"register {PASSWORD}\n")  # now someone owns the name
+    stranger.expect("Registered alice.")
+    stranger.send("history bob\n")
+    stranger.expect("[HISTORY END] 0 messages")
+    bob.send("msg alice welcome\n")
+    stranger.expect("[PRIVATE from bob]: welcome")
+    stranger.send("history bob\n")
+    got = stranger.lines_until(lambda line: line.startswith("[HISTORY END]"))
+    assert [ENTRY.fullmatch(line).group(3) for line in got[:-1]] == ["welcome"]
+
+
 def test_guests_have_no_history(net):
     guest = net.chat("guest")
     guest.send("history bob\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from relaychat import GroupMessage, MessageQueued, PrivateMessage, ServerError, UserNotFound
 
@@ -81,6 +82,36 @@ def test_messages_sent_while_the_inbox_is_delivered_come_after_it(net):
     assert got[0] == "Welcome, bob!"
     texts = [line.removeprefix("[PRIVATE from alice]: ") for line in got[1:]]
     assert texts == [f"q{i}" for i in range(queued)] + [f"live{i}" for i in range(100)]
+
+
+def test_a_flood_during_the_replay_does_not_hold_the_user_back(net):
+    """Messages that keep coming while the inbox is delivered wait behind it in memory:
+    the replay ends, and the user's own commands are answered."""
+    register(net, "bob")
+    alice = net.chat("alice")
+    alice.send("".join(f"msg bob q{i}\n" for i in range(500)))
+    for _ in range(500):
+        alice.expect("User bob is offline; message queued.")
+    stop = threading.Event()
+
+    def flood() -> None:
+        flooder = net.chat("flooder")
+        i = 0
+        while not stop.is_set():
+            flooder.send("".join(f"msg bob f{i + j}\n" for j in range(50)))
+            i += 50
+
+    thread = threading.Thread(target=flood)
+    thread.start()
+    try:
+        bob = log_in(net, "bob")
+        bob.send("groups\n")
+        got = bob.lines_until(lambda line: line.startswith("Your groups:"), timeout=10)
+    finally:
+        stop.set()
+        thread.join()
+    queued = [line for line in got if ": q" in line]
+    assert queued == [f"[PRIVATE from alice]: q{i}" for i in range(500)]
 
 
 def test_group_messages_wait_for_registered_members_and_groups_outlast_connections(net):

@@ -294,6 +294,7 @@ async fn log_in(
         .map_err(io("sending password"))?;
     let welcome = next_reply(config, &mut reader).await?;
     let proof = match next_reply(config, &mut reader).await? {
+        ServerLine::Session { token } if token == "-" => return Ok((reader, wr, welcome, None)),
         ServerLine::Session { token } => token,
         other => {
             return Err(Error::Protocol(format!(

@@ -173,6 +173,9 @@ pub enum PasswordError {
     /// (`passwd <old> <new>`).
     #[error("password may not contain spaces or control characters")]
     BadChar,
+    /// The word our client asks for the extensions with (it could not be told apart).
+    #[error("password may not be '{HELLO}'")]
+    Reserved,
 }
 
 /// Checks a new password: one word of 8 characters to 128 bytes.
@@ -188,6 +191,9 @@ pub fn check_password(password: &str) -> Result<(), PasswordError> {
         .any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(PasswordError::BadChar);
+    }
+    if password == HELLO {
+        return Err(PasswordError::Reserved);
     }
     Ok(())
 }
@@ -420,6 +426,7 @@ mod tests {
         );
         assert_eq!(check_password("two words"), Err(PasswordError::BadChar));
         assert_eq!(check_password("tab\there!"), Err(PasswordError::BadChar));
+        assert_eq!(check_password(HELLO), Err(PasswordError::Reserved));
     }
 
     #[test]

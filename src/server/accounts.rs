@@ -3,9 +3,9 @@
 //! * Hashes use argon2id with OWASP's current parameters (19 MiB, 2 passes, 1 lane) and a
 //!   random salt, kept as PHC strings; verifying compares in constant time (the
 //!   `password-hash` crate's output comparison).
-//! * Hashing costs tens of milliseconds of one core by design, so it runs on tokio's
-//!   blocking pool behind a semaphore of [`HASHING_THREADS`] permits: a flood of logins
-//!   queues there and never takes the cores the chat tasks run on.
+//! * Hashing costs tens of milliseconds of one core by design, so it runs on one thread of
+//!   its own at the lowest priority (nice 19), fed by a bounded queue: a flood of logins
+//!   queues there, and the chat tasks take the CPU from it whenever they have work.
 //! * Failures are counted per name and per address. After the first, each wrong answer is
 //!   slowed by a second more (up to [`MAX_DELAY`]); at `login_attempts` failures the name
 //!   (or the address) is locked out for `login_lockout`, and a try meanwhile is refused
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::flow::Refusal;
 use crate::protocol::command::check_password;
@@ -28,8 +28,8 @@ use crate::protocol::names::{check_username, normalize};
 use crate::protocol::skeleton;
 use crate::store::{Account, Store};
 
-/// Hashes computed at once (each takes one core for tens of milliseconds).
-pub(crate) const HASHING_THREADS: usize = 1;
+/// Hashing jobs waiting at most; past it, logins wait to queue theirs.
+const HASHING_QUEUE: usize = 256;
 /// The longest a wrong password's answer is held back.
 const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Names and addresses with recent failures remembered at most (the oldest are forgotten).
@@ -62,15 +62,15 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     })
 }
 
-/// A random secret, in hex (for the file connection's proof).
-pub(crate) fn token() -> String {
+/// A random secret, in hex (for the file connection's proof); `None` without randomness
+/// (then no proof is given, and the file port goes by name and address).
+pub(crate) fn token() -> Option<String> {
     let mut bytes = [0u8; 16];
-    // Without randomness the token is all zeros and proves nothing; the file port then
-    // still accepts the name-and-address way, so log it and go on.
     if let Err(e) = getrandom::getrandom(&mut bytes) {
         tracing::error!("[ACCOUNTS] no randomness for a session token: {e}");
+        return None;
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Registers `name` with `password` in `store`, offline (the operator's `accounts add`):
@@ -131,6 +131,28 @@ async fn hash_blocking(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())?
 }
 
+/// Starts the hashing thread, at the lowest priority; it ends when the server drops its
+/// queue.
+fn start_hasher() -> mpsc::Sender<Job> {
+    let (tx, mut rx) = mpsc::channel::<Job>(HASHING_QUEUE);
+    let started = std::thread::Builder::new()
+        .name("relaychat-hash".into())
+        .spawn(move || {
+            // On Linux a thread's nice value is its own (setpriority on its thread id).
+            let me = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(me), 19) {
+                tracing::warn!("[ACCOUNTS] cannot lower the hashing thread's priority: {e}");
+            }
+            while let Some(job) = rx.blocking_recv() {
+                job();
+            }
+        });
+    if let Err(e) = started {
+        tracing::error!("[ACCOUNTS] cannot start the hashing thread: {e}");
+    }
+    tx
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Key {
     Name(String),
@@ -138,13 +160,21 @@ enum Key {
 }
 
 struct Failures {
+    /// Wrong passwords in the current streak.
     count: u32,
+    /// Attempts whose password is being checked.
+    in_flight: u32,
+    /// When the last one failed.
     last: Instant,
 }
 
+/// A password job for the hashing thread.
+type Job = Box<dyn FnOnce() + Send>;
+
 /// The server's password work and its guessing brakes.
 pub(crate) struct Accounts {
-    pool: Semaphore,
+    /// Jobs for the hashing thread (started with the first one).
+    hasher: std::sync::OnceLock<mpsc::Sender<Job>>,
     failures: Mutex<HashMap<Key, Failures>>,
     /// Failures that lock a name or an address out.
     attempts: u32,
@@ -155,7 +185,7 @@ pub(crate) struct Accounts {
 impl Accounts {
     pub(crate) fn new(attempts: usize, lockout: Duration) -> Self {
         Self {
-            pool: Semaphore::new(HASHING_THREADS),
+            hasher: std::sync::OnceLock::new(),
             failures: Mutex::default(),
             attempts: u32::try_from(attempts).unwrap_or(u32::MAX).max(1),
             lockout,
@@ -166,14 +196,13 @@ impl Accounts {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Refusal> {
-        let _permit = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|_| Refusal::ShuttingDown)?;
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| Refusal::StoreFailed)
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let hasher = self.hasher.get_or_init(start_hasher);
+        hasher.send(job).await.map_err(|_| Refusal::StoreFailed)?;
+        rx.await.map_err(|_| Refusal::StoreFailed)
     }
 
     /// Hashes a new password on the pool.
@@ -196,46 +225,94 @@ impl Accounts {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// If `name` or `ip` is locked out: for how many more seconds.
-    pub(crate) fn locked(&self, name: &str, ip: IpAddr) -> Option<u64> {
-        let table = self.table();
-        let left = [Key::Name(name.to_owned()), Key::Address(ip)]
-            .iter()
-            .filter_map(|key| table.get(key))
-            .filter(|f| f.count >= self.attempts)
-            .filter_map(|f| (f.last + self.lockout).checked_duration_since(Instant::now()))
-            .max()?;
-        Some(left.as_secs().max(1))
-    }
-
-    /// Counts a wrong password; returns how long to hold the answer back.
-    pub(crate) fn failed(&self, name: &str, ip: IpAddr) -> Duration {
+    /// Starts a password attempt for `name` from `ip`: refused while the name or the
+    /// address is locked out, or has as many attempts under way as it may still fail
+    /// (so parallel connections cannot guess past the limit).
+    pub(crate) fn attempt(&self, name: &str, ip: IpAddr) -> Result<Attempt<'_>, Refusal> {
         let mut table = self.table();
         let now = Instant::now();
-        if table.len() >= MAX_TRACKED {
-            table.retain(|_, f| now.duration_since(f.last) < self.lockout);
+        let keys = [Key::Name(name.to_owned()), Key::Address(ip)];
+        let mut wait = None;
+        for key in &keys {
+            let Some(f) = table.get_mut(key) else {
+                continue;
+            };
+            if f.in_flight == 0 && now.duration_since(f.last) >= self.lockout {
+                f.count = 0; // an old streak is forgiven
+            }
+            if f.count >= self.attempts {
+                let left = (f.last + self.lockout).saturating_duration_since(now);
+                wait = wait.max(Some(left.as_secs().max(1)));
+            } else if f.count + f.in_flight >= self.attempts {
+                wait = wait.max(Some(1));
+            }
         }
-        let mut worst = 0;
-        for key in [Key::Name(name.to_owned()), Key::Address(ip)] {
-            let entry = table.entry(key).or_insert(Failures {
+        if let Some(secs) = wait {
+            return Err(Refusal::TooManyAttempts(secs));
+        }
+        if table.len() >= MAX_TRACKED {
+            table.retain(|_, f| f.in_flight > 0 || now.duration_since(f.last) < self.lockout);
+        }
+        for key in &keys {
+            let entry = table.entry(key.clone()).or_insert(Failures {
                 count: 0,
+                in_flight: 0,
                 last: now,
             });
-            if now.duration_since(entry.last) >= self.lockout {
-                entry.count = 0; // an old streak is forgiven
-            }
-            entry.count += 1;
-            entry.last = now;
-            worst = worst.max(entry.count);
+            entry.in_flight += 1;
         }
-        (Duration::from_secs(u64::from(worst - 1))).min(MAX_DELAY)
+        Ok(Attempt {
+            accounts: self,
+            keys,
+        })
+    }
+}
+
+/// A password attempt under way (see [`Accounts::attempt`]); counted as a failure unless
+/// it [`succeeded`](Attempt::succeeded).
+pub(crate) struct Attempt<'a> {
+    accounts: &'a Accounts,
+    keys: [Key; 2],
+}
+
+impl Attempt<'_> {
+    /// A wrong password: counted against the name and the address; returns how long to
+    /// hold the answer back.
+    pub(crate) fn failed(self) -> Duration {
+        let mut table = self.accounts.table();
+        let now = Instant::now();
+        let mut worst = 0;
+        for key in &self.keys {
+            if let Some(f) = table.get_mut(key) {
+                f.count += 1;
+                f.last = now;
+                worst = worst.max(f.count);
+            }
+        }
+        Duration::from_secs(u64::from(worst.saturating_sub(1))).min(MAX_DELAY)
     }
 
-    /// A right password: the name's and the address's failures are forgotten.
-    pub(crate) fn succeeded(&self, name: &str, ip: IpAddr) {
-        let mut table = self.table();
-        table.remove(&Key::Name(name.to_owned()));
-        table.remove(&Key::Address(ip));
+    /// The right password: the name's failures are forgotten (the address's are not, or
+    /// one account of one's own would wash a guessing spree clean).
+    pub(crate) fn succeeded(self) {
+        let mut table = self.accounts.table();
+        if let Some(f) = table.get_mut(&self.keys[0]) {
+            f.count = 0;
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut table = self.accounts.table();
+        for key in &self.keys {
+            if let Some(f) = table.get_mut(key) {
+                f.in_flight = f.in_flight.saturating_sub(1);
+                if f.in_flight == 0 && f.count == 0 {
+                    table.remove(key);
+                }
+            }
+        }
     }
 }
 
@@ -265,21 +342,39 @@ mod tests {
         let accounts = Accounts::new(3, Duration::from_secs(60));
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
         let other: IpAddr = "10.0.0.2".parse().expect("ip");
-        assert_eq!(accounts.failed("alice", ip), Duration::ZERO);
-        assert_eq!(accounts.failed("alice", ip), Duration::from_secs(1));
-        assert_eq!(accounts.locked("alice", ip), None);
-        accounts.failed("alice", ip);
-        let left = accounts.locked("alice", other).expect("the name is locked");
+        let try_ = |name, ip| accounts.attempt(name, ip);
+        assert_eq!(try_("alice", ip).expect("free").failed(), Duration::ZERO);
+        assert_eq!(
+            try_("alice", ip).expect("free").failed(),
+            Duration::from_secs(1)
+        );
+        try_("alice", ip).expect("one left").failed();
+        let Err(Refusal::TooManyAttempts(left)) = try_("alice", other) else {
+            panic!("the name is locked");
+        };
         assert!((59..=60).contains(&left), "{left}");
-        assert!(accounts.locked("bob", ip).is_some(), "so is the address");
-        assert_eq!(accounts.locked("bob", other), None);
-        accounts.succeeded("alice", ip);
-        assert_eq!(accounts.locked("alice", ip), None);
+        assert!(try_("bob", ip).is_err(), "so is the address");
+        try_("bob", other).expect("free").succeeded();
+
+        // Attempts under way count: parallel connections cannot guess past the limit.
+        let fresh = Accounts::new(2, Duration::from_secs(60));
+        let first = fresh.attempt("carol", other).expect("free");
+        let second = fresh.attempt("carol", other).expect("free");
+        assert!(matches!(
+            fresh.attempt("carol", other),
+            Err(Refusal::TooManyAttempts(1))
+        ));
+        first.succeeded();
+        drop(second);
+        fresh
+            .attempt("carol", other)
+            .expect("free again")
+            .succeeded();
     }
 
     #[test]
     fn tokens_are_random_hex() {
-        let (a, b) = (token(), token());
+        let (a, b) = (token().expect("random"), token().expect("random"));
         assert_eq!(a.len(), 32);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);

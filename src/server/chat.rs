@@ -49,6 +49,8 @@ struct Session<'a> {
     user: &'a str,
     /// The chat connection's id.
     id: u64,
+    /// Where it connected from.
+    ip: std::net::IpAddr,
     /// The user's own outgoing queue (for replies).
     outbox: &'a Outbox,
     /// Whether the name is a registered account.
@@ -89,10 +91,17 @@ impl Session<'_> {
         }
     }
 
-    /// Adds a delivered message to the history (when the server keeps one).
+    /// Adds a delivered message to the history (when the server keeps one). A private
+    /// message is kept only between two registered users (a guest's name is anyone's).
     async fn remember(&self, message: Message) {
         if !self.shared.config.policy.history {
             return;
+        }
+        if let Scope::User(to) = &message.to {
+            let registry = &self.shared.registry;
+            if !self.registered() || !registry.is_registered(to) {
+                return;
+            }
         }
         if let Err(e) = self.shared.store.append_history(message).await {
             warn!("[STORE] cannot append to the history: {e}");
@@ -138,7 +147,7 @@ enum Handler {
 /// Every command of the protocol's table with the code that runs it.
 static HANDLERS: [(&Spec, Handler); 13] = [
     (&MSG, Handler::Later(msg)),
-    (&BROADCAST, Handler::Later(broadcast)),
+    (&BROADCAST, Handler::Now(broadcast)),
     (&LIST, Handler::Now(list)),
     (&JOIN, Handler::Later(join)),
     (&SEND_GROUP, Handler::Later(send_group)),
@@ -197,14 +206,17 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
         Ok((outbox, login)) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
-            let session = Session {
+            // Boxed: a session lives as long as its connection, and the connection's future
+            // stays small (see `connection_futures_stay_small`).
+            let session = Box::new(Session {
                 shared: &shared,
                 user: &user,
                 id,
+                ip: addr.ip(),
                 outbox: &outbox,
                 registered: AtomicBool::new(login.registered),
                 held: std::sync::Mutex::default(),
-            };
+            });
             if login.registered {
                 Box::pin(replay_inbox(&session, &queue, &kill)).await;
             }
@@ -287,9 +299,9 @@ async fn login(
         });
     };
     let ip = addr.ip();
-    if let Some(secs) = shared.accounts.locked(name, ip) {
-        return Err(Refusal::TooManyAttempts(secs).into());
-    }
+    // Checked before the prompt (a locked name is not even asked), and again with the
+    // password in hand (other connections may have failed meanwhile).
+    drop(shared.accounts.attempt(name, ip)?);
     let prompt = ServerLine::PasswordPrompt { user: name.into() };
     queue.push_notice(Bytes::from(prompt.to_wire()));
     let limit = shared.config.limits.handshake_timeout;
@@ -311,18 +323,19 @@ async fn login(
         break line;
     };
     let password = String::from_utf8_lossy(&line).trim().to_owned();
+    let attempt = shared.accounts.attempt(name, ip)?;
     if shared
         .accounts
         .verify(password, account.password_hash)
         .await?
     {
-        shared.accounts.succeeded(name, ip);
+        attempt.succeeded();
         return Ok(Login {
             registered: true,
             extended,
         });
     }
-    let delay = shared.accounts.failed(name, ip);
+    let delay = attempt.failed();
     warn!("[LOGIN FAILED] wrong password for {name} from {addr}");
     tokio::select! {
         _ = kill.cancelled() => {}
@@ -344,16 +357,19 @@ fn claim(
 ) -> Result<Outbox, Refusal> {
     let outbox = Outbox::new(name, queue.clone(), kill.clone());
     let mut greeting = ServerLine::Welcome { user: name.into() }.to_wire();
-    let session = login.registered.then(super::accounts::token);
+    // A registered user's session; its proof only for our client (which asked for the
+    // extensions), whose file connection must then bring it.
+    let token = match login.extended && login.registered {
+        true => super::accounts::token(),
+        false => None,
+    };
+    let session = login.registered.then(|| token.clone().unwrap_or_default());
     if login.extended {
         outbox.extend();
-        if let Some(token) = &session {
-            greeting.push_str(
-                &ServerLine::Session {
-                    token: token.clone(),
-                }
-                .to_wire(),
-            );
+        if login.registered {
+            // `-`: no proof (no randomness); the file port then goes by name and address.
+            let token = token.unwrap_or_else(|| "-".into());
+            greeting.push_str(&ServerLine::Session { token }.to_wire());
         }
     }
     shared.registry.add_chat(
@@ -384,7 +400,7 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
             }
         };
         let Some(last) = page.last().map(|q| q.id) else {
-            if registry.finish_replay(user, session.id, mark) {
+            if registry.finish_replay(user, session.id, mark, &mut session.held()) {
                 if delivered > 0 {
                     info!("[INBOX] {user}: {delivered} queued messages delivered");
                 }
@@ -399,19 +415,25 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
             continue;
         };
         for queued in &page {
+            // Our client gets the time first, in the same write as the line it belongs to.
+            let mut wire = String::new();
             if session.outbox.extended() {
                 let at = humantime::format_rfc3339_seconds(queued.message.at).to_string();
-                session.reply(ServerLine::QueuedAt { at });
+                wire = ServerLine::QueuedAt { at }.to_wire();
             }
-            session.reply(live_line(&queued.message));
+            wire.push_str(&live_line(&queued.message).to_wire());
+            session
+                .outbox
+                .deliver(Bytes::from(wire), &mut session.held());
             let held = std::mem::take(&mut *session.held());
             if !held.is_empty() {
                 Box::pin(held.settle(FLOW_GRACE, kill)).await;
             }
         }
         let written = tokio::select! {
-            _ = kill.cancelled() => false,
+            biased;
             written = queue.until_written(queue.pushed()) => written,
+            _ = kill.cancelled() => false,
         };
         if !written {
             return;
@@ -423,7 +445,7 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
         delivered += page.len();
     }
     // The store failed: go live; what is left waits for the next login.
-    registry.end_replay(user, session.id);
+    registry.end_replay(user, session.id, &mut session.held());
 }
 
 /// The line a queued message would have been, had its recipient been there.
@@ -504,7 +526,8 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
 
 /// Where every line whose first word names no command ends up.
 fn unknown(session: &Session<'_>, word: &str, _line: &str) {
-    debug!("[{}] unknown command {word:?}", session.user);
+    // Not the word itself: a password typed by mistake must not reach the log.
+    debug!("[{}] unknown command ({} bytes)", session.user, word.len());
     session.reply(ServerLine::UnknownCommand);
 }
 
@@ -523,11 +546,9 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
         let message = session.message(Scope::User(to.clone()), text);
         match sent {
             Sent::Live => session.remember(message).await,
-            Sent::Queue(ticket, away) => match session.queue(ticket, message.clone()).await {
+            Sent::Queue(ticket) => match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
-                    if away {
-                        session.reply(ServerLine::MessageQueued { user: to });
-                    }
+                    session.reply(ServerLine::MessageQueued { user: to });
                     session.remember(message).await;
                 }
                 Ok(_) => session.refuse(Refusal::InboxFull(to)),
@@ -538,23 +559,16 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
     })
 }
 
-fn broadcast<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
-        let line = ServerLine::Broadcast {
-            from: session.user.into(),
-            text: call.arg(0).into(),
-        };
-        let bytes = Bytes::from(line.to_wire());
-        let behind = session
-            .shared
-            .registry
-            .broadcast(session.user, &bytes, &mut session.held());
-        // Users whose inbox is being delivered get it behind what waited for them.
-        let message = session.message(Scope::Everyone, call.arg(0));
-        if let Err(refusal) = session.queue(behind, message).await {
-            session.refuse(refusal);
-        }
-    })
+fn broadcast(session: &Session<'_>, call: &Call<'_>) {
+    let line = ServerLine::Broadcast {
+        from: session.user.into(),
+        text: call.arg(0).into(),
+    };
+    let bytes = Bytes::from(line.to_wire());
+    session
+        .shared
+        .registry
+        .broadcast(session.user, &bytes, &mut session.held());
 }
 
 fn list(session: &Session<'_>, _call: &Call<'_>) {
@@ -675,10 +689,21 @@ fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
             }
             false => Scope::User(with),
         };
+        // Only what was said since the account was made: a name may have been someone
+        // else's before.
+        let account = session.shared.store.account(session.user).await;
+        let since = match account {
+            Ok(Some(account)) => account.created,
+            Ok(None) => return session.refuse(Refusal::NeedsAccount("history")),
+            Err(e) => {
+                warn!("[STORE] cannot read history: {e}");
+                return session.refuse(Refusal::StoreFailed);
+            }
+        };
         let messages = session
             .shared
             .store
-            .history(session.user, &scope, request.count)
+            .history(session.user, &scope, request.count, since)
             .await;
         let messages = match messages {
             Ok(messages) => messages,
@@ -855,14 +880,18 @@ async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<
     };
     let account = shared.store.account(user).await.map_err(unavailable)?;
     let account = account.ok_or(Refusal::NeedsAccount("passwd"))?;
+    // A wrong old password counts as a failed login (and is slowed down like one).
+    let attempt = shared.accounts.attempt(user, session.ip)?;
     if !shared
         .accounts
         .verify(old.to_owned(), account.password_hash)
         .await?
     {
         warn!("[ACCOUNTS] {user}: wrong old password for passwd");
+        tokio::time::sleep(attempt.failed()).await;
         return Err(Refusal::WrongPassword);
     }
+    attempt.succeeded();
     check_password(new)?;
     let hash = shared.accounts.hash(new.to_owned()).await?;
     match shared.store.set_password(user, hash).await {

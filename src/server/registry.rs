@@ -64,12 +64,21 @@ impl Outbox {
     /// queue is congested or full, `held` keeps what the session must wait on before it
     /// reads its next command.
     pub(crate) fn deliver(&self, bytes: Bytes, held: &mut Held) {
+        // Behind a line of this command that found the queue full, every later one waits
+        // too: a smaller one that fits must not overtake it.
+        let waiting = held
+            .0
+            .iter_mut()
+            .find(|(o, lines)| !lines.is_empty() && Arc::ptr_eq(&o.queue, &self.queue));
+        if let Some((_, lines)) = waiting {
+            return lines.push_back(bytes);
+        }
         match self.queue.push(bytes) {
             Pushed::Queued | Pushed::Closed => {}
-            Pushed::Congested => held.0.push((self.clone(), None)),
+            Pushed::Congested => held.0.push((self.clone(), VecDeque::new())),
             Pushed::Full(bytes) => {
                 debug!("[SENDQ FULL] {} takes nothing; its senders wait", self.user);
-                held.0.push((self.clone(), Some(bytes)));
+                held.0.push((self.clone(), VecDeque::from([bytes])));
             }
         }
     }
@@ -96,35 +105,42 @@ impl Outbox {
 }
 
 /// What one command's deliveries left to wait for: queues past their high-water mark, and
-/// lines that found a queue full. The chat session settles them before it reads its next
-/// command, which is how a burst slows its sender instead of dropping its readers.
+/// lines that found a queue full (with every later line for that queue, in order). The
+/// chat session settles them before it reads its next command, which is how a burst slows
+/// its sender instead of dropping its readers.
 #[derive(Default)]
-pub(crate) struct Held(Vec<(Outbox, Option<Bytes>)>);
+pub(crate) struct Held(Vec<(Outbox, VecDeque<Bytes>)>, Vec<Arc<ReplayGate>>);
 
 impl Held {
     /// Whether there is nothing to wait for.
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_empty() && self.1.is_empty()
     }
 
     /// Delivers the lines that found a queue full and waits until every congested queue is
     /// relieved (see `SendQueue::until_relieved`); gives up when `kill` fires.
     pub(crate) async fn settle(self, grace: Duration, kill: &CancellationToken) {
-        for (outbox, line) in self.0 {
+        for (outbox, mut lines) in self.0 {
             let queue = &outbox.queue;
-            let mut line = line;
-            while let Some(bytes) = line.take() {
+            while let Some(bytes) = lines.pop_front() {
                 tokio::select! {
                     _ = kill.cancelled() => return,
                     _ = queue.until_room(bytes.len()) => {}
                 }
                 if let Pushed::Full(bytes) = queue.push(bytes) {
-                    line = Some(bytes);
+                    lines.push_front(bytes);
                 }
             }
             tokio::select! {
                 _ = kill.cancelled() => return,
                 _ = queue.until_relieved(grace) => {}
+            }
+        }
+        // Recipients whose replay has as much waiting behind it as it may.
+        for gate in self.1 {
+            tokio::select! {
+                _ = kill.cancelled() => return,
+                _ = gate.until_open(grace) => {}
             }
         }
     }
@@ -137,8 +153,16 @@ struct ChatEntry {
     registered: bool,
     /// The secret that proves this session's file connection (hex).
     token: String,
-    /// While its offline inbox is being delivered, messages for it are queued behind.
+    /// While its offline inbox is being delivered, messages for it wait behind it.
     replaying: bool,
+    /// Live lines that came during the replay, delivered right after it. Past
+    /// [`BEHIND_LINES`] or [`BEHIND_BYTES`], each sender also waits for the replay to end
+    /// before its next command (flow control), so this stays near those bounds.
+    behind: Vec<Bytes>,
+    /// Bytes in `behind`.
+    behind_bytes: usize,
+    /// Opens when the replay ends (senders held back by a full `behind` wait on it).
+    gate: Arc<ReplayGate>,
     /// Where it connected from: the user's file connection must come from there too.
     ip: IpAddr,
     /// Arrival order, for `list`.
@@ -178,6 +202,51 @@ struct State {
     pending_logins: HashMap<(String, IpAddr), u32>,
 }
 
+/// Where a line for a user goes.
+enum Route {
+    /// Its live queue.
+    Live,
+    /// Behind its inbox replay (taken already).
+    Behind,
+    /// Behind its inbox replay (taken already), which has as much waiting behind it as it
+    /// may: the sender waits for the gate before its next command.
+    BehindFull(Arc<ReplayGate>),
+    /// Its inbox: it is away.
+    Inbox,
+    /// Nowhere: no such user.
+    Nowhere,
+}
+
+/// Opens when a user's inbox replay ends.
+#[derive(Default)]
+pub(crate) struct ReplayGate {
+    open: AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl ReplayGate {
+    fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    /// Waits until the gate opens, or `grace` passes.
+    async fn until_open(&self, grace: Duration) {
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if self.open.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(grace, opened).await;
+    }
+}
+
+/// Live lines that may wait behind one user's inbox replay.
+const BEHIND_LINES: usize = 4096;
+/// Bytes of live lines that may wait behind one user's inbox replay.
+const BEHIND_BYTES: usize = 4 << 20;
+
 /// The offline-inbox writes of one recipient: how many are under way, and how many have
 /// finished since the entry was made. A replay goes live only when none is under way and
 /// none finished since it last read the inbox, so nothing queued is left behind.
@@ -195,12 +264,23 @@ impl State {
         self.accounts.contains(user)
     }
 
-    /// Whether messages for `user` go to its inbox: it is registered and away, or its
-    /// inbox is being delivered.
-    fn queues_for(&self, user: &str) -> bool {
-        match self.chats.get(user) {
-            Some(e) => e.replaying,
-            None => self.registered(user),
+    /// Where a line for `user` goes; `line` is taken if it waits behind a replay.
+    fn route(&mut self, user: &str, line: &Bytes) -> Route {
+        if let Some(e) = self.chats.get_mut(user) {
+            if !e.replaying {
+                return Route::Live;
+            }
+            let full = e.behind.len() >= BEHIND_LINES || e.behind_bytes >= BEHIND_BYTES;
+            e.behind_bytes += line.len();
+            e.behind.push(line.clone());
+            return match full {
+                true => Route::BehindFull(e.gate.clone()),
+                false => Route::Behind,
+            };
+        }
+        match self.registered(user) {
+            true => Route::Inbox,
+            false => Route::Nowhere,
         }
     }
 
@@ -241,8 +321,8 @@ impl Registry {
 
     /// Claims `user` for a chat connection and queues `greeting` as its first line, under
     /// the lock, so no message can overtake it; fails while another connection holds it.
-    /// A registered user (`session` holds its file-connection token) starts with its
-    /// inbox to deliver: messages for it are queued behind the inbox until
+    /// A registered user (`session` holds its file-connection token, empty if its client
+    /// was given none) starts with its inbox to deliver: messages for it are queued behind the inbox until
     /// [`Registry::finish_replay`].
     pub(crate) fn add_chat(
         &self,
@@ -292,6 +372,9 @@ impl Registry {
                     registered,
                     token: session.unwrap_or_default(),
                     replaying: registered,
+                    behind: Vec::new(),
+                    behind_bytes: 0,
+                    gate: Arc::default(),
                     ip,
                     seq,
                     outbox,
@@ -410,9 +493,12 @@ impl Registry {
         self.state().inbox_writes.get(user).map_or(0, |w| w.done)
     }
 
-    /// Ends `user`'s inbox replay (chat connection `id`), unless an inbox write is under
-    /// way or has finished since `mark`: then the replay must read the inbox again.
-    pub(crate) fn finish_replay(&self, user: &str, id: u64, mark: u64) -> bool {
+    /// Ends `user`'s inbox replay (chat connection `id`) and delivers what waited behind
+    /// it, unless an inbox write is under way or has finished since `mark`: then the
+    /// replay must read the inbox again. (During the replay, new messages wait behind it in
+    /// memory, so only writes begun while the user was away, or past what may wait behind,
+    /// can hold it up.)
+    pub(crate) fn finish_replay(&self, user: &str, id: u64, mark: u64, held: &mut Held) -> bool {
         let mut st = self.state();
         let busy = st
             .inbox_writes
@@ -421,19 +507,24 @@ impl Registry {
         if busy {
             return false;
         }
-        if let Some(e) = st.chats.get_mut(user).filter(|e| e.id == id) {
-            e.replaying = false;
-        }
-        st.tidy_inbox_writes(user);
+        Self::go_live(&mut st, user, id, held);
         true
     }
 
     /// Ends `user`'s inbox replay (chat connection `id`) whatever is under way (the store
-    /// failed: what is left waits for the next login).
-    pub(crate) fn end_replay(&self, user: &str, id: u64) {
-        let mut st = self.state();
+    /// failed: what is left in the inbox waits for the next login).
+    pub(crate) fn end_replay(&self, user: &str, id: u64, held: &mut Held) {
+        Self::go_live(&mut self.state(), user, id, held);
+    }
+
+    fn go_live(st: &mut State, user: &str, id: u64, held: &mut Held) {
         if let Some(e) = st.chats.get_mut(user).filter(|e| e.id == id) {
             e.replaying = false;
+            e.behind_bytes = 0;
+            for line in std::mem::take(&mut e.behind) {
+                e.outbox.deliver(line, held);
+            }
+            e.gate.open();
         }
         st.tidy_inbox_writes(user);
     }
@@ -449,9 +540,13 @@ impl Registry {
         }
     }
 
-    /// The id and address of `user`'s chat session.
-    pub(crate) fn chat_session(&self, user: &str) -> Option<(u64, IpAddr)> {
-        self.state().chats.get(user).map(|e| (e.id, e.ip))
+    /// The id and address of `user`'s chat session, and whether its file connection must
+    /// bring the session's proof (its client was given one).
+    pub(crate) fn chat_session(&self, user: &str) -> Option<(u64, IpAddr, bool)> {
+        self.state()
+            .chats
+            .get(user)
+            .map(|e| (e.id, e.ip, !e.token.is_empty()))
     }
 
     /// Forgets chat connection `id` of `user`: the name is free again, its group
@@ -559,34 +654,40 @@ impl Registry {
     /// inbox is being delivered) gets a ticket to put the message in its inbox instead.
     pub(crate) fn send_to(&self, user: &str, bytes: Bytes, held: &mut Held) -> Sent<'_> {
         let mut st = self.state();
-        if st.queues_for(user) {
-            let away = !st.chats.contains_key(user);
-            return Sent::Queue(self.ticket(&mut st, vec![user.to_owned()]), away);
-        }
-        match st.chats.get(user) {
-            Some(e) => {
-                e.outbox.deliver(bytes, held);
+        match st.route(user, &bytes) {
+            Route::Live => {
+                if let Some(e) = st.chats.get(user) {
+                    e.outbox.deliver(bytes, held);
+                }
                 Sent::Live
             }
-            None => Sent::NotFound,
+            Route::Behind => Sent::Live,
+            Route::BehindFull(gate) => {
+                held.1.push(gate);
+                Sent::Live
+            }
+            Route::Inbox => Sent::Queue(self.ticket(&mut st, vec![user.to_owned()])),
+            Route::Nowhere => Sent::NotFound,
         }
     }
 
     /// Queues `bytes` for every connected user but `from`; those whose inbox is being
-    /// delivered get it in their inbox (the ticket), behind what waited for them.
-    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) -> InboxTicket<'_> {
+    /// delivered get it behind what waited for them.
+    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) {
         let mut st = self.state();
-        let mut behind = Vec::new();
+        let mut replaying = Vec::new();
         for (user, e) in &st.chats {
-            if user == from {
-                continue;
-            }
-            match e.replaying {
-                true => behind.push(user.clone()),
-                false => e.outbox.deliver(bytes.clone(), held),
+            match (user == from, e.replaying) {
+                (true, _) => {}
+                (false, false) => e.outbox.deliver(bytes.clone(), held),
+                (false, true) => replaying.push(user.clone()),
             }
         }
-        self.ticket(&mut st, behind)
+        for user in replaying {
+            if let Route::BehindFull(gate) = st.route(&user, bytes) {
+                held.1.push(gate);
+            }
+        }
     }
 
     /// Every connected user but `me`, in order of arrival.
@@ -679,12 +780,18 @@ impl Registry {
         if !members.iter().any(|m| m == from) {
             return None;
         }
+        let others: Vec<String> = members.iter().filter(|m| *m != from).cloned().collect();
         let mut away = Vec::new();
-        for member in members.iter().filter(|m| *m != from) {
-            if st.queues_for(member) {
-                away.push(member.clone());
-            } else if let Some(e) = st.chats.get(member) {
-                e.outbox.deliver(bytes.clone(), held);
+        for member in others {
+            match st.route(&member, bytes) {
+                Route::Live => {
+                    if let Some(e) = st.chats.get(&member) {
+                        e.outbox.deliver(bytes.clone(), held);
+                    }
+                }
+                Route::Inbox => away.push(member),
+                Route::BehindFull(gate) => held.1.push(gate),
+                Route::Behind | Route::Nowhere => {}
             }
         }
         Some(self.ticket(&mut st, away))
@@ -695,10 +802,8 @@ impl Registry {
 pub(crate) enum Sent<'r> {
     /// Queued for the live recipient.
     Live,
-    /// To the recipient's inbox: write it there, then drop the ticket. True if the
-    /// recipient is away (false: it is online, its inbox being delivered; the message
-    /// follows it).
-    Queue(InboxTicket<'r>, bool),
+    /// To the recipient's inbox (it is away): write it there, then drop the ticket.
+    Queue(InboxTicket<'r>),
     /// No such user, live or registered.
     NotFound,
 }
@@ -773,7 +878,7 @@ mod tests {
         let again = registry.add_chat("alice", 2, HERE, outbox, Bytes::new(), None);
         assert!(matches!(again, Err(Refusal::NameTaken(n)) if n == "alice"));
         registry.remove_chat("alice", 2); // a stale connection's removal is ignored
-        assert_eq!(registry.chat_session("alice"), Some((1, HERE)));
+        assert_eq!(registry.chat_session("alice"), Some((1, HERE, false)));
         registry.remove_chat("alice", 1);
         assert_eq!(registry.chat_session("alice"), None);
     }
@@ -801,7 +906,7 @@ mod tests {
         let alice = user(&registry, "alice", 1);
         let _carol = user(&registry, "carol", 2);
         let _bob = user(&registry, "bob", 3);
-        drop(registry.broadcast("bob", &Bytes::from("hi\n"), &mut Held::default()));
+        registry.broadcast("bob", &Bytes::from("hi\n"), &mut Held::default());
         assert_eq!(lines(&alice), ["Welcome, alice!", "hi"]);
         assert_eq!(registry.users_except("alice"), ["carol", "bob"]);
     }

@@ -107,7 +107,8 @@ pub trait Store: Send + Sync + 'static {
     fn create_account(&self, account: Account) -> StoreFuture<'_, ()>;
     /// Replaces an account's password hash; false if there is no such account.
     fn set_password(&self, name: &str, password_hash: String) -> StoreFuture<'_, bool>;
-    /// Deletes an account with its memberships and inbox; false if there was none.
+    /// Deletes an account with its memberships, inbox, kept files and private history;
+    /// false if there was none.
     fn remove_account(&self, name: &str) -> StoreFuture<'_, bool>;
     /// Every account, by name.
     fn accounts(&self) -> StoreFuture<'_, Vec<Account>>;
@@ -135,9 +136,16 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a delivered message to the history. May complete once the message is
     /// queued, before it is durable; a later [`Store::history`] sees it all the same.
     fn append_history(&self, message: Message) -> StoreFuture<'_, ()>;
-    /// The last `limit` messages of a conversation, oldest first: of group `g` for
-    /// `Scope::Group(g)`, between `me` and `u` (both ways) for `Scope::User(u)`.
-    fn history(&self, me: &str, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>>;
+    /// The last `limit` messages of a conversation sent at or after `since`, oldest
+    /// first: of group `g` for `Scope::Group(g)`, between `me` and `u` (both ways) for
+    /// `Scope::User(u)`.
+    fn history(
+        &self,
+        me: &str,
+        scope: &Scope,
+        limit: usize,
+        since: SystemTime,
+    ) -> StoreFuture<'_, Vec<Message>>;
     /// Forgets history older than `before`; returns how many messages went.
     fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64>;
 
@@ -284,16 +292,16 @@ pub(crate) mod contract {
         let note = message("carol", Scope::User("carol".into()), "to myself");
         store.append_history(note).await.expect("kept");
         let notes = store
-            .history("carol", &Scope::User("carol".into()), 10)
+            .history("carol", &Scope::User("carol".into()), 10, at(0))
             .await
             .expect("read");
         assert_eq!(notes.len(), 1, "a note to oneself is one message");
-        let last = store.history("alice", &devs, 2).await.expect("read");
+        let last = store.history("alice", &devs, 2, at(0)).await.expect("read");
         let texts: Vec<&str> = last.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["3", "4"]);
         for (me, other) in [("alice", "bob"), ("bob", "alice")] {
             let talk = store
-                .history(me, &Scope::User(other.into()), 10)
+                .history(me, &Scope::User(other.into()), 10, at(0))
                 .await
                 .expect("read");
             let texts: Vec<&str> = talk.iter().map(|m| m.text.as_str()).collect();
@@ -307,8 +315,16 @@ pub(crate) mod contract {
         store.append_history(newer).await.expect("kept");
         let pruned = store.prune_history(at(1_750_000_000)).await.expect("ok");
         assert_eq!(pruned, 9);
-        let kept = store.history("alice", &devs, 10).await.expect("read");
+        let kept = store
+            .history("alice", &devs, 10, at(0))
+            .await
+            .expect("read");
         assert_eq!(kept.len(), 1);
+        let since = store
+            .history("alice", &devs, 10, at(1_800_000_001))
+            .await
+            .expect("read");
+        assert!(since.is_empty(), "nothing sent before `since`");
 
         // Memberships, in order of joining; removing an account takes its inbox and
         // memberships with it.

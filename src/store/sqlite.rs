@@ -599,6 +599,11 @@ impl Store for SqliteStore {
                 conn.execute(&format!("DELETE FROM {table} WHERE user = ?1"), [&name])
                     .map_err(sql)?;
             }
+            conn.execute(
+                "DELETE FROM history WHERE scope_kind = 0 AND (scope = ?1 OR sender = ?1)",
+                [&name],
+            )
+            .map_err(sql)?;
             Ok(gone > 0)
         })
     }
@@ -750,8 +755,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn history(&self, me: &str, scope: &Scope, limit: usize) -> StoreFuture<'_, Vec<Message>> {
-        let (me, scope) = (me.to_owned(), scope.clone());
+    fn history(
+        &self,
+        me: &str,
+        scope: &Scope,
+        limit: usize,
+        since: SystemTime,
+    ) -> StoreFuture<'_, Vec<Message>> {
+        let (me, scope, since) = (me.to_owned(), scope.clone(), ms(since));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Appends are not waited for: first let every one queued so far commit (a write
         // that changes nothing commits without touching the disk).
@@ -760,23 +771,24 @@ impl Store for SqliteStore {
             let (kind, name) = scope_parts(&scope);
             // A private conversation is two index ranges: what `me` sent to `name`, and
             // what `name` sent to `me`.
-            let all: [&dyn rusqlite::ToSql; 4] = [&kind, &name, &limit, &me];
+            let all: [&dyn rusqlite::ToSql; 5] = [&kind, &name, &limit, &since, &me];
             let (query, args) = match scope {
                 Scope::User(_) => (
                     "SELECT sender, scope_kind, scope, text, at_ms FROM ( \
-                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND sender = ?4 \
-                                      ORDER BY id DESC LIMIT ?3) \
+                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND sender = ?5 \
+                                      AND at_ms >= ?4 ORDER BY id DESC LIMIT ?3) \
                        UNION ALL \
-                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?4 AND sender = ?2 \
-                                      AND ?2 <> ?4 ORDER BY id DESC LIMIT ?3) \
+                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?5 AND sender = ?2 \
+                                      AND ?2 <> ?5 AND at_ms >= ?4 ORDER BY id DESC LIMIT ?3) \
                        ORDER BY id DESC LIMIT ?3) ORDER BY id",
                     &all[..],
                 ),
                 _ => (
                     "SELECT sender, scope_kind, scope, text, at_ms FROM \
-                     (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 ORDER BY id DESC LIMIT ?3) \
+                     (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND at_ms >= ?4 \
+                      ORDER BY id DESC LIMIT ?3) \
                      ORDER BY id",
-                    &all[..3],
+                    &all[..4],
                 ),
             };
             let mut stmt = conn.prepare_cached(query).map_err(sql)?;
@@ -790,20 +802,36 @@ impl Store for SqliteStore {
     }
 
     fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64> {
-        // Oldest first, a bounded batch per statement: the history is appended in time
-        // order, so what is old is at its start.
-        self.write(move |conn| {
+        // Found by a reader (a scan that blocks no write), then deleted a bounded batch per
+        // transaction, so inbox writes never wait long behind a big prune.
+        const BATCH: i64 = 10_000;
+        let before = ms(before);
+        let last_old = self.read(move |conn| {
+            conn.query_row(
+                "SELECT max(id) FROM history WHERE at_ms < ?1",
+                [before],
+                |row| row.get::<_, Option<i64>>(0),
+            )
+            .map_err(sql)
+        });
+        Box::pin(async move {
+            let Some(last_old) = last_old.await? else {
+                return Ok(0);
+            };
             let mut gone = 0u64;
             loop {
-                let n = conn
-                    .execute(
-                        "DELETE FROM history WHERE id IN \
-                         (SELECT id FROM history ORDER BY id LIMIT 10000) AND at_ms < ?1",
-                        [ms(before)],
-                    )
-                    .map_err(sql)?;
+                let n = self
+                    .write(move |conn| {
+                        conn.execute(
+                            "DELETE FROM history WHERE id IN (SELECT id FROM history \
+                             WHERE id <= ?1 AND at_ms < ?2 ORDER BY id LIMIT ?3)",
+                            params![last_old, before, BATCH],
+                        )
+                        .map_err(sql)
+                    })
+                    .await?;
                 gone += n as u64;
-                if n < 10_000 {
+                if (n as i64) < BATCH {
                     return Ok(gone);
                 }
             }

@@ -224,10 +224,11 @@ async fn await_chat_session(
         let joined = shared.registry.chat_joined.notified();
         tokio::pin!(joined);
         joined.as_mut().enable();
-        if let Some((chat_id, ip)) = shared.registry.chat_session(user) {
-            return match ip == addr.ip() {
-                true => Ok(chat_id),
-                false => Err(Refusal::OtherAddress(user.to_owned())),
+        if let Some((chat_id, ip, proof_required)) = shared.registry.chat_session(user) {
+            return match (ip == addr.ip(), proof_required) {
+                (_, true) => Err(Refusal::ProofRequired(user.to_owned())),
+                (true, false) => Ok(chat_id),
+                (false, false) => Err(Refusal::OtherAddress(user.to_owned())),
             };
         }
         let pending = shared.registry.login_pending(user, addr.ip());
