@@ -227,3 +227,85 @@ def test_the_python_api_sees_queued_and_not_found(net: Net):
     bob = net.client("bob", PASSWORD)
     event = next_of(bob, GroupMessage)
     assert (event.group, event.text, event.queued_at is not None) == ("devs", "later", True)
+
+
+def test_a_full_disk_refuses_the_message_and_the_server_goes_on(tmp_path):
+    """The store's file cannot grow (RLIMIT_FSIZE stands in for a full disk): the sender is
+    told, nothing is claimed queued that is not, and chat goes on."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TIMEOUT
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of dying
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-u",
+            "server.py",
+            "--chat-port",
+            "0",
+            "--file-port",
+            "0",
+            "--data-dir",
+            str(data),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=limited,
+    )
+    try:
+        port = None
+        for line in proc.stdout:
+            if line.startswith("[CHAT SERVER] Listening on "):
+                port = int(line.split()[-1])
+                break
+        assert port is not None
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        bob = Wire(port, "bob")
+        bob.send("bob\n")
+        bob.expect("Welcome, bob!")
+        bob.send(f"register {PASSWORD}\n")
+        bob.expect("Registered bob.")
+        bob.close()
+        alice = Wire(port, "alice")
+        alice.send("alice\n")
+        alice.expect("Welcome, alice!")
+        wait_until(lambda: "bob" not in connected(alice), what="bob has left")
+        big = "x" * 60_000
+        answers = []
+        for _ in range(100):
+            alice.send(f"msg bob {big}\n")
+            answers.append(alice.line())
+            if answers[-1].startswith("ERROR"):
+                break
+        assert answers[-1] == "ERROR: the server could not store that just now; try again later"
+        queued = answers.count("User bob is offline; message queued.")
+        assert queued == len(answers) - 1 and queued > 0
+        # The server goes on: commands are answered, live messages delivered.
+        carol = Wire(port, "carol")
+        carol.send("carol\n")
+        carol.expect("Welcome, carol!")
+        alice.send("msg carol still here\n")
+        carol.expect("[PRIVATE from alice]: still here")
+        # What was claimed queued is there.
+        bob = Wire(port, "bob")
+        bob.send("bob\n")
+        bob.expect("Password for bob:")
+        bob.send(f"{PASSWORD}\n")
+        bob.expect("Welcome, bob!")
+        for _ in range(queued):
+            bob.expect(f"[PRIVATE from alice]: {big}")
+        for wire in (alice, bob, carol):
+            wire.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT * 2) == 0
+        proc.stdout.close()

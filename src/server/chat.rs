@@ -4,9 +4,9 @@
 //! code that runs it). A first word that names no command goes to [`unknown`], the one
 //! place a later extension hooks.
 //!
-//! A handler either answers at once ([`Handler::Now`]) or needs the store
-//! ([`Handler::Later`]): the session awaits it before it reads the next command, so
-//! replies keep the order of the commands.
+//! A handler either answers at once ([`Handler::Now`]) or may need the store
+//! ([`Handler::Later`]): then it hands back a future, which the session awaits before it
+//! reads the next command, so replies keep the order of the commands.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -91,17 +91,17 @@ impl Session<'_> {
         }
     }
 
-    /// Adds a delivered message to the history (when the server keeps one). A private
-    /// message is kept only between two registered users (a guest's name is anyone's).
+    /// Whether this user's private messages go into the history: the server keeps one, and
+    /// the user is registered (a guest's name is anyone's); so must the other party be.
+    fn keeps_history(&self) -> bool {
+        self.shared.config.policy.history && self.registered()
+    }
+
+    /// Adds a delivered message to the history (when the server keeps one; the caller has
+    /// checked that both parties of a private message are registered).
     async fn remember(&self, message: Message) {
         if !self.shared.config.policy.history {
             return;
-        }
-        if let Scope::User(to) = &message.to {
-            let registry = &self.shared.registry;
-            if !self.registered() || !registry.is_registered(to) {
-                return;
-            }
         }
         if let Err(e) = self.shared.store.append_history(message).await {
             warn!("[STORE] cannot append to the history: {e}");
@@ -140,8 +140,8 @@ type Later<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 enum Handler {
     /// Answers at once.
     Now(fn(&Session<'_>, &Call<'_>)),
-    /// Needs the store: the session awaits it before the next command.
-    Later(for<'a> fn(&'a Session<'a>, Call<'a>) -> Later<'a>),
+    /// May need the store: the session awaits what it hands back before the next command.
+    Later(for<'a> fn(&'a Session<'a>, Call<'a>) -> Option<Later<'a>>),
 }
 
 /// Every command of the protocol's table with the code that runs it.
@@ -502,7 +502,7 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
             }
             match HANDLERS.iter().find(|(spec, _)| call.is(spec)) {
                 Some((_, Handler::Now(handler))) => handler(session, &call),
-                Some((_, Handler::Later(handler))) => return Some(handler(session, call)),
+                Some((_, Handler::Later(handler))) => return handler(session, call),
                 None => unknown(session, call.spec.name, text),
             }
         }
@@ -531,32 +531,42 @@ fn unknown(session: &Session<'_>, word: &str, _line: &str) {
     session.reply(ServerLine::UnknownCommand);
 }
 
-fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
-        let (to, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
-        let line = ServerLine::Private {
-            from: session.user.into(),
-            text: text.into(),
-        };
-        let bytes = Bytes::from(line.to_wire());
-        let sent = session
-            .shared
-            .registry
-            .send_to(&to, bytes, &mut session.held());
-        let message = session.message(Scope::User(to.clone()), text);
-        match sent {
-            Sent::Live => session.remember(message).await,
-            Sent::Queue(ticket) => match session.queue(ticket, message.clone()).await {
+fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    let (to, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
+    let line = ServerLine::Private {
+        from: session.user.into(),
+        text: text.into(),
+    };
+    let bytes = Bytes::from(line.to_wire());
+    let sent = session
+        .shared
+        .registry
+        .send_to(&to, bytes, &mut session.held());
+    match sent {
+        // The common case costs no store work: nothing to keep, or a guest involved.
+        Sent::Live(registered) if !(registered && session.keeps_history()) => None,
+        Sent::Live(_) => {
+            let message = session.message(Scope::User(to), text);
+            Some(Box::pin(session.remember(message)))
+        }
+        Sent::Queue(ticket) => Some(Box::pin(async move {
+            let message = session.message(Scope::User(to.clone()), text);
+            match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
                     session.reply(ServerLine::MessageQueued { user: to });
-                    session.remember(message).await;
+                    if session.keeps_history() {
+                        session.remember(message).await;
+                    }
                 }
                 Ok(_) => session.refuse(Refusal::InboxFull(to)),
                 Err(refusal) => session.refuse(refusal),
-            },
-            Sent::NotFound => session.reply(ServerLine::UserNotFound { user: to }),
+            }
+        })),
+        Sent::NotFound => {
+            session.reply(ServerLine::UserNotFound { user: to });
+            None
         }
-    })
+    }
 }
 
 fn broadcast(session: &Session<'_>, call: &Call<'_>) {
@@ -576,8 +586,8 @@ fn list(session: &Session<'_>, _call: &Call<'_>) {
     session.reply(ServerLine::Users { users });
 }
 
-fn join<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn join<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         let group = normalize(call.arg(0)).into_owned();
         let joined = check_group(&group)
             .map_err(Refusal::from)
@@ -595,11 +605,11 @@ fn join<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
             }
         }
         session.reply(ServerLine::Joined { group });
-    })
+    }))
 }
 
-fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         let (group, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
         let line = ServerLine::Group {
             group: group.clone(),
@@ -625,11 +635,11 @@ fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
             }
             Err(refusal) => session.refuse(refusal),
         }
-    })
+    }))
 }
 
-fn leave<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn leave<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         let group = normalize(call.arg(0)).into_owned();
         if !session.shared.registry.leave(&group, session.user) {
             return session.reply(ServerLine::NotInGroup { group });
@@ -644,7 +654,7 @@ fn leave<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
             }
         }
         session.reply(ServerLine::Left { group });
-    })
+    }))
 }
 
 fn groups(session: &Session<'_>, _call: &Call<'_>) {
@@ -663,8 +673,8 @@ fn members(session: &Session<'_>, call: &Call<'_>) {
 }
 
 /// `history <user|GROUP:group> [n]`: the last messages of a conversation one is part of.
-fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         if !session.shared.config.policy.history {
             return session.refuse(Refusal::HistoryOff);
         }
@@ -721,15 +731,15 @@ fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
             });
         }
         session.reply(ServerLine::HistoryEnd { count });
-    })
+    }))
 }
 
 /// Files `files` lists at most.
 const FILES_LISTED: usize = 50;
 
 /// `files`: the last files one sent, or that were sent to one or to one's groups.
-fn files<'a>(session: &'a Session<'a>, _call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn files<'a>(session: &'a Session<'a>, _call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         if !session.registered() {
             return session.refuse(Refusal::NeedsAccount("files"));
         }
@@ -766,16 +776,16 @@ fn files<'a>(session: &'a Session<'a>, _call: Call<'a>) -> Later<'a> {
             });
         }
         session.reply(ServerLine::FilesEnd { count });
-    })
+    }))
 }
 
 /// `get <id>`: a file of the index, sent again on one's file connection as a forward.
-fn get<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn get<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         if let Err(refusal) = send_again(session, call.arg(0)).await {
             session.refuse(refusal);
         }
-    })
+    }))
 }
 
 async fn send_again(session: &Session<'_>, arg: &str) -> Result<(), Refusal> {
@@ -808,8 +818,8 @@ async fn send_again(session: &Session<'_>, arg: &str) -> Result<(), Refusal> {
 }
 
 /// `register <password>`: a guest claims its name.
-fn register<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn register<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         if let Err(refusal) = claim_name(session, call.arg(0)).await {
             return session.refuse(refusal);
         }
@@ -826,7 +836,7 @@ fn register<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
         session.reply(ServerLine::Registered {
             user: session.user.into(),
         });
-    })
+    }))
 }
 
 async fn claim_name(session: &Session<'_>, password: &str) -> Result<(), Refusal> {
@@ -860,13 +870,13 @@ async fn claim_name(session: &Session<'_>, password: &str) -> Result<(), Refusal
 }
 
 /// `passwd <old> <new>`.
-fn passwd<'a>(session: &'a Session<'a>, call: Call<'a>) -> Later<'a> {
-    Box::pin(async move {
+fn passwd<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    Some(Box::pin(async move {
         match change_password(session, call.arg(0), call.arg(1)).await {
             Ok(()) => session.reply(ServerLine::PasswordChanged),
             Err(refusal) => session.refuse(refusal),
         }
-    })
+    }))
 }
 
 async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<(), Refusal> {

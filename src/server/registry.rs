@@ -204,8 +204,8 @@ struct State {
 
 /// Where a line for a user goes.
 enum Route {
-    /// Its live queue.
-    Live,
+    /// Its live queue (the user is registered if true).
+    Live(bool),
     /// Behind its inbox replay (taken already).
     Behind,
     /// Behind its inbox replay (taken already), which has as much waiting behind it as it
@@ -268,7 +268,7 @@ impl State {
     fn route(&mut self, user: &str, line: &Bytes) -> Route {
         if let Some(e) = self.chats.get_mut(user) {
             if !e.replaying {
-                return Route::Live;
+                return Route::Live(e.registered);
             }
             let full = e.behind.len() >= BEHIND_LINES || e.behind_bytes >= BEHIND_BYTES;
             e.behind_bytes += line.len();
@@ -655,16 +655,17 @@ impl Registry {
     pub(crate) fn send_to(&self, user: &str, bytes: Bytes, held: &mut Held) -> Sent<'_> {
         let mut st = self.state();
         match st.route(user, &bytes) {
-            Route::Live => {
+            Route::Live(registered) => {
                 if let Some(e) = st.chats.get(user) {
                     e.outbox.deliver(bytes, held);
                 }
-                Sent::Live
+                Sent::Live(registered)
             }
-            Route::Behind => Sent::Live,
+            // Only registered users have an inbox to replay.
+            Route::Behind => Sent::Live(true),
             Route::BehindFull(gate) => {
                 held.1.push(gate);
-                Sent::Live
+                Sent::Live(true)
             }
             Route::Inbox => Sent::Queue(self.ticket(&mut st, vec![user.to_owned()])),
             Route::Nowhere => Sent::NotFound,
@@ -784,7 +785,7 @@ impl Registry {
         let mut away = Vec::new();
         for member in others {
             match st.route(&member, bytes) {
-                Route::Live => {
+                Route::Live(_) => {
                     if let Some(e) = st.chats.get(&member) {
                         e.outbox.deliver(bytes.clone(), held);
                     }
@@ -800,8 +801,8 @@ impl Registry {
 
 /// Where a message went.
 pub(crate) enum Sent<'r> {
-    /// Queued for the live recipient.
-    Live,
+    /// Queued for the live recipient (registered if true).
+    Live(bool),
     /// To the recipient's inbox (it is away): write it there, then drop the ticket.
     Queue(InboxTicket<'r>),
     /// No such user, live or registered.

@@ -82,8 +82,22 @@ CREATE TABLE inbox_sizes (
     user TEXT PRIMARY KEY,
     n INTEGER NOT NULL
 );
+-- No server wrote the v1 history table (history came with v3): it is replaced by one
+-- that keeps a batch of a conversation's messages per row.
+DROP INDEX history_by_scope;
+DROP TABLE history;
+CREATE TABLE history (
+    id INTEGER PRIMARY KEY,
+    scope_kind INTEGER NOT NULL,
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    last_ms INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    messages BLOB NOT NULL
+);
+CREATE INDEX history_by_conversation ON history (scope_kind, a, b, id);
+CREATE INDEX history_by_time ON history (last_ms);
 INSERT INTO inbox_sizes (user, n) SELECT user, count(*) FROM inbox GROUP BY user;
-CREATE INDEX history_by_pair ON history (scope_kind, scope, sender, id);
 CREATE TABLE queued_files (
     user TEXT NOT NULL,
     file INTEGER NOT NULL,
@@ -117,7 +131,21 @@ pub struct SqliteStore {
     readers: Option<Arc<Readers>>,
     /// The lock that keeps a second server off this database (held while the store lives).
     _lock: Option<std::fs::File>,
+    /// History appends not yet handed to the writer (see `append_history`).
+    history: Arc<HistoryBuffer>,
 }
+
+/// History appends gathered in memory and written many to a job: a message's history row
+/// costs one statement in the writer, not a job of its own.
+#[derive(Default)]
+struct HistoryBuffer {
+    rows: Mutex<Vec<Message>>,
+    /// A job that will take the rows is queued.
+    flushing: std::sync::atomic::AtomicBool,
+}
+
+/// History rows that may wait in memory; past it, appends wait for the writer.
+const HISTORY_BUFFER: usize = 64 * 1024;
 
 struct Readers {
     /// The database file.
@@ -382,6 +410,7 @@ impl SqliteStore {
                 })
             }),
             _lock: lock,
+            history: Arc::default(),
         })
     }
 
@@ -455,13 +484,16 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        Box::pin(async move {
-            let stopped = || unavailable("the store's writer has stopped");
-            match writer {
-                Some(writer) => writer.send(job).await.map_err(|_| stopped()),
-                None => Err(stopped()),
+        let stopped = || unavailable("the store's writer has stopped");
+        // Queued at once when there is room (the job runs even if the future is dropped);
+        // else the future waits for room.
+        match writer.map(|writer| (writer.try_send(job), writer)) {
+            Some((Ok(()), _)) => Box::pin(std::future::ready(Ok(()))),
+            Some((Err(mpsc::error::TrySendError::Full(job)), writer)) => {
+                Box::pin(async move { writer.send(job).await.map_err(|_| stopped()) })
             }
-        })
+            _ => Box::pin(std::future::ready(Err(stopped()))),
+        }
     }
 
     /// Runs `f` on a reader connection on the blocking pool (for `:memory:`, in the
@@ -524,6 +556,87 @@ fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         text: row.get(3)?,
         at: time(row.get(4)?),
     })
+}
+
+/// A conversation's key in the history table: private conversations are the unordered
+/// pair of their two users (`a` the smaller name), a group's is its name.
+type Conversation = (i64, String, String);
+
+fn conversation(me: &str, scope: &Scope) -> Conversation {
+    match scope {
+        Scope::User(other) if other.as_str() < me => (0, other.clone(), me.to_owned()),
+        Scope::User(other) => (0, me.to_owned(), other.clone()),
+        Scope::Group(group) => (1, group.clone(), String::new()),
+        Scope::Everyone => (2, String::new(), String::new()),
+    }
+}
+
+/// Buffered messages grouped by conversation, each group in order.
+fn conversations(rows: Vec<Message>) -> Vec<(Conversation, Vec<Message>)> {
+    let mut at: std::collections::HashMap<Conversation, usize> = Default::default();
+    let mut groups: Vec<(Conversation, Vec<Message>)> = Vec::new();
+    for m in rows {
+        let key = conversation(&m.from, &m.to);
+        match at.get(&key) {
+            Some(&i) => groups[i].1.push(m),
+            None => {
+                at.insert(key.clone(), groups.len());
+                groups.push((key, vec![m]));
+            }
+        }
+    }
+    groups
+}
+
+/// One batch of a conversation, as stored: per message its time (ms, 8 bytes LE), its
+/// sender and its text (each a 4-byte LE length and UTF-8 bytes).
+fn encode(batch: &[Message]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.iter().map(|m| 16 + m.from.len() + m.text.len()).sum());
+    for m in batch {
+        out.extend_from_slice(&ms(m.at).to_le_bytes());
+        for field in [&m.from, &m.text] {
+            out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(field.as_bytes());
+        }
+    }
+    out
+}
+
+/// The messages of a stored batch of conversation `key` (a damaged batch yields what could
+/// be read of it).
+fn decode(mut blob: &[u8], key: &Conversation) -> Vec<Message> {
+    fn take<'b>(blob: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
+        let (head, rest) = (blob.get(..n)?, blob.get(n..)?);
+        *blob = rest;
+        Some(head)
+    }
+    fn text(blob: &mut &[u8]) -> Option<String> {
+        let len = u32::from_le_bytes(take(blob, 4)?.try_into().ok()?);
+        let bytes = take(blob, usize::try_from(len).ok()?)?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+    let mut out = Vec::new();
+    while !blob.is_empty() {
+        let Some(at) = take(&mut blob, 8).and_then(|b| b.try_into().ok()) else {
+            break;
+        };
+        let (Some(from), Some(text)) = (text(&mut blob), text(&mut blob)) else {
+            break;
+        };
+        let to = match key.0 {
+            0 if from == key.1 => Scope::User(key.2.clone()),
+            0 => Scope::User(key.1.clone()),
+            1 => Scope::Group(key.1.clone()),
+            _ => Scope::Everyone,
+        };
+        out.push(Message {
+            from,
+            to,
+            text,
+            at: time(i64::from_le_bytes(at)),
+        });
+    }
+    out
 }
 
 /// The columns `file_row` reads, in its order.
@@ -600,7 +713,7 @@ impl Store for SqliteStore {
                     .map_err(sql)?;
             }
             conn.execute(
-                "DELETE FROM history WHERE scope_kind = 0 AND (scope = ?1 OR sender = ?1)",
+                "DELETE FROM history WHERE scope_kind = 0 AND (a = ?1 OR b = ?1)",
                 [&name],
             )
             .map_err(sql)?;
@@ -742,16 +855,59 @@ impl Store for SqliteStore {
     }
 
     fn append_history(&self, message: Message) -> StoreFuture<'_, ()> {
-        self.write_later("cannot append to the history", move |conn| {
-            let (kind, scope) = scope_parts(&message.to);
-            conn.prepare_cached(
-                "INSERT INTO history (scope_kind, scope, sender, text, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![kind, scope, message.from, message.text, ms(message.at)])
-            })
-            .map(drop)
-            .map_err(sql)
+        use std::sync::atomic::Ordering;
+        let waiting = {
+            let mut rows = self
+                .history
+                .rows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            rows.push(message);
+            rows.len()
+        };
+        // A flush job is queued with the first row after the last flush; and again when the
+        // buffer is full (in case the job that was to take the rows never got queued).
+        let full = waiting >= HISTORY_BUFFER;
+        let queued = match self.history.flushing.swap(true, Ordering::AcqRel) && !full {
+            true => None,
+            false => {
+                let buffer = self.history.clone();
+                Some(
+                    self.write_later("cannot append to the history", move |conn| {
+                        // Cleared before the rows are taken: a row added after this is either
+                        // taken now or starts a job of its own.
+                        buffer.flushing.store(false, Ordering::Release);
+                        let rows = std::mem::take(
+                            &mut *buffer.rows.lock().unwrap_or_else(PoisonError::into_inner),
+                        );
+                        let mut insert = conn
+                            .prepare_cached(
+                                "INSERT INTO history (scope_kind, a, b, last_ms, n, messages) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            )
+                            .map_err(sql)?;
+                        for (key, batch) in conversations(rows) {
+                            let last = batch.last().map_or(0, |m| ms(m.at));
+                            let n = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+                            insert
+                                .execute(params![key.0, key.1, key.2, last, n, encode(&batch)])
+                                .map_err(sql)?;
+                        }
+                        Ok(())
+                    }),
+                )
+            }
+        };
+        // Too much waiting: the appender waits for the writer to catch up (flow control).
+        let catch_up = full.then(|| self.write(|_| Ok(())));
+        Box::pin(async move {
+            if let Some(queued) = queued {
+                queued.await?;
+            }
+            if let Some(catch_up) = catch_up {
+                catch_up.await?;
+            }
+            Ok(())
         })
     }
 
@@ -762,38 +918,38 @@ impl Store for SqliteStore {
         limit: usize,
         since: SystemTime,
     ) -> StoreFuture<'_, Vec<Message>> {
-        let (me, scope, since) = (me.to_owned(), scope.clone(), ms(since));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let key = conversation(me, scope);
+        let since = ms(since);
         // Appends are not waited for: first let every one queued so far commit (a write
         // that changes nothing commits without touching the disk).
         let barrier = self.write(|_| Ok(()));
         let read = self.read(move |conn| {
-            let (kind, name) = scope_parts(&scope);
-            // A private conversation is two index ranges: what `me` sent to `name`, and
-            // what `name` sent to `me`.
-            let all: [&dyn rusqlite::ToSql; 5] = [&kind, &name, &limit, &since, &me];
-            let (query, args) = match scope {
-                Scope::User(_) => (
-                    "SELECT sender, scope_kind, scope, text, at_ms FROM ( \
-                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND sender = ?5 \
-                                      AND at_ms >= ?4 ORDER BY id DESC LIMIT ?3) \
-                       UNION ALL \
-                       SELECT * FROM (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?5 AND sender = ?2 \
-                                      AND ?2 <> ?5 AND at_ms >= ?4 ORDER BY id DESC LIMIT ?3) \
-                       ORDER BY id DESC LIMIT ?3) ORDER BY id",
-                    &all[..],
-                ),
-                _ => (
-                    "SELECT sender, scope_kind, scope, text, at_ms FROM \
-                     (SELECT * FROM history WHERE scope_kind = ?1 AND scope = ?2 AND at_ms >= ?4 \
-                      ORDER BY id DESC LIMIT ?3) \
-                     ORDER BY id",
-                    &all[..4],
-                ),
-            };
-            let mut stmt = conn.prepare_cached(query).map_err(sql)?;
-            let rows = stmt.query_map(args, message_row).map_err(sql)?;
-            rows.collect::<Result<_, _>>().map_err(sql)
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT messages FROM history WHERE scope_kind = ?1 AND a = ?2 AND b = ?3 \
+                     AND last_ms >= ?4 ORDER BY id DESC",
+                )
+                .map_err(sql)?;
+            let mut rows = stmt
+                .query(params![key.0, key.1, key.2, since])
+                .map_err(sql)?;
+            // Newest batch first; each batch is in order.
+            let mut batches: Vec<Vec<Message>> = Vec::new();
+            let mut found = 0;
+            while found < limit {
+                let Some(row) = rows.next().map_err(sql)? else {
+                    break;
+                };
+                let blob: Vec<u8> = row.get(0).map_err(sql)?;
+                let mut batch = decode(&blob, &key);
+                batch.retain(|m| ms(m.at) >= since);
+                found += batch.len();
+                batches.push(batch);
+            }
+            let mut all: Vec<Message> = batches.into_iter().rev().flatten().collect();
+            let skip = all.len().saturating_sub(limit);
+            all.drain(..skip);
+            Ok(all)
         });
         Box::pin(async move {
             barrier.await?;
@@ -802,36 +958,35 @@ impl Store for SqliteStore {
     }
 
     fn prune_history(&self, before: SystemTime) -> StoreFuture<'_, u64> {
-        // Found by a reader (a scan that blocks no write), then deleted a bounded batch per
-        // transaction, so inbox writes never wait long behind a big prune.
-        const BATCH: i64 = 10_000;
+        // A bounded batch of rows per transaction, so inbox writes never wait long behind
+        // a big prune. A row goes when its newest message is older than `before`.
+        const BATCH: i64 = 1000;
         let before = ms(before);
-        let last_old = self.read(move |conn| {
-            conn.query_row(
-                "SELECT max(id) FROM history WHERE at_ms < ?1",
-                [before],
-                |row| row.get::<_, Option<i64>>(0),
-            )
-            .map_err(sql)
-        });
         Box::pin(async move {
-            let Some(last_old) = last_old.await? else {
-                return Ok(0);
-            };
             let mut gone = 0u64;
             loop {
-                let n = self
+                let (rows, messages) = self
                     .write(move |conn| {
-                        conn.execute(
-                            "DELETE FROM history WHERE id IN (SELECT id FROM history \
-                             WHERE id <= ?1 AND at_ms < ?2 ORDER BY id LIMIT ?3)",
-                            params![last_old, before, BATCH],
-                        )
-                        .map_err(sql)
+                        let messages: i64 = conn
+                            .query_row(
+                                "SELECT coalesce(sum(n), 0) FROM (SELECT n FROM history \
+                                 WHERE last_ms < ?1 ORDER BY last_ms LIMIT ?2)",
+                                params![before, BATCH],
+                                |row| row.get(0),
+                            )
+                            .map_err(sql)?;
+                        let rows = conn
+                            .execute(
+                                "DELETE FROM history WHERE id IN (SELECT id FROM history \
+                                 WHERE last_ms < ?1 ORDER BY last_ms LIMIT ?2)",
+                                params![before, BATCH],
+                            )
+                            .map_err(sql)?;
+                        Ok((rows, messages))
                     })
                     .await?;
-                gone += n as u64;
-                if (n as i64) < BATCH {
+                gone += u64::try_from(messages).unwrap_or(0);
+                if (rows as i64) < BATCH {
                     return Ok(gone);
                 }
             }
@@ -974,6 +1129,33 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_batch_decodes_to_what_was_encoded_and_a_damaged_one_to_a_prefix() {
+        let at = |s| UNIX_EPOCH + Duration::from_millis(s);
+        let key = conversation("bob", &Scope::User("alice".into()));
+        assert_eq!(key, (0, "alice".into(), "bob".into()));
+        let batch = vec![
+            Message {
+                from: "alice".into(),
+                to: Scope::User("bob".into()),
+                text: "hi, \u{1F600} 'quoted'".into(),
+                at: at(5),
+            },
+            Message {
+                from: "bob".into(),
+                to: Scope::User("alice".into()),
+                text: String::new(),
+                at: at(7),
+            },
+        ];
+        let blob = encode(&batch);
+        assert_eq!(decode(&blob, &key), batch);
+        for cut in 0..blob.len() {
+            let some = decode(&blob[..cut], &key);
+            assert!(some.len() < 2 && batch.starts_with(&some), "cut at {cut}");
+        }
+    }
 
     #[tokio::test]
     async fn in_memory_it_keeps_the_store_contract() {
