@@ -43,6 +43,9 @@ struct Args {
     sources: u8,
     /// Answers a server that asks for a password (registered names).
     password: Option<String>,
+    /// `private`: each sender pauses this long between writes (an offered load, instead
+    /// of as fast as the window allows).
+    interval_ms: u64,
 }
 
 fn parse_args() -> Result<Args, lexopt::Error> {
@@ -62,6 +65,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
         senders: 5,
         sources: 1,
         password: None,
+        interval_ms: 0,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next()? {
@@ -80,6 +84,7 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("senders") => a.senders = p.value()?.parse()?,
             Long("sources") => a.sources = p.value()?.parse()?,
             Long("password") => a.password = Some(p.value()?.string()?),
+            Long("interval-ms") => a.interval_ms = p.value()?.parse()?,
             _ => return Err(arg.unexpected()),
         }
     }
@@ -251,11 +256,17 @@ async fn private(a: &Args) -> Res<()> {
         });
         let mut wr = tx.wr;
         let mut ready = ready.clone();
+        let interval = Duration::from_millis(a.interval_ms);
         let sender = tokio::spawn(async move {
             ready.wait_for(|go| *go).await?;
             let mut out = Vec::with_capacity(64 * 1024);
             let mut next = 0;
+            let mut tick = tokio::time::interval(interval.max(Duration::from_micros(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while next < m {
+                if !interval.is_zero() {
+                    tick.tick().await;
+                }
                 let mut n = 1;
                 window.acquire().await?.forget();
                 while n < 512 && next + n < m && window.try_acquire().map(|p| p.forget()).is_ok() {

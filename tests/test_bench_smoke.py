@@ -18,7 +18,7 @@ SCENARIOS = [
     "private, 50 pairs, pipelined (window 64), --history off",
     "private, 50 pairs, pipelined (window 64), history on",
     "inbox: 100,000 messages",
-    "logins: private closed loop",
+    "logins: 50,000 private msgs/s offered",
     "broadcast, 50 users, 5 senders, closed loop",
     "broadcast, 1000 users, 5 senders, pipelined",
     "storm:",

@@ -187,21 +187,17 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let mut reader = LineReader::new(rd, limits.max_line, limits.idle_pause);
     let id = shared.next_id();
 
-    let claimed = match read_username(&shared, &mut reader, &kill).await {
-        Ok(name) => {
-            let pending = PendingLogin::new(&shared, &name, addr);
-            // Boxed: the login's state lives on the heap only while it runs, so an idle
-            // session stays small.
-            match Box::pin(login(&shared, &name, addr, &mut reader, &queue, &kill)).await {
-                Ok(login) => claim(&shared, &name, id, addr, &queue, &kill, &login)
-                    .map(|outbox| (outbox, login))
-                    .map_err(Stop::Refused),
-                Err(stop) => Err(stop),
-            }
-            .inspect(|_| drop(pending))
-        }
-        Err(stop) => Err(stop),
-    };
+    // Boxed: the handshake's state lives on the heap only while it runs, so an idle
+    // session stays small.
+    let claimed = Box::pin(async {
+        let name = read_username(&shared, &mut reader, &kill).await?;
+        // Known to the registry until claimed (a file connection of that name waits).
+        let _pending = PendingLogin::new(&shared, &name, addr);
+        let login = login(&shared, &name, addr, &mut reader, &queue, &kill).await?;
+        let outbox = claim(&shared, &name, id, addr, &queue, &kill, &login)?;
+        Step::Ok((outbox, login))
+    })
+    .await;
     match claimed {
         Ok((outbox, login)) => {
             let user = outbox.user().to_owned();

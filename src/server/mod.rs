@@ -442,12 +442,12 @@ mod tests {
         let writer =
             crate::net::write_loop(wr, queue, CancellationToken::new(), Duration::from_secs(1));
         assert!(
-            std::mem::size_of_val(&chat) <= 1024,
+            std::mem::size_of_val(&chat) <= 896,
             "chat: {}",
             std::mem::size_of_val(&chat)
         );
         assert!(
-            std::mem::size_of_val(&file) <= 1536,
+            std::mem::size_of_val(&file) <= 1152,
             "file: {}",
             std::mem::size_of_val(&file)
         );

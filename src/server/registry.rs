@@ -152,17 +152,10 @@ struct ChatEntry {
     /// Whether the name is a registered account (logged in with its password).
     registered: bool,
     /// The secret that proves this session's file connection (hex).
-    token: String,
-    /// While its offline inbox is being delivered, messages for it wait behind it.
-    replaying: bool,
-    /// Live lines that came during the replay, delivered right after it. Past
-    /// [`BEHIND_LINES`] or [`BEHIND_BYTES`], each sender also waits for the replay to end
-    /// before its next command (flow control), so this stays near those bounds.
-    behind: Vec<Bytes>,
-    /// Bytes in `behind`.
-    behind_bytes: usize,
-    /// Opens when the replay ends (senders held back by a full `behind` wait on it).
-    gate: Arc<ReplayGate>,
+    token: Box<str>,
+    /// While its offline inbox is being delivered: what waits behind it (boxed: most
+    /// entries never have one, and an idle user's entry stays small).
+    replay: Option<Box<Replay>>,
     /// Where it connected from: the user's file connection must come from there too.
     ip: IpAddr,
     /// Arrival order, for `list`.
@@ -242,6 +235,19 @@ impl ReplayGate {
     }
 }
 
+/// A replay under way, as the registry sees it.
+#[derive(Default)]
+struct Replay {
+    /// Live lines that came during the replay, delivered right after it. Past
+    /// [`BEHIND_LINES`] or [`BEHIND_BYTES`], each sender also waits for the replay to end
+    /// before its next command (flow control), so this stays near those bounds.
+    behind: Vec<Bytes>,
+    /// Bytes in `behind`.
+    behind_bytes: usize,
+    /// Opens when the replay ends (senders held back by a full `behind` wait on it).
+    gate: Arc<ReplayGate>,
+}
+
 /// Live lines that may wait behind one user's inbox replay.
 const BEHIND_LINES: usize = 4096;
 /// Bytes of live lines that may wait behind one user's inbox replay.
@@ -267,14 +273,14 @@ impl State {
     /// Where a line for `user` goes; `line` is taken if it waits behind a replay.
     fn route(&mut self, user: &str, line: &Bytes) -> Route {
         if let Some(e) = self.chats.get_mut(user) {
-            if !e.replaying {
+            let Some(replay) = e.replay.as_mut() else {
                 return Route::Live(e.registered);
-            }
-            let full = e.behind.len() >= BEHIND_LINES || e.behind_bytes >= BEHIND_BYTES;
-            e.behind_bytes += line.len();
-            e.behind.push(line.clone());
+            };
+            let full = replay.behind.len() >= BEHIND_LINES || replay.behind_bytes >= BEHIND_BYTES;
+            replay.behind_bytes += line.len();
+            replay.behind.push(line.clone());
             return match full {
-                true => Route::BehindFull(e.gate.clone()),
+                true => Route::BehindFull(replay.gate.clone()),
                 false => Route::Behind,
             };
         }
@@ -287,7 +293,7 @@ impl State {
     /// Forgets `user`'s inbox-write entry once no write is under way and no replay
     /// watches it.
     fn tidy_inbox_writes(&mut self, user: &str) {
-        let replaying = self.chats.get(user).is_some_and(|e| e.replaying);
+        let replaying = self.chats.get(user).is_some_and(|e| e.replay.is_some());
         if !replaying && self.inbox_writes.get(user).is_some_and(|w| w.writers == 0) {
             self.inbox_writes.remove(user);
         }
@@ -370,11 +376,8 @@ impl Registry {
                 ChatEntry {
                     id,
                     registered,
-                    token: session.unwrap_or_default(),
-                    replaying: registered,
-                    behind: Vec::new(),
-                    behind_bytes: 0,
-                    gate: Arc::default(),
+                    token: session.unwrap_or_default().into(),
+                    replay: registered.then(Box::default),
                     ip,
                     seq,
                     outbox,
@@ -519,12 +522,12 @@ impl Registry {
 
     fn go_live(st: &mut State, user: &str, id: u64, held: &mut Held) {
         if let Some(e) = st.chats.get_mut(user).filter(|e| e.id == id) {
-            e.replaying = false;
-            e.behind_bytes = 0;
-            for line in std::mem::take(&mut e.behind) {
-                e.outbox.deliver(line, held);
+            if let Some(replay) = e.replay.take() {
+                for line in replay.behind {
+                    e.outbox.deliver(line, held);
+                }
+                replay.gate.open();
             }
-            e.gate.open();
         }
         st.tidy_inbox_writes(user);
     }
@@ -678,7 +681,7 @@ impl Registry {
         let mut st = self.state();
         let mut replaying = Vec::new();
         for (user, e) in &st.chats {
-            match (user == from, e.replaying) {
+            match (user == from, e.replay.is_some()) {
                 (true, _) => {}
                 (false, false) => e.outbox.deliver(bytes.clone(), held),
                 (false, true) => replaying.push(user.clone()),

@@ -61,39 +61,11 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     let mut reader = LineReader::new(rd, limits.max_header, limits.idle_pause);
     let id = shared.next_id();
 
-    let started = Instant::now();
-    let mut held = false;
-    let (user, link) = match handshake(&shared, &mut reader, addr, id, &kill, &mut held).await {
-        Ok(claimed) => claimed,
-        Err(Stop::Refused(refusal)) if held && started.elapsed() >= GREETING_WINDOW => {
-            return warn!("[REFUSED] {addr}: {refusal} (held for a login too long to be told)");
-        }
-        Err(Stop::Refused(refusal)) => return refuse(wr, addr, refusal).await,
-        Err(Stop::Ended(_)) => return,
+    // Boxed: the opening's state lives on the heap only while it runs, so an idle file
+    // connection stays small.
+    let Some(user) = Box::pin(open(&shared, &mut reader, wr, addr, id, &kill)).await else {
+        return;
     };
-    // Greet in a write of its own: the greeting is the first thing written, and forwards
-    // only start once the forwarder owns the writer.
-    let mut wr = wr;
-    let mut ready_at = Instant::now();
-    if !held || started.elapsed() < GREETING_WINDOW {
-        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
-            shared.registry.remove_file(&user, id);
-            return;
-        }
-        ready_at += GREETING_GAP;
-    } else {
-        info!("[FILE SOCKET] {user}: held for its login, so not greeted");
-    }
-    shared.tasks.spawn(forward_all(
-        shared.clone(),
-        user.clone(),
-        wr,
-        link,
-        kill.clone(),
-        ready_at,
-    ));
-    info!("[FILE SOCKET] {user} connected for files from {addr}");
-    deliver_queued(&shared, &user).await;
     reader.require_newlines(shared.config.limits.max_header);
 
     loop {
@@ -125,6 +97,57 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     shared.registry.remove_file(&user, id);
     kill.cancel();
     info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// Opens a file connection: the handshake, the greeting (unless it was held for a login
+/// too long to be greeted), its forwarder, and the files that waited for its user.
+/// `None` if it was refused or ended.
+async fn open(
+    shared: &Arc<Shared>,
+    reader: &mut LineReader,
+    wr: ConnWrite,
+    addr: SocketAddr,
+    id: u64,
+    kill: &CancellationToken,
+) -> Option<String> {
+    let started = Instant::now();
+    let mut held = false;
+    let (user, link) = match handshake(shared, reader, addr, id, kill, &mut held).await {
+        Ok(claimed) => claimed,
+        Err(Stop::Refused(refusal)) if held && started.elapsed() >= GREETING_WINDOW => {
+            warn!("[REFUSED] {addr}: {refusal} (held for a login too long to be told)");
+            return None;
+        }
+        Err(Stop::Refused(refusal)) => {
+            refuse(wr, addr, refusal).await;
+            return None;
+        }
+        Err(Stop::Ended(_)) => return None,
+    };
+    // Greet in a write of its own: the greeting is the first thing written, and forwards
+    // only start once the forwarder owns the writer.
+    let mut wr = wr;
+    let mut ready_at = Instant::now();
+    if !held || started.elapsed() < GREETING_WINDOW {
+        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+            shared.registry.remove_file(&user, id);
+            return None;
+        }
+        ready_at += GREETING_GAP;
+    } else {
+        info!("[FILE SOCKET] {user}: held for its login, so not greeted");
+    }
+    shared.tasks.spawn(forward_all(
+        shared.clone(),
+        user.clone(),
+        wr,
+        link,
+        kill.clone(),
+        ready_at,
+    ));
+    info!("[FILE SOCKET] {user} connected for files from {addr}");
+    deliver_queued(shared, &user).await;
+    Some(user)
 }
 
 /// Reads the username, waits for its chat session and claims the name's file slot;
