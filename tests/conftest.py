@@ -336,6 +336,65 @@ class Net:
             wire.close()
 
 
+#: The password the account helpers register with.
+PASSWORD = "s3cret-pass"
+
+
+def register(net: Net, name: str, password: str = PASSWORD) -> None:
+    """Registers `name` from a guest session, then leaves (and waits until the server has
+    seen it leave)."""
+    wire = net.chat(name)
+    wire.send(f"register {password}\n")
+    wire.expect(f"Registered {name}.")
+    wire.close()
+    wait_gone(net, name)
+
+
+def wait_gone(net: Net, name: str) -> None:
+    """Waits until the server has seen `name`'s chat connection close."""
+    probe = net.chat(f"probe-{name}")
+    wait_until(lambda: name not in connected(probe), what=f"{name} has left")
+    probe.close()
+
+
+def connected(wire: Wire) -> list[str]:
+    wire.send("list\n")
+    return wire.line().removeprefix("Connected users: ").split(", ")
+
+
+def log_in(net: Net, name: str, password: str = PASSWORD, *, lab: bool = False) -> Wire:
+    """A raw chat connection logged in with a password (lab-style: no newlines)."""
+    wire = net.wire("chat", name)
+    wire.send(name if lab else f"{name}\n")
+    wire.expect(f"Password for {name}:")
+    wire.send(password if lab else f"{password}\n")
+    wire.expect(f"Welcome, {name}!")
+    return wire
+
+
+def test_a_guest_registers_its_name_and_then_needs_its_password(net):
+    alice = net.chat("alice")
+    alice.send("register short\n")
+    alice.expect("ERROR: password is shorter than 8 characters")
+    alice.send(f"register {'x' * 129}\n")
+    alice.expect("ERROR: password is longer than 128 bytes")
+    alice.send("register\n")
+    alice.expect("Usage: register <password>")
+    alice.send(f"register {PASSWORD}\n")
+    alice.expect("Registered alice.")
+    alice.send("register another-pass\n")
+    alice.expect("ERROR: 'alice' is registered already")
+    alice.close()
+
+    wrong = net.wire("chat", "alice")
+    wrong.send("alice\n")
+    wrong.expect("Password for alice:")
+    wrong.send("not-the-password\n")
+    assert wrong.expect_closed() == b"ERROR: wrong password\n"
+
+    log_in(net, "alice")
+
+
 def vm(field: str, pid: int | str = "self") -> int:
     """A memory figure of a process, in KiB, from /proc/<pid>/status."""
     status = Path(f"/proc/{pid}/status").read_text()

@@ -21,50 +21,18 @@ from relaychat import (
 from tests.conftest import (
     FILE_GREETING,
     HOST,
+    PASSWORD,
     REPO,
     TIMEOUT,
     Net,
     Wire,
     file_arrival,
+    log_in,
     random_file,
+    register,
     start_server,
     stop_server,
-    wait_until,
 )
-
-PASSWORD = "s3cret-pass"
-
-
-def register(net: Net, name: str, password: str = PASSWORD) -> None:
-    """Registers `name` from a guest session, then leaves (and waits until the server has
-    seen it leave)."""
-    wire = net.chat(name)
-    wire.send(f"register {password}\n")
-    wire.expect(f"Registered {name}.")
-    wire.close()
-    wait_gone(net, name)
-
-
-def wait_gone(net: Net, name: str) -> None:
-    """Waits until the server has seen `name`'s chat connection close."""
-    probe = net.chat(f"probe-{name}")
-    wait_until(lambda: name not in connected(probe), what=f"{name} has left")
-    probe.close()
-
-
-def connected(wire: Wire) -> list[str]:
-    wire.send("list\n")
-    return wire.line().removeprefix("Connected users: ").split(", ")
-
-
-def log_in(net: Net, name: str, password: str = PASSWORD, *, lab: bool = False) -> Wire:
-    """A raw chat connection logged in with a password (lab-style: no newlines)."""
-    wire = net.wire("chat", name)
-    wire.send(name if lab else f"{name}\n")
-    wire.expect(f"Password for {name}:")
-    wire.send(password if lab else f"{password}\n")
-    wire.expect(f"Welcome, {name}!")
-    return wire
 
 
 def test_a_guest_registers_its_name_and_then_needs_its_password(net):

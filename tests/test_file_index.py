@@ -13,15 +13,17 @@ from relaychat import Ack, FileEntry, FileQueued, RefusedError, ServerError
 
 from tests.conftest import (
     FILE_GREETING,
+    PASSWORD,
     TIMEOUT,
     Wire,
     file_arrival,
     next_of,
     random_file,
+    register,
     start_server,
     stop_server,
+    wait_gone,
 )
-from tests.test_accounts import PASSWORD, register, wait_gone
 
 
 def test_files_lists_what_one_sent_and_received_and_get_sends_it_again(net):

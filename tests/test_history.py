@@ -8,8 +8,13 @@ import re
 import pytest
 from relaychat import HistoryEntry, RefusedError, Server
 
-from tests.conftest import HOST, Net
-from tests.test_accounts import PASSWORD, log_in, register
+from tests.conftest import (
+    HOST,
+    PASSWORD,
+    Net,
+    log_in,
+    register,
+)
 
 #: `[HISTORY 2026-11-29T14:00:00Z] alice: text`
 ENTRY = re.compile(r"\[HISTORY (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\] ([^:]+): (.*)")

@@ -11,16 +11,20 @@ import threading
 from relaychat import GroupMessage, MessageQueued, PrivateMessage, ServerError, UserNotFound
 
 from tests.conftest import (
+    PASSWORD,
     TIMEOUT,
     Net,
     Wire,
+    connected,
     drain,
+    log_in,
     next_of,
+    register,
     start_server,
     stop_server,
+    wait_gone,
     wait_until,
 )
-from tests.test_accounts import PASSWORD, connected, log_in, register, wait_gone
 
 
 def test_a_message_to_a_registered_user_who_is_away_waits_for_them(net):
