@@ -372,29 +372,6 @@ def log_in(net: Net, name: str, password: str = PASSWORD, *, lab: bool = False) 
     return wire
 
 
-def test_a_guest_registers_its_name_and_then_needs_its_password(net):
-    alice = net.chat("alice")
-    alice.send("register short\n")
-    alice.expect("ERROR: password is shorter than 8 characters")
-    alice.send(f"register {'x' * 129}\n")
-    alice.expect("ERROR: password is longer than 128 bytes")
-    alice.send("register\n")
-    alice.expect("Usage: register <password>")
-    alice.send(f"register {PASSWORD}\n")
-    alice.expect("Registered alice.")
-    alice.send("register another-pass\n")
-    alice.expect("ERROR: 'alice' is registered already")
-    alice.close()
-
-    wrong = net.wire("chat", "alice")
-    wrong.send("alice\n")
-    wrong.expect("Password for alice:")
-    wrong.send("not-the-password\n")
-    assert wrong.expect_closed() == b"ERROR: wrong password\n"
-
-    log_in(net, "alice")
-
-
 def vm(field: str, pid: int | str = "self") -> int:
     """A memory figure of a process, in KiB, from /proc/<pid>/status."""
     status = Path(f"/proc/{pid}/status").read_text()
