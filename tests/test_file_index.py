@@ -172,3 +172,25 @@ def test_a_queued_file_survives_a_kill_9(tmp_path):
                 probe.close()
     finally:
         assert stop_server(proc) == 0
+
+
+def test_an_ack_waits_for_a_registered_sender_who_is_away(net):
+    register(net, "alice")
+    alice = net.client("alice", PASSWORD)
+    bob_chat = net.chat("bob")
+    bob_files = net.file("bob")
+    report = random_file(net.root / "report.bin", 2000)
+    alice.send_file("bob", report)
+    bob_chat.expect(
+        "[FILE] alice sent you file 'report.bin' (2000 bytes). Incoming on file socket."
+    )
+    assert bob_files.line() == "alice|report.bin|2000"
+    assert bob_files.recv_exact(2000) == report.read_bytes()
+    alice.close()
+    wait_gone(net, "alice")
+    # bob's client acknowledges only now, with alice away: the [ACK] waits for her.
+    bob_chat.send("FILE_RECEIVED|alice|report.bin\n")
+    bob_chat.send("list\n")
+    bob_chat.expect("Connected users: ")  # the acknowledgement has been handled
+    alice = net.client("alice", PASSWORD)
+    assert next_of(alice, Ack).line == "[ACK] bob received file 'report.bin'"

@@ -455,6 +455,10 @@ fn live_line(message: &Message) -> ServerLine {
             text,
         },
         Scope::Everyone => ServerLine::Broadcast { from, text },
+        Scope::Ack => ServerLine::Ack {
+            recipient: from,
+            filename: text,
+        },
     }
 }
 
@@ -502,7 +506,7 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
                 None => unknown(session, call.spec.name, text),
             }
         }
-        Ok(Parsed::Ack { sender, filename }) => ack(session, sender, filename),
+        Ok(Parsed::Ack { sender, filename }) => return ack(session, sender, filename),
         Ok(Parsed::Hello) => {
             session.outbox.extend();
             session.reply(ServerLine::Hello);
@@ -911,19 +915,39 @@ async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<
 }
 
 /// `FILE_RECEIVED|<sender>|<filename>`: relayed to the sender as `[ACK]`, once per forward.
-fn ack(session: &Session<'_>, sender: &str, filename: &str) {
+/// A registered sender who is away gets it at its next login (kept in its inbox).
+fn ack<'a>(session: &'a Session<'a>, sender: &'a str, filename: &'a str) -> Option<Later<'a>> {
     let registry = &session.shared.registry;
     if !registry.take_ack(session.user, sender, filename) {
-        return session.refuse(Refusal::NoSuchAck {
+        session.refuse(Refusal::NoSuchAck {
             sender: sender.into(),
             filename: filename.into(),
         });
+        return None;
     }
     let ack = ServerLine::Ack {
         recipient: session.user.into(),
         filename: filename.into(),
     };
-    registry.deliver_to(sender, Bytes::from(ack.to_wire()), &mut session.held());
+    let Sent::Queue(ticket) =
+        registry.send_to(sender, Bytes::from(ack.to_wire()), &mut session.held())
+    else {
+        return None;
+    };
+    Some(Box::pin(async move {
+        let kept = session.message(Scope::Ack, filename);
+        match session.queue(ticket, kept).await {
+            Ok(full) if full.is_empty() => {}
+            Ok(_) => warn!(
+                "[INBOX] {sender}'s inbox is full: the [ACK] from {} is dropped",
+                session.user
+            ),
+            Err(_) => warn!(
+                "[STORE] cannot keep the [ACK] from {} for {sender}",
+                session.user
+            ),
+        }
+    }))
 }
 
 /// `FILE_FAILED|<sender>|<filename>|<reason>`: the recipient could not save a file; its

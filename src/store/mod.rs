@@ -54,6 +54,9 @@ pub enum Scope {
     Group(String),
     /// A broadcast.
     Everyone,
+    /// Not a message: an acknowledgement kept for a sender who was away (`from` received
+    /// the file named `text`); replayed as `[ACK] <from> received file '<text>'`.
+    Ack,
 }
 
 /// One chat message, as kept for history and offline inboxes.
@@ -277,6 +280,13 @@ pub(crate) mod contract {
             store.peek_inbox("dave", 0, 10).await.expect("read").len(),
             3
         );
+        let ack = message("bob", Scope::Ack, "report.pdf");
+        store
+            .push_inbox(vec!["carol".into()], ack.clone(), 3)
+            .await
+            .expect("kept");
+        let kept = store.peek_inbox("carol", 0, 10).await.expect("read");
+        assert_eq!(kept.last().map(|q| &q.message), Some(&ack));
 
         // History: a group's, and a private conversation seen from either side.
         let devs = Scope::Group("devs".into());

@@ -181,6 +181,7 @@ fn scope_parts(scope: &Scope) -> (i64, &str) {
         Scope::User(u) => (0, u),
         Scope::Group(g) => (1, g),
         Scope::Everyone => (2, ""),
+        Scope::Ack => (3, ""),
     }
 }
 
@@ -188,6 +189,7 @@ fn scope_from(kind: i64, name: String) -> Scope {
     match kind {
         0 => Scope::User(name),
         1 => Scope::Group(name),
+        3 => Scope::Ack,
         _ => Scope::Everyone,
     }
 }
@@ -568,6 +570,7 @@ fn conversation(me: &str, scope: &Scope) -> Conversation {
         Scope::User(other) => (0, me.to_owned(), other.clone()),
         Scope::Group(group) => (1, group.clone(), String::new()),
         Scope::Everyone => (2, String::new(), String::new()),
+        Scope::Ack => (3, String::new(), String::new()),
     }
 }
 
