@@ -82,8 +82,8 @@ CREATE TABLE inbox_sizes (
     user TEXT PRIMARY KEY,
     n INTEGER NOT NULL
 );
--- No server wrote the v1 history table (history came with v3): it is replaced by one
--- that keeps a batch of a conversation's messages per row.
+-- No released server wrote the v1 history table (history came with v3): it is replaced
+-- by one that keeps a batch of a conversation's messages per row.
 DROP INDEX history_by_scope;
 DROP TABLE history;
 CREATE TABLE history (
@@ -136,16 +136,33 @@ pub struct SqliteStore {
 }
 
 /// History appends gathered in memory and written many to a job: a message's history row
-/// costs one statement in the writer, not a job of its own.
+/// costs an append here, and each conversation's batch becomes one row of the table.
 #[derive(Default)]
 struct HistoryBuffer {
-    rows: Mutex<Vec<Message>>,
-    /// A job that will take the rows is queued.
+    pending: Mutex<Pending>,
+    /// A flush is queued that will take the rows.
     flushing: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Pending {
+    rows: Vec<Message>,
+    /// About how many bytes `rows` hold.
+    bytes: usize,
+}
+
+impl HistoryBuffer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// History rows that may wait in memory; past it, appends wait for the writer.
 const HISTORY_BUFFER: usize = 64 * 1024;
+/// Bytes of history that may wait in memory; past it, appends wait for the writer.
+const HISTORY_BUFFER_BYTES: usize = 16 << 20;
+/// Most bytes of messages in one row of the history table.
+const HISTORY_ROW_BYTES: usize = 1 << 20;
 
 struct Readers {
     /// The database file.
@@ -441,21 +458,6 @@ impl SqliteStore {
         })
     }
 
-    /// Hands `f` to the writer; completes once it is queued (waiting while the queue is
-    /// full), without waiting for the commit: for writes whose loss in a crash costs
-    /// little (history). A failure is logged.
-    fn write_later(
-        &self,
-        what: &'static str,
-        f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
-    ) -> StoreFuture<'_, ()> {
-        self.enqueue(f, move |result| {
-            if let Err(e) = result {
-                tracing::warn!("[STORE] {what}: {e}");
-            }
-        })
-    }
-
     /// Queues a job that runs `f` and hands its result (after the commit) to `done`.
     fn enqueue<T: Send + 'static>(
         &self,
@@ -496,6 +498,66 @@ impl SqliteStore {
             }
             _ => Box::pin(std::future::ready(Err(stopped()))),
         }
+    }
+
+    /// Writes every history row gathered so far (one row per conversation batch); completes
+    /// once they are committed. If the write fails, the rows go back to the front of the
+    /// buffer for the next flush; either way the next append may queue a flush again.
+    fn flush_history(&self) -> StoreFuture<'_, ()> {
+        let (queued, committed) = self.queue_history_flush();
+        Box::pin(async move {
+            queued.await?;
+            committed
+                .await
+                .map_err(|_| unavailable("the store's writer has stopped"))?
+        })
+    }
+
+    /// Queues a flush of the history buffer (see `flush_history`): completes once queued;
+    /// the receiver gets the result once it has committed.
+    fn queue_history_flush(
+        &self,
+    ) -> (
+        StoreFuture<'_, ()>,
+        oneshot::Receiver<Result<(), StoreError>>,
+    ) {
+        use std::sync::atomic::Ordering;
+        let (buffer, restore) = (self.history.clone(), self.history.clone());
+        let taken: Arc<Mutex<Vec<Message>>> = Arc::default();
+        let kept = taken.clone();
+        let (tx, rx) = oneshot::channel();
+        let queued = self.enqueue(
+            move |conn| {
+                // Cleared before the rows are taken: a row added after this is either taken
+                // now or queues a flush of its own.
+                buffer.flushing.store(false, Ordering::Release);
+                let rows = {
+                    let mut pending = buffer.lock();
+                    pending.bytes = 0;
+                    std::mem::take(&mut pending.rows)
+                };
+                let written = write_history(conn, &rows);
+                *kept.lock().unwrap_or_else(PoisonError::into_inner) = rows;
+                written
+            },
+            move |result: Result<(), StoreError>| {
+                restore.flushing.store(false, Ordering::Release);
+                if let Err(e) = &result {
+                    tracing::warn!("[STORE] cannot write the history: {e}");
+                    let mut back =
+                        std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner));
+                    let mut pending = restore.lock();
+                    pending.bytes += back
+                        .iter()
+                        .map(|m| m.from.len() + m.text.len() + 16)
+                        .sum::<usize>();
+                    back.append(&mut pending.rows);
+                    pending.rows = back;
+                }
+                let _ = tx.send(result);
+            },
+        );
+        (queued, rx)
     }
 
     /// Runs `f` on a reader connection on the blocking pool (for `:memory:`, in the
@@ -574,10 +636,40 @@ fn conversation(me: &str, scope: &Scope) -> Conversation {
     }
 }
 
+/// Inserts buffered history rows: per conversation, in order, in rows of at most
+/// [`HISTORY_ROW_BYTES`].
+fn write_history(conn: &Connection, rows: &[Message]) -> Result<(), StoreError> {
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO history (scope_kind, a, b, last_ms, n, messages) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(sql)?;
+    for (key, batch) in conversations(rows) {
+        let mut start = 0;
+        while start < batch.len() {
+            let mut end = start;
+            let mut size = 0;
+            while end < batch.len() && (end == start || size < HISTORY_ROW_BYTES) {
+                size += batch[end].from.len() + batch[end].text.len() + 16;
+                end += 1;
+            }
+            let chunk = &batch[start..end];
+            let last = chunk.last().map_or(0, |m| ms(m.at));
+            let n = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+            insert
+                .execute(params![key.0, key.1, key.2, last, n, encode(chunk)])
+                .map_err(sql)?;
+            start = end;
+        }
+    }
+    Ok(())
+}
+
 /// Buffered messages grouped by conversation, each group in order.
-fn conversations(rows: Vec<Message>) -> Vec<(Conversation, Vec<Message>)> {
+fn conversations(rows: &[Message]) -> Vec<(Conversation, Vec<&Message>)> {
     let mut at: std::collections::HashMap<Conversation, usize> = Default::default();
-    let mut groups: Vec<(Conversation, Vec<Message>)> = Vec::new();
+    let mut groups: Vec<(Conversation, Vec<&Message>)> = Vec::new();
     for m in rows {
         let key = conversation(&m.from, &m.to);
         match at.get(&key) {
@@ -593,7 +685,7 @@ fn conversations(rows: Vec<Message>) -> Vec<(Conversation, Vec<Message>)> {
 
 /// One batch of a conversation, as stored: per message its time (ms, 8 bytes LE), its
 /// sender and its text (each a 4-byte LE length and UTF-8 bytes).
-fn encode(batch: &[Message]) -> Vec<u8> {
+fn encode(batch: &[&Message]) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.iter().map(|m| 16 + m.from.len() + m.text.len()).sum());
     for m in batch {
         out.extend_from_slice(&ms(m.at).to_le_bytes());
@@ -859,59 +951,25 @@ impl Store for SqliteStore {
 
     fn append_history(&self, message: Message) -> StoreFuture<'_, ()> {
         use std::sync::atomic::Ordering;
-        let waiting = {
-            let mut rows = self
-                .history
-                .rows
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            rows.push(message);
-            rows.len()
+        let (rows, bytes) = {
+            let mut buffer = self.history.lock();
+            buffer.bytes += message.from.len() + message.text.len() + 16;
+            buffer.rows.push(message);
+            (buffer.rows.len(), buffer.bytes)
         };
-        // A flush job is queued with the first row after the last flush; and again when the
-        // buffer is full (in case the job that was to take the rows never got queued).
-        let full = waiting >= HISTORY_BUFFER;
-        let queued = match self.history.flushing.swap(true, Ordering::AcqRel) && !full {
-            true => None,
-            false => {
-                let buffer = self.history.clone();
-                Some(
-                    self.write_later("cannot append to the history", move |conn| {
-                        // Cleared before the rows are taken: a row added after this is either
-                        // taken now or starts a job of its own.
-                        buffer.flushing.store(false, Ordering::Release);
-                        let rows = std::mem::take(
-                            &mut *buffer.rows.lock().unwrap_or_else(PoisonError::into_inner),
-                        );
-                        let mut insert = conn
-                            .prepare_cached(
-                                "INSERT INTO history (scope_kind, a, b, last_ms, n, messages) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                            )
-                            .map_err(sql)?;
-                        for (key, batch) in conversations(rows) {
-                            let last = batch.last().map_or(0, |m| ms(m.at));
-                            let n = i64::try_from(batch.len()).unwrap_or(i64::MAX);
-                            insert
-                                .execute(params![key.0, key.1, key.2, last, n, encode(&batch)])
-                                .map_err(sql)?;
-                        }
-                        Ok(())
-                    }),
-                )
-            }
-        };
-        // Too much waiting: the appender waits for the writer to catch up (flow control).
-        let catch_up = full.then(|| self.write(|_| Ok(())));
-        Box::pin(async move {
-            if let Some(queued) = queued {
-                queued.await?;
-            }
-            if let Some(catch_up) = catch_up {
-                catch_up.await?;
-            }
-            Ok(())
-        })
+        // A flush is queued with the first row after the last one started; and when the
+        // buffer is full the appender waits for a flush of its own (flow control, and a
+        // flush that failed to be queued cannot leave rows behind for long).
+        let full = rows >= HISTORY_BUFFER || bytes >= HISTORY_BUFFER_BYTES;
+        if full {
+            return self.flush_history();
+        }
+        match self.history.flushing.swap(true, Ordering::AcqRel) {
+            true => Box::pin(std::future::ready(Ok(()))),
+            // Waited for until queued, not until committed (a history row costs no commit
+            // wait).
+            false => self.queue_history_flush().0,
+        }
     }
 
     fn history(
@@ -923,9 +981,8 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, Vec<Message>> {
         let key = conversation(me, scope);
         let since = ms(since);
-        // Appends are not waited for: first let every one queued so far commit (a write
-        // that changes nothing commits without touching the disk).
-        let barrier = self.write(|_| Ok(()));
+        // Appends are not waited for: first write every one made so far.
+        let barrier = self.flush_history();
         let read = self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
@@ -1152,7 +1209,7 @@ mod tests {
                 at: at(7),
             },
         ];
-        let blob = encode(&batch);
+        let blob = encode(&batch.iter().collect::<Vec<_>>());
         assert_eq!(decode(&blob, &key), batch);
         for cut in 0..blob.len() {
             let some = decode(&blob[..cut], &key);
