@@ -146,7 +146,7 @@ impl PyServer {
         let store = py
             .detach(|| SqliteStore::open(&db))
             .map_err(|e| crate::Error::Store(e.to_string()))?;
-        config.store = Arc::new(store);
+        config.store = Some(Arc::new(store));
         let server = block_on(py, Server::bind(config))??;
         let chat_port = server.chat_addr()?.port();
         let file_port = server.file_addr()?.port();

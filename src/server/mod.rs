@@ -49,8 +49,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Every limit (see [`settings`]).
     pub limits: Limits,
-    /// What persists beyond a connection (in memory unless another store is given).
-    pub store: Arc<dyn Store>,
+    /// What persists beyond a connection (`None`: a private in-memory SQLite database,
+    /// opened when the server is bound).
+    pub store: Option<Arc<dyn Store>>,
     /// Who may log in and what the server keeps.
     pub policy: Policy,
 }
@@ -84,7 +85,7 @@ impl Default for ServerConfig {
             file_port: 2007,
             data_dir: PathBuf::from("."),
             limits: Limits::default(),
-            store: Arc::new(SqliteStore::in_memory()),
+            store: None,
             policy: Policy::default(),
         }
     }
@@ -132,17 +133,21 @@ impl Shared {
     /// `max_connections` at once.
     fn new(config: ServerConfig, max_connections: usize) -> Arc<Self> {
         let limits = &config.limits;
+        let store: Arc<dyn Store> = match &config.store {
+            Some(store) => store.clone(),
+            None => Arc::new(SqliteStore::in_memory()),
+        };
         Arc::new(Shared {
             gate: limits::Gate::new(max_connections, limits.max_per_address),
             disk: limits::DiskLedger::new(
                 config.data_dir.clone(),
                 limits.user_quota,
                 limits.min_free_disk,
-                config.store.clone(),
+                store.clone(),
             ),
             accounts: accounts::Accounts::new(limits.login_attempts, limits.login_lockout),
             spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
-            store: config.store.clone(),
+            store,
             config,
             registry: Registry::default(),
             shutdown: CancellationToken::new(),
