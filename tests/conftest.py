@@ -364,7 +364,15 @@ def connected(wire: Wire) -> list[str]:
 
 def log_in(net: Net, name: str, password: str = PASSWORD, *, lab: bool = False) -> Wire:
     """A raw chat connection logged in with a password (lab-style: no newlines)."""
-    wire = net.wire("chat", name)
+    return password_login(net.wire("chat", name), name, password, lab=lab)
+
+
+def log_in_at(port: int, name: str, password: str = PASSWORD) -> Wire:
+    """`log_in` to a server known only by its chat port (a `server.py` process)."""
+    return password_login(Wire(port, name), name, password)
+
+
+def password_login(wire: Wire, name: str, password: str, *, lab: bool = False) -> Wire:
     wire.send(name if lab else f"{name}\n")
     wire.expect(f"Password for {name}:")
     wire.send(password if lab else f"{password}\n")

@@ -28,6 +28,7 @@ from tests.conftest import (
     Wire,
     file_arrival,
     log_in,
+    log_in_at,
     random_file,
     register,
     start_server,
@@ -263,11 +264,7 @@ def test_the_accounts_command_manages_accounts_offline(tmp_path):
     try:
         busy = accounts(data, "list")
         assert busy.returncode == 1 and "in use" in busy.stderr, busy.stderr
-        wire = Wire(ports["CHAT"], "alice")
-        wire.send("alice\n")
-        wire.expect("Password for alice:")
-        wire.send("new-password\n")
-        wire.expect("Welcome, alice!")
+        wire = log_in_at(ports["CHAT"], "alice", "new-password")
         wire.close()
         bob = Wire(ports["CHAT"], "bob")
         bob.send("bob\n")

@@ -17,6 +17,7 @@ from tests.conftest import (
     TIMEOUT,
     Wire,
     file_arrival,
+    log_in_at,
     next_of,
     random_file,
     register,
@@ -140,11 +141,7 @@ def test_a_queued_file_survives_a_kill_9(tmp_path):
     proc, ports, _ = start_server(tmp_path)
     try:
         for login in ("first", "second"):
-            chat = Wire(ports["CHAT"], "bob")
-            chat.send("bob\n")
-            chat.expect("Password for bob:")
-            chat.send(f"{PASSWORD}\n")
-            chat.expect("Welcome, bob!")
+            chat = log_in_at(ports["CHAT"], "bob")
             files = Wire(ports["FILE"], "bob-files")
             files.send("bob\n")
             assert files.recv_exact(len(FILE_GREETING), TIMEOUT) == FILE_GREETING

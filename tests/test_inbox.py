@@ -18,6 +18,7 @@ from tests.conftest import (
     connected,
     drain,
     log_in,
+    log_in_at,
     next_of,
     register,
     start_server,
@@ -200,11 +201,7 @@ def test_nothing_queued_is_lost_to_a_kill_9(tmp_path):
     proc, ports, _ = start_server(tmp_path)
     try:
         for login in ("first", "second"):
-            bob = Wire(ports["CHAT"], "bob")
-            bob.send("bob\n")
-            bob.expect("Password for bob:")
-            bob.send(f"{PASSWORD}\n")
-            bob.expect("Welcome, bob!")
+            bob = log_in_at(ports["CHAT"], "bob")
             bob.send("msg bob marker\n")  # to oneself: after whatever was queued
             got = bob.lines_until(lambda line: line.endswith("marker"))
             bob.close()
@@ -300,11 +297,7 @@ def test_a_full_disk_refuses_the_message_and_the_server_goes_on(tmp_path):
         alice.send("msg carol still here\n")
         carol.expect("[PRIVATE from alice]: still here")
         # What was claimed queued is there.
-        bob = Wire(port, "bob")
-        bob.send("bob\n")
-        bob.expect("Password for bob:")
-        bob.send(f"{PASSWORD}\n")
-        bob.expect("Welcome, bob!")
+        bob = log_in_at(port, "bob")
         for _ in range(queued):
             bob.expect(f"[PRIVATE from alice]: {big}")
         for wire in (alice, bob, carol):

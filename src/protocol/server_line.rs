@@ -320,6 +320,12 @@ fn comma_list(f: &mut fmt::Formatter<'_>, items: &[String]) -> fmt::Result {
     Ok(())
 }
 
+/// A time as the protocol's lines show it: UTC, ISO 8601, whole seconds
+/// (`2026-11-29T14:00:00Z`).
+pub fn utc(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// `a, b` → `[a, b]`; the empty string → no items.
 fn split_list(rest: &str) -> Vec<String> {
     match rest.is_empty() {

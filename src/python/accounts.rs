@@ -68,10 +68,7 @@ impl PyAccountBook {
             .map_err(|e| refused(e.to_string()))?;
         Ok(accounts
             .into_iter()
-            .map(|a| {
-                let created = humantime::format_rfc3339_seconds(a.created).to_string();
-                (a.name, created)
-            })
+            .map(|a| (a.name, crate::protocol::server_line::utc(a.created)))
             .collect())
     }
 }

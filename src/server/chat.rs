@@ -30,8 +30,9 @@ use crate::protocol::command::{
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{check_group, normalize};
+use crate::protocol::server_line::utc;
 use crate::protocol::{CommandError, ServerLine};
-use crate::store::{Account, Message, Scope};
+use crate::store::{Account, Message, Scope, StoreError};
 
 /// How long a closing connection's writer may take to flush what is queued.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -125,10 +126,7 @@ impl Session<'_> {
             .push_inbox(ticket.users.clone(), message, max)
             .await;
         drop(ticket);
-        pushed.map_err(|e| {
-            warn!("[STORE] cannot queue a message: {e}");
-            Refusal::StoreFailed
-        })
+        pushed.map_err(store_failed("queue a message"))
     }
 }
 
@@ -279,10 +277,8 @@ async fn login(
 ) -> Step<Login> {
     // Guests cost no store read: the registry knows every registered name.
     let account = match shared.registry.is_registered(name) {
-        true => shared.store.account(name).await.map_err(|e| {
-            warn!("[STORE] cannot look up account '{name}': {e}");
-            Refusal::StoreFailed
-        })?,
+        true => (shared.store.account(name).await)
+            .map_err(store_failed(format_args!("look up account '{name}'")))?,
         false => None,
     };
     let Some(account) = account else {
@@ -414,7 +410,7 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
             // Our client gets the time first, in the same write as the line it belongs to.
             let mut wire = String::new();
             if session.outbox.extended() {
-                let at = humantime::format_rfc3339_seconds(queued.message.at).to_string();
+                let at = utc(queued.message.at);
                 wire = ServerLine::QueuedAt { at }.to_wire();
             }
             wire.push_str(&live_line(&queued.message).to_wire());
@@ -442,6 +438,15 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
     }
     // The store failed: go live; what is left waits for the next login.
     registry.end_replay(user, session.id, &mut session.held());
+}
+
+/// What a failed store operation becomes: a log line saying what it was for, and
+/// `Refusal::StoreFailed` for the user.
+fn store_failed(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> Refusal {
+    move |e| {
+        warn!("[STORE] cannot {what}: {e}");
+        Refusal::StoreFailed
+    }
 }
 
 /// The line a queued message would have been, had its recipient been there.
@@ -702,30 +707,24 @@ fn history<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
         // Only what was said since the account was made: a name may have been someone
         // else's before.
         let account = session.shared.store.account(session.user).await;
-        let since = match account {
+        let since = match account.map_err(store_failed("read history")) {
             Ok(Some(account)) => account.created,
             Ok(None) => return session.refuse(Refusal::NeedsAccount("history")),
-            Err(e) => {
-                warn!("[STORE] cannot read history: {e}");
-                return session.refuse(Refusal::StoreFailed);
-            }
+            Err(refusal) => return session.refuse(refusal),
         };
         let messages = session
             .shared
             .store
             .history(session.user, &scope, request.count, since)
             .await;
-        let messages = match messages {
+        let messages = match messages.map_err(store_failed("read history")) {
             Ok(messages) => messages,
-            Err(e) => {
-                warn!("[STORE] cannot read history: {e}");
-                return session.refuse(Refusal::StoreFailed);
-            }
+            Err(refusal) => return session.refuse(refusal),
         };
         let count = messages.len();
         for m in messages {
             session.reply(ServerLine::History {
-                at: humantime::format_rfc3339_seconds(m.at).to_string(),
+                at: utc(m.at),
                 from: m.from,
                 text: m.text,
             });
@@ -753,18 +752,15 @@ fn files<'a>(session: &'a Session<'a>, _call: Call<'a>) -> Option<Later<'a>> {
             .store
             .files_of(user, targets, FILES_LISTED)
             .await;
-        let found = match found {
+        let found = match found.map_err(store_failed(format_args!("list {user}'s files"))) {
             Ok(found) => found,
-            Err(e) => {
-                warn!("[STORE] cannot list {user}'s files: {e}");
-                return session.refuse(Refusal::StoreFailed);
-            }
+            Err(refusal) => return session.refuse(refusal),
         };
         let count = found.len();
         for file in found {
             session.reply(ServerLine::FileEntry {
                 id: file.id,
-                at: humantime::format_rfc3339_seconds(file.at).to_string(),
+                at: utc(file.at),
                 sender: file.sender,
                 target: file.target,
                 filename: file.filename,
@@ -798,10 +794,8 @@ async fn send_again(session: &Session<'_>, arg: &str) -> Result<(), Refusal> {
         .trim_start_matches('#')
         .parse()
         .map_err(|_| Refusal::NoSuchFile(0))?;
-    let file = shared.store.file(id).await.map_err(|e| {
-        warn!("[STORE] cannot look up file #{id}: {e}");
-        Refusal::StoreFailed
-    })?;
+    let file =
+        (shared.store.file(id).await).map_err(store_failed(format_args!("look up file #{id}")))?;
     let mine = |f: &crate::store::FileRecord| {
         f.sender == user
             || f.target == user
@@ -884,11 +878,12 @@ async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<
     if !session.registered() {
         return Err(Refusal::NeedsAccount("passwd"));
     }
-    let unavailable = |e| {
-        warn!("[STORE] cannot change {user}'s password: {e}");
-        Refusal::StoreFailed
-    };
-    let account = shared.store.account(user).await.map_err(unavailable)?;
+    let what = format!("change {user}'s password");
+    let account = shared
+        .store
+        .account(user)
+        .await
+        .map_err(store_failed(&what))?;
     let account = account.ok_or(Refusal::NeedsAccount("passwd"))?;
     // A wrong old password counts as a failed login (and is slowed down like one).
     let attempt = shared.accounts.attempt(user, session.ip)?;
@@ -910,7 +905,7 @@ async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<
             Ok(())
         }
         Ok(false) => Err(Refusal::NeedsAccount("passwd")),
-        Err(e) => Err(unavailable(e)),
+        Err(e) => Err(store_failed(&what)(e)),
     }
 }
 
