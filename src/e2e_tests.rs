@@ -8,29 +8,42 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Client, ClientConfig, Event, Events};
 use crate::protocol::ServerLine;
 use crate::server::{Server, ServerConfig};
+use crate::tls::{TlsClientOptions, TlsSource};
 
 struct Running {
     chat_port: u16,
     file_port: u16,
+    /// How clients trust the server: its certificate's pin (`None`: plain text).
+    tls: Option<TlsClientOptions>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
 
-async fn start(data_dir: &std::path::Path) -> Running {
+/// A server on free ports; with `tls`, a self-signed certificate (clients pin it).
+async fn start(data_dir: &std::path::Path, tls: bool) -> Running {
     let config = ServerConfig {
         chat_port: 0,
         file_port: 0,
         data_dir: data_dir.to_owned(),
+        tls: tls.then_some(TlsSource::SelfSigned),
         ..ServerConfig::default()
     };
     let server = Server::bind(config).await.expect("binds");
     let chat_port = server.chat_addr().expect("addr").port();
     let file_port = server.file_addr().expect("addr").port();
+    let tls = server
+        .tls_handle()
+        .fingerprint()
+        .map(|pin| TlsClientOptions {
+            pin: Some(pin),
+            ..TlsClientOptions::default()
+        });
     let stop = CancellationToken::new();
     let done = tokio::spawn(server.run(stop.clone().cancelled_owned()));
     Running {
         chat_port,
         file_port,
+        tls,
         stop,
         done,
     }
@@ -41,6 +54,7 @@ async fn connect(srv: &Running, name: &str, dir: &std::path::Path) -> (Client, E
     config.chat_port = srv.chat_port;
     config.file_port = srv.file_port;
     config.download_dir = dir.join(name);
+    config.tls = srv.tls.clone();
     let (client, mut events) = Client::connect(config).await.expect("connects");
     let welcome = ServerLine::Welcome { user: name.into() };
     assert_eq!(next(&mut events).await, Event::Line(welcome));
@@ -56,8 +70,17 @@ async fn next(events: &mut Events) -> Event {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_messages_bob_and_sends_him_a_file() {
+    alice_and_bob(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_messages_bob_and_sends_him_a_file_over_tls() {
+    alice_and_bob(true).await;
+}
+
+async fn alice_and_bob(tls: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let srv = start(&dir.path().join("data")).await;
+    let srv = start(&dir.path().join("data"), tls).await;
     let (alice, mut alice_events) = connect(&srv, "alice", dir.path()).await;
     let (bob, mut bob_events) = connect(&srv, "bob", dir.path()).await;
 

@@ -105,6 +105,13 @@ pub(crate) enum Refusal {
     /// Too many wrong passwords for this name or from this address, lately.
     #[error("too many attempts, try again in {0} s")]
     TooManyAttempts(u64),
+    /// A password over plain text from another machine, which the operator has not
+    /// allowed (`--allow-plaintext-login`).
+    #[error("log in over TLS")]
+    PasswordNeedsTls,
+    /// A plain-text connection to a server that requires TLS.
+    #[error("this server requires TLS")]
+    TlsRequired,
     /// A guest, on a server that admits registered users only.
     #[error("this server requires an account")]
     AccountRequired,

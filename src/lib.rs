@@ -8,7 +8,8 @@
 //!   relay, with graceful shutdown.
 //! * [`client`]: the client engine: both sockets, typed events, atomic file receive.
 //! * [`store`]: what the server keeps beyond a connection, behind the `Store` trait.
-//! * `net`: the connection stream type, the line reader and the send queue.
+//! * `net`: the connection stream type (plain or TLS), the line reader and the send queue;
+//!   [`tls`] is its public part (certificates, fingerprints, how a client trusts a server).
 //! * `transfer`: moving file bytes (write-then-rename, the body loop), for both sides.
 //! * `flow`: how a connection task's step ends (refused, or the connection is over).
 //! * `python` (feature `python`): the PyO3 bindings that make this crate
@@ -20,6 +21,7 @@ mod e2e_tests;
 mod flow;
 mod net;
 pub mod protocol;
+pub use net::tls;
 pub mod server;
 pub mod store;
 mod transfer;
@@ -58,6 +60,11 @@ pub enum Error {
     /// The store could not be opened or used.
     #[error("{0}")]
     Store(String),
+    /// TLS could not be set up, or the peer's certificate is not trusted (the text says
+    /// which: wrong host name, unknown issuer, expired, pin mismatch, a changed
+    /// certificate, a server that speaks no TLS).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The name is registered and no password was given.
     #[error("'{0}' is registered on this server: a password is needed")]
     PasswordRequired(String),

@@ -28,6 +28,7 @@ use crate::protocol::names::{
     check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
 };
 use crate::protocol::{normalize, saved_name, ForwardHeader, ServerLine, Target, UploadHeader};
+use crate::tls::{self, TlsClientOptions};
 use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
 use crate::{Error, Result};
 
@@ -60,6 +61,9 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// The password, for a registered name (the server asks for it at login).
     pub password: Option<String>,
+    /// TLS on both connections, and how the server's certificate is checked (`None`:
+    /// plain text, as the lab).
+    pub tls: Option<TlsClientOptions>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("download_dir", &self.download_dir)
             .field("timeout", &self.timeout)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -89,6 +94,7 @@ impl ClientConfig {
             download_dir: PathBuf::from("."),
             timeout: Duration::from_secs(10),
             password: None,
+            tls: None,
         }
     }
 }
@@ -245,7 +251,21 @@ async fn connect(config: &ClientConfig, port: u16) -> Result<Conn> {
         .await
         .map_err(|_| Error::Timeout("connecting"))?
         .map_err(|e| Error::io(format!("cannot connect to {}:{port}", config.host), e))?;
-    Ok(Conn::tcp(stream))
+    let Some(options) = &config.tls else {
+        return Ok(Conn::tcp(stream));
+    };
+    let _ = stream.set_nodelay(true);
+    let tls = tls::connect(stream, &config.host, port, options);
+    let tls = tokio::time::timeout(config.timeout, tls)
+        .await
+        .map_err(|_| Error::Timeout("in the TLS handshake"))??;
+    Ok(Conn::Tls(tls))
+}
+
+/// Writes `bytes` whole and flushes them (TLS may hold the last record back otherwise).
+async fn send_all(wr: &mut ConnWrite, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
 }
 
 /// Sends `first` (the username, alone) and reads the one-line reply.
@@ -255,7 +275,7 @@ async fn handshake(
     first: &str,
 ) -> Result<(LineReader, ConnWrite, ServerLine)> {
     let (rd, mut wr) = connect(config, port).await?.split();
-    wr.write_all(format!("{first}\n").as_bytes())
+    send_all(&mut wr, format!("{first}\n").as_bytes())
         .await
         .map_err(io("sending username"))?;
     let mut reader = LineReader::line_framed(rd, MAX_SERVER_LINE);
@@ -289,7 +309,7 @@ async fn log_in(
     let Some(password) = &config.password else {
         return Err(Error::PasswordRequired(config.username.clone()));
     };
-    wr.write_all(format!("{HELLO}\n{password}\n").as_bytes())
+    send_all(&mut wr, format!("{HELLO}\n{password}\n").as_bytes())
         .await
         .map_err(io("sending password"))?;
     let welcome = next_reply(config, &mut reader).await?;
@@ -429,7 +449,7 @@ impl Client {
         let write = tokio::spawn(async move {
             let mut chat = inner.chat.lock().await;
             inner.waiters().expect(expect);
-            chat.write_all(line.as_bytes())
+            send_all(&mut chat, line.as_bytes())
                 .await
                 .map_err(io("sending command"))
         });
@@ -916,7 +936,7 @@ const BODY_STALL: Duration = Duration::from_secs(300);
 async fn not_saved(inner: &Inner, sender: &str, filename: &str, e: &std::io::Error) {
     if inner.extended.load(Relaxed) {
         let line = format_file_failed(sender, filename, &e.to_string());
-        let _ = inner.chat.lock().await.write_all(line.as_bytes()).await;
+        let _ = send_all(&mut *inner.chat.lock().await, line.as_bytes()).await;
     }
 }
 
@@ -1015,7 +1035,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         })
         .await;
     let mut chat = inner.chat.lock().await;
-    let _ = chat.write_all(ack.as_bytes()).await;
+    let _ = send_all(&mut chat, ack.as_bytes()).await;
     Ok(())
 }
 

@@ -43,7 +43,11 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
             Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
         }
     }
-    Ok(())
+    // TLS may hold back the last record when the socket was full.
+    match tokio::time::timeout(stall, wr.flush()).await {
+        Ok(flushed) => flushed,
+        Err(_) => Err(Error::from(ErrorKind::TimedOut)),
+    }
 }
 
 /// A connection's outgoing lines: a bounded FIFO of ready-made buffers, filled by any task

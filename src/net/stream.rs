@@ -1,22 +1,31 @@
 //! The connection stream type every reader and writer takes.
 //!
-//! Today a connection is plain TCP; TLS becomes one more variant of [`Conn`], [`ConnRead`]
-//! and [`ConnWrite`], and nothing above this module changes. The plain halves are tokio's
-//! lock-free owned halves, so the common case costs nothing over a bare `TcpStream`.
+//! A connection is plain TCP or TLS over TCP (see [`super::tls`]); nothing above this
+//! module needs to know which. The plain halves are tokio's lock-free owned halves, so the
+//! common case costs nothing over a bare `TcpStream`; a TLS stream is boxed (its state is
+//! large) and split with `tokio::io::split`.
+//!
+//! A TLS write may leave encrypted bytes buffered when the socket is full: every writer
+//! flushes at the end of what it has to say (a flush of plain TCP costs nothing).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+/// A TLS session over TCP, either side's.
+pub(crate) type TlsStream = Box<tokio_rustls::TlsStream<TcpStream>>;
 
 /// One accepted or opened connection, before it is split.
 #[derive(Debug)]
 pub(crate) enum Conn {
     /// Plain TCP (the lab's protocol).
     Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(TlsStream),
 }
 
 /// The read half of a [`Conn`].
@@ -24,6 +33,8 @@ pub(crate) enum Conn {
 pub(crate) enum ConnRead {
     /// Plain TCP.
     Tcp(OwnedReadHalf),
+    /// TLS.
+    Tls(ReadHalf<TlsStream>),
 }
 
 /// The write half of a [`Conn`].
@@ -31,6 +42,8 @@ pub(crate) enum ConnRead {
 pub(crate) enum ConnWrite {
     /// Plain TCP.
     Tcp(OwnedWriteHalf),
+    /// TLS.
+    Tls(WriteHalf<TlsStream>),
 }
 
 impl Conn {
@@ -48,17 +61,16 @@ impl Conn {
                 let (rd, wr) = s.into_split();
                 (ConnRead::Tcp(rd), ConnWrite::Tcp(wr))
             }
+            Conn::Tls(s) => {
+                let (rd, wr) = tokio::io::split(s);
+                (ConnRead::Tls(rd), ConnWrite::Tls(wr))
+            }
         }
     }
 
-    /// Writes `line` if the socket takes it at once, without waiting: how a connection that
-    /// is refused before any handshake (server full, too many from one address) is told.
-    pub(crate) fn try_tell(&self, line: &[u8]) {
-        match self {
-            Conn::Tcp(s) => {
-                let _ = s.try_write(line);
-            }
-        }
+    /// Whether the connection is encrypted.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
     }
 }
 
@@ -70,6 +82,7 @@ impl AsyncRead for ConnRead {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ConnRead::Tcp(rd) => Pin::new(rd).poll_read(cx, buf),
+            ConnRead::Tls(rd) => Pin::new(rd).poll_read(cx, buf),
         }
     }
 }
@@ -82,18 +95,21 @@ impl AsyncWrite for ConnWrite {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ConnWrite::Tcp(wr) => Pin::new(wr).poll_write(cx, buf),
+            ConnWrite::Tls(wr) => Pin::new(wr).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ConnWrite::Tcp(wr) => Pin::new(wr).poll_flush(cx),
+            ConnWrite::Tls(wr) => Pin::new(wr).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ConnWrite::Tcp(wr) => Pin::new(wr).poll_shutdown(cx),
+            ConnWrite::Tls(wr) => Pin::new(wr).poll_shutdown(cx),
         }
     }
 
@@ -104,12 +120,14 @@ impl AsyncWrite for ConnWrite {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ConnWrite::Tcp(wr) => Pin::new(wr).poll_write_vectored(cx, bufs),
+            ConnWrite::Tls(wr) => Pin::new(wr).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             ConnWrite::Tcp(wr) => wr.is_write_vectored(),
+            ConnWrite::Tls(wr) => wr.is_write_vectored(),
         }
     }
 }

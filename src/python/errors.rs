@@ -26,6 +26,13 @@ create_exception!(
 );
 create_exception!(
     _native,
+    TlsError,
+    RelaychatError,
+    "TLS failed: the server's certificate is not trusted (wrong host name, unknown issuer, \
+     expired, pin mismatch, changed since first use) or the server speaks no TLS."
+);
+create_exception!(
+    _native,
     ProtocolError,
     RelaychatError,
     "The peer broke the wire protocol."
@@ -43,6 +50,7 @@ impl From<Error> for PyErr {
             Error::Timeout(_) => PyTimeoutError::new_err(text),
             Error::Store(_) => RelaychatError::new_err(text),
             Error::PasswordRequired(_) => PasswordRequiredError::new_err(text),
+            Error::Tls(reason) => TlsError::new_err(reason),
         }
     }
 }
@@ -52,6 +60,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RelaychatError", py.get_type::<RelaychatError>())?;
     m.add("RefusedError", py.get_type::<RefusedError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add("TlsError", py.get_type::<TlsError>())?;
     m.add(
         "PasswordRequiredError",
         py.get_type::<PasswordRequiredError>(),

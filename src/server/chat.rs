@@ -56,6 +56,8 @@ struct Session<'a> {
     outbox: &'a Outbox,
     /// Whether the name is a registered account.
     registered: AtomicBool,
+    /// Whether a password may come over this connection (see [`passwords_allowed`]).
+    passwords: bool,
     /// What the current command's deliveries left to wait for (flow control).
     held: std::sync::Mutex<Held>,
 }
@@ -167,7 +169,16 @@ struct Login {
     extended: bool,
 }
 
+/// Whether passwords may travel over a connection: over TLS, from this machine, or
+/// anywhere if the operator allows plain-text logins.
+fn passwords_allowed(shared: &Shared, conn: &Conn, addr: SocketAddr) -> bool {
+    conn.is_tls()
+        || addr.ip().to_canonical().is_loopback()
+        || shared.config.policy.allow_plaintext_login
+}
+
 pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
+    let passwords = passwords_allowed(&shared, &conn, addr);
     let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
     let limits = &shared.config.limits;
@@ -191,7 +202,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
         let name = read_username(&shared, &mut reader, &kill).await?;
         // Known to the registry until claimed (a file connection of that name waits).
         let _pending = PendingLogin::new(&shared, &name, addr);
-        let login = login(&shared, &name, addr, &mut reader, &queue, &kill).await?;
+        let via = (&mut reader, &*queue, &kill);
+        let login = login(&shared, &name, addr, passwords, via).await?;
         let outbox = claim(&shared, &name, id, addr, &queue, &kill, &login)?;
         Step::Ok((outbox, login))
     })
@@ -209,6 +221,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
                 ip: addr.ip(),
                 outbox: &outbox,
                 registered: AtomicBool::new(login.registered),
+                passwords,
                 held: std::sync::Mutex::default(),
             });
             if login.registered {
@@ -271,9 +284,8 @@ async fn login(
     shared: &Shared,
     name: &str,
     addr: SocketAddr,
-    reader: &mut LineReader,
-    queue: &SendQueue,
-    kill: &CancellationToken,
+    passwords: bool,
+    (reader, queue, kill): (&mut LineReader, &SendQueue, &CancellationToken),
 ) -> Step<Login> {
     // Guests cost no store read: the registry knows every registered name.
     let account = match shared.registry.is_registered(name) {
@@ -290,6 +302,9 @@ async fn login(
             extended: false,
         });
     };
+    if !passwords {
+        return Err(Refusal::PasswordNeedsTls.into());
+    }
     let ip = addr.ip();
     // Checked before the prompt (a locked name is not even asked), and again with the
     // password in hand (other connections may have failed meanwhile).
@@ -841,6 +856,9 @@ async fn claim_name(session: &Session<'_>, password: &str) -> Result<(), Refusal
     if session.registered() {
         return Err(Refusal::AlreadyRegistered(user.into()));
     }
+    if !session.passwords {
+        return Err(Refusal::PasswordNeedsTls);
+    }
     check_password(password)?;
     shared.registry.claim_account(user)?;
     let stored = async {
@@ -877,6 +895,9 @@ async fn change_password(session: &Session<'_>, old: &str, new: &str) -> Result<
     let (shared, user) = (session.shared, session.user);
     if !session.registered() {
         return Err(Refusal::NeedsAccount("passwd"));
+    }
+    if !session.passwords {
+        return Err(Refusal::PasswordNeedsTls);
     }
     let what = format!("change {user}'s password");
     let account = shared

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -32,6 +32,7 @@ use crate::net::{Conn, LineReader};
 use crate::protocol::names::{check_username, normalize};
 use crate::protocol::ServerLine;
 use crate::store::{SqliteStore, Store};
+use crate::tls::{self, ServerTls, TlsSource};
 use crate::{Error, Result};
 use registry::Registry;
 
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub store: Option<Arc<dyn Store>>,
     /// Who may log in and what the server keeps.
     pub policy: Policy,
+    /// TLS on both ports (beside plain text, told apart by a connection's first byte).
+    pub tls: Option<TlsSource>,
 }
 
 /// The operator's yes-or-no choices about accounts and history.
@@ -65,6 +68,11 @@ pub struct Policy {
     pub registration: bool,
     /// Messages are kept for `history` (for `history_days`).
     pub history: bool,
+    /// Plain-text connections are refused (both ports).
+    pub require_tls: bool,
+    /// Passwords may come over plain text from other machines (by default only over TLS
+    /// or from a loopback address).
+    pub allow_plaintext_login: bool,
 }
 
 impl Default for Policy {
@@ -73,6 +81,8 @@ impl Default for Policy {
             require_account: false,
             registration: true,
             history: true,
+            require_tls: false,
+            allow_plaintext_login: false,
         }
     }
 }
@@ -87,6 +97,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             store: None,
             policy: Policy::default(),
+            tls: None,
         }
     }
 }
@@ -100,6 +111,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("data_dir", &self.data_dir)
             .field("limits", &self.limits)
             .field("policy", &self.policy)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) disk: Arc<limits::DiskLedger>,
     /// Password hashing and the brakes on guessing.
     pub(crate) accounts: accounts::Accounts,
+    /// The certificate, when the server speaks TLS.
+    pub(crate) tls: Option<ServerTls>,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
     spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
@@ -131,7 +145,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// What every connection of a server with `config` shares, admitting at most
     /// `max_connections` at once.
-    fn new(config: ServerConfig, max_connections: usize) -> Arc<Self> {
+    fn new(config: ServerConfig, max_connections: usize, tls: Option<ServerTls>) -> Arc<Self> {
         let limits = &config.limits;
         let store: Arc<dyn Store> = match &config.store {
             Some(store) => store.clone(),
@@ -147,6 +161,7 @@ impl Shared {
             ),
             accounts: accounts::Accounts::new(limits.login_attempts, limits.login_lockout),
             spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
+            tls,
             store,
             config,
             registry: Registry::default(),
@@ -160,7 +175,7 @@ impl Shared {
     #[cfg(test)]
     pub(crate) fn for_tests(config: ServerConfig) -> Arc<Self> {
         let n = config.limits.max_connections;
-        Self::new(config, n)
+        Self::new(config, n, None)
     }
 
     /// A fresh id for a connection or an upload.
@@ -195,6 +210,11 @@ impl Server {
         };
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
+        let tls = match &config.tls {
+            Some(source) => Some(ServerTls::new(source, &config.data_dir, &config.host)?),
+            None => None,
+        };
+        describe_tls(&config, tls.as_ref());
         file::remove_stale_spools(&config.data_dir);
         let (soft, hard) = limits::raise_open_file_limit();
         let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
@@ -217,7 +237,7 @@ impl Server {
                 "[LIMITS] {max_connections} connections at most: the open-file limit is {fd_room}"
             );
         }
-        let shared = Shared::new(config, max_connections);
+        let shared = Shared::new(config, max_connections, tls);
         let store = &shared.store;
         let accounts = store
             .accounts()
@@ -236,6 +256,19 @@ impl Server {
             .registry
             .load(accounts.into_iter().map(|a| a.name).collect(), memberships);
         Ok(Server { chat, file, shared })
+    }
+
+    /// Re-reads the TLS certificate and key (as SIGHUP does): new handshakes use them,
+    /// live connections keep theirs; on failure the old pair stays. Returns the new
+    /// certificate's SHA-256 fingerprint.
+    pub fn reload_tls(&self) -> Result<String> {
+        self.shared.reload_tls()
+    }
+
+    /// A handle that reloads the certificate of the running server (see
+    /// [`Server::reload_tls`]).
+    pub fn tls_handle(&self) -> TlsHandle {
+        TlsHandle(self.shared.clone())
     }
 
     /// The chat listener's real address.
@@ -277,6 +310,68 @@ impl Server {
     }
 }
 
+/// Reloads a running server's certificate (see [`Server::reload_tls`]).
+#[derive(Clone)]
+pub struct TlsHandle(Arc<Shared>);
+
+impl TlsHandle {
+    /// See [`Server::reload_tls`].
+    pub fn reload(&self) -> Result<String> {
+        self.0.reload_tls()
+    }
+
+    /// The SHA-256 fingerprint of the certificate in use (`None` without TLS).
+    pub fn fingerprint(&self) -> Option<String> {
+        self.0.tls.as_ref().map(ServerTls::fingerprint)
+    }
+}
+
+impl Shared {
+    fn reload_tls(&self) -> Result<String> {
+        let Some(tls) = &self.tls else {
+            return Err(Error::Tls(
+                "this server has no certificate to reload".into(),
+            ));
+        };
+        match tls.reload() {
+            Ok(fp) => {
+                info!("[TLS] reloaded {}: SHA-256 {fp}", tls.cert_path().display());
+                Ok(fp)
+            }
+            Err(e) => {
+                warn!("[TLS] reload failed, keeping the old certificate: {e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Logs how the server stands on TLS, with the certificate's fingerprint (what a client
+/// pins or compares on first use).
+fn describe_tls(config: &ServerConfig, tls: Option<&ServerTls>) {
+    match tls {
+        Some(tls) => info!(
+            "[TLS] on both ports ({}), certificate {} SHA-256 {}",
+            match config.policy.require_tls {
+                true => "plain text refused",
+                false => "plain text too",
+            },
+            tls.cert_path().display(),
+            tls.fingerprint()
+        ),
+        None => {
+            let local = config
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+                || config.host == "localhost";
+            if !local && !config.policy.allow_plaintext_login {
+                info!("[TLS] off: registered users can log in from this machine only (--tls-cert/--tls-key or --tls-self-signed to serve TLS)");
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Port {
     Chat,
@@ -293,16 +388,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
         match accepted {
             Ok((stream, addr)) => {
                 backoff = Duration::from_millis(10);
-                let conn = Conn::tcp(stream);
                 match shared.gate.admit(addr.ip()) {
                     Ok(admission) => {
                         let shared2 = shared.clone();
                         shared.tasks.spawn(async move {
-                            serve(shared2, conn, addr, port).await;
+                            serve(shared2, stream, addr, port).await;
                             drop(admission);
                         });
                     }
-                    Err(refusal) => refuse_now(&conn, addr, refusal),
+                    Err(refusal) => refuse_now(&stream, addr, refusal),
                 }
             }
             Err(e) => {
@@ -378,12 +472,12 @@ pub(crate) async fn read_first_line(
 }
 
 /// Tells a connection refused before any handshake why, if it takes the line at once.
-fn refuse_now(conn: &Conn, addr: SocketAddr, refusal: Refusal) {
+fn refuse_now(stream: &TcpStream, addr: SocketAddr, refusal: Refusal) {
     warn!("[REFUSED] {addr}: {refusal}");
     let line = ServerLine::Error {
         reason: refusal.to_string(),
     };
-    conn.try_tell(line.to_wire().as_bytes());
+    let _ = stream.try_write(line.to_wire().as_bytes());
 }
 
 /// Out of descriptors: frees the spare one, accepts the waiting connection only to tell it
@@ -399,7 +493,7 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
     if let Ok(Ok((stream, addr))) =
         tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
     {
-        refuse_now(&Conn::tcp(stream), addr, Refusal::ServerFull);
+        refuse_now(&stream, addr, Refusal::ServerFull);
     }
     *shared
         .spare_fd
@@ -407,11 +501,78 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
         .unwrap_or_else(PoisonError::into_inner) = std::fs::File::open("/dev/null").ok();
 }
 
-async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, port: Port) {
+async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
+    // Boxed: the TLS handshake's state lives on the heap only while it runs.
+    let Some(conn) = Box::pin(open(&shared, stream, addr)).await else {
+        return;
+    };
     match port {
         Port::Chat => chat::serve(shared, conn, addr).await,
         Port::File => file::serve(shared, conn, addr).await,
     }
+}
+
+/// Opens a connection as plain text or TLS, told apart by its first byte (a TLS handshake
+/// record cannot start a username), within the handshake timeout; completes the TLS
+/// handshake. `None`: the connection was refused or failed (and the log says why).
+async fn open(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Option<Conn> {
+    let limit = shared.config.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        _ = shared.shutdown.cancelled() => return None,
+        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
+    };
+    let tls = match peeked {
+        Ok(Ok(1)) if first[0] == tls::HANDSHAKE_RECORD => true,
+        Ok(Ok(_)) => false, // a first byte of plain text, or the end (the reader sees it)
+        Ok(Err(_)) => return None,
+        Err(_) => {
+            refuse_plain(stream, addr, Refusal::NoUsername(limit)).await;
+            return None;
+        }
+    };
+    if !tls {
+        if shared.config.policy.require_tls {
+            refuse_plain(stream, addr, Refusal::TlsRequired).await;
+            return None;
+        }
+        return Some(Conn::tcp(stream));
+    }
+    let Some(server_tls) = &shared.tls else {
+        warn!("[TLS] {addr}: a TLS handshake, but this server has no certificate (--tls-cert and --tls-key, or --tls-self-signed)");
+        return None;
+    };
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::select! {
+        _ = shared.shutdown.cancelled() => return None,
+        done = tokio::time::timeout_at(deadline, server_tls.accept(stream)) => done,
+    };
+    match handshake {
+        Ok(Ok(tls)) => Some(Conn::Tls(tls)),
+        Ok(Err(e)) => {
+            warn!("[TLS] handshake with {addr} failed: {e}");
+            None
+        }
+        Err(_) => {
+            warn!("[TLS] handshake with {addr} not done within {limit:?}; dropped");
+            None
+        }
+    }
+}
+
+/// Refuses a plain-text connection with its error line, then closes it.
+async fn refuse_plain(mut stream: TcpStream, addr: SocketAddr, refusal: Refusal) {
+    use tokio::io::AsyncWriteExt;
+    warn!("[REFUSED] {addr}: {refusal}");
+    let line = ServerLine::Error {
+        reason: refusal.to_string(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(line.to_wire().as_bytes()),
+    )
+    .await;
 }
 
 #[cfg(test)]

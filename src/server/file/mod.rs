@@ -129,7 +129,11 @@ async fn open(
     let mut wr = wr;
     let mut ready_at = Instant::now();
     if !held || started.elapsed() < GREETING_WINDOW {
-        if wr.write_all(FILE_SOCKET_CONNECTED).await.is_err() {
+        let greeted = async {
+            wr.write_all(FILE_SOCKET_CONNECTED).await?;
+            wr.flush().await
+        };
+        if greeted.await.is_err() {
             shared.registry.remove_file(&user, id);
             return None;
         }
@@ -278,4 +282,5 @@ async fn refuse(mut wr: ConnWrite, addr: SocketAddr, refusal: Refusal) {
         reason: refusal.to_string(),
     };
     let _ = wr.write_all(line.to_wire().as_bytes()).await;
+    let _ = wr.flush().await;
 }
