@@ -53,6 +53,7 @@ __all__ = [
     "Server",
     "ServerError",
     "ServerText",
+    "TlsError",
     "UnknownCommand",
     "Usage",
     "UserList",
@@ -86,6 +87,12 @@ class PasswordRequiredError(RefusedError):
 class ProtocolError(RelaychatError):
     """The peer broke the wire protocol."""
 
+class TlsError(RelaychatError):
+    """TLS failed, and the message says why: the server's certificate is for another
+    host name, signed by an unknown issuer, expired, does not match the pin, has changed
+    since first use (with both fingerprints and the known_hosts file to edit), or the
+    server speaks no TLS."""
+
 @final
 class Server:
     """The relay server: a chat port and a file port sharing one registry.
@@ -106,6 +113,11 @@ class Server:
         require_account: bool = False,
         registration: bool = True,
         history: bool = True,
+        tls_cert: _StrPath | None = None,
+        tls_key: _StrPath | None = None,
+        tls_self_signed: bool = False,
+        require_tls: bool = False,
+        allow_plaintext_login: bool = False,
         idle_pause: float | None = None,
         max_line: int | None = None,
         max_header: int | None = None,
@@ -155,6 +167,10 @@ class Server:
         - `require_account`: only registered names may log in. `registration=False`:
           `register` is refused (the operator adds accounts with `AccountBook`).
           `history=False`: no message history is kept.
+        - `tls_cert` and `tls_key` (PEM files), or `tls_self_signed` (a pair made once in
+          `data_dir`): TLS on both ports, beside plain text (a connection's first byte
+          tells them apart). `require_tls` refuses plain text. Passwords are taken over
+          TLS or from a loopback address only, unless `allow_plaintext_login`.
         - `inbox_max` (10000): messages kept for one registered user while away.
           `history_days` (30): days of history kept. `login_attempts` (5) wrong passwords
           per name and per address lock it out for `login_lockout` (300 s).
@@ -184,6 +200,15 @@ class Server:
     def data_dir(self) -> pathlib.Path: ...
     @property
     def db(self) -> pathlib.Path: ...
+    @property
+    def tls_fingerprint(self) -> str | None:
+        """The SHA-256 fingerprint of the certificate in use (`AB:CD:...`), once
+        started with TLS; else `None`. What clients pass as `tls_pin`."""
+    def reload_tls(self) -> str:
+        """Re-read the certificate and key files (SIGHUP does this to `python server.py`):
+        new handshakes use them, live connections are untouched. Returns the new
+        fingerprint; raises `TlsError` (keeping the old certificate) if they are
+        unusable, `RuntimeError` if the server is not running."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -203,6 +228,13 @@ class Client:
     A registered name needs its `password` (the server asks for it at login):
     `PasswordRequiredError` without one, `RefusedError("wrong password")` for a wrong one.
 
+    `tls=True` (implied by `tls_ca` or `tls_pin`) speaks TLS on both sockets. The server
+    is checked by, in this order: `tls_ca` (a PEM file of CAs, or the server's own
+    certificate), `tls_pin` (its SHA-256 fingerprint), the system's trust store, else
+    trust on first use: the first fingerprint seen for host:port is kept in `known_hosts`
+    (default `$XDG_CONFIG_HOME/relaychat/known_hosts` or `~/.config/...`) and a later
+    change is refused. Failures raise `TlsError`.
+
     Raises `RefusedError` if the server refuses the username, `OSError` if it cannot be
     reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
     """
@@ -217,6 +249,10 @@ class Client:
         download_dir: _StrPath = ".",
         timeout: float = 10.0,
         password: str | None = None,
+        tls: bool = False,
+        tls_ca: _StrPath | None = None,
+        tls_pin: str | None = None,
+        known_hosts: _StrPath | None = None,
     ) -> Self: ...
     @property
     def username(self) -> str: ...
@@ -300,6 +336,10 @@ class AsyncClient:
         download_dir: _StrPath = ".",
         timeout: float = 10.0,
         password: str | None = None,
+        tls: bool = False,
+        tls_ca: _StrPath | None = None,
+        tls_pin: str | None = None,
+        known_hosts: _StrPath | None = None,
     ) -> Awaitable[AsyncClient]: ...
     @property
     def username(self) -> str: ...

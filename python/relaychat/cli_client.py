@@ -52,6 +52,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="read a registered name's password from the first line of FILE "
         "(else RELAYCHAT_PASSWORD, else asked when the server wants it)",
     )
+    tls = p.add_argument_group(
+        "TLS",
+        "The server is checked by --tls-ca, else --tls-pin, else the system's trust store, "
+        "else trust on first use (its fingerprint is kept in --known-hosts; a change is "
+        "refused).",
+    )
+    tls.add_argument("--tls", action="store_true", help="speak TLS on both sockets")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM file of the CA(s) to trust, or of the server's own certificate (implies --tls)",
+    )
+    tls.add_argument(
+        "--tls-pin",
+        metavar="SHA256",
+        help="the server certificate's SHA-256 fingerprint, as the server logs it "
+        "(implies --tls)",
+    )
+    tls.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="where trust on first use keeps fingerprints "
+        "(default: $XDG_CONFIG_HOME/relaychat/known_hosts or ~/.config/relaychat/known_hosts)",
+    )
     return p.parse_args(argv)
 
 
@@ -191,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             download_dir=args.download_dir,
             timeout=args.timeout,
             password=password,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_pin=args.tls_pin,
+            known_hosts=args.known_hosts,
         )
 
     try:

@@ -8,6 +8,7 @@ standard input when it is not a terminal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import signal
@@ -54,6 +55,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="on",
         help="keep message history for 'history' (default %(default)s; see --history-days)",
     )
+    tls = p.add_argument_group(
+        "TLS (both ports serve TLS and plain text; a connection's first byte tells which)"
+    )
+    tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain (reloaded on SIGHUP)")
+    tls.add_argument("--tls-key", metavar="PEM", help="its private key (reloaded on SIGHUP)")
+    tls.add_argument(
+        "--tls-self-signed",
+        action="store_true",
+        help="make a key and a self-signed certificate in DATA_DIR on first start and keep "
+        "them; the log shows its SHA-256 fingerprint for clients to pin",
+    )
+    tls.add_argument(
+        "--require-tls", action="store_true", help="refuse plain-text connections (both ports)"
+    )
+    tls.add_argument(
+        "--allow-plaintext-login",
+        action="store_true",
+        help="take passwords over plain text from other machines too (by default only over "
+        "TLS or from this machine)",
+    )
     limits = p.add_argument_group("limits (docs/SECURITY.md says what each one answers)")
     for name, unit, default, text in SETTINGS:
         limits.add_argument(
@@ -74,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _reload(server: Server) -> None:
+    with contextlib.suppress(RelaychatError, RuntimeError):
+        server.reload_tls()
 
 
 def parse_accounts_args(argv: list[str]) -> argparse.Namespace:
@@ -146,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             require_account=args.require_account,
             registration=args.registration == "open",
             history=args.history == "on",
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_self_signed=args.tls_self_signed,
+            require_tls=args.require_tls,
+            allow_plaintext_login=args.allow_plaintext_login,
             **limits,
         )
     except (TypeError, ValueError) as e:
@@ -153,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Before start(): a SIGTERM right after "Listening" must already stop us gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.tls_cert or args.tls_self_signed:
+        # The engine logs the outcome (the new fingerprint, or why the old pair stays).
+        signal.signal(signal.SIGHUP, lambda signum, frame: _reload(server))
     try:
         server.start()
         print(f"[CHAT SERVER] Listening on {server.chat_port}", flush=True)

@@ -12,4 +12,4 @@ pub mod tls;
 
 pub(crate) use reader::LineReader;
 pub(crate) use sendq::{write_loop, write_with_progress, Pushed, SendQueue};
-pub(crate) use stream::{Conn, ConnRead, ConnWrite, TlsStream};
+pub(crate) use stream::{Conn, ConnRead, ConnWrite};

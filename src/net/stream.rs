@@ -16,8 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-/// A TLS session over TCP, either side's.
-pub(crate) type TlsStream = Box<tokio_rustls::TlsStream<TcpStream>>;
+use super::tls::TlsStream;
 
 /// One accepted or opened connection, before it is split.
 #[derive(Debug)]

@@ -24,6 +24,9 @@ use tokio::net::TcpStream;
 
 use crate::{Error, Result};
 
+/// A TLS session over TCP, either side's (boxed: its state is large).
+pub type TlsStream = Box<tokio_rustls::TlsStream<TcpStream>>;
+
 /// The first byte of a TLS connection: a handshake record.
 pub(crate) const HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -217,7 +220,7 @@ impl ServerTls {
     }
 
     /// Completes the server side of a handshake on `stream`.
-    pub(crate) async fn accept(&self, stream: TcpStream) -> std::io::Result<super::TlsStream> {
+    pub(crate) async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream> {
         let tls = self.acceptor.accept(stream).await?;
         Ok(Box::new(tokio_rustls::TlsStream::Server(tls)))
     }
@@ -549,13 +552,13 @@ fn remember(file: &Path, endpoint: &str, fingerprint: &str) -> Result<()> {
 }
 
 /// Opens TLS on a connected `stream` to `host:port`, checking the server as `options`
-/// say.
-pub(crate) async fn connect(
+/// say (the client engine's way in; public for the load generator).
+pub async fn connect(
     stream: TcpStream,
     host: &str,
     port: u16,
     options: &TlsClientOptions,
-) -> Result<super::TlsStream> {
+) -> Result<TlsStream> {
     let verifier = Arc::new(Verifier::new(options, host, port)?);
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -13,6 +13,7 @@ use tokio::sync::Mutex;
 use super::events::PyEvent;
 use super::wait::{block_on, seconds};
 use crate::client::{Client, ClientConfig, Event, Events};
+use crate::tls::TlsClientOptions;
 
 /// The engine's event stream, shared by a client and its iterators.
 type SharedEvents = Arc<Mutex<EventState>>;
@@ -94,6 +95,7 @@ fn config(
     download_dir: PathBuf,
     timeout: f64,
     password: Option<String>,
+    tls: Option<TlsClientOptions>,
 ) -> PyResult<ClientConfig> {
     Ok(ClientConfig {
         host,
@@ -103,6 +105,21 @@ fn config(
         download_dir,
         timeout: seconds(Some(timeout))?.unwrap_or(Duration::from_secs(10)),
         password,
+        tls,
+    })
+}
+
+/// TLS if asked for (`tls`, or a CA or a pin to check the server with), else plain text.
+fn tls_options(
+    tls: bool,
+    ca: Option<PathBuf>,
+    pin: Option<String>,
+    known_hosts: Option<PathBuf>,
+) -> Option<TlsClientOptions> {
+    (tls || ca.is_some() || pin.is_some()).then_some(TlsClientOptions {
+        ca,
+        pin,
+        known_hosts,
     })
 }
 
@@ -310,8 +327,8 @@ engine_calls! {
     Client {
         #[new]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn new(
@@ -323,8 +340,13 @@ engine_calls! {
             download_dir: PathBuf,
             timeout: f64,
             password: Option<String>,
+            tls: bool,
+            tls_ca: Option<PathBuf>,
+            tls_pin: Option<String>,
+            known_hosts: Option<PathBuf>,
         ) -> PyResult<Self> {
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password)?;
+            let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
             let (client, events) = block_on(py, Client::connect(cfg))??;
             Ok(Self {
                 client,
@@ -370,8 +392,8 @@ engine_calls! {
         /// Connects both sockets; awaitable.
         #[staticmethod]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn connect(
@@ -383,8 +405,13 @@ engine_calls! {
             download_dir: PathBuf,
             timeout: f64,
             password: Option<String>,
+            tls: bool,
+            tls_ca: Option<PathBuf>,
+            tls_pin: Option<String>,
+            known_hosts: Option<PathBuf>,
         ) -> PyResult<Bound<'_, PyAny>> {
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password)?;
+            let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
+            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
             pyo3_async_runtimes::tokio::future_into_py(py, async move {
                 let (client, events) = Client::connect(cfg).await?;
                 Ok(PyAsyncClient {

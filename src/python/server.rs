@@ -10,8 +10,9 @@ use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
-use crate::server::{Number, Policy, Server, ServerConfig, SettingError, SETTINGS};
+use crate::server::{Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS};
 use crate::store::SqliteStore;
+use crate::tls::TlsSource;
 
 /// The database's name in the data directory when `db` is not given.
 const DEFAULT_DB: &str = "relaychat.db";
@@ -42,6 +43,8 @@ struct Running {
     stop: CancellationToken,
     /// Cancelled by the engine once shutdown has completed.
     finished: CancellationToken,
+    /// Reloads the certificate.
+    tls: TlsHandle,
 }
 
 /// The relay server. `start()` runs it in the background; `serve_forever()` blocks until
@@ -67,15 +70,20 @@ impl PyServer {
 #[pymethods]
 impl PyServer {
     /// `Server(host, chat_port, file_port, data_dir, *, db, require_account, registration,
-    /// history, **limits)`: every limit of `relaychat.SETTINGS` may be given by name (sizes
-    /// and counts as ints, times in seconds). `require_account` turns guests away,
+    /// history, tls_cert, tls_key, tls_self_signed, require_tls, allow_plaintext_login,
+    /// **limits)`: every limit of `relaychat.SETTINGS` may be given by name (sizes and
+    /// counts as ints, times in seconds). `require_account` turns guests away,
     /// `registration=False` closes `register`, `history=False` keeps no history.
+    /// `tls_cert` and `tls_key` (PEM files) or `tls_self_signed` serve TLS on both ports
+    /// beside plain text; `require_tls` refuses plain text; `allow_plaintext_login` takes
+    /// passwords over plain text from other machines too.
     #[new]
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
         data_dir = PathBuf::from("."), *, db = None, require_account = false,
-        registration = true, history = true, **limits
-    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, require_account=False, registration=True, history=True, **limits)")]
+        registration = true, history = true, tls_cert = None, tls_key = None,
+        tls_self_signed = false, require_tls = false, allow_plaintext_login = false, **limits
+    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, require_account=False, registration=True, history=True, tls_cert=None, tls_key=None, tls_self_signed=False, require_tls=False, allow_plaintext_login=False, **limits)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -86,8 +94,31 @@ impl PyServer {
         require_account: bool,
         registration: bool,
         history: bool,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_self_signed: bool,
+        require_tls: bool,
+        allow_plaintext_login: bool,
         limits: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        let tls = match (tls_cert, tls_key, tls_self_signed) {
+            (Some(cert), Some(key), false) => Some(TlsSource::Files { cert, key }),
+            (None, None, true) => Some(TlsSource::SelfSigned),
+            (None, None, false) => None,
+            (Some(_), None, _) | (None, Some(_), _) => {
+                return Err(PyValueError::new_err("tls_cert and tls_key go together"))
+            }
+            (Some(_), Some(_), true) => {
+                return Err(PyValueError::new_err(
+                    "tls_self_signed or tls_cert and tls_key, not both",
+                ))
+            }
+        };
+        if require_tls && tls.is_none() {
+            return Err(PyValueError::new_err(
+                "require_tls needs a certificate (tls_cert and tls_key, or tls_self_signed)",
+            ));
+        }
         let mut config = ServerConfig {
             host,
             chat_port,
@@ -97,7 +128,10 @@ impl PyServer {
                 require_account,
                 registration,
                 history,
+                require_tls,
+                allow_plaintext_login,
             },
+            tls,
             ..ServerConfig::default()
         };
         for (key, value) in limits.into_iter().flat_map(|d| d.iter()) {
@@ -150,6 +184,7 @@ impl PyServer {
         let server = block_on(py, Server::bind(config))??;
         let chat_port = server.chat_addr()?.port();
         let file_port = server.file_addr()?.port();
+        let tls = server.tls_handle();
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let (stop2, finished2) = (stop.clone(), finished.clone());
@@ -162,8 +197,26 @@ impl PyServer {
             file_port,
             stop,
             finished,
+            tls,
         });
         Ok(())
+    }
+
+    /// Re-reads the TLS certificate and key files (what SIGHUP does to `python
+    /// server.py`): new handshakes use them, live connections are untouched. Returns the
+    /// new certificate's SHA-256 fingerprint; on failure the old certificate stays.
+    fn reload_tls(&self, py: Python<'_>) -> PyResult<String> {
+        let Some(tls) = self.running().as_ref().map(|r| r.tls.clone()) else {
+            return Err(PyRuntimeError::new_err("the server is not running"));
+        };
+        Ok(py.detach(|| tls.reload())?)
+    }
+
+    /// The SHA-256 fingerprint of the certificate in use (`None` without TLS or before
+    /// `start()`): what clients pin, or compare on first use.
+    #[getter]
+    fn tls_fingerprint(&self) -> Option<String> {
+        self.running().as_ref().and_then(|r| r.tls.fingerprint())
     }
 
     /// Starts the server if needed and blocks until it stops. Ctrl-C shuts it down
