@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -60,6 +61,8 @@ class Wire:
         *,
         rcvbuf: int | None = None,
         source: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        host: str = HOST,
     ) -> None:
         self.name = name
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -71,12 +74,15 @@ class Wire:
                 # Another loopback address (all of 127/8 is local on Linux).
                 self.sock.bind((source, 0))
             self.sock.settimeout(TIMEOUT)
-            self.sock.connect((HOST, port))
+            self.sock.connect((host, port))
+            # Each send leaves as its own segment, at once (as the tests intend it).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                # Python's own TLS (OpenSSL): a third-party client of the server's TLS.
+                self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         except OSError:
             self.sock.close()
             raise
-        # Each send leaves as its own segment, at once (as the tests intend it).
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
 
     def __repr__(self) -> str:
@@ -163,8 +169,8 @@ class Wire:
                 chunk = self.sock.recv(1 << 16)
             except socket.timeout:
                 raise AssertionError(f"{self}: still open after {timeout}s") from None
-            except ConnectionResetError:
-                chunk = b""
+            except (ConnectionResetError, ssl.SSLEOFError):
+                chunk = b""  # (TLS: closed without close_notify)
             if not chunk:
                 data = bytes(self.buf)
                 self.buf.clear()
@@ -280,26 +286,27 @@ class Net:
         self._wires: list[Wire] = []
         self._clients: list[Client] = []
 
-    def wire(self, port: str, name: str = "wire") -> Wire:
-        """A raw connection to the `"chat"` or `"file"` port, not logged in."""
+    def wire(self, port: str, name: str = "wire", tls: ssl.SSLContext | None = None) -> Wire:
+        """A raw connection to the `"chat"` or `"file"` port, not logged in (over TLS with
+        `tls`)."""
         number = self.server.chat_port if port == "chat" else self.server.file_port
-        wire = Wire(number, f"{name}/{port}")
+        wire = Wire(number, f"{name}/{port}", tls=tls)
         self._wires.append(wire)
         return wire
 
-    def chat(self, name: str, *, lab: bool = False) -> Wire:
+    def chat(self, name: str, *, lab: bool = False, tls: ssl.SSLContext | None = None) -> Wire:
         """A chat connection logged in as `name`: netcat-style (`name\\n`), or lab-style
         (the bare name, no newline, as the lab's client sends it)."""
-        wire = self.wire("chat", name)
+        wire = self.wire("chat", name, tls)
         wire.send(name if lab else f"{name}\n")
         wire.expect(f"Welcome, {name}!")
         return wire
 
-    def file(self, name: str, *, lab: bool = False) -> Wire:
+    def file(self, name: str, *, lab: bool = False, tls: ssl.SSLContext | None = None) -> Wire:
         """A file connection logged in as `name` (greeting consumed). The server accepts it
         only for a live chat session of that name from the same address: log in on chat
         first."""
-        wire = self.wire("file", name)
+        wire = self.wire("file", name, tls)
         wire.send(name if lab else f"{name}\n")
         assert wire.recv_exact(len(FILE_GREETING), TIMEOUT) == FILE_GREETING
         return wire
@@ -312,17 +319,18 @@ class Net:
     def downloads(self, name: str) -> Path:
         return self.root / "downloads" / name
 
-    def client(self, name: str, password: str | None = None) -> Client:
-        """A `Client` logged in as `name` (with `password` for a registered name), its
-        `Welcome` event consumed."""
+    def client(self, name: str, password: str | None = None, **options) -> Client:
+        """A `Client` logged in as `name` (with `password` for a registered name, and any
+        other `Client` keyword, e.g. `tls_ca`), its `Welcome` event consumed."""
         client = Client(
-            HOST,
+            options.pop("host", HOST),
             self.server.chat_port,
             self.server.file_port,
             username=name,
             download_dir=self.downloads(name),
             timeout=TIMEOUT,
             password=password,
+            **options,
         )
         self._clients.append(client)
         welcome = next_of(client, Welcome)

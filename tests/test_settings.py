@@ -59,7 +59,17 @@ def test_the_stubs_list_every_setting_as_a_keyword():
     tree = ast.parse((REPO / "python" / "relaychat" / "_native.pyi").read_text())
     server = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Server")
     new = next(n for n in server.body if isinstance(n, ast.FunctionDef) and n.name == "__new__")
-    policy = ("db", "require_account", "registration", "history")
+    policy = (
+        "db",
+        "require_account",
+        "registration",
+        "history",
+        "tls_cert",
+        "tls_key",
+        "tls_self_signed",
+        "require_tls",
+        "allow_plaintext_login",
+    )
     limits = [a.arg for a in new.args.kwonlyargs if a.arg not in policy]
     assert limits == [name for name, *_ in SETTINGS]
 
