@@ -12,14 +12,29 @@
 //! * `broadcast --users N --senders S --messages M --window W` — broadcast fan-out.
 //! * `connect --users N --sources K` — N idle users (chat + file each) from K addresses;
 //!   prints when connected and holds them until standard input closes.
+//! * `handshakes --chat P --connections N --window W --tls-pin FP` — N TLS handshakes on
+//!   chat port P, W at a time: each opens TCP, completes a full TLS handshake (the client
+//!   has checked the server's Finished), sends close_notify and reads until the server's
+//!   own; prints the rate and the handshake latency (TCP connect to TLS established).
+//!
+//! `--tls-pin FP` (the server certificate's SHA-256 fingerprint) makes every chat and file
+//! connection to the server TLS, trusting exactly that certificate; without it they are
+//! plain TCP. The trivial relay (`relay`, `relay-limit`) is always plain TCP.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use relaychat::tls::{TlsClientOptions, TlsStream};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+    ReadHalf, WriteHalf,
+};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -46,6 +61,10 @@ struct Args {
     /// `private`: each sender pauses this long between writes (an offered load, instead
     /// of as fast as the window allows).
     interval_ms: u64,
+    /// `--tls-pin`: every chat and file connection is TLS, trusting this certificate only.
+    tls: Option<TlsClientOptions>,
+    /// `handshakes`: how many.
+    connections: usize,
 }
 
 fn parse_args() -> Result<Args, lexopt::Error> {
@@ -66,6 +85,8 @@ fn parse_args() -> Result<Args, lexopt::Error> {
         sources: 1,
         password: None,
         interval_ms: 0,
+        tls: None,
+        connections: 1000,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next()? {
@@ -85,6 +106,13 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Long("sources") => a.sources = p.value()?.parse()?,
             Long("password") => a.password = Some(p.value()?.string()?),
             Long("interval-ms") => a.interval_ms = p.value()?.parse()?,
+            Long("tls-pin") => {
+                a.tls = Some(TlsClientOptions {
+                    pin: Some(p.value()?.string()?),
+                    ..Default::default()
+                })
+            }
+            Long("connections") => a.connections = p.value()?.parse()?,
             _ => return Err(arg.unexpected()),
         }
     }
@@ -105,6 +133,7 @@ fn main() -> Res<()> {
             "private" => private(&args).await,
             "broadcast" => broadcast(&args).await,
             "connect" => connect(&args).await,
+            "handshakes" => handshakes(&args).await,
             other => Err(format!("unknown scenario {other:?}").into()),
         }
     })
@@ -130,9 +159,86 @@ async fn dial(port: u16, from: IpAddr) -> Res<TcpStream> {
     Ok(stream)
 }
 
+/// A connection's read half: plain TCP (split without a lock, as before TLS) or TLS.
+enum Rd {
+    Tcp(OwnedReadHalf),
+    Tls(ReadHalf<TlsStream>),
+}
+
+/// A connection's write half. Every write sequence ends with a flush ([`Wr::send`]): TLS
+/// may keep the last record buffered when the socket was full (a no-op on plain TCP).
+enum Wr {
+    Tcp(OwnedWriteHalf),
+    Tls(WriteHalf<TlsStream>),
+}
+
+impl AsyncRead for Rd {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Rd::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            Rd::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Wr {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Wr::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            Wr::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wr::Tcp(w) => Pin::new(w).poll_flush(cx),
+            Wr::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wr::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            Wr::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Wr {
+    /// Writes `bytes` and flushes.
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes).await?;
+        self.flush().await
+    }
+}
+
+/// Connects to the server's `port` from `from`: TLS if `--tls-pin` was given.
+async fn open(a: &Args, port: u16, from: IpAddr) -> Res<(Rd, Wr)> {
+    let stream = dial(port, from).await?;
+    Ok(match &a.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Rd::Tcp(rd), Wr::Tcp(wr))
+        }
+        Some(options) => {
+            let tls = relaychat::tls::connect(stream, "127.0.0.1", port, options).await?;
+            let (rd, wr) = tokio::io::split(tls);
+            (Rd::Tls(rd), Wr::Tls(wr))
+        }
+    })
+}
+
 struct Conn {
-    rd: BufReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+    rd: BufReader<Rd>,
+    wr: Wr,
 }
 
 impl Conn {
@@ -148,8 +254,8 @@ impl Conn {
 
 /// Logs `name` in on the chat port (and on the file port if `files`).
 async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Option<Conn>)> {
-    let (rd, mut wr) = dial(a.chat, from).await?.into_split();
-    wr.write_all(format!("{name}\n").as_bytes()).await?;
+    let (rd, mut wr) = open(a, a.chat, from).await?;
+    wr.send(format!("{name}\n").as_bytes()).await?;
     let mut chat = Conn {
         rd: BufReader::with_capacity(64 * 1024, rd),
         wr,
@@ -160,9 +266,7 @@ async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Op
         buf == format!("Password for {name}:").as_bytes(),
         &a.password,
     ) {
-        chat.wr
-            .write_all(format!("{password}\n").as_bytes())
-            .await?;
+        chat.wr.send(format!("{password}\n").as_bytes()).await?;
         chat.line(&mut buf).await?;
     }
     if buf != format!("Welcome, {name}!").as_bytes() {
@@ -171,8 +275,8 @@ async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Op
     let file = match files {
         false => None,
         true => {
-            let (rd, mut wr) = dial(a.file, from).await?.into_split();
-            wr.write_all(format!("{name}\n").as_bytes()).await?;
+            let (rd, mut wr) = open(a, a.file, from).await?;
+            wr.send(format!("{name}\n").as_bytes()).await?;
             let mut conn = Conn {
                 rd: BufReader::with_capacity(256 * 1024, rd),
                 wr,
@@ -277,7 +381,7 @@ async fn private(a: &Args) -> Res<()> {
                     use std::io::Write;
                     writeln!(out, "msg r{i} {seq} {}", since(t0))?;
                 }
-                wr.write_all(&out).await?;
+                wr.send(&out).await?;
                 next += n;
             }
             Res::Ok(wr)
@@ -407,7 +511,7 @@ async fn broadcast(a: &Args) -> Res<()> {
                     sent_at[j][seq as usize].store(t, Ordering::Relaxed);
                     writeln!(out, "broadcast {seq} {t}")?;
                 }
-                wr.write_all(&out).await?;
+                wr.send(&out).await?;
                 next += k;
             }
             Res::Ok(wr)
@@ -479,13 +583,13 @@ async fn file(a: &Args) -> Res<()> {
     let target = if r > 1 {
         let mut buf = Vec::new();
         for (k, (chat, _)) in receivers.iter_mut().enumerate() {
-            chat.wr.write_all(b"join bench\n").await?;
+            chat.wr.send(b"join bench\n").await?;
             chat.line(&mut buf).await?;
             if buf != b"You joined group 'bench'" {
                 return Err(format!("frecv{k}: {}", String::from_utf8_lossy(&buf)).into());
             }
         }
-        sender_chat.wr.write_all(b"join bench\n").await?;
+        sender_chat.wr.send(b"join bench\n").await?;
         sender_chat.line(&mut buf).await?;
         "GROUP:bench".to_owned()
     } else {
@@ -534,6 +638,7 @@ async fn file(a: &Args) -> Res<()> {
             sender_file.wr.write_all(&chunk[..n]).await?;
             sent += n as u64;
         }
+        sender_file.wr.flush().await?;
         Res::Ok((start.elapsed().as_secs_f64(), sender_file, sender_chat))
     });
     let (upload_secs, _f, _c) = upload.await??;
@@ -643,7 +748,7 @@ async fn connect(a: &Args) -> Res<()> {
     let mut line = String::new();
     tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await??;
     let (first, _) = &mut conns[0];
-    first.wr.write_all(b"msg idle1 still there?\n").await?;
+    first.wr.send(b"msg idle1 still there?\n").await?;
     let (second, _) = &mut conns[1];
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), second.line(&mut buf)).await??;
@@ -651,5 +756,68 @@ async fn connect(a: &Args) -> Res<()> {
         return Err(format!("unexpected: {}", String::from_utf8_lossy(&buf)).into());
     }
     println!("{{\"scenario\": \"connect-check\", \"ok\": true}}");
+    Ok(())
+}
+
+/// N full TLS handshakes on the chat port, W at a time. Each one: TCP connect, TLS
+/// handshake (done when the client has checked the server's Finished; every connection
+/// has its own client config, so none is resumed), close_notify, then read until the
+/// server's own close_notify, so every handshake counted is one the server finished.
+async fn handshakes(a: &Args) -> Res<()> {
+    let options = Arc::new(a.tls.clone().ok_or("handshakes needs --tls-pin")?);
+    let (n, port) = (a.connections, a.chat);
+    let next = Arc::new(AtomicUsize::new(0));
+    let lat = Arc::new(Latencies::default());
+    let version = Arc::new(Mutex::new(None));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..a.window.clamp(1, n.max(1)) {
+        let (options, next, lat, version) =
+            (options.clone(), next.clone(), lat.clone(), version.clone());
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut sink = [0u8; 1024];
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let t = Instant::now();
+                // No bind: connect-time ports may reuse those of earlier connections (in
+                // TIME_WAIT, ours since we close first) towards other ports.
+                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+                tcp.set_nodelay(true)?;
+                let mut tls = relaychat::tls::connect(tcp, "127.0.0.1", port, &options).await?;
+                samples.push(t.elapsed().as_micros() as u32);
+                let state = tls.get_ref().1;
+                if state.handshake_kind() != Some(rustls::HandshakeKind::Full) {
+                    return Err(
+                        format!("not a full handshake: {:?}", state.handshake_kind()).into(),
+                    );
+                }
+                if let (Some(v), Some(suite)) =
+                    (state.protocol_version(), state.negotiated_cipher_suite())
+                {
+                    version
+                        .lock()
+                        .expect("lock")
+                        .get_or_insert((v, suite.suite()));
+                }
+                tls.shutdown().await?;
+                // The server's session tickets, then its own close_notify: a clean end
+                // (an alert, such as a refused Finished, would be an error).
+                while tls.read(&mut sink).await? > 0 {}
+            }
+            lat.add(samples);
+            Res::Ok(())
+        }));
+    }
+    for w in workers {
+        w.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (version, suite) = version.lock().expect("lock").ok_or("no handshake")?;
+    println!(
+        "{{\"scenario\": \"handshakes\", \"connections\": {n}, \"window\": {}, \"version\": \"{version:?}\", \"suite\": \"{suite:?}\", \"seconds\": {secs:.3}, \"handshakes_per_s\": {:.0}, {}}}",
+        a.window,
+        n as f64 / secs,
+        lat.summary()
+    );
     Ok(())
 }

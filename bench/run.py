@@ -7,12 +7,15 @@
 The server (`python server.py`) runs pinned to CPU 0 and the load generator (`relaybench`,
 bench/relaybench.rs, plus the Python bots) pinned to CPU 1, a fresh server for every run.
 Every scenario verifies that each message and byte arrived exactly once; a run that fails
-verification fails the whole benchmark.
+verification fails the whole benchmark. The TLS scenarios start the server with
+`--tls-self-signed` and give relaybench its certificate's fingerprint (`--tls-pin`); each
+sits right after the plain-text scenario it is compared with.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -21,6 +24,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -40,6 +44,12 @@ def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -50,12 +60,24 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class ServerProc:
-    """`python server.py` on free ports, pinned to the server CPU."""
+#: What `--tls-self-signed` makes in the data directory on first start.
+TLS_CERT = "relaychat-tls-cert.pem"
 
-    def __init__(self, data: Path, *flags: str) -> None:
+
+def fingerprint(cert: Path) -> str:
+    """A PEM certificate's SHA-256 fingerprint, as the server's `[TLS]` log line prints it."""
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+
+
+class ServerProc:
+    """`python server.py` on free ports, pinned to the server CPU; with `tls`, it serves TLS
+    too (`--tls-self-signed`) and `pin` is its certificate's fingerprint."""
+
+    def __init__(self, data: Path, *flags: str, tls: bool = False) -> None:
         argv = [sys.executable, "-u", str(REPO / "server.py"), "--chat-port", "0"]
         argv += ["--file-port", "0", "--data-dir", str(data), "--log-level", "warn", *flags]
+        argv += ["--tls-self-signed"] if tls else []
         self.proc = subprocess.Popen(
             pinned(SERVER_CPU, argv), stdout=subprocess.PIPE, text=True, cwd=REPO
         )
@@ -69,6 +91,15 @@ class ServerProc:
                 ports[m.group(1)] = int(m.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.chat, self.file = ports["CHAT"], ports["FILE"]
+        # The fingerprint the server logs (`[TLS] on both ports ... SHA-256 <fp>`), taken from
+        # the certificate it made: that line is at info level, and the benchmark runs the
+        # server at warn (info logs every login, which would weigh on the TLS runs only).
+        self.pin = fingerprint(data / TLS_CERT) if tls else None
+
+    def generator_args(self) -> list[str]:
+        """relaybench's flags to reach this server (over TLS if it serves TLS)."""
+        args = ["--chat", str(self.chat), "--file", str(self.file)]
+        return args + (["--tls-pin", self.pin] if self.pin else [])
 
     def status(self) -> dict[str, int]:
         return proc_status(self.proc.pid)
@@ -98,7 +129,7 @@ def json_line(p: subprocess.Popen) -> dict:
 
 
 def run_generator(server: ServerProc, *args: str) -> dict:
-    p = generator(*args, "--chat", str(server.chat), "--file", str(server.file))
+    p = generator(*args, *server.generator_args())
     result = json_line(p)
     if p.wait(timeout=600) != 0:
         raise RuntimeError(f"relaybench {args[0]} exited with {p.returncode}")
@@ -131,9 +162,9 @@ def relay_limit(size: int, tmp: Path) -> dict:
     return {"MB/s": result["mb_per_s"]}
 
 
-def with_server(tmp: Path, fn, *flags: str) -> dict:
+def with_server(tmp: Path, fn, *flags: str, tls: bool = False) -> dict:
     data = Path(tempfile.mkdtemp(dir=tmp))
-    server = ServerProc(data, *flags)
+    server = ServerProc(data, *flags, tls=tls)
     try:
         return fn(server)
     finally:
@@ -141,7 +172,7 @@ def with_server(tmp: Path, fn, *flags: str) -> dict:
         shutil.rmtree(data, ignore_errors=True)
 
 
-def file_relay(size: int, receivers: int, tmp: Path) -> dict:
+def file_relay(size: int, receivers: int, tmp: Path, tls: bool = False) -> dict:
     def go(server: ServerProc) -> dict:
         r = run_generator(server, "file", "--bytes", str(size), "--receivers", str(receivers))
         hwm = server.status()["VmHWM"]
@@ -151,7 +182,7 @@ def file_relay(size: int, receivers: int, tmp: Path) -> dict:
             "server VmHWM MB": hwm / 1024,
         }
 
-    return with_server(tmp, go)
+    return with_server(tmp, go, tls=tls)
 
 
 def messages(kind: str, tmp: Path, *args: str) -> dict:
@@ -164,9 +195,9 @@ def messages(kind: str, tmp: Path, *args: str) -> dict:
     return with_server(tmp, go)
 
 
-def history_cost(history: bool, msgs: int, tmp: Path) -> dict:
-    """Private messages, pipelined, with the history kept or not; afterwards every message
-    must be in the history (or none, with `--history off`)."""
+def history_cost(history: bool, msgs: int, tmp: Path, tls: bool = False) -> dict:
+    """Private messages, pipelined, with the history kept or not (over TLS with `tls`);
+    afterwards every message must be in the history (or none, with `--history off`)."""
     data = Path(tempfile.mkdtemp(dir=tmp))
     # Private messages are kept between registered users only: register all 100 first.
     book = AccountBook(data / "relaychat.db")
@@ -174,7 +205,7 @@ def history_cost(history: bool, msgs: int, tmp: Path) -> dict:
         for name in (f"r{i}", f"s{i}"):
             book.add(name, "bench-password")
     del book
-    server = ServerProc(data, *([] if history else ["--history", "off"]))
+    server = ServerProc(data, *([] if history else ["--history", "off"]), tls=tls)
     try:
         r = run_generator(
             server,
@@ -364,7 +395,7 @@ def storm(users: int, per_user: int, tmp: Path) -> dict:
     return with_server(tmp, go)
 
 
-def connect_users(users: int, sources: int, extra: int, tmp: Path) -> dict:
+def connect_users(users: int, sources: int, extra: int, tmp: Path, tls: bool = False) -> dict:
     flags = ("--max-connections", "30000", "--max-per-address", "30000")
 
     def go(server: ServerProc) -> dict:
@@ -372,7 +403,7 @@ def connect_users(users: int, sources: int, extra: int, tmp: Path) -> dict:
         gen = generator(
             "connect",
             *("--users", str(users), "--sources", str(sources)),
-            *("--chat", str(server.chat), "--file", str(server.file)),
+            *server.generator_args(),
             stdin=subprocess.PIPE,
         )
         r = json_line(gen)
@@ -401,19 +432,44 @@ def connect_users(users: int, sources: int, extra: int, tmp: Path) -> dict:
         gen.stdin.close()
         gen.stdout.close()
         per_user = (held["VmRSS"] - before["VmRSS"]) * 1024 / users
-        return {
+        figures = {
             "users": users,
             "seconds": r["seconds"],
             "server KB/user": per_user / 1000,
             "server threads": held["Threads"],
             "server fds": held["fds"],
-            "extra refused": refused,
-            "extra accepted": accepted,
+        }
+        if extra:  # none tried: no figures that would read as "none refused"
+            figures |= {"extra refused": refused, "extra accepted": accepted}
+        return figures | {
             "still chatting": check["ok"],
             "MB for 100k users (extrapolated)": per_user * 100_000 / 1e6 + before["VmRSS"] / 1024,
         }
 
-    return with_server(tmp, go, *flags)
+    return with_server(tmp, go, *flags, tls=tls)
+
+
+def tls_handshakes(connections: int, window: int, tmp: Path) -> dict:
+    """Full TLS handshakes on the chat port, `window` at a time, each then closed; the
+    server's CPU time over the run tells whether its one core was the limit."""
+
+    def go(server: ServerProc) -> dict:
+        cpu = cpu_seconds(server.proc.pid)
+        r = run_generator(
+            server, "handshakes", "--connections", str(connections), "--window", str(window)
+        )
+        cpu = cpu_seconds(server.proc.pid) - cpu
+        if r["version"] != "TLSv1_3":
+            raise RuntimeError(f"negotiated {r['version']}, expected TLS 1.3")
+        return {
+            "handshakes/s": r["handshakes_per_s"],
+            "server CPU busy %": 100 * cpu / r["seconds"],
+            "handshakes per server CPU-second": connections / max(cpu, 0.01),
+            "p50 µs": r["p50_us"],
+            "p99 µs": r["p99_us"],
+        }
+
+    return with_server(tmp, go, tls=True)
 
 
 def churn(cycles: int, users: int, tmp: Path) -> dict:
@@ -584,6 +640,7 @@ def main() -> int:
     scenarios = [
         ("relay limit: 1 GB through a trivial relay", lambda t: relay_limit(gb, t)),
         ("file: 1 GB to one user", lambda t: file_relay(gb, 1, t)),
+        ("file: 1 GB to one user over TLS", lambda t: file_relay(gb, 1, t, tls=True)),
         ("file: 100 MB to a group of 5", lambda t: file_relay(hundred_mb, 5, t)),
         (
             "private, 50 pairs, closed loop",
@@ -613,6 +670,10 @@ def main() -> int:
             lambda t: history_cost(False, int(n(200, 40000)), t),
         ),
         (
+            "private, 50 pairs, pipelined (window 64), over TLS, --history off",
+            lambda t: history_cost(False, int(n(200, 40000)), t, tls=True),
+        ),
+        (
             "private, 50 pairs, pipelined (window 64), history on (default; every message "
             "checked in it afterwards)",
             lambda t: history_cost(True, int(n(200, 40000)), t),
@@ -634,6 +695,14 @@ def main() -> int:
             lambda t: connect_users(int(n(50, 9500)), 16, int(n(20, 1200)), t),
         ),
         (
+            "connect: 5,000 idle TLS users (10,000 TLS sockets) from 16 addresses",
+            lambda t: connect_users(int(n(50, 5000)), 16, 0, t, tls=True),
+        ),
+        (
+            "TLS handshakes per second, server pinned to one core (64 at a time)",
+            lambda t: tls_handshakes(int(n(200, 10_000)), 64, t),
+        ),
+        (
             "churn: 20 x 200 users in and out",
             lambda t: churn(int(n(2, 20)), int(n(20, 200)), t),
         ),
@@ -643,11 +712,31 @@ def main() -> int:
             lambda t: python_bot("async", int(n(2000, 500_000)), t),
         ),
     ]
+    # A TLS scenario's rate as a share of its plain-text twin's in this same run: the ratio
+    # of the two medians (twin scenario, figure).
+    twins = {
+        "file: 1 GB to one user over TLS": (
+            "file: 1 GB to one user",
+            "MB/s (slowest receiver)",
+        ),
+        "private, 50 pairs, pipelined (window 64), over TLS, --history off": (
+            "private, 50 pairs, pipelined (window 64), --history off",
+            "msgs/s",
+        ),
+    }
     results = []
+    raw: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
         for name, fn in scenarios:
-            figures = [fn(Path(tmp)) for _ in range(runs)]
-            results.append((name, summary(figures)))
+            figures = raw[name] = [fn(Path(tmp)) for _ in range(runs)]
+            figs = summary(figures)
+            if name in twins and twins[name][0] in raw:
+                twin, key = twins[name]
+                ratio = statistics.median(f[key] for f in figures) / statistics.median(
+                    f[key] for f in raw[twin]
+                )
+                figs[f"{key} vs plain text (medians)"] = f"{ratio:.0%}"
+            results.append((name, figs))
             print(f"{name}: {results[-1][1]}", flush=True)
     command = "python bench/run.py" + (" --smoke" if s else f" --runs {runs}")
     lines = [

@@ -258,12 +258,14 @@ async fn connect(config: &ClientConfig, port: u16) -> Result<Conn> {
     let tls = tls::connect(stream, &config.host, port, options);
     // A plain-text server waits for a username and never answers a handshake (the lab's
     // dies on the bytes): say so rather than just "timed out".
-    let tls = tokio::time::timeout(config.timeout, tls).await.map_err(|_| {
-        Error::Tls(format!(
-            "no answer to the TLS handshake from {}:{port} within {:?}: it may not speak TLS",
-            config.host, config.timeout
-        ))
-    })??;
+    let tls = tokio::time::timeout(config.timeout, tls)
+        .await
+        .map_err(|_| {
+            Error::Tls(format!(
+                "no answer to the TLS handshake from {}:{port} within {:?}: it may not speak TLS",
+                config.host, config.timeout
+            ))
+        })??;
     Ok(Conn::Tls(tls))
 }
 
