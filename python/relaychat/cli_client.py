@@ -67,8 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tls.add_argument(
         "--tls-pin",
         metavar="SHA256",
-        help="the server certificate's SHA-256 fingerprint, as the server logs it "
-        "(implies --tls)",
+        help="the server certificate's SHA-256 fingerprint, as the server logs it (implies --tls)",
     )
     tls.add_argument(
         "--known-hosts",
