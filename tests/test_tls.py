@@ -333,10 +333,67 @@ def test_passwords_travel_only_over_tls_or_from_loopback(pki, tmp_path, allow):
         guest.send(f"register {PASSWORD}\n")
         guest.expect("Registered bob." if allow else "ERROR: log in over TLS")
         # Over TLS from the same outside address, the password is welcome.
-        if not allow:
-            wait_until(lambda: not _logged_in(net, "alice"), what="alice gone")
+        wait_until(lambda: not _logged_in(net, "alice"), what="alice gone")
         alice = net.client("alice", PASSWORD, host=outside, tls_pin=srv.tls_fingerprint)
         assert alice.list_users() == ["bob"]
+    finally:
+        net.close()
+        srv.stop()
+
+
+def test_our_client_never_sends_a_password_in_clear_to_another_machine(pki, tmp_path, ctx):
+    outside = outside_address()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    cert, key = pki.issue("clear", ("localhost", "127.0.0.1", outside))
+    # A server that would take it (as someone in the middle would ask for it).
+    srv = Server(
+        "0.0.0.0", 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key, allow_plaintext_login=True
+    )
+    srv.start()
+    net = Net(srv, tmp_path)
+    try:
+        register(net, "alice")
+        with pytest.raises(TlsError, match="refusing to send a password in plain text"):
+            net.client("alice", PASSWORD, host=outside)
+        wait_until(lambda: not _logged_in(net, "alice"), what="the refused login gone")
+        guest = net.client("guest", host=outside)
+        with pytest.raises(TlsError, match="refusing to send a password in plain text"):
+            guest.register(PASSWORD)
+        with pytest.raises(TlsError, match="refusing to send a password in plain text"):
+            guest.send_command(f"register {PASSWORD}")
+        # The user may allow it.
+        alice = net.client("alice", PASSWORD, host=outside, allow_plaintext_login=True)
+        assert alice.list_users() == ["guest"]
+    finally:
+        net.close()
+        srv.stop()
+
+
+def test_a_session_secret_is_refused_over_plain_text_from_another_machine(pki, tmp_path, ctx):
+    outside = outside_address()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    cert, key = pki.issue("secret", ("localhost", "127.0.0.1", outside))
+    srv = Server("0.0.0.0", 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key)
+    srv.start()
+    net = Net(srv, tmp_path)
+    try:
+        register(net, "alice")
+        # Our client's login over TLS: the extensions, then the password; the secret after.
+        chat = net.adopt(Wire(srv.chat_port, "alice", tls=ctx, host=outside))
+        chat.send("alice\n")
+        chat.expect("Password for alice:")
+        chat.send(f"relaychat/1\n{PASSWORD}\n")
+        chat.expect("Welcome, alice!")
+        token = chat.line().removeprefix("[SESSION] ")
+        plain = net.adopt(Wire(srv.file_port, "alice-file", host=outside))
+        plain.send(f"alice {token}\n")
+        plain.expect("ERROR: log in over TLS")
+        plain.expect_closed()
+        secure = net.adopt(Wire(srv.file_port, "alice-file", tls=ctx, host=outside))
+        secure.send(f"alice {token}\n")
+        assert secure.recv_exact(len(FILE_GREETING)) == FILE_GREETING
     finally:
         net.close()
         srv.stop()
@@ -404,6 +461,88 @@ def test_the_default_known_hosts_file_is_under_the_users_config_dir(pki, tmp_pat
         assert f"127.0.0.1:{srv.chat_port} {fingerprint(cert)}" in known
 
 
+def test_a_self_signed_ca_certificate_is_trusted_on_first_use_too(tmp_path):
+    # `openssl req -x509` makes such certificates (CA:TRUE): webpki refuses them as a
+    # server's own for another reason than an unknown issuer; still trust on first use.
+    own = Pki(tmp_path / "own", "localhost")
+    key = own.root / "ca.key"
+    key.write_bytes(
+        own.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    known = tmp_path / "known_hosts"
+    with Server(HOST, 0, 0, tmp_path / "data", tls_cert=own.ca, tls_key=key) as srv:
+        net = Net(srv, tmp_path)
+        try:
+            net.client("first", tls=True, known_hosts=known)
+            assert f"127.0.0.1:{srv.chat_port} {fingerprint(own.ca)}" in known.read_text()
+        finally:
+            net.close()
+
+
+def test_a_server_once_verified_by_a_ca_cannot_be_downgraded_to_self_signed(pki, tmp_path):
+    # The system's trust store is the test CA here (rustls-native-certs reads
+    # SSL_CERT_FILE), in a client process of its own.
+    cert, key = pki.issue("public")
+    config = tmp_path / "xdg"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(config), "SSL_CERT_FILE": str(pki.ca)}
+    with Server(HOST, 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key) as srv:
+
+        def run(name: str) -> subprocess.CompletedProcess:
+            ports = ["--chat-port", str(srv.chat_port), "--file-port", str(srv.file_port)]
+            return subprocess.run(
+                [sys.executable, "client.py", *ports, "--username", name, "--tls"],
+                cwd=REPO,
+                input="list\n",
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 4,
+                env=env,
+            )
+
+        first = run("first")
+        assert first.returncode == 0, first.stdout + first.stderr
+        known = (config / "relaychat" / "known_hosts").read_text()
+        assert f"127.0.0.1:{srv.chat_port} verified-by-ca" in known
+        # Someone in the middle presents a self-signed certificate for the same server.
+        intruder = Pki(tmp_path / "intruder", "localhost")
+        intruder_key = intruder.root / "ca.key"
+        intruder_key.write_bytes(
+            intruder.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        shutil.copy(intruder.ca, cert)
+        shutil.copy(intruder_key, key)
+        srv.reload_tls()
+        second = run("second")
+        assert second.returncode == 1
+        assert "WAS VERIFIED BY A CERTIFICATE AUTHORITY BEFORE" in second.stdout
+
+
+def test_a_tls_client_turned_away_by_the_connection_gate_hears_plain_text(pki, tmp_path):
+    cert, key = pki.issue("full")
+    with (
+        Server(HOST, 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key, max_connections=1) as srv,
+        Wire(srv.chat_port, "holder"),
+        pytest.raises(TlsError, match="full server"),
+    ):
+        Client(
+            HOST,
+            srv.chat_port,
+            srv.file_port,
+            username="late",
+            download_dir=tmp_path / "late",
+            timeout=TIMEOUT,
+            tls_ca=pki.ca,
+        )
+
+
 def test_certificate_errors_say_what_is_wrong(pki, tmp_path):
     def refusal(cert_key: tuple[Path, Path] | None, **options) -> str:
         tls = {} if cert_key is None else {"tls_cert": cert_key[0], "tls_key": cert_key[1]}
@@ -431,6 +570,8 @@ def test_certificate_errors_say_what_is_wrong(pki, tmp_path):
     assert "does not speak TLS" in refusal(None, tls=True)
     with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
         refusal(pki.issue("badpin"), tls_pin="12:34")
+    with pytest.raises(ValueError, match="a CA file or a pin, not both"):
+        refusal(pki.issue("both"), tls_ca=pki.ca, tls_pin=pin)
 
 
 def test_the_ca_file_may_be_the_servers_own_self_signed_certificate(tmp_path):

@@ -233,7 +233,10 @@ class Client:
     certificate), `tls_pin` (its SHA-256 fingerprint), the system's trust store, else
     trust on first use: the first fingerprint seen for host:port is kept in `known_hosts`
     (default `$XDG_CONFIG_HOME/relaychat/known_hosts` or `~/.config/...`) and a later
-    change is refused. Failures raise `TlsError`.
+    change is refused (as is a self-signed certificate from a server a CA vouched for
+    before). Failures raise `TlsError`. A password (at login, `register`, `passwd`) goes
+    only over TLS or to a loopback address: otherwise `TlsError`, unless
+    `allow_plaintext_login=True`.
 
     Raises `RefusedError` if the server refuses the username, `OSError` if it cannot be
     reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
@@ -253,6 +256,7 @@ class Client:
         tls_ca: _StrPath | None = None,
         tls_pin: str | None = None,
         known_hosts: _StrPath | None = None,
+        allow_plaintext_login: bool = False,
     ) -> Self: ...
     @property
     def username(self) -> str: ...
@@ -340,6 +344,7 @@ class AsyncClient:
         tls_ca: _StrPath | None = None,
         tls_pin: str | None = None,
         known_hosts: _StrPath | None = None,
+        allow_plaintext_login: bool = False,
     ) -> Awaitable[AsyncClient]: ...
     @property
     def username(self) -> str: ...

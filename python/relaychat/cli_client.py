@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from relaychat import Client, Disconnected, PasswordRequiredError, RelaychatError
+from relaychat import Client, Disconnected, PasswordRequiredError, RelaychatError, TlsError
 
 SEND_FILE_USAGE = "Usage: send_file <username/group> <filepath>"
 #: How long to wait, after the last command, for its replies before exiting.
@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="where trust on first use keeps fingerprints "
         "(default: $XDG_CONFIG_HOME/relaychat/known_hosts or ~/.config/relaychat/known_hosts)",
+    )
+    tls.add_argument(
+        "--allow-plaintext-login",
+        action="store_true",
+        help="send a password in plain text to another machine too (by default only over "
+        "TLS or to this machine)",
     )
     return p.parse_args(argv)
 
@@ -180,6 +186,9 @@ def _repl(session: Session) -> bool:
             continue
         try:
             client.send_command(line)
+        except TlsError as e:  # a password that would have crossed the network in clear
+            say(f"ERROR: {e}")
+            continue
         except (RelaychatError, OSError, ValueError) as e:
             say(f"Chat send error: {e}")
             return False
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_ca=args.tls_ca,
             tls_pin=args.tls_pin,
             known_hosts=args.known_hosts,
+            allow_plaintext_login=args.allow_plaintext_login,
         )
 
     try:

@@ -64,6 +64,9 @@ pub struct ClientConfig {
     /// TLS on both connections, and how the server's certificate is checked (`None`:
     /// plain text, as the lab).
     pub tls: Option<TlsClientOptions>,
+    /// Send passwords over plain text to another machine too (by default a password goes
+    /// only over TLS or to a loopback address, whatever the server asks).
+    pub allow_plaintext_login: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -78,6 +81,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("timeout", &self.timeout)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("tls", &self.tls)
+            .field("allow_plaintext_login", &self.allow_plaintext_login)
             .finish()
     }
 }
@@ -95,6 +99,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(10),
             password: None,
             tls: None,
+            allow_plaintext_login: false,
         }
     }
 }
@@ -201,6 +206,8 @@ struct Inner {
     config: ClientConfig,
     /// The secret that proves our file connection (given at a login with a password).
     proof: Option<String>,
+    /// Whether passwords may go over the chat connection (see [`secrets_allowed`]).
+    secrets: bool,
     /// Chat write half: one command per write, never two at once.
     chat: tokio::sync::Mutex<ConnWrite>,
     /// File write half, for uploads (`None` while the file connection is being re-opened).
@@ -269,25 +276,43 @@ async fn connect(config: &ClientConfig, port: u16) -> Result<Conn> {
     Ok(Conn::Tls(tls))
 }
 
+/// Whether a password may be sent over `conn`: over TLS, to a loopback address, or
+/// anywhere if the user allowed it (someone in the middle could ask for it otherwise).
+fn secrets_allowed(config: &ClientConfig, conn: &Conn) -> bool {
+    conn.is_tls() || config.allow_plaintext_login || conn.peer_is_loopback()
+}
+
+/// The error for a password that would cross a network in clear.
+fn plaintext_password(config: &ClientConfig) -> Error {
+    Error::Tls(format!(
+        "refusing to send a password in plain text to {}: connect with TLS (or allow \
+         plain-text logins)",
+        config.host
+    ))
+}
+
 /// Writes `bytes` whole and flushes them (TLS may hold the last record back otherwise).
 async fn send_all(wr: &mut ConnWrite, bytes: &[u8]) -> std::io::Result<()> {
     wr.write_all(bytes).await?;
     wr.flush().await
 }
 
-/// Sends `first` (the username, alone) and reads the one-line reply.
+/// Sends `first` (the username, alone) and reads the one-line reply; also says whether
+/// passwords may go over the connection.
 async fn handshake(
     config: &ClientConfig,
     port: u16,
     first: &str,
-) -> Result<(LineReader, ConnWrite, ServerLine)> {
-    let (rd, mut wr) = connect(config, port).await?.split();
+) -> Result<(LineReader, ConnWrite, ServerLine, bool)> {
+    let conn = connect(config, port).await?;
+    let secrets = secrets_allowed(config, &conn);
+    let (rd, mut wr) = conn.split();
     send_all(&mut wr, format!("{first}\n").as_bytes())
         .await
         .map_err(io("sending username"))?;
     let mut reader = LineReader::line_framed(rd, MAX_SERVER_LINE);
     let reply = next_reply(config, &mut reader).await?;
-    Ok((reader, wr, reply))
+    Ok((reader, wr, reply, secrets))
 }
 
 /// The next line of a handshake; an `ERROR:` line is a refusal.
@@ -306,22 +331,28 @@ async fn next_reply(config: &ClientConfig, reader: &mut LineReader) -> Result<Se
 /// Logs in on the chat port: the username, and the password if the server asks for one
 /// (after asking for the extensions, so the server gives us the file connection's proof
 /// and the times of queued messages). Returns the welcome and the proof.
-async fn log_in(
-    config: &ClientConfig,
-) -> Result<(LineReader, ConnWrite, ServerLine, Option<String>)> {
-    let (mut reader, mut wr, reply) = handshake(config, config.chat_port, &config.username).await?;
+async fn log_in(config: &ClientConfig) -> Result<(LineReader, ConnWrite, ServerLine, Login)> {
+    let (mut reader, mut wr, reply, secrets) =
+        handshake(config, config.chat_port, &config.username).await?;
+    let guest = Login {
+        proof: None,
+        secrets,
+    };
     let ServerLine::PasswordPrompt { .. } = reply else {
-        return Ok((reader, wr, reply, None));
+        return Ok((reader, wr, reply, guest));
     };
     let Some(password) = &config.password else {
         return Err(Error::PasswordRequired(config.username.clone()));
     };
+    if !secrets {
+        return Err(plaintext_password(config));
+    }
     send_all(&mut wr, format!("{HELLO}\n{password}\n").as_bytes())
         .await
         .map_err(io("sending password"))?;
     let welcome = next_reply(config, &mut reader).await?;
     let proof = match next_reply(config, &mut reader).await? {
-        ServerLine::Session { token } if token == "-" => return Ok((reader, wr, welcome, None)),
+        ServerLine::Session { token } if token == "-" => return Ok((reader, wr, welcome, guest)),
         ServerLine::Session { token } => token,
         other => {
             return Err(Error::Protocol(format!(
@@ -329,7 +360,19 @@ async fn log_in(
             )))
         }
     };
-    Ok((reader, wr, welcome, Some(proof)))
+    let login = Login {
+        proof: Some(proof),
+        secrets,
+    };
+    Ok((reader, wr, welcome, login))
+}
+
+/// What a login leaves for the session.
+struct Login {
+    /// The secret that proves the file connection (a login with a password).
+    proof: Option<String>,
+    /// Whether passwords may go over the chat connection.
+    secrets: bool,
 }
 
 async fn open_file_connection(
@@ -340,7 +383,7 @@ async fn open_file_connection(
         Some(proof) => format!("{} {proof}", config.username),
         None => config.username.clone(),
     };
-    let (reader, wr, greeting) = handshake(config, config.file_port, &first).await?;
+    let (reader, wr, greeting, _) = handshake(config, config.file_port, &first).await?;
     match greeting {
         ServerLine::Other(line) if line == "FILE_SOCKET_CONNECTED" => Ok((reader, wr)),
         other => Err(Error::Protocol(format!(
@@ -373,7 +416,8 @@ impl Client {
         config.username = normalize(&config.username).into_owned();
         check_username(&config.username).map_err(invalid)?;
         std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
-        let (chat_reader, chat_wr, welcome, proof) = log_in(&config).await?;
+        let (chat_reader, chat_wr, welcome, login) = log_in(&config).await?;
+        let Login { proof, secrets } = login;
         if welcome
             != (ServerLine::Welcome {
                 user: config.username.clone(),
@@ -387,6 +431,7 @@ impl Client {
         let inner = Arc::new(Inner {
             config,
             proof,
+            secrets,
             chat: tokio::sync::Mutex::new(chat_wr),
             file: tokio::sync::Mutex::new(Some(file_wr)),
             waiters: Mutex::default(),
@@ -436,7 +481,13 @@ impl Client {
     /// not contain a line break (that would make it two commands).
     pub async fn send_command(&self, line: &str) -> Result<()> {
         one_line("a command", line)?;
-        let expect = match parse_command(line) {
+        let parsed = parse_command(line);
+        if let Ok(Parsed::Call(call)) = &parsed {
+            if call.is(&REGISTER) || call.is(&PASSWD) {
+                self.may_send_passwords()?;
+            }
+        }
+        let expect = match parsed {
             Ok(Parsed::Call(call)) if call.is(&LIST) => Expect::Users(None),
             Ok(Parsed::Call(call)) if call.is(&JOIN) => Expect::Joined(call.arg(0).into(), None),
             _ => Expect::Nothing,
@@ -514,11 +565,20 @@ impl Client {
     /// (an `ERROR:` answer is raised as a refusal).
     pub async fn register(&self, password: &str) -> Result<()> {
         check_password(password).map_err(invalid)?;
+        self.may_send_passwords()?;
         let (tx, rx) = oneshot::channel();
         let line = format_command(&REGISTER, &[password]);
         self.write_chat(line, Expect::Request(Request::Register(tx)))
             .await?;
         self.await_reply(rx).await?.map_err(Error::Refused)
+    }
+
+    /// A password goes over TLS or to this machine only, unless the user allowed more.
+    fn may_send_passwords(&self) -> Result<()> {
+        match self.inner.secrets {
+            true => Ok(()),
+            false => Err(plaintext_password(&self.inner.config)),
+        }
     }
 
     /// `passwd <old> <new>`: returns once the password is changed.
@@ -530,6 +590,7 @@ impl Client {
             ));
         }
         check_password(new).map_err(invalid)?;
+        self.may_send_passwords()?;
         let (tx, rx) = oneshot::channel();
         let line = format_command(&PASSWD, &[old, new]);
         self.write_chat(line, Expect::Request(Request::Passwd(tx)))

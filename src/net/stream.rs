@@ -67,6 +67,15 @@ impl Conn {
         }
     }
 
+    /// Whether the peer is on this machine (a loopback address).
+    pub(crate) fn peer_is_loopback(&self) -> bool {
+        let peer = match self {
+            Conn::Tcp(s) => s.peer_addr(),
+            Conn::Tls(s) => s.get_ref().0.peer_addr(),
+        };
+        peer.is_ok_and(|a| a.ip().to_canonical().is_loopback())
+    }
+
     /// Whether the connection is encrypted.
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))

@@ -257,10 +257,15 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("pem.tmp");
     let written = (|| {
+        // A leftover (or planted) temporary file would keep its own permissions: start
+        // from a file this call creates.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
@@ -315,11 +320,24 @@ enum Distrust {
         got: String,
         file: String,
     },
+    #[error(
+        "WARNING: {endpoint} WAS VERIFIED BY A CERTIFICATE AUTHORITY BEFORE, and now presents a \
+         certificate no authority vouches for ({reason}). Someone may be intercepting the \
+         connection. If the server really changed to a self-signed certificate, remove the \
+         line for {endpoint} from {file} and connect again."
+    )]
+    NoLongerVerified {
+        endpoint: String,
+        reason: String,
+        file: String,
+    },
+    #[error("cannot use {file} for trust on first use: {why}")]
+    KnownHosts { file: String, why: String },
     #[error("no known_hosts file for trust on first use (set HOME or XDG_CONFIG_HOME, or give a CA or a pin)")]
     NoKnownHosts,
 }
 
-/// What the client trusts.
+/// What a client trusts.
 #[derive(Debug)]
 enum Trust {
     /// A CA file: its CAs, or exactly one of its certificates.
@@ -337,13 +355,26 @@ enum Trust {
     },
 }
 
+/// What known_hosts says about an endpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Known {
+    /// Never seen.
+    New,
+    /// Verified by a CA of the system's trust store: it must stay so.
+    Verified,
+    /// Trusted on first use with this fingerprint.
+    Fingerprint(String),
+}
+
+/// The word known_hosts keeps for an endpoint a CA has vouched for.
+const VERIFIED: &str = "verified-by-ca";
+
 #[derive(Debug)]
 struct Verifier {
     trust: Trust,
     algorithms: WebPkiSupportedAlgorithms,
-    /// A fingerprint trusted on first use, to be recorded once the handshake has proved
-    /// the server holds its key.
-    first_use: Mutex<Option<String>>,
+    /// What to add to known_hosts once the handshake has proved the server holds its key.
+    learned: Mutex<Option<String>>,
 }
 
 /// The system's trust store as a verifier, loaded once (`None` if it has no usable CA).
@@ -361,74 +392,141 @@ fn system_verifier() -> Option<Arc<WebPkiServerVerifier>> {
         .clone()
 }
 
-/// The stored fingerprint for `endpoint` in a known_hosts file.
-fn known_fingerprint(file: &Path, endpoint: &str) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(endpoint))
-            .then(|| words.next().and_then(parse_fingerprint))
-            .flatten()
-    })
+/// What `file` says about `endpoint`. A missing file knows nothing; a file that cannot be
+/// read, or a line for the endpoint that cannot be understood, is an error (trusting
+/// anything then would defeat the file).
+fn lookup(file: &Path, endpoint: &str) -> Result<Known, Distrust> {
+    let broken = |why: String| Distrust::KnownHosts {
+        file: file.display().to_string(),
+        why,
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Known::New),
+        Err(e) => return Err(broken(e.to_string())),
+    };
+    let Some(line) = text
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(endpoint))
+    else {
+        return Ok(Known::New);
+    };
+    match line.split_whitespace().nth(1) {
+        Some(VERIFIED) => Ok(Known::Verified),
+        Some(word) => parse_fingerprint(word)
+            .map(Known::Fingerprint)
+            .ok_or_else(|| broken(format!("its line for {endpoint} is not understood"))),
+        None => Err(broken(format!("its line for {endpoint} is not understood"))),
+    }
+}
+
+/// Whether the system store's refusal only means that no CA it knows vouches for the
+/// certificate (self-signed, a private CA), rather than that the certificate is bad.
+fn no_known_issuer(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            // `Other`: webpki's reasons without a variant, such as a self-signed
+            // certificate marked as a CA being used as the server's own.
+            CertificateError::UnknownIssuer | CertificateError::Other(_)
+        )
+    )
 }
 
 impl Verifier {
+    /// Reads what the options name (blocking file reads: run it off the runtime).
     fn new(options: &TlsClientOptions, host: &str, port: u16) -> Result<Self> {
-        let trust = if let Some(ca) = &options.ca {
-            let certs = read_certs(ca)?;
-            let mut roots = RootCertStore::empty();
-            let _ = roots.add_parsable_certificates(certs.iter().cloned());
-            // A file holding only the server's own (non-CA) certificate has no usable
-            // anchor: then only an exact match is trusted.
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .ok();
-            Trust::Ca { certs, webpki }
-        } else if let Some(pin) = &options.pin {
-            let pin = parse_fingerprint(pin).ok_or_else(|| {
+        let trust = match (&options.ca, &options.pin) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "give a CA file or a pin, not both".into(),
+                ))
+            }
+            (Some(ca), None) => {
+                let certs = read_certs(ca)?;
+                let mut roots = RootCertStore::empty();
+                let _ = roots.add_parsable_certificates(certs.iter().cloned());
+                // A file holding only the server's own (non-CA) certificate has no usable
+                // anchor: then only an exact match is trusted.
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .build()
+                        .ok();
+                Trust::Ca { certs, webpki }
+            }
+            (None, Some(pin)) => Trust::Pin(parse_fingerprint(pin).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "TLS pin '{pin}' is not a SHA-256 fingerprint (64 hex digits, colons allowed)"
                 ))
-            })?;
-            Trust::Pin(pin)
-        } else {
-            Trust::Auto {
+            })?),
+            (None, None) => Trust::Auto {
                 system: system_verifier(),
                 known_hosts: options.known_hosts.clone().or_else(default_known_hosts),
                 endpoint: endpoint(host, port),
-            }
+            },
         };
         Ok(Self {
             trust,
             algorithms: provider().signature_verification_algorithms,
-            first_use: Mutex::new(None),
+            learned: Mutex::new(None),
         })
     }
 
-    fn trust_on_first_use(
+    fn learn(&self, what: String) {
+        *self.learned.lock().unwrap_or_else(PoisonError::into_inner) = Some(what);
+    }
+
+    /// The system's trust store, then trust on first use; what known_hosts remembers
+    /// about the endpoint comes first, so a server once verified by a CA cannot be
+    /// downgraded to a self-signed certificate by someone in the middle.
+    fn auto(
         &self,
+        system: Option<&WebPkiServerVerifier>,
         known_hosts: Option<&Path>,
         endpoint: &str,
+        verify: impl Fn(&WebPkiServerVerifier) -> Result<ServerCertVerified, rustls::Error>,
         got: String,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(file) = known_hosts else {
-            return Err(distrust(Distrust::NoKnownHosts));
+            return match system.map(&verify) {
+                Some(Ok(verified)) => Ok(verified),
+                Some(Err(e)) if !no_known_issuer(&e) => Err(e),
+                _ => Err(distrust(Distrust::NoKnownHosts)),
+            };
         };
-        match known_fingerprint(file, endpoint) {
-            Some(stored) if stored == got => Ok(ServerCertVerified::assertion()),
-            Some(stored) => Err(distrust(Distrust::Changed {
+        let by_ca = || match system {
+            Some(system) => verify(system),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        };
+        match lookup(file, endpoint).map_err(distrust)? {
+            Known::Fingerprint(stored) if stored == got => Ok(ServerCertVerified::assertion()),
+            Known::Fingerprint(stored) => Err(distrust(Distrust::Changed {
                 endpoint: endpoint.to_owned(),
                 stored,
                 got,
                 file: file.display().to_string(),
             })),
-            None => {
-                *self
-                    .first_use
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(got);
-                Ok(ServerCertVerified::assertion())
-            }
+            Known::Verified => by_ca().map_err(|e| match no_known_issuer(&e) {
+                true => distrust(Distrust::NoLongerVerified {
+                    endpoint: endpoint.to_owned(),
+                    reason: e.to_string(),
+                    file: file.display().to_string(),
+                }),
+                false => e,
+            }),
+            Known::New => match by_ca() {
+                Ok(verified) => {
+                    self.learn(VERIFIED.to_owned());
+                    Ok(verified)
+                }
+                Err(e) if no_known_issuer(&e) => {
+                    self.learn(got);
+                    Ok(ServerCertVerified::assertion())
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 }
@@ -454,19 +552,16 @@ impl ServerCertVerifier for Verifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let verify = |webpki: &WebPkiServerVerifier| {
+            webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        };
         match &self.trust {
             Trust::Ca { certs, webpki } => {
                 if certs.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
                     return Ok(ServerCertVerified::assertion());
                 }
                 match webpki {
-                    Some(webpki) => webpki.verify_server_cert(
-                        end_entity,
-                        intermediates,
-                        server_name,
-                        ocsp_response,
-                        now,
-                    ),
+                    Some(webpki) => verify(webpki),
                     None => Err(rustls::Error::InvalidCertificate(
                         CertificateError::UnknownIssuer,
                     )),
@@ -486,24 +581,13 @@ impl ServerCertVerifier for Verifier {
                 system,
                 known_hosts,
                 endpoint,
-            } => {
-                if let Some(system) = system {
-                    match system.verify_server_cert(
-                        end_entity,
-                        intermediates,
-                        server_name,
-                        ocsp_response,
-                        now,
-                    ) {
-                        Ok(verified) => return Ok(verified),
-                        // Not from a public CA (self-signed, a private CA): trust on first use.
-                        Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                self.trust_on_first_use(known_hosts.as_deref(), endpoint, fingerprint(end_entity))
-            }
+            } => self.auto(
+                system.as_deref(),
+                known_hosts.as_deref(),
+                endpoint,
+                verify,
+                fingerprint(end_entity),
+            ),
         }
     }
 
@@ -530,8 +614,8 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// Records a fingerprint trusted on first use.
-fn remember(file: &Path, endpoint: &str, fingerprint: &str) -> Result<()> {
+/// Adds `endpoint`'s line to known_hosts.
+fn remember(file: &Path, endpoint: &str, what: &str) -> Result<()> {
     use std::io::Write;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)
@@ -542,12 +626,9 @@ fn remember(file: &Path, endpoint: &str, fingerprint: &str) -> Result<()> {
         .append(true)
         .open(file)
         .map_err(|e| Error::io(format!("cannot open {}", file.display()), e))?;
-    writeln!(f, "{endpoint} {fingerprint}")
+    writeln!(f, "{endpoint} {what}")
         .map_err(|e| Error::io(format!("cannot write {}", file.display()), e))?;
-    tracing::info!(
-        "[TLS] trusting {endpoint} on first use: {fingerprint} (kept in {})",
-        file.display()
-    );
+    tracing::info!("[TLS] {endpoint}: {what} (kept in {})", file.display());
     Ok(())
 }
 
@@ -559,35 +640,43 @@ pub async fn connect(
     port: u16,
     options: &TlsClientOptions,
 ) -> Result<TlsStream> {
-    let verifier = Arc::new(Verifier::new(options, host, port)?);
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|_| Error::InvalidArgument(format!("'{host}' is not a valid server name")))?;
+    // Reading the CA file (or, once, the system's trust store) blocks.
+    let (options2, host2) = (options.clone(), host.to_owned());
+    let verifier = tokio::task::spawn_blocking(move || Verifier::new(&options2, &host2, port))
+        .await
+        .map_err(|e| tls_error(format_args!("cannot set up TLS: {e}")))??;
+    let verifier = Arc::new(verifier);
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_error)?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
-    let name = ServerName::try_from(host.to_owned())
-        .map_err(|_| Error::InvalidArgument(format!("'{host}' is not a valid server name")))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tls = connector
         .connect(name, stream)
         .await
         .map_err(|e| handshake_failed(&e, host, port))?;
-    let first_use = verifier
-        .first_use
+    let learned = verifier
+        .learned
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
     if let (
-        Some(seen),
+        Some(learned),
         Trust::Auto {
             known_hosts: Some(file),
             endpoint,
             ..
         },
-    ) = (first_use, &verifier.trust)
+    ) = (learned, &verifier.trust)
     {
-        remember(file, endpoint, &seen)?;
+        let (file, endpoint) = (file.clone(), endpoint.clone());
+        tokio::task::spawn_blocking(move || remember(&file, &endpoint, &learned))
+            .await
+            .map_err(|e| tls_error(format_args!("cannot record the server: {e}")))??;
     }
     Ok(Box::new(tokio_rustls::TlsStream::Client(tls)))
 }
@@ -617,7 +706,10 @@ fn handshake_failed(e: &std::io::Error, host: &str, port: u16) -> Error {
             rustls::Error::InvalidMessage(_)
             | rustls::Error::InappropriateMessage { .. }
             | rustls::Error::InappropriateHandshakeMessage { .. },
-        ) => format!("{host}:{port} does not speak TLS (it answered with something else)"),
+        ) => format!(
+            "{host}:{port} does not speak TLS: it answered in plain text (a server without TLS, \
+             or a plain-text refusal such as a full server)"
+        ),
         Some(rustls::Error::AlertReceived(alert)) => {
             format!("{host}:{port} refused the TLS handshake ({alert:?})")
         }
@@ -660,12 +752,17 @@ mod tests {
         let fp = fingerprint(b"a");
         remember(&file, &endpoint("example.org", 2003), &fp).expect("remember");
         remember(&file, &endpoint("::1", 2003), &fingerprint(b"b")).expect("remember");
-        assert_eq!(known_fingerprint(&file, "example.org:2003"), Some(fp));
-        assert_eq!(
-            known_fingerprint(&file, "[::1]:2003"),
-            Some(fingerprint(b"b"))
-        );
-        assert_eq!(known_fingerprint(&file, "example.org:2007"), None);
+        remember(&file, "ca.example:2003", VERIFIED).expect("remember");
+        std::fs::write(dir.path().join("other"), "x:1 garbage\n").expect("write");
+        let known = |endpoint| lookup(&file, endpoint).expect("readable");
+        assert_eq!(known("example.org:2003"), Known::Fingerprint(fp));
+        assert_eq!(known("[::1]:2003"), Known::Fingerprint(fingerprint(b"b")));
+        assert_eq!(known("example.org:2007"), Known::New);
+        assert_eq!(known("ca.example:2003"), Known::Verified);
+        let other = dir.path().join("other");
+        assert!(lookup(&other, "x:1").is_err(), "a line not understood");
+        let missing = dir.path().join("missing");
+        assert_eq!(lookup(&missing, "x:1").ok(), Some(Known::New));
     }
 
     #[test]

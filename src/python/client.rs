@@ -106,6 +106,7 @@ fn config(
         timeout: seconds(Some(timeout))?.unwrap_or(Duration::from_secs(10)),
         password,
         tls,
+        allow_plaintext_login: false,
     })
 }
 
@@ -327,8 +328,8 @@ engine_calls! {
     Client {
         #[new]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn new(
@@ -344,9 +345,11 @@ engine_calls! {
             tls_ca: Option<PathBuf>,
             tls_pin: Option<String>,
             known_hosts: Option<PathBuf>,
+            allow_plaintext_login: bool,
         ) -> PyResult<Self> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
+            let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
+            cfg.allow_plaintext_login = allow_plaintext_login;
             let (client, events) = block_on(py, Client::connect(cfg))??;
             Ok(Self {
                 client,
@@ -392,8 +395,8 @@ engine_calls! {
         /// Connects both sockets; awaitable.
         #[staticmethod]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn connect(
@@ -409,9 +412,11 @@ engine_calls! {
             tls_ca: Option<PathBuf>,
             tls_pin: Option<String>,
             known_hosts: Option<PathBuf>,
+            allow_plaintext_login: bool,
         ) -> PyResult<Bound<'_, PyAny>> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
-            let cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
+            let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
+            cfg.allow_plaintext_login = allow_plaintext_login;
             pyo3_async_runtimes::tokio::future_into_py(py, async move {
                 let (client, events) = Client::connect(cfg).await?;
                 Ok(PyAsyncClient {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::registry::{Held, InboxTicket, Outbox, Sent};
-use super::{read_username, Shared};
+use super::{read_username, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
@@ -169,16 +169,8 @@ struct Login {
     extended: bool,
 }
 
-/// Whether passwords may travel over a connection: over TLS, from this machine, or
-/// anywhere if the operator allows plain-text logins.
-fn passwords_allowed(shared: &Shared, conn: &Conn, addr: SocketAddr) -> bool {
-    conn.is_tls()
-        || addr.ip().to_canonical().is_loopback()
-        || shared.config.policy.allow_plaintext_login
-}
-
-pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
-    let passwords = passwords_allowed(&shared, &conn, addr);
+pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, opened: Instant) {
+    let passwords = secrets_allowed(&shared, conn.is_tls(), addr);
     let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
     let limits = &shared.config.limits;
@@ -199,7 +191,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
     // Boxed: the handshake's state lives on the heap only while it runs, so an idle
     // session stays small.
     let claimed = Box::pin(async {
-        let name = read_username(&shared, &mut reader, &kill).await?;
+        let name = read_username(&shared, &mut reader, &kill, opened).await?;
         // Known to the registry until claimed (a file connection of that name waits).
         let _pending = PendingLogin::new(&shared, &name, addr);
         let via = (&mut reader, &*queue, &kill);

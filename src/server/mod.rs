@@ -23,6 +23,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -136,7 +137,7 @@ pub(crate) struct Shared {
     /// Password hashing and the brakes on guessing.
     pub(crate) accounts: accounts::Accounts,
     /// The certificate, when the server speaks TLS.
-    pub(crate) tls: Option<ServerTls>,
+    pub(crate) tls: Option<Arc<ServerTls>>,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
     spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
@@ -145,7 +146,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// What every connection of a server with `config` shares, admitting at most
     /// `max_connections` at once.
-    fn new(config: ServerConfig, max_connections: usize, tls: Option<ServerTls>) -> Arc<Self> {
+    fn new(config: ServerConfig, max_connections: usize, tls: Option<Arc<ServerTls>>) -> Arc<Self> {
         let limits = &config.limits;
         let store: Arc<dyn Store> = match &config.store {
             Some(store) => store.clone(),
@@ -211,10 +212,19 @@ impl Server {
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
         let tls = match &config.tls {
-            Some(source) => Some(ServerTls::new(source, &config.data_dir, &config.host)?),
+            Some(source) => Some(Arc::new(ServerTls::new(
+                source,
+                &config.data_dir,
+                &config.host,
+            )?)),
+            None if config.policy.require_tls => {
+                return Err(Error::Tls(
+                    "require_tls needs a certificate (tls: a PEM pair, or self-signed)".into(),
+                ))
+            }
             None => None,
         };
-        describe_tls(&config, tls.as_ref());
+        describe_tls(&config, tls.as_deref());
         file::remove_stale_spools(&config.data_dir);
         let (soft, hard) = limits::raise_open_file_limit();
         let or_unlimited = |n: Option<u64>| n.map_or("unlimited".to_owned(), |n| n.to_string());
@@ -262,13 +272,13 @@ impl Server {
     /// live connections keep theirs; on failure the old pair stays. Returns the new
     /// certificate's SHA-256 fingerprint.
     pub fn reload_tls(&self) -> Result<String> {
-        self.shared.reload_tls()
+        self.tls_handle().reload()
     }
 
     /// A handle that reloads the certificate of the running server (see
     /// [`Server::reload_tls`]).
     pub fn tls_handle(&self) -> TlsHandle {
-        TlsHandle(self.shared.clone())
+        TlsHandle(self.shared.tls.clone())
     }
 
     /// The chat listener's real address.
@@ -312,23 +322,12 @@ impl Server {
 
 /// Reloads a running server's certificate (see [`Server::reload_tls`]).
 #[derive(Clone)]
-pub struct TlsHandle(Arc<Shared>);
+pub struct TlsHandle(Option<Arc<ServerTls>>);
 
 impl TlsHandle {
     /// See [`Server::reload_tls`].
     pub fn reload(&self) -> Result<String> {
-        self.0.reload_tls()
-    }
-
-    /// The SHA-256 fingerprint of the certificate in use (`None` without TLS).
-    pub fn fingerprint(&self) -> Option<String> {
-        self.0.tls.as_ref().map(ServerTls::fingerprint)
-    }
-}
-
-impl Shared {
-    fn reload_tls(&self) -> Result<String> {
-        let Some(tls) = &self.tls else {
+        let Some(tls) = &self.0 else {
             return Err(Error::Tls(
                 "this server has no certificate to reload".into(),
             ));
@@ -343,6 +342,11 @@ impl Shared {
                 Err(e)
             }
         }
+    }
+
+    /// The SHA-256 fingerprint of the certificate in use (`None` without TLS).
+    pub fn fingerprint(&self) -> Option<String> {
+        self.0.as_deref().map(ServerTls::fingerprint)
     }
 }
 
@@ -437,13 +441,15 @@ async fn prune_history(shared: Arc<Shared>) {
     }
 }
 
-/// Reads and checks the username a connection opens with, on either port.
+/// Reads and checks the username a connection opens with, on either port, within the
+/// handshake timeout counted from `opened` (when the connection was accepted).
 pub(crate) async fn read_username(
     shared: &Shared,
     reader: &mut LineReader,
     kill: &CancellationToken,
+    opened: Instant,
 ) -> Step<String> {
-    let line = read_first_line(shared, reader, kill).await?;
+    let line = read_first_line(shared, reader, kill, opened).await?;
     checked_name(&line)
 }
 
@@ -454,14 +460,16 @@ pub(crate) fn checked_name(name: &str) -> Step<String> {
     Ok(name)
 }
 
-/// Reads the first line of a connection (within the handshake timeout), as UTF-8.
+/// Reads the first line of a connection as UTF-8, within the handshake timeout counted
+/// from `opened` (the first byte and a TLS handshake came out of the same time).
 pub(crate) async fn read_first_line(
     shared: &Shared,
     reader: &mut LineReader,
     kill: &CancellationToken,
+    opened: Instant,
 ) -> Step<String> {
     let limit = shared.config.limits.handshake_timeout;
-    let line = match tokio::time::timeout(limit, reader.next_line(kill)).await {
+    let line = match tokio::time::timeout_at(opened + limit, reader.next_line(kill)).await {
         Ok(Ok(line)) => line,
         Ok(Err(Ended::Frame(e))) => return Err(Refusal::Frame(e).into()),
         Ok(Err(end)) => return Err(end.into()),
@@ -502,22 +510,41 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
 }
 
 async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
+    let opened = Instant::now();
     // Boxed: the TLS handshake's state lives on the heap only while it runs.
-    let Some(conn) = Box::pin(open(&shared, stream, addr)).await else {
+    let Some(conn) = Box::pin(open(&shared, stream, addr, opened)).await else {
         return;
     };
     match port {
-        Port::Chat => chat::serve(shared, conn, addr).await,
-        Port::File => file::serve(shared, conn, addr).await,
+        Port::Chat => chat::serve(shared, conn, addr, opened).await,
+        Port::File => file::serve(shared, conn, addr, opened).await,
     }
+}
+
+/// Whether secrets (a password, a file connection's session proof) may come over a
+/// connection: over TLS, from this machine, or from anywhere if the operator allows
+/// plain-text logins.
+pub(crate) fn secrets_allowed(shared: &Shared, tls: bool, addr: SocketAddr) -> bool {
+    tls || plain_secrets_allowed(addr.ip(), shared.config.policy.allow_plaintext_login)
+}
+
+/// The plain-text half of [`secrets_allowed`]: only from a loopback address (an IPv4
+/// address mapped into IPv6 counts as the IPv4 address), unless allowed.
+fn plain_secrets_allowed(ip: std::net::IpAddr, allow_plaintext_login: bool) -> bool {
+    allow_plaintext_login || ip.to_canonical().is_loopback()
 }
 
 /// Opens a connection as plain text or TLS, told apart by its first byte (a TLS handshake
 /// record cannot start a username), within the handshake timeout; completes the TLS
 /// handshake. `None`: the connection was refused or failed (and the log says why).
-async fn open(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Option<Conn> {
+async fn open(
+    shared: &Shared,
+    stream: TcpStream,
+    addr: SocketAddr,
+    opened: Instant,
+) -> Option<Conn> {
     let limit = shared.config.limits.handshake_timeout;
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = opened + limit;
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         _ = shared.shutdown.cancelled() => return None,
@@ -561,17 +588,22 @@ async fn open(shared: &Shared, stream: TcpStream, addr: SocketAddr) -> Option<Co
     }
 }
 
-/// Refuses a plain-text connection with its error line, then closes it.
+/// Refuses a plain-text connection with its error line, then closes it: the write side
+/// first, then whatever the peer had sent is read and dropped (for at most a second), so
+/// the close is a FIN after the line and not a reset that could destroy it.
 async fn refuse_plain(mut stream: TcpStream, addr: SocketAddr, refusal: Refusal) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     warn!("[REFUSED] {addr}: {refusal}");
     let line = ServerLine::Error {
         reason: refusal.to_string(),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(line.to_wire().as_bytes()),
-    )
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(line.to_wire().as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
     .await;
 }
 
@@ -582,6 +614,24 @@ mod tests {
     /// Every idle connection keeps its tasks' futures alive, so their size is memory per
     /// user (docs/BENCHMARKS.md). A large buffer on an await path (a stack array, an
     /// unboxed upload) would multiply it; these budgets catch that.
+    #[test]
+    fn plain_text_secrets_come_only_from_loopback_unless_allowed() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+        for local in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(plain_secrets_allowed(ip(local), false), "{local}");
+        }
+        for remote in [
+            "10.0.0.1",
+            "192.0.2.2",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+            "0.0.0.0",
+        ] {
+            assert!(!plain_secrets_allowed(ip(remote), false), "{remote}");
+            assert!(plain_secrets_allowed(ip(remote), true), "{remote}, allowed");
+        }
+    }
+
     #[tokio::test]
     async fn connection_futures_stay_small() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -601,8 +651,8 @@ mod tests {
                     .expect("connects"),
             )
         };
-        let chat = chat::serve(shared.clone(), stream().await, addr);
-        let file = file::serve(shared.clone(), stream().await, addr);
+        let chat = chat::serve(shared.clone(), stream().await, addr, Instant::now());
+        let file = file::serve(shared.clone(), stream().await, addr, Instant::now());
         let queue = crate::net::SendQueue::new(1, 1, 1);
         let (_rd, wr) = stream().await.split();
         let writer =

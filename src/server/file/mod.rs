@@ -32,7 +32,7 @@ use tracing::{info, warn};
 pub(crate) use forward::{forward_saved, FileLink};
 pub(crate) use spool::remove_stale as remove_stale_spools;
 
-use super::{checked_name, read_first_line, Shared};
+use super::{checked_name, read_first_line, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::file_header::UploadHeader;
@@ -54,7 +54,8 @@ const RESYNC_QUIET: Duration = Duration::from_millis(200);
 /// one `recv` and must not find a header glued to it).
 const GREETING_GAP: Duration = Duration::from_millis(100);
 
-pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
+pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, opened: Instant) {
+    let secrets = secrets_allowed(&shared, conn.is_tls(), addr);
     let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
     let limits = &shared.config.limits;
@@ -63,7 +64,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr) {
 
     // Boxed: the opening's state lives on the heap only while it runs, so an idle file
     // connection stays small.
-    let Some(user) = Box::pin(open(&shared, &mut reader, wr, addr, id, &kill)).await else {
+    let opening = open(&shared, &mut reader, wr, (addr, opened, secrets), id, &kill);
+    let Some(user) = Box::pin(opening).await else {
         return;
     };
     reader.require_newlines(shared.config.limits.max_header);
@@ -106,13 +108,14 @@ async fn open(
     shared: &Arc<Shared>,
     reader: &mut LineReader,
     wr: ConnWrite,
-    addr: SocketAddr,
+    (addr, opened, secrets): (SocketAddr, Instant, bool),
     id: u64,
     kill: &CancellationToken,
 ) -> Option<String> {
     let started = Instant::now();
     let mut held = false;
-    let (user, link) = match handshake(shared, reader, addr, id, kill, &mut held).await {
+    let peer = (addr, opened, secrets);
+    let (user, link) = match handshake(shared, reader, peer, id, kill, &mut held).await {
         Ok(claimed) => claimed,
         Err(Stop::Refused(refusal)) if held && started.elapsed() >= GREETING_WINDOW => {
             warn!("[REFUSED] {addr}: {refusal} (held for a login too long to be told)");
@@ -159,19 +162,21 @@ async fn open(
 async fn handshake(
     shared: &Shared,
     reader: &mut LineReader,
-    addr: SocketAddr,
+    (addr, opened, secrets): (SocketAddr, Instant, bool),
     id: u64,
     kill: &CancellationToken,
     held: &mut bool,
 ) -> Step<(String, mpsc::Receiver<Box<forward::ForwardJob>>)> {
     // `<name>`, or from our client logged in with a password, `<name> <secret>`.
-    let line = read_first_line(shared, reader, kill).await?;
+    let line = read_first_line(shared, reader, kill, opened).await?;
     let (name, proof) = match line.split_once(' ') {
         Some((name, proof)) => (name, Some(proof.trim())),
         None => (line.as_str(), None),
     };
     let user = checked_name(name)?;
     let chat_id = match proof {
+        // A session's secret travels like a password: over TLS or from this machine.
+        Some(_) if !secrets => return Err(Refusal::PasswordNeedsTls.into()),
         Some(proof) => shared
             .registry
             .chat_by_token(&user, proof)
