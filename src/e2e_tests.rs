@@ -55,17 +55,24 @@ async fn connect(srv: &Running, name: &str, dir: &std::path::Path) -> (Client, E
     config.file_port = srv.file_port;
     config.download_dir = dir.join(name);
     config.tls = srv.tls.clone();
+    config.progress = true; // interleaved with the rest; `next` skips them
     let (client, mut events) = Client::connect(config).await.expect("connects");
     let welcome = ServerLine::Welcome { user: name.into() };
     assert_eq!(next(&mut events).await, Event::Line(welcome));
     (client, events)
 }
 
+/// The next event that is not a transfer's progress.
 async fn next(events: &mut Events) -> Event {
-    tokio::time::timeout(Duration::from_secs(10), events.next())
-        .await
-        .expect("an event in time")
-        .expect("the stream is open")
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream is open");
+        if !matches!(event, Event::Progress { .. }) {
+            return event;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,29 @@ pub(crate) enum Refusal {
     /// The store failed a write or read a request needs.
     #[error("the server could not store that just now; try again later")]
     StoreFailed,
+    /// A checked upload whose bytes do not have the hash its uploader sent.
+    #[error(
+        "'{filename}' arrived corrupted (BLAKE3 {got}, the sender's is {sent}); it was not saved"
+    )]
+    Corrupted {
+        /// The file's name as sent.
+        filename: String,
+        /// The hash the uploader sent.
+        sent: String,
+        /// The hash of what arrived.
+        got: String,
+    },
+    /// A checked upload that its uploader gave up on after its body (`failed <why>`).
+    #[error("'{filename}' was not saved: the sender gave up on it ({why})")]
+    SenderGaveUp {
+        /// The file's name as sent.
+        filename: String,
+        /// The uploader's reason.
+        why: String,
+    },
+    /// A checked upload's trailer did not come (the connection is out of step).
+    #[error("{0}")]
+    Trailer(Ended),
     /// A command line that is not UTF-8.
     #[error("command is not valid UTF-8")]
     CommandNotUtf8,

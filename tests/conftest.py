@@ -316,6 +316,11 @@ class Net:
         self._wires.append(wire)
         return wire
 
+    def adopt_client(self, client: Client) -> Client:
+        """Closes `client` at teardown too."""
+        self._clients.append(client)
+        return client
+
     def downloads(self, name: str) -> Path:
         return self.root / "downloads" / name
 

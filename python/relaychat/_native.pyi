@@ -54,6 +54,7 @@ __all__ = [
     "ServerError",
     "ServerText",
     "TlsError",
+    "TransferProgress",
     "UnknownCommand",
     "Usage",
     "UserList",
@@ -238,6 +239,8 @@ class Client:
     only over TLS or to a loopback address: otherwise `TlsError`, unless
     `allow_plaintext_login=True`.
 
+    `progress=True` adds `TransferProgress` events for uploads and downloads.
+
     Raises `RefusedError` if the server refuses the username, `OSError` if it cannot be
     reached, `TimeoutError` after `timeout` seconds, `ValueError` for an invalid username.
     """
@@ -257,6 +260,7 @@ class Client:
         tls_pin: str | None = None,
         known_hosts: _StrPath | None = None,
         allow_plaintext_login: bool = False,
+        progress: bool = False,
     ) -> Self: ...
     @property
     def username(self) -> str: ...
@@ -345,6 +349,7 @@ class AsyncClient:
         tls_pin: str | None = None,
         known_hosts: _StrPath | None = None,
         allow_plaintext_login: bool = False,
+        progress: bool = False,
     ) -> Awaitable[AsyncClient]: ...
     @property
     def username(self) -> str: ...
@@ -543,6 +548,19 @@ class FileFailed(Event):
     reason: str
 
 @final
+class TransferProgress(Event):
+    """How far a transfer has got (for a client made with `progress=True`): at most 10 a
+    second per transfer, the first as it starts and the last at `total`. `direction` is `"upload"` (ours, to `peer`: a user or
+    `GROUP:<g>`) or `"download"` (from `peer`); `rate` is bytes per second since it
+    began."""
+
+    direction: Literal["upload", "download"]
+    peer: str
+    filename: str
+    done: int
+    total: int
+    rate: int
+
 class Registered(Event):
     """`Registered <user>.`, for a `register` sent with `send_command`."""
 
@@ -651,4 +669,5 @@ _AnyEvent = (
     | FileReceived
     | FileFailed
     | Disconnected
+    | TransferProgress
 )

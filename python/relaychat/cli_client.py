@@ -18,7 +18,14 @@ import signal
 import sys
 import threading
 
-from relaychat import Client, Disconnected, PasswordRequiredError, RelaychatError, TlsError
+from relaychat import (
+    Client,
+    Disconnected,
+    PasswordRequiredError,
+    RelaychatError,
+    TlsError,
+    TransferProgress,
+)
 
 SEND_FILE_USAGE = "Usage: send_file <username/group> <filepath>"
 #: How long to wait, after the last command, for its replies before exiting.
@@ -116,6 +123,8 @@ class Session:
 def _print_events(session: Session) -> None:
     gone = session.gone
     for event in session.client.events():
+        if isinstance(event, TransferProgress):
+            continue  # the lab's client shows none; output stays line for line
         if isinstance(event, Disconnected):
             if not gone.is_set():  # the server went away, not us
                 say(event.line)

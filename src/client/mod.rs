@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use crate::protocol::command::{
     check_password, format_ack, format_command, format_file_failed, parse_command, Parsed, Spec,
     BROADCAST, FILES, GET, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
-use crate::protocol::file_header::GROUP_PREFIX;
+use crate::protocol::file_header::{Trailer, GROUP_PREFIX};
 use crate::protocol::names::{
     check_filename, check_group, check_username, MAX_FILENAME_BYTES, TMP_SUFFIX,
 };
@@ -43,6 +43,72 @@ const MAX_SERVER_LINE: usize = 1024 * 1024;
 const EVENT_QUEUE: usize = 65_536;
 /// How often, and how patiently, a lost file connection is re-opened.
 const FILE_RECONNECT_TRIES: u32 = 10;
+
+/// Which way a transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Our upload.
+    Upload,
+    /// A file coming to us.
+    Download,
+}
+
+/// Least time between two progress events of one transfer.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Turns a transfer's running byte count into at most 10 progress events a second (and
+/// one at the end). Events that find the queue full are dropped, not waited for.
+struct Meter<'a> {
+    direction: Direction,
+    peer: &'a str,
+    filename: &'a str,
+    total: u64,
+    tx: &'a mpsc::Sender<Event>,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl<'a> Meter<'a> {
+    fn new(
+        direction: Direction,
+        peer: &'a str,
+        filename: &'a str,
+        total: u64,
+        tx: &'a mpsc::Sender<Event>,
+    ) -> Self {
+        Self {
+            direction,
+            peer,
+            filename,
+            total,
+            tx,
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        let now = std::time::Instant::now();
+        let due = self.last.is_none_or(|t| now - t >= PROGRESS_EVERY) || done == self.total;
+        if !due {
+            return;
+        }
+        self.last = Some(now);
+        let secs = (now - self.start).as_secs_f64();
+        let rate = match secs > 0.0 {
+            true => (done as f64 / secs) as u64,
+            false => 0,
+        };
+        let _ = self.tx.try_send(Event::Progress {
+            direction: self.direction,
+            peer: self.peer.to_owned(),
+            filename: self.filename.to_owned(),
+            done,
+            total: self.total,
+            rate,
+        });
+    }
+}
 
 /// Where and as whom to connect.
 #[derive(Clone)]
@@ -67,6 +133,8 @@ pub struct ClientConfig {
     /// Send passwords over plain text to another machine too (by default a password goes
     /// only over TLS or to a loopback address, whatever the server asks).
     pub allow_plaintext_login: bool,
+    /// Report transfers as they go (`Event::Progress`); off, the events are the lab's.
+    pub progress: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -82,6 +150,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("tls", &self.tls)
             .field("allow_plaintext_login", &self.allow_plaintext_login)
+            .field("progress", &self.progress)
             .finish()
     }
 }
@@ -100,6 +169,7 @@ impl ClientConfig {
             password: None,
             tls: None,
             allow_plaintext_login: false,
+            progress: false,
         }
     }
 }
@@ -132,6 +202,22 @@ pub enum Event {
         /// What went wrong.
         reason: String,
     },
+    /// How far a transfer has got (when [`ClientConfig::progress`] is on): at most 10 a
+    /// second per transfer, the first when it starts and the last at its total.
+    Progress {
+        /// An upload of ours, or a file coming to us.
+        direction: Direction,
+        /// The other end: the upload's target, or the file's sender.
+        peer: String,
+        /// The file's name.
+        filename: String,
+        /// Bytes done so far.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+        /// Bytes per second since the transfer began.
+        rate: u64,
+    },
     /// The chat connection closed: no more events will come.
     Disconnected,
 }
@@ -153,6 +239,9 @@ struct Waiters {
     hello: Option<oneshot::Sender<bool>>,
     /// Uploads whose verdict has not come yet.
     uploads: VecDeque<oneshot::Sender<Verdict>>,
+    /// The checked upload waiting for the server's go-ahead (one at a time: the file
+    /// connection carries one upload at a time).
+    ready: Option<oneshot::Sender<u64>>,
     /// `register`, `passwd` and `history` calls, in the order sent.
     requests: VecDeque<Request>,
     /// The time of a `[QUEUED <time>]` line, for the message that follows it.
@@ -217,6 +306,8 @@ struct Inner {
     extended: std::sync::atomic::AtomicBool,
     /// Fires when the client is closed or the chat connection ends.
     closed: CancellationToken,
+    /// Where progress events of uploads go (weak: the channel ends with the readers).
+    events: mpsc::WeakSender<Event>,
 }
 
 /// A connected client. Cheap to clone; every clone drives the same connections.
@@ -428,6 +519,7 @@ impl Client {
             )));
         }
         let (file_reader, file_wr) = open_file_connection(&config, proof.as_deref()).await?;
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let inner = Arc::new(Inner {
             config,
             proof,
@@ -437,8 +529,8 @@ impl Client {
             waiters: Mutex::default(),
             extended: std::sync::atomic::AtomicBool::new(false),
             closed: CancellationToken::new(),
+            events: tx.downgrade(),
         });
-        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let _ = tx.send(Event::Line(welcome)).await;
         let files = tokio::spawn(read_files(inner.clone(), file_reader, tx.clone()));
         tokio::spawn(read_chat(inner.clone(), chat_reader, tx, files));
@@ -680,6 +772,7 @@ impl Client {
             target,
             filename: filename.to_owned(),
             size,
+            checked: self.extended(),
         };
         let verdict = self.upload(&header, file).await?;
         match verdict {
@@ -724,8 +817,11 @@ impl Client {
         };
         let verdict = self.extended().then(|| {
             let (tx, rx) = oneshot::channel();
-            self.inner.waiters().uploads.push_back(tx);
-            rx
+            let (go, ready) = oneshot::channel();
+            let mut waiters = self.inner.waiters();
+            waiters.uploads.push_back(tx);
+            waiters.ready = Some(go);
+            (rx, ready)
         });
         // Until the whole header is out, no verdict will come for it: if the write fails,
         // or this future is dropped (Ctrl-C, asyncio), un-queue ours (the last one: the
@@ -733,16 +829,77 @@ impl Client {
         let unqueue = Unqueue(verdict.is_some().then_some(&*self.inner));
         let wire = header.to_wire();
         let sent = tokio::select! {
-            sent = wr.write_all(wire.as_bytes()) => sent,
+            sent = send_all(wr, wire.as_bytes()) => sent,
             _ = self.inner.closed.cancelled() => Err(std::io::ErrorKind::Interrupted.into()),
         };
         if let Err(e) = sent {
             return Err(Error::io("sending file", e));
         }
         unqueue.disarm();
+        // A checked upload (our server) sends its body only once the server takes it: a
+        // refusal costs no bytes and leaves the connection in step.
+        let verdict = match verdict {
+            None => None,
+            Some((mut verdict, ready)) => {
+                let go = tokio::select! {
+                    go = ready => go.map_err(|_| Error::Closed),
+                    refused = &mut verdict => {
+                        guard.disarm();
+                        return Err(match refused {
+                            Ok(Err(reason)) => Error::Refused(reason),
+                            Ok(Ok(_)) => Error::Protocol("a verdict before the body".into()),
+                            Err(_) => Error::Closed,
+                        });
+                    }
+                    _ = tokio::time::sleep(self.inner.config.timeout.max(VERDICT_WAIT)) => {
+                        Err(Error::Timeout("waiting for the server to take the upload"))
+                    }
+                    _ = self.inner.closed.cancelled() => Err(Error::Closed),
+                };
+                match go? {
+                    0 => Some(verdict),
+                    offset => {
+                        return Err(Error::Protocol(format!(
+                            "the server asked for the body from byte {offset}"
+                        )))
+                    }
+                }
+            }
+        };
+        let peer = header.target.to_string();
+        let events = match self.inner.config.progress {
+            true => self.inner.events.upgrade(),
+            false => None,
+        };
         let body = async {
+            let mut meter = events
+                .as_ref()
+                .map(|tx| Meter::new(Direction::Upload, &peer, &header.filename, size, tx));
             let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size));
-            tokio::io::copy_buf(&mut body, wr).await
+            let mut hasher = blake3::Hasher::new();
+            let mut sent = 0u64;
+            loop {
+                let chunk = body.fill_buf().await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let n = chunk.len();
+                if header.checked {
+                    hasher.update(chunk);
+                }
+                wr.write_all(chunk).await?;
+                body.consume(n);
+                sent += n as u64;
+                if let Some(meter) = meter.as_mut() {
+                    meter.update(sent);
+                }
+            }
+            if header.checked && sent == size {
+                let trailer = Trailer::Hash(hasher.finalize().to_hex().to_string());
+                wr.write_all(trailer.to_wire().as_bytes()).await?;
+            }
+            wr.flush().await?;
+            std::io::Result::Ok(sent)
         };
         let sent = tokio::select! {
             sent = body => sent.map_err(|e| Error::io("sending file", e)),
@@ -782,7 +939,9 @@ impl Unqueue<'_> {
 impl Drop for Unqueue<'_> {
     fn drop(&mut self) {
         if let Some(inner) = self.0.take() {
-            inner.waiters().uploads.pop_back();
+            let mut waiters = inner.waiters();
+            waiters.uploads.pop_back();
+            waiters.ready = None;
         }
     }
 }
@@ -915,6 +1074,12 @@ impl Waiters {
                 }
                 None
             }
+            ServerLine::UploadReady { offset } => {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(offset);
+                }
+                None
+            }
             line @ (ServerLine::Registered { .. }
             | ServerLine::PasswordChanged
             | ServerLine::History { .. }
@@ -980,7 +1145,9 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
                 // Verdicts for uploads the server did read were sent before it closed the
                 // connection, and have had this pause to arrive; an upload still waiting
                 // now was never read and will never have one.
-                inner.waiters().uploads.clear();
+                let mut waiters = inner.waiters();
+                waiters.uploads.clear();
+                waiters.ready = None;
             }
             if let Ok((rd, wr)) = open_file_connection(&inner.config, inner.proof.as_deref()).await
             {
@@ -1046,6 +1213,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         sender,
         filename,
         size,
+        checked,
     } = header;
     let saved = saved_name(&sender, &filename);
     let dir = &inner.config.download_dir;
@@ -1064,8 +1232,18 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             return skip(reader, size, closed).await;
         }
     };
-    match receive_body(reader, &mut partial, size, closed, BODY_STALL, |_| {}).await {
-        Ok(_hash) => {}
+    let mut meter = inner
+        .config
+        .progress
+        .then(|| Meter::new(Direction::Download, &sender, &filename, size, tx));
+    let hash = match receive_body(reader, &mut partial, size, closed, BODY_STALL, |n| {
+        if let Some(meter) = meter.as_mut() {
+            meter.update(n);
+        }
+    })
+    .await
+    {
+        Ok(hash) => hash,
         Err(BodyError::Write(e, unread)) => {
             drop(partial);
             not_saved(inner, &sender, &filename, &e).await;
@@ -1083,6 +1261,41 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             ))
             .await;
             return Err(Stop::Ended(end));
+        }
+    };
+    if checked {
+        // The server's word on the bytes: their hash (checked here before the rename), or
+        // why the file is not good after all.
+        let trailer = tokio::time::timeout(BODY_STALL, reader.next_line(closed)).await;
+        let trailer = match trailer {
+            Ok(Ok(line)) => Trailer::parse(&line),
+            Ok(Err(end)) => return Err(Stop::Ended(end)),
+            Err(_) => return Err(Stop::Ended(Ended::Stalled(BODY_STALL))),
+        };
+        let why = match trailer {
+            Some(Trailer::Hash(sent)) if sent == hash.to_hex().as_str() => None,
+            Some(Trailer::Hash(sent)) => {
+                let why = format!(
+                    "'{filename}' from {sender} arrived corrupted (BLAKE3 {}, the server's is \
+                     {sent}); it was not saved",
+                    hash.to_hex()
+                );
+                // The uploader hears of it (the server could not have known).
+                let e = std::io::Error::other("it arrived corrupted");
+                not_saved(inner, &sender, &filename, &e).await;
+                Some(why)
+            }
+            Some(Trailer::Failed(why)) => Some(why),
+            None => {
+                drop(partial);
+                let e = std::io::Error::other("the file's BLAKE3 trailer is missing or garbled");
+                return Err(Stop::Ended(Ended::Io(e)));
+            }
+        };
+        if let Some(why) = why {
+            drop(partial);
+            fail(why).await;
+            return Ok(());
         }
     }
     let path = match partial.finish_unique(dir, &saved).await {

@@ -3,6 +3,11 @@
 //! Upload, client to server: `sender|target|filename|filesize\n` and then exactly
 //! `filesize` bytes; `target` is a username or `GROUP:<group>`.
 //! Forward, server to recipient: `sender|filename|filesize\n` and then the bytes.
+//!
+//! Between our client and our server only (a session that said hello), either header may
+//! end in one more field of options. The one option so far is `b3`: the body is followed
+//! by a [`Trailer`] line carrying its BLAKE3 hash (and an upload waits for the server's
+//! go-ahead before its body; docs/PROTOCOL.md §9).
 
 use super::names::{
     check_component, check_filename, check_group, check_username, normalize, NameError,
@@ -38,6 +43,9 @@ pub enum HeaderError {
     /// Not four `|`-separated fields.
     #[error("invalid file header: expected sender|target|filename|filesize, got {0} field(s)")]
     FieldCount(usize),
+    /// An option field this side does not know.
+    #[error("invalid file header: unknown option '{0}'")]
+    Option(String),
     /// The size is not a whole number of bytes.
     #[error("invalid file header: filesize '{0}' is not a whole number of bytes")]
     Size(String),
@@ -57,6 +65,63 @@ pub struct UploadHeader {
     pub filename: String,
     /// Exactly how many bytes follow.
     pub size: u64,
+    /// A BLAKE3 trailer follows the body, which waits for the server's go-ahead (option
+    /// `b3`; our client and server only).
+    pub checked: bool,
+}
+
+/// The option that asks for a BLAKE3 trailer after the body.
+const CHECKED: &str = "b3";
+
+/// Parses an options field: comma-separated words, each of which must be known.
+fn parse_options(field: &str) -> Result<bool, HeaderError> {
+    let mut checked = false;
+    for word in field.split(',') {
+        match word {
+            CHECKED => checked = true,
+            other => return Err(HeaderError::Option(other.chars().take(32).collect())),
+        }
+    }
+    Ok(checked)
+}
+
+/// The options field of a header, with its leading `|` (empty when there are none).
+fn options_suffix(checked: bool) -> &'static str {
+    match checked {
+        true => "|b3",
+        false => "",
+    }
+}
+
+/// What follows a checked body: the hash it must have, or why the sender (the server, for
+/// a forward whose upload failed) gave up on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trailer {
+    /// `b3 <64 hex digits>`: the body's BLAKE3 hash.
+    Hash(String),
+    /// `failed <reason>`: the file is not good; the receiver drops it.
+    Failed(String),
+}
+
+impl Trailer {
+    /// Parses a trailer line (without its `\n`).
+    pub fn parse(line: &[u8]) -> Option<Trailer> {
+        let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+        if let Some(reason) = line.strip_prefix("failed ") {
+            return Some(Trailer::Failed(reason.to_owned()));
+        }
+        let hex = line.strip_prefix("b3 ")?;
+        let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        valid.then(|| Trailer::Hash(hex.to_ascii_lowercase()))
+    }
+
+    /// The line as sent, with its `\n`.
+    pub fn to_wire(&self) -> String {
+        match self {
+            Trailer::Hash(hex) => format!("b3 {hex}\n"),
+            Trailer::Failed(reason) => format!("failed {}\n", reason.replace(['\n', '\r'], " ")),
+        }
+    }
 }
 
 /// Sizes are plain decimal digits: no sign, no spaces, nothing that overflows a `u64`.
@@ -74,8 +139,12 @@ impl UploadHeader {
         let line = std::str::from_utf8(line).map_err(|_| HeaderError::NotUtf8)?;
         let line = line.strip_suffix('\r').unwrap_or(line);
         let fields: Vec<&str> = line.split('|').collect();
-        let [sender, target, filename, size] = fields[..] else {
-            return Err(HeaderError::FieldCount(fields.len()));
+        let (sender, target, filename, size, checked) = match fields[..] {
+            [sender, target, filename, size] => (sender, target, filename, size, false),
+            [sender, target, filename, size, options] => {
+                (sender, target, filename, size, parse_options(options)?)
+            }
+            _ => return Err(HeaderError::FieldCount(fields.len())),
         };
         let size = parse_size(size)?;
         let (sender, filename) = (
@@ -101,15 +170,26 @@ impl UploadHeader {
             target,
             filename,
             size,
+            checked,
         })
     }
 
     /// The header line as sent, with its `\n`.
     pub fn to_wire(&self) -> String {
         format!(
-            "{}|{}|{}|{}\n",
-            self.sender, self.target, self.filename, self.size
+            "{}|{}|{}|{}{}\n",
+            self.sender,
+            self.target,
+            self.filename,
+            self.size,
+            options_suffix(self.checked)
         )
+    }
+
+    /// Whether a header line carries an options field (five fields): such an upload, from
+    /// our client, sends no body until the server's go-ahead, so a refusal skips nothing.
+    pub fn has_options(line: &[u8]) -> bool {
+        line.split(|b| *b == b'|').count() == 5
     }
 
     /// How many body bytes follow a refused header, when its last `|`-separated field is a
@@ -132,16 +212,25 @@ pub struct ForwardHeader {
     pub filename: String,
     /// Exactly how many bytes follow.
     pub size: u64,
+    /// A BLAKE3 trailer follows the body (option `b3`, for our client only).
+    pub checked: bool,
 }
 
 impl ForwardHeader {
-    fn fields(line: &[u8]) -> Result<(&str, &str, &str), HeaderError> {
+    /// The fields of a forward header: `sender|filename|size`, with options
+    /// (`sender|filename|size|b3`), or upload-shaped (`sender|target|filename|size`, whose
+    /// last field is a size).
+    fn fields(line: &[u8]) -> Result<(&str, &str, &str, Option<&str>), HeaderError> {
         let line = std::str::from_utf8(line)
             .map_err(|_| HeaderError::NotUtf8)?
             .trim();
         let fields: Vec<&str> = line.split('|').collect();
         match fields[..] {
-            [sender, filename, size] | [sender, _, filename, size] => Ok((sender, filename, size)),
+            [sender, filename, size] => Ok((sender, filename, size, None)),
+            [sender, _, filename, size] if parse_size(size).is_ok() => {
+                Ok((sender, filename, size, None))
+            }
+            [sender, filename, size, options] => Ok((sender, filename, size, Some(options))),
             _ => Err(HeaderError::FieldCount(fields.len())),
         }
     }
@@ -151,12 +240,18 @@ impl ForwardHeader {
     pub fn declared_size(line: &[u8]) -> Option<u64> {
         Self::fields(line)
             .ok()
-            .and_then(|(_, _, size)| parse_size(size).ok())
+            .and_then(|(_, _, size, _)| parse_size(size).ok())
     }
 
     /// The header line as sent, with its `\n`.
     pub fn to_wire(&self) -> String {
-        format!("{}|{}|{}\n", self.sender, self.filename, self.size)
+        format!(
+            "{}|{}|{}{}\n",
+            self.sender,
+            self.filename,
+            self.size,
+            options_suffix(self.checked)
+        )
     }
 
     /// Parses a forward header as a client does: three fields, or four (an upload-shaped
@@ -164,14 +259,16 @@ impl ForwardHeader {
     /// path components, so a hostile server cannot steer a client's write outside its
     /// download directory; the sender may hold spaces (the lab's server allows them).
     pub fn parse(line: &[u8]) -> Result<Self, HeaderError> {
-        let (sender, filename, size) = Self::fields(line)?;
+        let (sender, filename, size, options) = Self::fields(line)?;
         let size = parse_size(size)?;
+        let checked = options.map(parse_options).transpose()?.unwrap_or(false);
         check_component(sender, "sender name")?;
         check_filename(filename)?;
         Ok(Self {
             sender: sender.to_owned(),
             filename: filename.to_owned(),
             size,
+            checked,
         })
     }
 }
@@ -200,7 +297,11 @@ mod tests {
             err(b"a|b|c"),
             "invalid file header: expected sender|target|filename|filesize, got 3 field(s)"
         );
-        assert!(err(b"a|b|c|d|5").contains("got 5 field(s)"));
+        assert!(err(b"a|b|c|d|e|5").contains("got 6 field(s)"));
+        assert_eq!(
+            err(b"a|b|c|5|zz"),
+            "invalid file header: unknown option 'zz'"
+        );
         assert_eq!(
             err(b"a|b|c|lots"),
             "invalid file header: filesize 'lots' is not a whole number of bytes"
@@ -246,6 +347,7 @@ mod tests {
             sender: "yasser".into(),
             filename: "report.pdf".into(),
             size: 7,
+            checked: false,
         };
         assert_eq!(f.to_wire(), "yasser|report.pdf|7\n");
         assert_eq!(ForwardHeader::parse(f.to_wire().as_bytes()), Ok(f.clone()));
@@ -258,5 +360,39 @@ mod tests {
         assert_eq!(spaced.sender, "bob smith");
         assert_eq!(ForwardHeader::declared_size(b"evil|/etc/passwd|7"), Some(7));
         assert_eq!(ForwardHeader::declared_size(b"x|y|z|w|7"), None);
+    }
+
+    #[test]
+    fn checked_headers_and_trailers_round_trip() {
+        let up = UploadHeader::parse(b"a|GROUP:g|f.txt|5|b3").expect("valid");
+        assert!(up.checked);
+        assert_eq!(up.to_wire(), "a|GROUP:g|f.txt|5|b3\n");
+        assert!(UploadHeader::has_options(b"a|b|f|5|b3"));
+        assert!(!UploadHeader::has_options(b"a|b|f|5"));
+        let fwd = ForwardHeader {
+            sender: "a".into(),
+            filename: "f.txt".into(),
+            size: 5,
+            checked: true,
+        };
+        assert_eq!(fwd.to_wire(), "a|f.txt|5|b3\n");
+        assert_eq!(ForwardHeader::parse(b"a|f.txt|5|b3"), Ok(fwd));
+        assert_eq!(
+            ForwardHeader::parse(b"a|f.txt|5|zz"),
+            Err(HeaderError::Option("zz".into()))
+        );
+        let hash = blake3::hash(b"hello").to_hex().to_string();
+        let t = Trailer::Hash(hash.clone());
+        assert_eq!(Trailer::parse(t.to_wire().trim_end().as_bytes()), Some(t));
+        let upper = format!("b3 {}", hash.to_ascii_uppercase());
+        assert_eq!(Trailer::parse(upper.as_bytes()), Some(Trailer::Hash(hash)));
+        let failed = Trailer::Failed("bad\nthing".into());
+        assert_eq!(failed.to_wire(), "failed bad thing\n");
+        assert_eq!(
+            Trailer::parse(b"failed bad thing"),
+            Some(Trailer::Failed("bad thing".into()))
+        );
+        assert_eq!(Trailer::parse(b"b3 1234"), None);
+        assert_eq!(Trailer::parse(b"a|f|5"), None);
     }
 }

@@ -163,8 +163,8 @@ proptest! {
     }
 
     #[test]
-    fn forward_headers_round_trip(sender in name(), filename in "[a-zA-Z0-9 _.()-]{0,30}[a-z]", size in any::<u64>()) {
-        let header = ForwardHeader { sender, filename, size };
+    fn forward_headers_round_trip(sender in name(), filename in "[a-zA-Z0-9 _.()-]{0,30}[a-z]", size in any::<u64>(), checked in any::<bool>()) {
+        let header = ForwardHeader { sender, filename, size, checked };
         prop_assert_eq!(ForwardHeader::parse(header.to_wire().as_bytes()), Ok(header));
     }
 

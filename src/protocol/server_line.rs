@@ -137,6 +137,12 @@ pub enum ServerLine {
         /// Why.
         reason: String,
     },
+    /// `[UPLOAD READY] <offset>` (extension): the server takes the client's checked upload
+    /// (option `b3`) and wants its body from byte `offset` on.
+    UploadReady {
+        /// The first byte the server wants.
+        offset: u64,
+    },
     /// `Password for <u>:`: the name is registered; the next line is its password.
     PasswordPrompt {
         /// The registered name.
@@ -280,6 +286,7 @@ impl Display for ServerLine {
             ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
             ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
             ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
+            ServerLine::UploadReady { offset } => write!(f, "[UPLOAD READY] {offset}"),
             ServerLine::PasswordPrompt { user } => write!(f, "Password for {user}:"),
             ServerLine::Registered { user } => write!(f, "Registered {user}."),
             ServerLine::PasswordChanged => f.write_str("Password changed."),
@@ -478,6 +485,11 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     if let Some(reason) = line.strip_prefix("[UPLOAD FAILED] ") {
         return Some(ServerLine::UploadFailed { reason: s(reason) });
     }
+    if let Some(offset) = line.strip_prefix("[UPLOAD READY] ") {
+        return Some(ServerLine::UploadReady {
+            offset: offset.parse().ok()?,
+        });
+    }
     if let Some(user) = between(line, "Password for ", ":") {
         return Some(ServerLine::PasswordPrompt { user: s(user) });
     }
@@ -673,6 +685,7 @@ mod tests {
                 },
                 "[UPLOAD FAILED] file too large: 9 bytes (limit 5)",
             ),
+            (ServerLine::UploadReady { offset: 0 }, "[UPLOAD READY] 0"),
             (
                 ServerLine::PasswordPrompt { user: s("alice") },
                 "Password for alice:",

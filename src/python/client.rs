@@ -107,6 +107,7 @@ fn config(
         password,
         tls,
         allow_plaintext_login: false,
+        progress: false,
     })
 }
 
@@ -328,8 +329,8 @@ engine_calls! {
     Client {
         #[new]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false, progress = false),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False, progress=False)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn new(
@@ -346,10 +347,12 @@ engine_calls! {
             tls_pin: Option<String>,
             known_hosts: Option<PathBuf>,
             allow_plaintext_login: bool,
+            progress: bool,
         ) -> PyResult<Self> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
             let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
             cfg.allow_plaintext_login = allow_plaintext_login;
+            cfg.progress = progress;
             let (client, events) = block_on(py, Client::connect(cfg))??;
             Ok(Self {
                 client,
@@ -395,8 +398,8 @@ engine_calls! {
         /// Connects both sockets; awaitable.
         #[staticmethod]
         #[pyo3(
-            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false),
-            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False)"
+            signature = (host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007, *, username, download_dir = PathBuf::from("."), timeout = 10.0, password = None, tls = false, tls_ca = None, tls_pin = None, known_hosts = None, allow_plaintext_login = false, progress = false),
+            text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, *, username, download_dir='.', timeout=10.0, password=None, tls=False, tls_ca=None, tls_pin=None, known_hosts=None, allow_plaintext_login=False, progress=False)"
         )]
         #[allow(clippy::too_many_arguments)] // Python keyword arguments
         fn connect(
@@ -413,10 +416,12 @@ engine_calls! {
             tls_pin: Option<String>,
             known_hosts: Option<PathBuf>,
             allow_plaintext_login: bool,
+            progress: bool,
         ) -> PyResult<Bound<'_, PyAny>> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
             let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
             cfg.allow_plaintext_login = allow_plaintext_login;
+            cfg.progress = progress;
             pyo3_async_runtimes::tokio::future_into_py(py, async move {
                 let (client, events) = Client::connect(cfg).await?;
                 Ok(PyAsyncClient {

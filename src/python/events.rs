@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::client::Event as EngineEvent;
+use crate::client::{Direction, Event as EngineEvent};
 use crate::protocol::ServerLine;
 
 /// The base class of every event: `line` is what the lab's client prints for it.
@@ -120,6 +120,10 @@ events! {
     FileReceived { sender: String, filename: String, path: PathBuf, size: u64 }
     /// An incoming file failed; no file was left under its final name.
     FileFailed { reason: String }
+    /// How far a transfer has got, for a client made with `progress=True` (`direction` is `"upload"` or `"download"`; `peer` the
+    /// upload's target or the file's sender; `rate` in bytes per second since it began):
+    /// at most 10 a second per transfer, the last one at `total`.
+    TransferProgress { direction: &'static str, peer: String, filename: String, done: u64, total: u64, rate: u64 }
     /// The chat connection closed; nothing follows.
     Disconnected {}
 }
@@ -169,6 +173,25 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 )
             }
             EngineEvent::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
+            EngineEvent::Progress {
+                direction,
+                peer,
+                filename,
+                done,
+                total,
+                rate,
+            } => {
+                let (verb, arrow) = match direction {
+                    Direction::Upload => ("upload", "->"),
+                    Direction::Download => ("download", "<-"),
+                };
+                let percent = (*done as f64 * 100.0 / (*total).max(1) as f64).min(100.0);
+                format!(
+                    "[PROGRESS] {verb} '{filename}' {arrow} {peer}: {done} of {total} bytes \
+                     ({percent:.0}%), {:.1} MB/s",
+                    *rate as f64 / 1e6
+                )
+            }
             EngineEvent::Disconnected => "Chat connection closed.".to_owned(),
         };
         let (server_line, queued_at) = match self.0 {
@@ -189,6 +212,28 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 return make(py, received, line);
             }
             EngineEvent::FileFailed { reason } => return make(py, FileFailed { reason }, line),
+            EngineEvent::Progress {
+                direction,
+                peer,
+                filename,
+                done,
+                total,
+                rate,
+            } => {
+                let direction = match direction {
+                    Direction::Upload => "upload",
+                    Direction::Download => "download",
+                };
+                let progress = TransferProgress {
+                    direction,
+                    peer,
+                    filename,
+                    done,
+                    total,
+                    rate,
+                };
+                return make(py, progress, line);
+            }
             EngineEvent::Disconnected => return make(py, Disconnected {}, line),
         };
         match server_line {
@@ -316,6 +361,7 @@ impl<'py> IntoPyObject<'py> for PyEvent {
             ServerLine::Hello
             | ServerLine::UploadOk { .. }
             | ServerLine::UploadFailed { .. }
+            | ServerLine::UploadReady { .. }
             | ServerLine::PasswordPrompt { .. }
             | ServerLine::QueuedAt { .. }
             | ServerLine::Session { .. } => make(py, ServerText { text: line.clone() }, line),

@@ -18,6 +18,7 @@ use tracing::warn;
 use super::super::Shared;
 use crate::flow::Refusal;
 use crate::net::{write_with_progress, ConnWrite};
+use crate::protocol::file_header::Trailer;
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::{ForwardHeader, ServerLine};
 use crate::store::FileRecord;
@@ -27,14 +28,33 @@ use crate::transfer::BODY_CHUNK;
 pub(crate) const MAX_QUEUED_FORWARDS: usize = 64;
 
 /// How far an upload has got, as its forwards see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Progress {
     /// This many bytes are on disk, more to come.
     Receiving(u64),
-    /// All bytes are on disk.
+    /// All bytes are on disk, not yet checked.
     Done(u64),
+    /// All bytes are on disk and the file is good: its BLAKE3 hash (checked against the
+    /// uploader's, when it sent one).
+    Verified(u64, blake3::Hash),
+    /// All bytes arrived but the file is not good (why): checked forwards end with a
+    /// `failed` trailer instead of the hash.
+    Rejected(u64, Arc<str>),
     /// The upload broke off; forwards must abort.
     Aborted,
+}
+
+impl Progress {
+    /// The bytes on disk so far, unless the upload broke off.
+    fn on_disk(&self) -> Option<u64> {
+        match self {
+            Progress::Receiving(n)
+            | Progress::Done(n)
+            | Progress::Verified(n, _)
+            | Progress::Rejected(n, _) => Some(*n),
+            Progress::Aborted => None,
+        }
+    }
 }
 
 /// A file connection's outgoing side, as the registry holds it: the queue of its
@@ -50,8 +70,10 @@ pub(crate) struct FileLink {
 pub(crate) struct ForwardJob {
     /// The chat notice sent to the recipient when the forward starts.
     pub(crate) notice: ServerLine,
-    /// The forward header (`sender|filename|size\n`).
+    /// The forward header (`sender|filename|size\n`, with `|b3` when `checked`).
     pub(crate) header: Bytes,
+    /// The recipient is our client: a BLAKE3 trailer follows the body.
+    pub(crate) checked: bool,
     /// The upload's spool file (one read handle shared by every forward of it).
     pub(crate) src: Arc<std::fs::File>,
     /// The upload's progress, which the forward follows.
@@ -71,15 +93,20 @@ impl ForwardJob {
     /// one asked for again with `get`).
     pub(crate) fn saved(
         shared: &Shared,
+        recipient: &str,
         file: &FileRecord,
         queued: bool,
     ) -> std::io::Result<ForwardJob> {
         let src = std::fs::File::open(shared.config.data_dir.join(&file.saved_as))?;
-        let (_done, progress) = watch::channel(Progress::Done(file.size));
+        let hash = blake3::Hash::from_hex(&file.blake3)
+            .map_err(|e| std::io::Error::other(format!("the index's hash is not valid: {e}")))?;
+        let (_done, progress) = watch::channel(Progress::Verified(file.size, hash));
+        let checked = speaks_extensions(shared, recipient);
         let header = ForwardHeader {
             sender: file.sender.clone(),
             filename: file.filename.clone(),
             size: file.size,
+            checked,
         };
         let notice = match file.target.strip_prefix(GROUP_PREFIX) {
             Some(group) => ServerLine::FileToGroup {
@@ -96,6 +123,7 @@ impl ForwardJob {
         Ok(ForwardJob {
             notice,
             header: Bytes::from(header.to_wire()),
+            checked,
             src: Arc::new(src),
             progress,
             size: file.size,
@@ -108,6 +136,15 @@ impl ForwardJob {
     fn aborted(&self) -> bool {
         *self.progress.borrow() == Progress::Aborted
     }
+}
+
+/// Whether `user`'s client speaks the extensions (it said hello): then its forwards are
+/// checked (a BLAKE3 trailer follows each body).
+pub(crate) fn speaks_extensions(shared: &Shared, user: &str) -> bool {
+    shared
+        .registry
+        .outbox(user)
+        .is_some_and(|outbox| outbox.extended())
 }
 
 /// Tells `user` on their chat connection, if they have one, that something failed.
@@ -225,7 +262,7 @@ pub(crate) fn forward_saved(
         .registry
         .file_link(recipient)
         .ok_or(Refusal::NoFileConnection)?;
-    let job = ForwardJob::saved(shared, file, queued).map_err(|e| {
+    let job = ForwardJob::saved(shared, recipient, file, queued).map_err(|e| {
         warn!("[FILE FORWARD ERROR] cannot open {}: {e}", file.saved_as);
         Refusal::NotDelivered {
             filename: file.filename.clone(),
@@ -248,11 +285,29 @@ async fn wait_for_bytes(
     sent: u64,
 ) -> Result<u64, String> {
     loop {
-        match *progress.borrow_and_update() {
-            Progress::Receiving(n) | Progress::Done(n) if n > sent => return Ok(n),
+        let now = progress.borrow_and_update().clone();
+        match now.on_disk() {
+            Some(n) if n > sent => return Ok(n),
+            None => return Err("the upload broke off".into()),
+            Some(_) if !matches!(now, Progress::Receiving(_)) => {
+                return Err("the spool file is shorter than announced".into())
+            }
+            Some(_) => {}
+        }
+        if progress.changed().await.is_err() {
+            return Err("the upload ended".into());
+        }
+    }
+}
+
+/// Waits for the upload's verdict on its bytes: the trailer a checked forward ends with.
+async fn wait_for_trailer(progress: &mut watch::Receiver<Progress>) -> Result<Trailer, String> {
+    loop {
+        match progress.borrow_and_update().clone() {
+            Progress::Verified(_, hash) => return Ok(Trailer::Hash(hash.to_hex().to_string())),
+            Progress::Rejected(_, why) => return Ok(Trailer::Failed(why.to_string())),
             Progress::Aborted => return Err("the upload broke off".into()),
-            Progress::Done(_) => return Err("the spool file is shorter than announced".into()),
-            Progress::Receiving(_) => {}
+            Progress::Receiving(_) | Progress::Done(_) => {}
         }
         if progress.changed().await.is_err() {
             return Err("the upload ended".into());
@@ -298,6 +353,12 @@ async fn stream(
             .await
             .map_err(sent_err)?;
         sent += n as u64;
+    }
+    if job.checked {
+        let trailer = wait_for_trailer(progress).await?;
+        write_with_progress(wr, trailer.to_wire().as_bytes(), stall, || ())
+            .await
+            .map_err(sent_err)?;
     }
     Ok(())
 }

@@ -35,9 +35,9 @@ pub(crate) use spool::remove_stale as remove_stale_spools;
 use super::{checked_name, read_first_line, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
-use crate::protocol::file_header::UploadHeader;
+use crate::protocol::file_header::{HeaderError, UploadHeader};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
-use forward::{fail_upload, forward_all, tell, MAX_QUEUED_FORWARDS};
+use forward::{fail_upload, forward_all, speaks_extensions, tell, MAX_QUEUED_FORWARDS};
 use upload::{skip_body, upload};
 
 /// How long a file handshake waits for the chat session of the same name to appear
@@ -73,7 +73,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
     loop {
         let step = match reader.next_line(&kill).await {
             Ok(line) if line.is_empty() => Ok(()),
-            Ok(line) => match UploadHeader::parse(&line) {
+            Ok(line) => match parse_header(&shared, &user, &line) {
                 // Boxed: an upload's state lives on the heap only while an upload runs,
                 // so an idle file connection stays small.
                 Ok(header) => Box::pin(upload(&shared, &user, header, &mut reader, &kill)).await,
@@ -99,6 +99,15 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
     shared.registry.remove_file(&user, id);
     kill.cancel();
     info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// Parses an upload header. Options are for our client, which said hello: from anyone
+/// else, a fifth field is a malformed header, as in the lab's protocol.
+fn parse_header(shared: &Shared, user: &str, line: &[u8]) -> Result<UploadHeader, HeaderError> {
+    if UploadHeader::has_options(line) && !speaks_extensions(shared, user) {
+        return Err(HeaderError::FieldCount(5));
+    }
+    UploadHeader::parse(line)
 }
 
 /// Opens a file connection: the handshake, the greeting (unless it was held for a login
@@ -225,6 +234,11 @@ async fn resync(
     line: &[u8],
     kill: &CancellationToken,
 ) -> Step {
+    // Our client sends a header with options only to a server that said hello, and then
+    // no body before the go-ahead: there is nothing to skip.
+    if UploadHeader::has_options(line) && speaks_extensions(shared, user) {
+        return Ok(());
+    }
     let dropped = match UploadHeader::declared_size(line) {
         Some(size) => skip_body(shared, reader, size, kill).await.map(|()| size)?,
         None => {

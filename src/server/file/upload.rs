@@ -13,11 +13,13 @@ use tracing::{info, warn};
 
 use super::super::limits::Reservation;
 use super::super::Shared;
-use super::forward::{fail_upload, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS};
+use super::forward::{
+    fail_upload, speaks_extensions, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS,
+};
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
-use crate::protocol::file_header::{ForwardHeader, Target, UploadHeader};
+use crate::protocol::file_header::{ForwardHeader, Target, Trailer, UploadHeader};
 use crate::protocol::names::{saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::ServerLine;
 use crate::store::FileRecord;
@@ -102,9 +104,12 @@ pub(super) async fn upload(
         );
     }
     let saved = saved_name(user, &header.filename);
+    // A checked upload (our client) sends its body only after the go-ahead: a refusal
+    // leaves nothing to skip.
+    let body = if header.checked { 0 } else { size };
     let reservation = match admit(shared, user, &header, &saved).await {
         Ok(reservation) => reservation,
-        Err(refusal) => return refuse(shared, user, refusal, size, reader, kill).await,
+        Err(refusal) => return refuse(shared, user, refusal, body, reader, kill).await,
     };
     let cannot_save = |error| Refusal::CannotSave {
         filename: header.filename.clone(),
@@ -112,11 +117,14 @@ pub(super) async fn upload(
     };
     let mut partial = match Partial::create(spool::path(shared), true).await {
         Ok(partial) => partial,
-        Err(e) => return refuse(shared, user, cannot_save(e), size, reader, kill).await,
+        Err(e) => return refuse(shared, user, cannot_save(e), body, reader, kill).await,
     };
     let (progress, watcher) = watch::channel(Progress::Receiving(0));
     let notices = queue_forwards(shared, user, &header, &partial, &watcher);
     drop(watcher);
+    if header.checked {
+        verdict(shared, user, ServerLine::UploadReady { offset: 0 });
+    }
 
     let stall = shared.config.limits.transfer_timeout;
     let report = |n| {
@@ -138,6 +146,30 @@ pub(super) async fn upload(
         }
     };
     let _ = progress.send(Progress::Done(size));
+    if header.checked {
+        if let Err(refusal) = check_trailer(shared, reader, kill, &header.filename, &hash).await {
+            // The spool is dropped with `partial`: the file never gets its name.
+            let _ = progress.send(Progress::Rejected(size, refusal.to_string().into()));
+            return match refusal {
+                Refusal::Trailer(end) => {
+                    warn!(
+                        "[FILE ERROR] upload of '{}' from {user}: {end}",
+                        header.filename
+                    );
+                    verdict(
+                        shared,
+                        user,
+                        ServerLine::UploadFailed {
+                            reason: end.to_string(),
+                        },
+                    );
+                    Err(Stop::Ended(end))
+                }
+                refusal => refuse(shared, user, refusal, 0, reader, kill).await,
+            };
+        }
+    }
+    let _ = progress.send(Progress::Verified(size, hash));
     let saved = match partial.finish_unique(&shared.config.data_dir, &saved).await {
         Ok(name) => name,
         Err(e) => return refuse(shared, user, cannot_save(e), 0, reader, kill).await,
@@ -185,8 +217,48 @@ pub(super) async fn upload(
     Ok(())
 }
 
+/// Reads a checked upload's trailer and compares it with the hash of what arrived. A
+/// mismatch, or the uploader's own `failed` line, refuses the file; a missing or garbled
+/// trailer ends the connection (it is out of step).
+async fn check_trailer(
+    shared: &Shared,
+    reader: &mut LineReader,
+    kill: &CancellationToken,
+    filename: &str,
+    hash: &blake3::Hash,
+) -> Result<(), Refusal> {
+    let stall = shared.config.limits.transfer_timeout;
+    let line = match tokio::time::timeout(stall, reader.next_line(kill)).await {
+        Ok(Ok(line)) => line,
+        Ok(Err(end)) => return Err(Refusal::Trailer(end)),
+        Err(_) => return Err(Refusal::Trailer(Ended::Stalled(stall))),
+    };
+    let got = hash.to_hex();
+    match Trailer::parse(&line) {
+        Some(Trailer::Hash(sent)) if sent == got.as_str() => Ok(()),
+        Some(Trailer::Hash(sent)) => Err(Refusal::Corrupted {
+            filename: filename.to_owned(),
+            sent,
+            got: got.to_string(),
+        }),
+        Some(Trailer::Failed(why)) => Err(Refusal::SenderGaveUp {
+            filename: filename.to_owned(),
+            why,
+        }),
+        None => Err(Refusal::Trailer(Ended::Io(std::io::Error::other(
+            "the upload's BLAKE3 trailer is missing or garbled",
+        )))),
+    }
+}
+
+/// How long a refused body may take to pass before the file connection is closed instead
+/// (a refused upload must not turn the connection into a silent sink).
+const REFUSED_BODY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The one refusal path of an upload: log it, tell the uploader, and read past the
-/// `unread` body bytes so the connection stays in step.
+/// `unread` body bytes so the connection stays in step, if they come within a second;
+/// otherwise the file connection is closed (our client, which sends no body before the
+/// go-ahead, never gets there; it re-opens a closed connection).
 async fn refuse(
     shared: &Shared,
     user: &str,
@@ -197,7 +269,13 @@ async fn refuse(
 ) -> Step {
     warn!("[FILE ERROR] {user}: {refusal}");
     fail_upload(shared, user, refusal);
-    skip_body(shared, reader, unread, kill).await
+    match tokio::time::timeout(REFUSED_BODY_WINDOW, skip_body(shared, reader, unread, kill)).await {
+        Ok(skipped) => skipped,
+        Err(_) => {
+            warn!("[FILE ERROR] {user}: the refused body did not end within {REFUSED_BODY_WINDOW:?}; closing the file connection");
+            Err(Stop::Ended(Ended::Stalled(REFUSED_BODY_WINDOW)))
+        }
+    }
 }
 
 /// Reads and drops `n` body bytes of a refused upload; `Err` if the connection ended (or
@@ -311,22 +389,29 @@ fn queue_forwards(
             return notices;
         }
     };
-    let wire = ForwardHeader {
-        sender: user.into(),
-        filename: header.filename.clone(),
-        size: header.size,
-    }
-    .to_wire();
-    let wire = Bytes::from(wire);
+    // Our clients get a checked forward (a BLAKE3 trailer after the body); others, the
+    // lab's header.
+    let wire = |checked| {
+        let header = ForwardHeader {
+            sender: user.into(),
+            filename: header.filename.clone(),
+            size: header.size,
+            checked,
+        };
+        Bytes::from(header.to_wire())
+    };
+    let (plain, checked) = (wire(false), wire(true));
     for Forward {
         recipient,
         link,
         notice,
     } in forwards
     {
+        let ours = speaks_extensions(shared, &recipient);
         let job = ForwardJob {
             notice,
-            header: wire.clone(),
+            header: if ours { checked.clone() } else { plain.clone() },
+            checked: ours,
             src: src.clone(),
             progress: watcher.clone(),
             size: header.size,

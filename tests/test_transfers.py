@@ -1,0 +1,172 @@
+"""Transfers between our client and our server: end-to-end BLAKE3 integrity (a bit flipped
+on the way up or down is caught and the file never gets its name), refused uploads that
+cost no body bytes, a lab client's refused body that is skipped within a second or closes
+the connection, and progress events (docs/PROTOCOL.md §9).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from relaychat import (
+    Ack,
+    Client,
+    FileFailed,
+    FileReceived,
+    RefusedError,
+    ServerError,
+    TransferProgress,
+    Welcome,
+)
+
+from tests.conftest import HOST, TIMEOUT, Net, next_of, random_file, saved
+from tests.proxy import Proxy
+
+#: Far enough into the file connection's stream to be inside a body of 1 MB.
+INSIDE_THE_BODY = 100_000
+
+
+def via(net: Net, proxy: Proxy, name: str) -> Client:
+    """Our client with its file connection through `proxy` (the chat goes direct)."""
+    client = Client(
+        HOST,
+        net.server.chat_port,
+        proxy.port,
+        username=name,
+        download_dir=net.downloads(name),
+        timeout=TIMEOUT,
+    )
+    net.adopt_client(client)
+    assert next_of(client, Welcome).user == name
+    return client
+
+
+def events_until(client: Client, kind: type, timeout: float = 30.0) -> list:
+    """The client's events up to and including the first `kind`."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = client.next_event(timeout=max(0.0, deadline - time.monotonic()))
+        assert event is not None, f"{client.username}: no {kind.__name__} in {seen!r}"
+        seen.append(event)
+        if isinstance(event, kind):
+            return seen
+
+
+def without_progress(events: list) -> list:
+    return [e for e in events if not isinstance(e, TransferProgress)]
+
+
+def test_a_bit_flipped_on_the_way_up_is_caught_and_never_saved(net, tmp_path, data_dir):
+    proxy = Proxy(net.server.file_port, flip_up=INSIDE_THE_BODY)
+    try:
+        alice = via(net, proxy, "alice")
+        bob = net.client("bob")
+        body = random_file(tmp_path / "data.bin", 1_000_000)
+        with pytest.raises(RefusedError, match=r"'data.bin' arrived corrupted \(BLAKE3 "):
+            alice.send_file("bob", body)
+        # Bob was receiving it (cut-through): his client is told, and keeps nothing.
+        events = without_progress(events_until(bob, FileFailed))
+        assert isinstance(events[-1], FileFailed), events
+        assert "arrived corrupted" in events[-1].reason
+        assert saved(net.downloads("bob")) == []
+        assert not any(p.name.startswith("received_from_alice") for p in data_dir.iterdir())
+        # The file connection is in step: the next file goes through whole.
+        again = random_file(tmp_path / "again.bin", 200_000)
+        alice.send_file("bob", again)
+        received = next(e for e in events_until(bob, FileReceived) if isinstance(e, FileReceived))
+        assert Path(received.path).read_bytes() == again.read_bytes()
+    finally:
+        proxy.close()
+
+
+def test_a_bit_flipped_on_the_way_down_is_caught_and_never_renamed(net, tmp_path):
+    proxy = Proxy(net.server.file_port, flip_down=INSIDE_THE_BODY)
+    try:
+        bob = via(net, proxy, "bob")
+        alice = net.client("alice")
+        body = random_file(tmp_path / "data.bin", 1_000_000)
+        alice.send_file("bob", body)  # the server has it whole and good
+        failed = without_progress(events_until(bob, FileFailed))[-1]
+        assert "'data.bin' from alice arrived corrupted" in failed.reason
+        assert saved(net.downloads("bob")) == []
+        # The uploader hears of it instead of waiting for an [ACK].
+        error = next(e for e in events_until(alice, ServerError) if isinstance(e, ServerError))
+        assert error.reason == "'data.bin' could not be saved by bob: it arrived corrupted"
+    finally:
+        proxy.close()
+
+
+def test_a_refused_upload_costs_no_body_bytes_and_the_connection_stays_usable(limited, tmp_path):
+    net = limited(max_file_size=1000)
+    proxy = Proxy(net.server.file_port)
+    try:
+        alice = via(net, proxy, "alice")
+        big = random_file(tmp_path / "big.bin", 5_000_000)
+        with pytest.raises(RefusedError, match=r"file too large: 5000000 bytes \(limit 1000\)"):
+            alice.send_file("alice", big)
+        # The header went up, not the body.
+        assert proxy.bytes["up"] < 1000, proxy.bytes
+        small = random_file(tmp_path / "small.bin", 500)
+        assert alice.send_file("alice", small) == 500
+    finally:
+        proxy.close()
+
+
+def test_a_lab_clients_refused_body_that_keeps_coming_closes_its_file_connection(limited):
+    net = limited(max_file_size=1000)
+    chat = net.chat("lab", lab=True)
+    files = net.file("lab", lab=True)
+    files.send("lab|lab|big.bin|10000000\n")
+    chat.expect("ERROR: file too large: 10000000 bytes (limit 1000)")
+    # The body trickles in: the server does not sink it for long.
+    started = time.monotonic()
+    closed = False
+    while time.monotonic() - started < 5:
+        try:
+            files.send(b"x" * 1000)
+        except OSError:
+            closed = True
+            break
+        try:
+            files.sock.settimeout(0.05)
+            if files.sock.recv(1) == b"":
+                closed = True
+                break
+        except TimeoutError:
+            pass
+        except OSError:
+            closed = True
+            break
+    assert closed, "the file connection kept swallowing a refused body"
+    assert time.monotonic() - started < 3
+    # The chat session goes on.
+    chat.send("list")
+    chat.expect("Connected users: ")
+
+
+def test_progress_is_reported_both_ways_monotonic_and_ends_at_the_total(net, tmp_path):
+    alice, bob = net.client("alice", progress=True), net.client("bob", progress=True)
+    body = random_file(tmp_path / "big.bin", 20_000_000)
+    started = time.monotonic()
+    alice.send_file("bob", body)
+    downs = [e for e in events_until(bob, FileReceived) if isinstance(e, TransferProgress)]
+    ups = [e for e in events_until(alice, Ack) if isinstance(e, TransferProgress)]
+    elapsed = time.monotonic() - started
+    for series, direction, peer in ((ups, "upload", "bob"), (downs, "download", "alice")):
+        assert series, direction
+        assert {(e.direction, e.peer, e.filename, e.total) for e in series} == {
+            (direction, peer, "big.bin", 20_000_000)
+        }
+        dones = [e.done for e in series]
+        assert dones == sorted(dones)
+        assert dones[-1] == 20_000_000
+        # At most 10 a second (and the first and the last).
+        assert len(series) <= elapsed * 10 + 2, (len(series), elapsed)
+        assert all(e.rate > 0 for e in series[1:])
+    # Without `progress=True` there are none: the events are the lab's.
+    carol = net.client("carol")
+    alice.send_file("carol", body)
+    assert not [e for e in events_until(carol, FileReceived) if isinstance(e, TransferProgress)]
