@@ -561,6 +561,7 @@ class TransferProgress(Event):
     total: int
     rate: int
 
+@final
 class Registered(Event):
     """`Registered <user>.`, for a `register` sent with `send_command`."""
 
