@@ -30,6 +30,8 @@ pub(crate) struct Partial {
     /// Whether others read the file while it grows (the server's spool, which forwards
     /// follow): then every chunk is flushed before its progress is reported.
     followed: bool,
+    /// Bytes written so far.
+    written: u64,
 }
 
 impl Partial {
@@ -40,7 +42,27 @@ impl Partial {
             path,
             file: Some(file),
             followed,
+            written: 0,
         })
+    }
+
+    /// Bytes written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Empties the file, to be written again from its first byte.
+    pub(crate) async fn restart(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncSeekExt;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("file already finished"))?;
+        file.flush().await?;
+        file.set_len(0).await?;
+        file.seek(std::io::SeekFrom::Start(0)).await?;
+        self.written = 0;
+        Ok(())
     }
 
     /// The temporary name (readers may follow the file as it grows).
@@ -54,6 +76,7 @@ impl Partial {
             .as_mut()
             .ok_or_else(|| std::io::Error::other("file already finished"))?;
         file.write_all(bytes).await?;
+        self.written += bytes.len() as u64;
         // tokio's file writes go through a blocking thread; flushing makes each chunk
         // visible to readers following the file before its progress is published. Nobody
         // follows a download, so its writes overlap the next read instead.
@@ -135,10 +158,40 @@ pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
     size: u64,
     cancel: &CancellationToken,
     stall: Duration,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<blake3::Hash, BodyError> {
     let mut hasher = blake3::Hasher::new();
-    let mut got = 0u64;
+    let body = Body {
+        from: 0,
+        size,
+        stall,
+    };
+    receive_rest(reader, out, &mut hasher, body, cancel, progress).await?;
+    Ok(hasher.finalize())
+}
+
+/// Which bytes of a body to receive: from byte `from` (the ones before are in the file
+/// already) up to `size`, giving up after `stall` without a byte.
+pub(crate) struct Body {
+    pub(crate) from: u64,
+    pub(crate) size: u64,
+    pub(crate) stall: Duration,
+}
+
+/// Streams the rest of a body into `out`, hashing it into `hasher` (which holds the hash
+/// state of the bytes before `from`); `progress` gets the running total from the body's
+/// first byte. On a broken connection, `out` and `hasher` hold exactly the bytes that
+/// arrived, so the body can be resumed.
+pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
+    reader: &mut LineReader<R>,
+    out: &mut Partial,
+    hasher: &mut blake3::Hasher,
+    body: Body,
+    cancel: &CancellationToken,
+    mut progress: impl FnMut(u64),
+) -> Result<(), BodyError> {
+    let Body { from, size, stall } = body;
+    let mut got = from;
     while got < size {
         let want = usize::try_from(size - got)
             .unwrap_or(usize::MAX)
@@ -160,7 +213,7 @@ pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
         hasher.update(&chunk);
         progress(got);
     }
-    Ok(hasher.finalize())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 """A TCP proxy for transfer tests: it sits between a client and one server port, counts the
-bytes each way, and can flip one bit or cut the connection at chosen byte offsets.
+bytes each way, and can flip one bit or cut the connection at chosen byte offsets (the
+cut closes both sides, as a broken network would).
 
 Offsets count the bytes of one direction of one connection from its first byte ("up":
 client to server, "down": server to client). Each rule fires once, on the first
@@ -22,9 +23,12 @@ class Proxy:
         *,
         flip_up: int | None = None,
         flip_down: int | None = None,
+        cut_up: int | None = None,
+        cut_down: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.rules = {"up": flip_up, "down": flip_down}
+        self.cuts = {"up": cut_up, "down": cut_down}
         self.lock = threading.Lock()
         #: Bytes forwarded each way, over every connection.
         self.bytes = {"up": 0, "down": 0}
@@ -54,6 +58,7 @@ class Proxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, way: str) -> None:
         seen = 0
+        cut = False
         try:
             while True:
                 chunk = src.recv(65536)
@@ -66,9 +71,20 @@ class Proxy:
                         flipped[at - seen] ^= 0x01
                         chunk = bytes(flipped)
                         self.rules[way] = None  # once
+                    stop = self.cuts[way]
+                    if stop is not None and seen + len(chunk) >= stop:
+                        chunk = chunk[: stop - seen]
+                        self.cuts[way] = None  # once
+                        cut = True
                     self.bytes[way] += len(chunk)
                 seen += len(chunk)
                 dst.sendall(chunk)
+                if cut:
+                    # Both ends lose the connection at this byte, as if the network broke.
+                    for s in (src, dst):
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RDWR)
+                    return
         except OSError:
             pass
         finally:

@@ -21,7 +21,7 @@ from relaychat import (
     Welcome,
 )
 
-from tests.conftest import HOST, TIMEOUT, Net, next_of, random_file, saved
+from tests.conftest import HOST, TIMEOUT, Net, next_of, random_file, saved, wait_gone
 from tests.proxy import Proxy
 
 #: Far enough into the file connection's stream to be inside a body of 1 MB.
@@ -170,3 +170,64 @@ def test_progress_is_reported_both_ways_monotonic_and_ends_at_the_total(net, tmp
     carol = net.client("carol")
     alice.send_file("carol", body)
     assert not [e for e in events_until(carol, FileReceived) if isinstance(e, TransferProgress)]
+
+
+@pytest.mark.parametrize("cut_at", [300_000, 2_500_000])
+def test_a_broken_upload_resumes_and_sends_only_the_rest(net, tmp_path, data_dir, cut_at):
+    proxy = Proxy(net.server.file_port, cut_up=cut_at)
+    try:
+        alice = via(net, proxy, "alice")
+        bob = net.client("bob")
+        body = random_file(tmp_path / "data.bin", 4_000_000)
+        # The file connection breaks mid-body; the client re-opens it and sends the same
+        # upload again, and the server takes it from the byte it has.
+        assert alice.send_file("bob", body) == 4_000_000
+        size = body.stat().st_size
+        # Everything crossed the proxy about once: the rest was not sent again.
+        assert proxy.bytes["up"] < size + 100_000, proxy.bytes
+        assert (data_dir / "received_from_alice_data.bin").read_bytes() == body.read_bytes()
+        received = next(e for e in events_until(bob, FileReceived) if isinstance(e, FileReceived))
+        assert Path(received.path).read_bytes() == body.read_bytes()
+    finally:
+        proxy.close()
+
+
+def broken_upload(net: Net, name: str, body: bytes, sent: int) -> None:
+    """Our client's protocol by hand: a checked upload of `body` that breaks off after
+    `sent` bytes; then `name` logs out."""
+    chat = net.chat(name)
+    chat.send("relaychat/1\n")
+    chat.expect("[HELLO] relaychat/1")
+    files = net.file(name)
+    files.send(f"{name}|{name}|data.bin|{len(body)}|b3\n")
+    chat.expect("[UPLOAD READY] 0")
+    files.send(body[:sent])
+    files.close()
+    line = chat.line()
+    assert line.startswith("[UPLOAD FAILED] the upload of 'data.bin' broke off"), line
+    chat.close()
+    wait_gone(net, name)
+
+
+def test_an_upload_resumes_only_where_the_kept_bytes_are_the_files(net, tmp_path, data_dir):
+    original = random_file(tmp_path / "data.bin", 2_000_000).read_bytes()
+    proxy = Proxy(net.server.file_port)
+    try:
+        # Resumed: the kept 700,000 bytes are the file's, only the rest goes.
+        broken_upload(net, "alice", original, 700_000)
+        alice = via(net, proxy, "alice")
+        assert alice.send_file("alice", tmp_path / "data.bin") == 2_000_000
+        assert proxy.bytes["up"] < 2_000_000 - 600_000, proxy.bytes
+        assert (data_dir / "received_from_alice_data.bin").read_bytes() == original
+        alice.close()
+        wait_gone(net, "alice")
+
+        # Started over: the file changed while its upload was broken (same name and size).
+        broken_upload(net, "carol", original, 700_000)
+        changed = bytes([original[0] ^ 0xFF]) + original[1:]
+        (tmp_path / "data.bin").write_bytes(changed)
+        carol = net.client("carol")
+        assert carol.send_file("carol", tmp_path / "data.bin") == 2_000_000
+        assert (data_dir / "received_from_carol_data.bin").read_bytes() == changed
+    finally:
+        proxy.close()

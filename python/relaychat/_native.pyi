@@ -137,6 +137,7 @@ class Server:
         history_days: int | None = None,
         login_attempts: int | None = None,
         login_lockout: float | None = None,
+        partial_ttl: float | None = None,
     ) -> Self:
         """Configure a server. Every keyword after `data_dir` is a limit of `SETTINGS`
         (sizes and counts as ints, times in seconds); `None` or leaving it out keeps its

@@ -41,6 +41,9 @@ const FILES_REPORT_GRACE: Duration = Duration::from_secs(2);
 const MAX_SERVER_LINE: usize = 1024 * 1024;
 /// Events buffered for the application before the engine stops reading the sockets.
 const EVENT_QUEUE: usize = 65_536;
+/// How often a checked upload is sent again after its file connection broke (waiting
+/// 0.4 s, 0.8 s, ... between tries).
+const UPLOAD_RETRIES: u32 = 5;
 /// How often, and how patiently, a lost file connection is re-opened.
 const FILE_RECONNECT_TRIES: u32 = 10;
 
@@ -241,7 +244,7 @@ struct Waiters {
     uploads: VecDeque<oneshot::Sender<Verdict>>,
     /// The checked upload waiting for the server's go-ahead (one at a time: the file
     /// connection carries one upload at a time).
-    ready: Option<oneshot::Sender<u64>>,
+    ready: Option<oneshot::Sender<(u64, Option<String>)>>,
     /// `register`, `passwd` and `history` calls, in the order sent.
     requests: VecDeque<Request>,
     /// The time of a `[QUEUED <time>]` line, for the message that follows it.
@@ -759,10 +762,13 @@ impl Client {
             .and_then(|n| n.to_str())
             .ok_or_else(|| Error::InvalidArgument("the file name is not valid UTF-8".into()))?;
         check_filename(filename).map_err(invalid)?;
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(io("opening file"))?;
-        let size = file
+        let open = || async {
+            tokio::fs::File::open(path)
+                .await
+                .map_err(io("opening file"))
+        };
+        let size = open()
+            .await?
             .metadata()
             .await
             .map_err(io("reading file size"))?
@@ -774,7 +780,25 @@ impl Client {
             size,
             checked: self.extended(),
         };
-        let verdict = self.upload(&header, file).await?;
+        // A checked upload whose file connection breaks is sent again once the connection
+        // is back: the server kept what arrived, so it continues from there.
+        let mut retries = 0;
+        let verdict = loop {
+            match self.upload(&header, open().await?).await {
+                Ok(verdict) => break verdict,
+                Err(Error::Io { .. } | Error::Closed)
+                    if header.checked && retries < UPLOAD_RETRIES && !self.is_closed() =>
+                {
+                    retries += 1;
+                    let pause = Duration::from_millis(200) * 2u32.pow(retries);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.inner.closed.cancelled() => return Err(Error::Closed),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         match verdict {
             None => Ok(size),
             Some(rx) => {
@@ -856,14 +880,48 @@ impl Client {
                     }
                     _ = self.inner.closed.cancelled() => Err(Error::Closed),
                 };
-                match go? {
-                    0 => Some(verdict),
-                    offset => {
-                        return Err(Error::Protocol(format!(
-                            "the server asked for the body from byte {offset}"
-                        )))
+                let (offset, prefix) = go?;
+                Some((verdict, offset, prefix))
+            }
+        };
+        let mut file = file;
+        let mut hasher = blake3::Hasher::new();
+        let mut start = 0;
+        let verdict = match verdict {
+            None => None,
+            Some((verdict, 0, _)) => Some(verdict),
+            Some((verdict, offset, prefix)) => {
+                // The server kept the first `offset` bytes of this upload: if they are our
+                // file's, only the rest goes.
+                let kept = async {
+                    let mut head = (&mut file).take(offset);
+                    let mut buf = vec![0u8; BODY_CHUNK];
+                    let mut read = 0u64;
+                    loop {
+                        let n = head.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        hasher.update(&buf[..n]);
+                        read += n as u64;
                     }
+                    std::io::Result::Ok(read == offset)
+                };
+                let whole = kept.await.map_err(io("reading file"))?;
+                let same = whole && prefix.as_deref() == Some(hasher.finalize().to_hex().as_str());
+                if same {
+                    start = offset;
+                } else {
+                    use tokio::io::AsyncSeekExt;
+                    file.seek(std::io::SeekFrom::Start(0))
+                        .await
+                        .map_err(io("reading file"))?;
+                    hasher = blake3::Hasher::new();
                 }
+                send_all(wr, format!("from {start}\n").as_bytes())
+                    .await
+                    .map_err(|e| Error::io("sending file", e))?;
+                Some(verdict)
             }
         };
         let peer = header.target.to_string();
@@ -875,9 +933,8 @@ impl Client {
             let mut meter = events
                 .as_ref()
                 .map(|tx| Meter::new(Direction::Upload, &peer, &header.filename, size, tx));
-            let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size));
-            let mut hasher = blake3::Hasher::new();
-            let mut sent = 0u64;
+            let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size - start));
+            let mut sent = start;
             loop {
                 let chunk = body.fill_buf().await?;
                 if chunk.is_empty() {
@@ -899,19 +956,20 @@ impl Client {
                 wr.write_all(trailer.to_wire().as_bytes()).await?;
             }
             wr.flush().await?;
-            std::io::Result::Ok(sent)
+            std::io::Result::Ok(sent - start)
         };
         let sent = tokio::select! {
             sent = body => sent.map_err(|e| Error::io("sending file", e)),
             _ = self.inner.closed.cancelled() => Err(Error::Closed),
         };
         match sent {
-            Ok(n) if n == size => {
+            Ok(n) if n == size - start => {
                 guard.disarm();
                 Ok(verdict)
             }
             Ok(n) => Err(Error::Protocol(format!(
-                "the file shrank while sending: {n} of {size} bytes"
+                "the file shrank while sending: {} of {size} bytes",
+                start + n
             ))),
             Err(e) => Err(e),
         }
@@ -1074,9 +1132,9 @@ impl Waiters {
                 }
                 None
             }
-            ServerLine::UploadReady { offset } => {
+            ServerLine::UploadReady { offset, prefix } => {
                 if let Some(tx) = self.ready.take() {
-                    let _ = tx.send(offset);
+                    let _ = tx.send((offset, prefix));
                 }
                 None
             }

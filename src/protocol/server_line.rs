@@ -138,10 +138,14 @@ pub enum ServerLine {
         reason: String,
     },
     /// `[UPLOAD READY] <offset>` (extension): the server takes the client's checked upload
-    /// (option `b3`) and wants its body from byte `offset` on.
+    /// (option `b3`) and wants its body from byte `offset` on; past 0 (it kept that much
+    /// of a broken upload), followed by the BLAKE3 hash of those bytes, which the client
+    /// checks against its file before it answers `from <offset>` (or `from 0`).
     UploadReady {
         /// The first byte the server wants.
         offset: u64,
+        /// The hash of the bytes before `offset` (none when it is 0).
+        prefix: Option<String>,
     },
     /// `Password for <u>:`: the name is registered; the next line is its password.
     PasswordPrompt {
@@ -286,7 +290,10 @@ impl Display for ServerLine {
             ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
             ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
             ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
-            ServerLine::UploadReady { offset } => write!(f, "[UPLOAD READY] {offset}"),
+            ServerLine::UploadReady { offset, prefix } => match prefix {
+                Some(prefix) => write!(f, "[UPLOAD READY] {offset} {prefix}"),
+                None => write!(f, "[UPLOAD READY] {offset}"),
+            },
             ServerLine::PasswordPrompt { user } => write!(f, "Password for {user}:"),
             ServerLine::Registered { user } => write!(f, "Registered {user}."),
             ServerLine::PasswordChanged => f.write_str("Password changed."),
@@ -485,9 +492,14 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     if let Some(reason) = line.strip_prefix("[UPLOAD FAILED] ") {
         return Some(ServerLine::UploadFailed { reason: s(reason) });
     }
-    if let Some(offset) = line.strip_prefix("[UPLOAD READY] ") {
+    if let Some(rest) = line.strip_prefix("[UPLOAD READY] ") {
+        let (offset, prefix) = match rest.split_once(' ') {
+            Some((offset, prefix)) => (offset, Some(s(prefix))),
+            None => (rest, None),
+        };
         return Some(ServerLine::UploadReady {
             offset: offset.parse().ok()?,
+            prefix,
         });
     }
     if let Some(user) = between(line, "Password for ", ":") {
@@ -685,7 +697,20 @@ mod tests {
                 },
                 "[UPLOAD FAILED] file too large: 9 bytes (limit 5)",
             ),
-            (ServerLine::UploadReady { offset: 0 }, "[UPLOAD READY] 0"),
+            (
+                ServerLine::UploadReady {
+                    offset: 0,
+                    prefix: None,
+                },
+                "[UPLOAD READY] 0",
+            ),
+            (
+                ServerLine::UploadReady {
+                    offset: 5,
+                    prefix: Some(s("ab12")),
+                },
+                "[UPLOAD READY] 5 ab12",
+            ),
             (
                 ServerLine::PasswordPrompt { user: s("alice") },
                 "Password for alice:",

@@ -136,6 +136,8 @@ pub(crate) struct Shared {
     pub(crate) disk: Arc<limits::DiskLedger>,
     /// Password hashing and the brakes on guessing.
     pub(crate) accounts: accounts::Accounts,
+    /// Broken uploads kept for resuming.
+    pub(crate) partials: file::Partials,
     /// The certificate, when the server speaks TLS.
     pub(crate) tls: Option<Arc<ServerTls>>,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
@@ -162,6 +164,7 @@ impl Shared {
             ),
             accounts: accounts::Accounts::new(limits.login_attempts, limits.login_lockout),
             spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
+            partials: file::Partials::default(),
             tls,
             store,
             config,
@@ -305,9 +308,7 @@ impl Server {
         shared
             .tasks
             .spawn(accept_loop(shared.clone(), file, Port::File));
-        if shared.config.policy.history {
-            shared.tasks.spawn(prune_history(shared.clone()));
-        }
+        shared.tasks.spawn(housekeeping(shared.clone()));
         tokio::select! {
             _ = shutdown => {}
             _ = shared.shutdown.cancelled() => {}
@@ -419,24 +420,31 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
     }
 }
 
-/// How often history older than `history_days` is deleted.
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the server tidies up: history older than `history_days`, and broken
+/// uploads kept longer than `partial_ttl`.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
 
-/// Deletes history older than `history_days`, at start and then every hour.
-async fn prune_history(shared: Arc<Shared>) {
-    let keep = Duration::from_secs(shared.config.limits.history_days.saturating_mul(86_400));
+/// Deletes history older than `history_days` (when the server keeps history) and drops
+/// broken uploads older than `partial_ttl` (their spools and quota), at start and then
+/// every hour.
+async fn housekeeping(shared: Arc<Shared>) {
+    let limits = &shared.config.limits;
+    let keep = Duration::from_secs(limits.history_days.saturating_mul(86_400));
     loop {
-        let before = std::time::SystemTime::now()
-            .checked_sub(keep)
-            .unwrap_or(std::time::UNIX_EPOCH);
-        match shared.store.prune_history(before).await {
-            Ok(0) => {}
-            Ok(n) => info!("[STORE] {n} messages older than {keep:?} left the history"),
-            Err(e) => warn!("[STORE] cannot prune the history: {e}"),
+        shared.partials.sweep(limits.partial_ttl);
+        if shared.config.policy.history {
+            let before = std::time::SystemTime::now()
+                .checked_sub(keep)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            match shared.store.prune_history(before).await {
+                Ok(0) => {}
+                Ok(n) => info!("[STORE] {n} messages older than {keep:?} left the history"),
+                Err(e) => warn!("[STORE] cannot prune the history: {e}"),
+            }
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
         }
     }
 }

@@ -230,6 +230,9 @@ settings! {
     /// How long a lockout lasts, and how long failures are remembered.
     login_lockout: Duration = Duration::from_secs(300), min Duration::ZERO,
         "how long a name or address is locked out after too many wrong passwords";
+    /// How long the part of a broken upload from our client is kept for it to resume.
+    partial_ttl: Duration = Duration::from_secs(86_400), min Duration::ZERO,
+        "how long a broken upload's part is kept (counted against the quota) for it to resume";
 }
 
 impl Number {

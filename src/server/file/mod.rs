@@ -16,6 +16,7 @@
 //! its final name.
 
 mod forward;
+mod partial;
 mod spool;
 mod upload;
 
@@ -38,6 +39,7 @@ use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::file_header::{HeaderError, UploadHeader};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 use forward::{fail_upload, forward_all, speaks_extensions, tell, MAX_QUEUED_FORWARDS};
+pub(crate) use partial::Partials;
 use upload::{skip_body, upload};
 
 /// How long a file handshake waits for the chat session of the same name to appear

@@ -16,6 +16,7 @@ use super::super::Shared;
 use super::forward::{
     fail_upload, speaks_extensions, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS,
 };
+use super::partial::{Kept, Key};
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
@@ -23,7 +24,7 @@ use crate::protocol::file_header::{ForwardHeader, Target, Trailer, UploadHeader}
 use crate::protocol::names::{saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::ServerLine;
 use crate::store::FileRecord;
-use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
+use crate::transfer::{receive_rest, Body, BodyError, Partial, BODY_CHUNK};
 
 /// What the uploader is told once the file is saved, besides its forwards (made into
 /// lines only then, since they name the server's copy).
@@ -107,31 +108,91 @@ pub(super) async fn upload(
     // A checked upload (our client) sends its body only after the go-ahead: a refusal
     // leaves nothing to skip.
     let body = if header.checked { 0 } else { size };
-    let reservation = match admit(shared, user, &header, &saved).await {
-        Ok(reservation) => reservation,
-        Err(refusal) => return refuse(shared, user, refusal, body, reader, kill).await,
-    };
     let cannot_save = |error| Refusal::CannotSave {
         filename: header.filename.clone(),
         error,
     };
-    let mut partial = match Partial::create(spool::path(shared), true).await {
-        Ok(partial) => partial,
-        Err(e) => return refuse(shared, user, cannot_save(e), body, reader, kill).await,
+    // The same checked upload broken off earlier continues where it stopped.
+    let key = Key::of(user, &header);
+    let ttl = shared.config.limits.partial_ttl;
+    let kept = match header.checked {
+        true => shared.partials.take(&key, ttl),
+        false => None,
     };
-    let (progress, watcher) = watch::channel(Progress::Receiving(0));
+    let (id, reservation, mut partial, mut hasher) = match kept {
+        Some(kept) => (kept.id, kept.reservation, kept.partial, kept.hasher),
+        None => {
+            let reservation = match admit(shared, user, &header, &saved).await {
+                Ok(reservation) => reservation,
+                Err(refusal) => return refuse(shared, user, refusal, body, reader, kill).await,
+            };
+            let partial = match Partial::create(spool::path(shared), true).await {
+                Ok(partial) => partial,
+                Err(e) => return refuse(shared, user, cannot_save(e), body, reader, kill).await,
+            };
+            (
+                shared.next_id(),
+                reservation,
+                partial,
+                blake3::Hasher::new(),
+            )
+        }
+    };
+    if header.checked {
+        let have = partial.written();
+        let prefix = (have > 0).then(|| hasher.clone().finalize().to_hex().to_string());
+        verdict(
+            shared,
+            user,
+            ServerLine::UploadReady {
+                offset: have,
+                prefix,
+            },
+        );
+        if have > 0 {
+            // The client checks the kept bytes against its file and says where it starts.
+            match read_from(shared, reader, kill).await {
+                Ok(from) if from == have => {
+                    info!(
+                        "[FILE] '{}' from {user} resumes at byte {have}",
+                        header.filename
+                    );
+                }
+                Ok(0) => {
+                    info!(
+                        "[FILE] '{}' from {user} starts over: its kept bytes differ",
+                        header.filename
+                    );
+                    hasher = blake3::Hasher::new();
+                    if let Err(e) = partial.restart().await {
+                        return refuse(shared, user, cannot_save(e), size, reader, kill).await;
+                    }
+                }
+                Ok(other) => {
+                    let why = format!("asked to resume at byte {other}, not {have} or 0");
+                    return Err(Stop::Ended(Ended::Io(std::io::Error::other(why))));
+                }
+                Err(end) => {
+                    shared
+                        .partials
+                        .keep(key, Kept::new(id, partial, hasher, reservation), ttl);
+                    return Err(Stop::Ended(end));
+                }
+            }
+        }
+    }
+    let from = partial.written();
+    let (progress, watcher) = watch::channel(Progress::Receiving(from));
     let notices = queue_forwards(shared, user, &header, &partial, &watcher);
     drop(watcher);
-    if header.checked {
-        verdict(shared, user, ServerLine::UploadReady { offset: 0 });
-    }
 
     let stall = shared.config.limits.transfer_timeout;
     let report = |n| {
         let _ = progress.send(Progress::Receiving(n));
     };
-    let hash = match receive_body(reader, &mut partial, size, kill, stall, report).await {
-        Ok(hash) => hash,
+    let rest = Body { from, size, stall };
+    match receive_rest(reader, &mut partial, &mut hasher, rest, kill, report).await {
+        Ok(()) => {}
         Err(BodyError::Write(e, unread)) => {
             let _ = progress.send(Progress::Aborted);
             return refuse(shared, user, cannot_save(e), unread, reader, kill).await;
@@ -142,9 +203,19 @@ pub(super) async fn upload(
             warn!("[FILE ERROR] upload of '{name}' from {user} ended: {end}");
             let reason = format!("the upload of '{name}' {end}");
             verdict(shared, user, ServerLine::UploadFailed { reason });
+            let have = partial.written();
+            if header.checked && have > 0 && !ttl.is_zero() {
+                info!(
+                    "[FILE] kept {have} of {size} bytes of '{name}' from {user} for it to resume"
+                );
+                shared
+                    .partials
+                    .keep(key, Kept::new(id, partial, hasher, reservation), ttl);
+            }
             return Err(Stop::Ended(end));
         }
-    };
+    }
+    let hash = hasher.finalize();
     let _ = progress.send(Progress::Done(size));
     if header.checked {
         if let Err(refusal) = check_trailer(shared, reader, kill, &header.filename, &hash).await {
@@ -179,7 +250,7 @@ pub(super) async fn upload(
     info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
     let record_name = header.filename.clone();
     let record = FileRecord {
-        id: shared.next_id(),
+        id,
         sender: user.to_owned(),
         target,
         filename: header.filename,
@@ -215,6 +286,27 @@ pub(super) async fn upload(
     }
     verdict(shared, user, ServerLine::UploadOk { saved_as: saved });
     Ok(())
+}
+
+/// Reads the client's `from <n>` answer to a resumable go-ahead.
+async fn read_from(
+    shared: &Shared,
+    reader: &mut LineReader,
+    kill: &CancellationToken,
+) -> Result<u64, Ended> {
+    let stall = shared.config.limits.transfer_timeout;
+    let line = match tokio::time::timeout(stall, reader.next_line(kill)).await {
+        Ok(line) => line?,
+        Err(_) => return Err(Ended::Stalled(stall)),
+    };
+    let line = String::from_utf8_lossy(&line);
+    line.strip_prefix("from ")
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| {
+            Ended::Io(std::io::Error::other(
+                "expected 'from <byte>' before the body",
+            ))
+        })
 }
 
 /// Reads a checked upload's trailer and compares it with the hash of what arrived. A
