@@ -1,6 +1,6 @@
 //! Moving file bytes, for the server's uploads and the client's downloads alike: a file
 //! written under a temporary name and renamed into place only once whole ([`Partial`]),
-//! and the one loop that streams a body from a connection into it ([`receive_body`]),
+//! and the one loop that streams a body from a connection into it ([`receive_rest`]),
 //! reporting progress and hashing it (BLAKE3) as it goes.
 
 use std::path::{Path, PathBuf};
@@ -149,27 +149,6 @@ pub(crate) enum BodyError {
     Read(Ended),
 }
 
-/// Streams exactly `size` body bytes from `reader` into `out`, calling `progress` with the
-/// running total after each chunk; returns the body's BLAKE3 hash. A peer that sends
-/// nothing for `stall` is given up on.
-pub(crate) async fn receive_body<R: AsyncRead + Unpin>(
-    reader: &mut LineReader<R>,
-    out: &mut Partial,
-    size: u64,
-    cancel: &CancellationToken,
-    stall: Duration,
-    progress: impl FnMut(u64),
-) -> Result<blake3::Hash, BodyError> {
-    let mut hasher = blake3::Hasher::new();
-    let body = Body {
-        from: 0,
-        size,
-        stall,
-    };
-    receive_rest(reader, out, &mut hasher, body, cancel, progress).await?;
-    Ok(hasher.finalize())
-}
-
 /// Which bytes of a body to receive: from byte `from` (the ones before are in the file
 /// already) up to `size`, giving up after `stall` without a byte.
 pub(crate) struct Body {
@@ -226,15 +205,27 @@ mod tests {
         let tmp = dir.path().join("f.tmp");
         let (mut peer, ours) = tokio::io::duplex(1024);
         let mut reader = LineReader::line_framed(ours, 100);
-        peer.write_all(b"hello world").await.expect("write");
+        peer.write_all(b"world").await.expect("write");
         let mut out = Partial::create(tmp.clone(), false).await.expect("create");
         let mut seen = Vec::new();
         let never = CancellationToken::new();
         let stall = Duration::from_secs(5);
-        let hash = receive_body(&mut reader, &mut out, 11, &never, stall, |n| seen.push(n))
-            .await
-            .expect("whole");
-        assert_eq!(hash, blake3::hash(b"hello world"));
+        // The first 6 bytes are in the file already (a resumed body): the rest comes.
+        out.write(b"hello ").await.expect("write");
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"hello ");
+        let body = Body {
+            from: 6,
+            size: 11,
+            stall,
+        };
+        receive_rest(&mut reader, &mut out, &mut hasher, body, &never, |n| {
+            seen.push(n)
+        })
+        .await
+        .expect("whole");
+        assert_eq!(hasher.finalize(), blake3::hash(b"hello world"));
+        assert_eq!(out.written(), 11);
         assert!(!dir.path().join("f.txt").exists());
         let name = out
             .finish_unique(dir.path(), "f.txt")
@@ -283,7 +274,13 @@ mod tests {
         let mut out = Partial::create(tmp.clone(), false).await.expect("create");
         let never = CancellationToken::new();
         let stall = Duration::from_secs(5);
-        let end = receive_body(&mut reader, &mut out, 10, &never, stall, |_| {}).await;
+        let body = Body {
+            from: 0,
+            size: 10,
+            stall,
+        };
+        let mut hasher = blake3::Hasher::new();
+        let end = receive_rest(&mut reader, &mut out, &mut hasher, body, &never, |_| {}).await;
         assert!(matches!(
             end,
             Err(BodyError::Read(Ended::BrokeOff { got: 3, size: 10 }))

@@ -29,7 +29,7 @@ use crate::protocol::names::{
 };
 use crate::protocol::{normalize, saved_name, ForwardHeader, ServerLine, Target, UploadHeader};
 use crate::tls::{self, TlsClientOptions};
-use crate::transfer::{receive_body, BodyError, Partial, BODY_CHUNK};
+use crate::transfer::{receive_rest, Body, BodyError, Partial, BODY_CHUNK};
 use crate::{Error, Result};
 
 /// Least time the client waits for an upload's verdict after its last byte.
@@ -41,6 +41,9 @@ const FILES_REPORT_GRACE: Duration = Duration::from_secs(2);
 const MAX_SERVER_LINE: usize = 1024 * 1024;
 /// Events buffered for the application before the engine stops reading the sockets.
 const EVENT_QUEUE: usize = 65_536;
+/// What [`Client::upload_once`] says of an upload that broke off and was kept by the server.
+const KEPT: &str = "the upload broke off; the server kept what arrived";
+
 /// How often a checked upload is sent again after its file connection broke (waiting
 /// 0.4 s, 0.8 s, ... between tries).
 const UPLOAD_RETRIES: u32 = 5;
@@ -226,7 +229,16 @@ pub enum Event {
 }
 
 /// What an upload's verdict says: the name of the server's copy, or why it failed.
-type Verdict = std::result::Result<String, String>;
+type Verdict = std::result::Result<String, Unsaved>;
+
+/// Why an upload is not saved.
+#[derive(Debug)]
+enum Unsaved {
+    /// Refused, or it broke off for good: the server's reason.
+    Refused(String),
+    /// It broke off with its file connection, and the server kept what arrived.
+    Kept,
+}
 
 /// Callers waiting for the reply to their own command (the reply is theirs, not an event).
 ///
@@ -311,6 +323,35 @@ struct Inner {
     closed: CancellationToken,
     /// Where progress events of uploads go (weak: the channel ends with the readers).
     events: mpsc::WeakSender<Event>,
+    /// Downloads broken off with their file connection, by file id, until they resume.
+    kept: Mutex<Vec<(u64, KeptDownload)>>,
+}
+
+/// The part of a checked download whose file connection broke, kept to be resumed.
+struct KeptDownload {
+    /// The `.tmp` holding the bytes that arrived (deleted if dropped).
+    partial: Partial,
+    /// The hash state of exactly those bytes.
+    hasher: blake3::Hasher,
+    /// Who sent the file.
+    sender: String,
+    /// Its name.
+    filename: String,
+}
+
+/// Broken downloads kept at most (the oldest goes first).
+const MAX_KEPT_DOWNLOADS: usize = 8;
+
+impl Inner {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<(u64, KeptDownload)>> {
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take_kept(&self, id: u64) -> Option<KeptDownload> {
+        let mut kept = self.kept();
+        let i = kept.iter().position(|(k, _)| *k == id)?;
+        Some(kept.remove(i).1)
+    }
 }
 
 /// A connected client. Cheap to clone; every clone drives the same connections.
@@ -533,6 +574,7 @@ impl Client {
             extended: std::sync::atomic::AtomicBool::new(false),
             closed: CancellationToken::new(),
             events: tx.downgrade(),
+            kept: Mutex::default(),
         });
         let _ = tx.send(Event::Line(welcome)).await;
         let files = tokio::spawn(read_files(inner.clone(), file_reader, tx.clone()));
@@ -783,41 +825,47 @@ impl Client {
         // A checked upload whose file connection breaks is sent again once the connection
         // is back: the server kept what arrived, so it continues from there.
         let mut retries = 0;
-        let verdict = loop {
-            match self.upload(&header, open().await?).await {
-                Ok(verdict) => break verdict,
-                Err(Error::Io { .. } | Error::Closed)
-                    if header.checked && retries < UPLOAD_RETRIES && !self.is_closed() =>
-                {
-                    retries += 1;
-                    let pause = Duration::from_millis(200) * 2u32.pow(retries);
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = self.inner.closed.cancelled() => return Err(Error::Closed),
-                    }
-                }
+        loop {
+            let broke = match self.upload_once(&header, open().await?).await {
+                Ok(()) => return Ok(size),
+                Err(Error::Io { .. } | Error::Closed) => true,
+                Err(Error::Refused(reason)) if reason == KEPT => true,
                 Err(e) => return Err(e),
+            };
+            if !(broke && header.checked && retries < UPLOAD_RETRIES && !self.is_closed()) {
+                return Err(Error::Refused(format!(
+                    "the upload of '{}' broke off with the file connection",
+                    header.filename
+                )));
             }
+            retries += 1;
+            let pause = Duration::from_millis(200) * 2u32.pow(retries);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.inner.closed.cancelled() => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// Sends one upload and waits for the server's verdict (with the lab's server, which
+    /// gives none, the last byte written is all we can know).
+    async fn upload_once(&self, header: &UploadHeader, file: tokio::fs::File) -> Result<()> {
+        let Some(rx) = self.upload(header, file).await? else {
+            return Ok(());
+        };
+        let patience = self.inner.config.timeout.max(VERDICT_WAIT);
+        let verdict = tokio::select! {
+            verdict = tokio::time::timeout(patience, rx) => verdict,
+            _ = self.inner.closed.cancelled() => return Err(Error::Closed),
         };
         match verdict {
-            None => Ok(size),
-            Some(rx) => {
-                // The server has the whole file once it says so (a lab server never does:
-                // there the last byte written is all we can know).
-                let patience = self.inner.config.timeout.max(VERDICT_WAIT);
-                let verdict = tokio::select! {
-                    verdict = tokio::time::timeout(patience, rx) => verdict,
-                    _ = self.inner.closed.cancelled() => return Err(Error::Closed),
-                };
-                match verdict {
-                    Ok(Ok(Ok(_saved_as))) => Ok(size),
-                    Ok(Ok(Err(reason))) => Err(Error::Refused(reason)),
-                    Ok(Err(_)) => Err(Error::Closed),
-                    Err(_) => Err(Error::Timeout(
-                        "waiting for the server to confirm the upload",
-                    )),
-                }
-            }
+            Ok(Ok(Ok(_saved_as))) => Ok(()),
+            Ok(Ok(Err(Unsaved::Refused(reason)))) => Err(Error::Refused(reason)),
+            Ok(Ok(Err(Unsaved::Kept))) => Err(Error::Refused(KEPT.into())),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout(
+                "waiting for the server to confirm the upload",
+            )),
         }
     }
 
@@ -870,7 +918,8 @@ impl Client {
                     refused = &mut verdict => {
                         guard.disarm();
                         return Err(match refused {
-                            Ok(Err(reason)) => Error::Refused(reason),
+                            Ok(Err(Unsaved::Refused(reason))) => Error::Refused(reason),
+                            Ok(Err(Unsaved::Kept)) => Error::Refused(KEPT.into()),
                             Ok(Ok(_)) => Error::Protocol("a verdict before the body".into()),
                             Err(_) => Error::Closed,
                         });
@@ -1128,7 +1177,13 @@ impl Waiters {
             }
             ServerLine::UploadFailed { reason } => {
                 if let Some(tx) = self.uploads.pop_front() {
-                    let _ = tx.send(Err(reason));
+                    let _ = tx.send(Err(Unsaved::Refused(reason)));
+                }
+                None
+            }
+            ServerLine::UploadKept { .. } => {
+                if let Some(tx) = self.uploads.pop_front() {
+                    let _ = tx.send(Err(Unsaved::Kept));
                 }
                 None
             }
@@ -1175,6 +1230,15 @@ async fn read_chat(
                     None
                 }
                 (line, Some(at)) => Some(Event::Queued { at, line }),
+                (ServerLine::ResumeFailed { id, reason }, None) => {
+                    drop(waiters);
+                    inner.take_kept(id).map(|k| Event::FileFailed {
+                        reason: format!(
+                            "transfer of '{}' from {} broke off and cannot resume: {reason}",
+                            k.filename, k.sender
+                        ),
+                    })
+                }
                 (line, None) => waiters.route(line).map(Event::Line),
             }
         };
@@ -1196,7 +1260,7 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
         inner.file.lock().await.take();
         for attempt in 1..=FILE_RECONNECT_TRIES {
             tokio::select! {
-                _ = inner.closed.cancelled() => return,
+                _ = inner.closed.cancelled() => return give_up_kept(&inner, &tx).await,
                 _ = tokio::time::sleep(Duration::from_millis(100) * attempt) => {}
             }
             if attempt == 1 {
@@ -1207,17 +1271,54 @@ async fn read_files(inner: Arc<Inner>, mut reader: LineReader, tx: mpsc::Sender<
                 waiters.uploads.clear();
                 waiters.ready = None;
             }
-            if let Ok((rd, wr)) = open_file_connection(&inner.config, inner.proof.as_deref()).await
+            if let Ok((rd, mut wr)) =
+                open_file_connection(&inner.config, inner.proof.as_deref()).await
             {
+                // Ask for the rest of what broke off with the old connection.
+                let wanted: String = inner
+                    .kept()
+                    .iter()
+                    .map(|(id, k)| format!("resume {id} {}\n", k.partial.written()))
+                    .collect();
+                if !wanted.is_empty() && send_all(&mut wr, wanted.as_bytes()).await.is_err() {
+                    continue;
+                }
                 *inner.file.lock().await = Some(wr);
                 reader = rd;
                 continue 'connection;
             }
         }
+        give_up_kept(&inner, &tx).await;
         let reason = "the file connection was lost and could not be re-opened".to_owned();
         let _ = tx.send(Event::FileFailed { reason }).await;
         return;
     }
+}
+
+/// The file connection is gone for good: every download kept to resume has failed.
+async fn give_up_kept(inner: &Inner, tx: &mpsc::Sender<Event>) {
+    let kept = std::mem::take(&mut *inner.kept());
+    for (_, k) in kept {
+        let reason = format!("transfer of '{}' from {} broke off", k.filename, k.sender);
+        drop(k.partial);
+        let _ = tx.send(Event::FileFailed { reason }).await;
+    }
+}
+
+/// Reads past what follows a forward's header that is not being saved: the body, and the
+/// trailer of a checked forward.
+async fn skip_forward(
+    reader: &mut LineReader,
+    n: u64,
+    checked: bool,
+    closed: &CancellationToken,
+) -> Step {
+    skip(reader, n, closed).await?;
+    if checked {
+        let trailer = tokio::time::timeout(BODY_STALL, reader.next_line(closed)).await;
+        trailer.map_err(|_| Stop::Ended(Ended::Stalled(BODY_STALL)))??;
+    }
+    Ok(())
 }
 
 /// How long a file body from the server may pause before the file connection counts as
@@ -1267,48 +1368,82 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             };
         }
     };
+    let body = header.body();
     let ForwardHeader {
         sender,
         filename,
         size,
         checked,
+        id,
+        at,
     } = header;
     let saved = saved_name(&sender, &filename);
     let dir = &inner.config.download_dir;
     let tmp = dir.join(format!("{saved}{TMP_SUFFIX}"));
     let cannot_save = |e: std::io::Error| format!("cannot save '{filename}' from {sender}: {e}");
 
-    let partial = match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
-        true => Err(std::io::Error::other("file name too long")),
-        false => Partial::create(tmp, false).await,
+    // A resumed forward (`at` past 0) continues a part we kept; a fresh one starts a file.
+    let started = match (at, id.and_then(|id| inner.take_kept(id))) {
+        (0, kept) => {
+            drop(kept); // sent again from the start: the old part goes
+            match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
+                true => Err(std::io::Error::other("file name too long")),
+                false => Partial::create(tmp, false).await,
+            }
+            .map(|partial| (partial, blake3::Hasher::new()))
+        }
+        (at, Some(kept)) if kept.partial.written() == at => Ok((kept.partial, kept.hasher)),
+        (at, _) => Err(std::io::Error::other(format!(
+            "the server resumed it at byte {at}, which this client does not have"
+        ))),
     };
-    let mut partial = match partial {
-        Ok(partial) => partial,
+    let (mut partial, mut hasher) = match started {
+        Ok(started) => started,
         Err(e) => {
             not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
-            return skip(reader, size, closed).await;
+            return skip_forward(reader, body, checked, closed).await;
         }
     };
     let mut meter = inner
         .config
         .progress
         .then(|| Meter::new(Direction::Download, &sender, &filename, size, tx));
-    let hash = match receive_body(reader, &mut partial, size, closed, BODY_STALL, |n| {
+    let rest = Body {
+        from: at,
+        size,
+        stall: BODY_STALL,
+    };
+    let received = receive_rest(reader, &mut partial, &mut hasher, rest, closed, |n| {
         if let Some(meter) = meter.as_mut() {
             meter.update(n);
         }
     })
-    .await
-    {
-        Ok(hash) => hash,
+    .await;
+    match received {
+        Ok(()) => {}
         Err(BodyError::Write(e, unread)) => {
             drop(partial);
             not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
-            return skip(reader, unread, closed).await;
+            return skip_forward(reader, unread, checked, closed).await;
         }
         Err(BodyError::Read(end)) => {
+            // A checked forward can resume once the connection is back: keep the part.
+            if let (true, Some(id), false) = (checked, id, closed.is_cancelled()) {
+                let mut kept = inner.kept();
+                if kept.len() >= MAX_KEPT_DOWNLOADS {
+                    kept.remove(0);
+                }
+                let part = KeptDownload {
+                    partial,
+                    hasher,
+                    sender,
+                    filename,
+                };
+                kept.push((id, part));
+                return Err(Stop::Ended(end));
+            }
             drop(partial);
             let got = match &end {
                 Ended::BrokeOff { got, .. } => format!(" after {got} of {size} bytes"),
@@ -1321,6 +1456,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             return Err(Stop::Ended(end));
         }
     };
+    let hash = hasher.finalize();
     if checked {
         // The server's word on the bytes: their hash (checked here before the rename), or
         // why the file is not good after all.

@@ -73,24 +73,46 @@ pub struct UploadHeader {
 /// The option that asks for a BLAKE3 trailer after the body.
 const CHECKED: &str = "b3";
 
+/// The options of a header's last field.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Options {
+    /// `b3`: a BLAKE3 trailer follows the body.
+    checked: bool,
+    /// `id=<n>` (forwards): the file's id, for resuming it.
+    id: Option<u64>,
+    /// `at=<n>` (forwards): the body starts at this byte of the file.
+    at: u64,
+}
+
 /// Parses an options field: comma-separated words, each of which must be known.
-fn parse_options(field: &str) -> Result<bool, HeaderError> {
-    let mut checked = false;
+fn parse_options(field: &str) -> Result<Options, HeaderError> {
+    let mut options = Options::default();
+    let unknown = |word: &str| HeaderError::Option(word.chars().take(32).collect());
     for word in field.split(',') {
-        match word {
-            CHECKED => checked = true,
-            other => return Err(HeaderError::Option(other.chars().take(32).collect())),
+        let number = |value: &str| value.parse::<u64>().map_err(|_| unknown(word));
+        match word.split_once('=') {
+            None if word == CHECKED => options.checked = true,
+            Some(("id", value)) => options.id = Some(number(value)?),
+            Some(("at", value)) => options.at = number(value)?,
+            _ => return Err(unknown(word)),
         }
     }
-    Ok(checked)
+    Ok(options)
 }
 
 /// The options field of a header, with its leading `|` (empty when there are none).
-fn options_suffix(checked: bool) -> &'static str {
-    match checked {
-        true => "|b3",
-        false => "",
+fn options_suffix(checked: bool, id: Option<u64>, at: u64) -> String {
+    if !checked {
+        return String::new();
     }
+    let mut field = format!("|{CHECKED}");
+    if let Some(id) = id {
+        field.push_str(&format!(",id={id}"));
+    }
+    if at > 0 {
+        field.push_str(&format!(",at={at}"));
+    }
+    field
 }
 
 /// What follows a checked body: the hash it must have, or why the sender (the server, for
@@ -141,9 +163,14 @@ impl UploadHeader {
         let fields: Vec<&str> = line.split('|').collect();
         let (sender, target, filename, size, checked) = match fields[..] {
             [sender, target, filename, size] => (sender, target, filename, size, false),
-            [sender, target, filename, size, options] => {
-                (sender, target, filename, size, parse_options(options)?)
-            }
+            [sender, target, filename, size, options] => match parse_options(options)? {
+                Options {
+                    checked,
+                    id: None,
+                    at: 0,
+                } => (sender, target, filename, size, checked),
+                _ => return Err(HeaderError::Option(options.chars().take(32).collect())),
+            },
             _ => return Err(HeaderError::FieldCount(fields.len())),
         };
         let size = parse_size(size)?;
@@ -182,7 +209,7 @@ impl UploadHeader {
             self.target,
             self.filename,
             self.size,
-            options_suffix(self.checked)
+            options_suffix(self.checked, None, 0)
         )
     }
 
@@ -214,6 +241,11 @@ pub struct ForwardHeader {
     pub size: u64,
     /// A BLAKE3 trailer follows the body (option `b3`, for our client only).
     pub checked: bool,
+    /// The file's id (`id=<n>`, with `b3`): what the client names to resume it.
+    pub id: Option<u64>,
+    /// The body starts at this byte of the file (`at=<n>`, a resumed forward: the client
+    /// has the bytes before it); the body is `size - at` bytes.
+    pub at: u64,
 }
 
 impl ForwardHeader {
@@ -238,9 +270,18 @@ impl ForwardHeader {
     /// How many body bytes follow a refused forward header, when it still says so clearly,
     /// so a client can skip exactly them and stay in step.
     pub fn declared_size(line: &[u8]) -> Option<u64> {
-        Self::fields(line)
-            .ok()
-            .and_then(|(_, _, size, _)| parse_size(size).ok())
+        let (_, _, size, options) = Self::fields(line).ok()?;
+        let at = match options.map(parse_options) {
+            Some(Ok(options)) => options.at,
+            Some(Err(_)) => return None,
+            None => 0,
+        };
+        parse_size(size).ok()?.checked_sub(at)
+    }
+
+    /// How many body bytes follow this header.
+    pub fn body(&self) -> u64 {
+        self.size - self.at
     }
 
     /// The header line as sent, with its `\n`.
@@ -250,7 +291,7 @@ impl ForwardHeader {
             self.sender,
             self.filename,
             self.size,
-            options_suffix(self.checked)
+            options_suffix(self.checked, self.id, self.at)
         )
     }
 
@@ -261,14 +302,19 @@ impl ForwardHeader {
     pub fn parse(line: &[u8]) -> Result<Self, HeaderError> {
         let (sender, filename, size, options) = Self::fields(line)?;
         let size = parse_size(size)?;
-        let checked = options.map(parse_options).transpose()?.unwrap_or(false);
+        let options = options.map(parse_options).transpose()?.unwrap_or_default();
         check_component(sender, "sender name")?;
         check_filename(filename)?;
+        if options.at > size {
+            return Err(HeaderError::Option(format!("at={}", options.at)));
+        }
         Ok(Self {
             sender: sender.to_owned(),
             filename: filename.to_owned(),
             size,
-            checked,
+            checked: options.checked,
+            id: options.id,
+            at: options.at,
         })
     }
 }
@@ -348,6 +394,8 @@ mod tests {
             filename: "report.pdf".into(),
             size: 7,
             checked: false,
+            id: None,
+            at: 0,
         };
         assert_eq!(f.to_wire(), "yasser|report.pdf|7\n");
         assert_eq!(ForwardHeader::parse(f.to_wire().as_bytes()), Ok(f.clone()));
@@ -374,9 +422,34 @@ mod tests {
             filename: "f.txt".into(),
             size: 5,
             checked: true,
+            id: None,
+            at: 0,
         };
         assert_eq!(fwd.to_wire(), "a|f.txt|5|b3\n");
-        assert_eq!(ForwardHeader::parse(b"a|f.txt|5|b3"), Ok(fwd));
+        assert_eq!(ForwardHeader::parse(b"a|f.txt|5|b3"), Ok(fwd.clone()));
+        let resumed = ForwardHeader {
+            id: Some(42),
+            at: 3,
+            ..fwd
+        };
+        assert_eq!(resumed.to_wire(), "a|f.txt|5|b3,id=42,at=3\n");
+        assert_eq!(
+            ForwardHeader::parse(b"a|f.txt|5|b3,id=42,at=3"),
+            Ok(resumed.clone())
+        );
+        assert_eq!(resumed.body(), 2);
+        assert_eq!(
+            ForwardHeader::declared_size(b"a|f.txt|5|b3,id=42,at=3"),
+            Some(2)
+        );
+        assert!(
+            ForwardHeader::parse(b"a|f.txt|5|b3,at=6").is_err(),
+            "past the end"
+        );
+        assert!(
+            UploadHeader::parse(b"a|b|f.txt|5|b3,id=1").is_err(),
+            "not in uploads"
+        );
         assert_eq!(
             ForwardHeader::parse(b"a|f.txt|5|zz"),
             Err(HeaderError::Option("zz".into()))

@@ -147,6 +147,20 @@ pub enum ServerLine {
         /// The hash of the bytes before `offset` (none when it is 0).
         prefix: Option<String>,
     },
+    /// `[UPLOAD KEPT] <have>` (extension): the client's last upload broke off with its file
+    /// connection after `have` bytes, which the server keeps: sending it again resumes it.
+    UploadKept {
+        /// Bytes kept.
+        have: u64,
+    },
+    /// `[RESUME FAILED] <id> <reason>` (extension): the file the client asked to resume
+    /// (`resume <id> <have>` on its file connection) cannot be; it drops its part.
+    ResumeFailed {
+        /// The file's id.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
     /// `Password for <u>:`: the name is registered; the next line is its password.
     PasswordPrompt {
         /// The registered name.
@@ -290,6 +304,8 @@ impl Display for ServerLine {
             ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
             ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
             ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
+            ServerLine::ResumeFailed { id, reason } => write!(f, "[RESUME FAILED] {id} {reason}"),
+            ServerLine::UploadKept { have } => write!(f, "[UPLOAD KEPT] {have}"),
             ServerLine::UploadReady { offset, prefix } => match prefix {
                 Some(prefix) => write!(f, "[UPLOAD READY] {offset} {prefix}"),
                 None => write!(f, "[UPLOAD READY] {offset}"),
@@ -491,6 +507,18 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     }
     if let Some(reason) = line.strip_prefix("[UPLOAD FAILED] ") {
         return Some(ServerLine::UploadFailed { reason: s(reason) });
+    }
+    if let Some(have) = line.strip_prefix("[UPLOAD KEPT] ") {
+        return Some(ServerLine::UploadKept {
+            have: have.parse().ok()?,
+        });
+    }
+    if let Some(rest) = line.strip_prefix("[RESUME FAILED] ") {
+        let (id, reason) = rest.split_once(' ')?;
+        return Some(ServerLine::ResumeFailed {
+            id: id.parse().ok()?,
+            reason: s(reason),
+        });
     }
     if let Some(rest) = line.strip_prefix("[UPLOAD READY] ") {
         let (offset, prefix) = match rest.split_once(' ') {
@@ -711,6 +739,14 @@ mod tests {
                 },
                 "[UPLOAD READY] 5 ab12",
             ),
+            (
+                ServerLine::ResumeFailed {
+                    id: 7,
+                    reason: s("the file is gone"),
+                },
+                "[RESUME FAILED] 7 the file is gone",
+            ),
+            (ServerLine::UploadKept { have: 9 }, "[UPLOAD KEPT] 9"),
             (
                 ServerLine::PasswordPrompt { user: s("alice") },
                 "Password for alice:",

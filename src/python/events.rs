@@ -362,6 +362,8 @@ impl<'py> IntoPyObject<'py> for PyEvent {
             | ServerLine::UploadOk { .. }
             | ServerLine::UploadFailed { .. }
             | ServerLine::UploadReady { .. }
+            | ServerLine::ResumeFailed { .. }
+            | ServerLine::UploadKept { .. }
             | ServerLine::PasswordPrompt { .. }
             | ServerLine::QueuedAt { .. }
             | ServerLine::Session { .. } => make(py, ServerText { text: line.clone() }, line),

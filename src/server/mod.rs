@@ -138,6 +138,8 @@ pub(crate) struct Shared {
     pub(crate) accounts: accounts::Accounts,
     /// Broken uploads kept for resuming.
     pub(crate) partials: file::Partials,
+    /// Uploads arriving now, and recipients waiting to resume broken downloads.
+    pub(crate) resumes: file::Resumes,
     /// The certificate, when the server speaks TLS.
     pub(crate) tls: Option<Arc<ServerTls>>,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
@@ -165,6 +167,7 @@ impl Shared {
             accounts: accounts::Accounts::new(limits.login_attempts, limits.login_lockout),
             spare_fd: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
             partials: file::Partials::default(),
+            resumes: file::Resumes::default(),
             tls,
             store,
             config,

@@ -68,8 +68,11 @@ pub(crate) struct FileLink {
 
 /// A forward queued on a recipient's file connection.
 pub(crate) struct ForwardJob {
-    /// The chat notice sent to the recipient when the forward starts.
-    pub(crate) notice: ServerLine,
+    /// The chat notice sent to the recipient when the forward starts (none for a resumed
+    /// forward: the recipient had it the first time).
+    pub(crate) notice: Option<ServerLine>,
+    /// The first byte of the file this forward sends (past 0: a resumed download).
+    pub(crate) from: u64,
     /// The forward header (`sender|filename|size\n`, with `|b3` when `checked`).
     pub(crate) header: Bytes,
     /// The recipient is our client: a BLAKE3 trailer follows the body.
@@ -96,18 +99,22 @@ impl ForwardJob {
         recipient: &str,
         file: &FileRecord,
         queued: bool,
+        from: u64,
     ) -> std::io::Result<ForwardJob> {
         let src = std::fs::File::open(shared.config.data_dir.join(&file.saved_as))?;
         let hash = blake3::Hash::from_hex(&file.blake3)
             .map_err(|e| std::io::Error::other(format!("the index's hash is not valid: {e}")))?;
         let (_done, progress) = watch::channel(Progress::Verified(file.size, hash));
         let checked = speaks_extensions(shared, recipient);
-        let header = ForwardHeader {
-            sender: file.sender.clone(),
-            filename: file.filename.clone(),
-            size: file.size,
+        // Resumable with the upload's id, when this server run received it (the index
+        // counts its own ids).
+        let upload = shared.resumes.upload_of(file.id);
+        let header = forward_header(
+            (&file.sender, &file.filename, file.size),
             checked,
-        };
+            upload,
+            from,
+        );
         let notice = match file.target.strip_prefix(GROUP_PREFIX) {
             Some(group) => ServerLine::FileToGroup {
                 from: file.sender.clone(),
@@ -121,8 +128,9 @@ impl ForwardJob {
             },
         };
         Ok(ForwardJob {
-            notice,
-            header: Bytes::from(header.to_wire()),
+            notice: (from == 0).then_some(notice),
+            from,
+            header,
             checked,
             src: Arc::new(src),
             progress,
@@ -136,6 +144,25 @@ impl ForwardJob {
     fn aborted(&self) -> bool {
         *self.progress.borrow() == Progress::Aborted
     }
+}
+
+/// A forward's header: the lab's, or checked (for our client), with the upload's id when
+/// it can be resumed, from byte `from`.
+pub(crate) fn forward_header(
+    (sender, filename, size): (&str, &str, u64),
+    checked: bool,
+    id: Option<u64>,
+    from: u64,
+) -> Bytes {
+    let header = ForwardHeader {
+        sender: sender.to_owned(),
+        filename: filename.to_owned(),
+        size,
+        checked,
+        id: id.filter(|_| checked),
+        at: from,
+    };
+    Bytes::from(header.to_wire())
 }
 
 /// Whether `user`'s client speaks the extensions (it said hello): then its forwards are
@@ -216,12 +243,14 @@ pub(super) async fn forward_all(
         if job.aborted() {
             continue;
         }
-        if let Some(outbox) = shared.registry.outbox(&recipient) {
-            outbox.line(&job.notice);
+        if let Some(notice) = &job.notice {
+            if let Some(outbox) = shared.registry.outbox(&recipient) {
+                outbox.line(notice);
+            }
+            shared
+                .registry
+                .expect_ack(&recipient, &job.sender, &job.filename);
         }
-        shared
-            .registry
-            .expect_ack(&recipient, &job.sender, &job.filename);
         let mut progress = job.progress.clone();
         let sent = tokio::select! {
             _ = kill.cancelled() => Err("file connection closed".to_owned()),
@@ -258,11 +287,22 @@ pub(crate) fn forward_saved(
     file: &FileRecord,
     queued: bool,
 ) -> Result<(), Refusal> {
+    queue_saved(shared, recipient, file, queued, 0)
+}
+
+/// Queues the forward of a saved file on `recipient`'s file connection, from byte `from`.
+pub(crate) fn queue_saved(
+    shared: &Shared,
+    recipient: &str,
+    file: &FileRecord,
+    queued: bool,
+    from: u64,
+) -> Result<(), Refusal> {
     let link = shared
         .registry
         .file_link(recipient)
         .ok_or(Refusal::NoFileConnection)?;
-    let job = ForwardJob::saved(shared, recipient, file, queued).map_err(|e| {
+    let job = ForwardJob::saved(shared, recipient, file, queued, from).map_err(|e| {
         warn!("[FILE FORWARD ERROR] cannot open {}: {e}", file.saved_as);
         Refusal::NotDelivered {
             filename: file.filename.clone(),
@@ -331,7 +371,7 @@ async fn stream(
         .await
         .map_err(sent_err)?;
     let mut buf = vec![0u8; BODY_CHUNK];
-    let mut sent = 0u64;
+    let mut sent = job.from;
     while sent < job.size {
         let on_disk = wait_for_bytes(progress, sent).await?;
         let want = usize::try_from(on_disk - sent)

@@ -17,6 +17,7 @@
 
 mod forward;
 mod partial;
+mod resume;
 mod spool;
 mod upload;
 
@@ -30,16 +31,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use forward::queue_saved;
 pub(crate) use forward::{forward_saved, FileLink};
 pub(crate) use spool::remove_stale as remove_stale_spools;
 
 use super::{checked_name, read_first_line, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
-use crate::protocol::file_header::{HeaderError, UploadHeader};
+use crate::protocol::file_header::{HeaderError, UploadHeader, GROUP_PREFIX};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 use forward::{fail_upload, forward_all, speaks_extensions, tell, MAX_QUEUED_FORWARDS};
 pub(crate) use partial::Partials;
+pub(crate) use resume::Resumes;
 use upload::{skip_body, upload};
 
 /// How long a file handshake waits for the chat session of the same name to appear
@@ -75,6 +78,10 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
     loop {
         let step = match reader.next_line(&kill).await {
             Ok(line) if line.is_empty() => Ok(()),
+            Ok(line) if line.starts_with(RESUME) && speaks_extensions(&shared, &user) => {
+                resume(&shared, &user, &line).await;
+                Ok(())
+            }
             Ok(line) => match parse_header(&shared, &user, &line) {
                 // Boxed: an upload's state lives on the heap only while an upload runs,
                 // so an idle file connection stays small.
@@ -101,6 +108,85 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
     shared.registry.remove_file(&user, id);
     kill.cancel();
     info!("[FILE SOCKET CLOSED] {addr}");
+}
+
+/// What our client sends on its file connection to resume a download.
+const RESUME: &[u8] = b"resume ";
+
+/// `resume <id> <have>`: our client has the first `have` bytes of file `id` (its file
+/// connection broke while receiving it) and wants the rest: from the upload still
+/// arriving, from the server's copy, or, when the upload itself broke, once it resumes.
+/// Only a recipient of the file gets it; anything else is `[RESUME FAILED] <id> <reason>`.
+async fn resume(shared: &Shared, user: &str, line: &[u8]) {
+    let line = String::from_utf8_lossy(&line[RESUME.len()..]).into_owned();
+    let mut words = line.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(id)), Some(Ok(have))) = (words.next(), words.next()) else {
+        return warn!("[FILE ERROR] {user}: a resume request that does not parse");
+    };
+    let failed = |reason: &str| {
+        info!("[FILE] {user} cannot resume #{id}: {reason}");
+        if let Some(outbox) = shared.registry.outbox(user) {
+            outbox.line(&ServerLine::ResumeFailed {
+                id,
+                reason: reason.to_owned(),
+            });
+        }
+    };
+    if let Some(live) = shared.resumes.live_for(id, user) {
+        let from = have.min(live.size);
+        info!("[FILE] {user} resumes '{}' at byte {from}", live.filename);
+        let job = forward::ForwardJob {
+            notice: None,
+            from,
+            header: forward::forward_header(
+                (&live.sender, &live.filename, live.size),
+                true,
+                Some(id),
+                from,
+            ),
+            checked: true,
+            src: live.src.clone(),
+            progress: live.progress.clone(),
+            size: live.size,
+            sender: live.sender.clone(),
+            filename: live.filename.clone(),
+            queued: None,
+        };
+        let queued = shared
+            .registry
+            .file_link(user)
+            .map(|link| link.jobs.try_send(Box::new(job)));
+        if !matches!(queued, Some(Ok(()))) {
+            failed("too many files are waiting for you");
+        }
+        return;
+    }
+    let file = match shared.resumes.index_of(id) {
+        Some(index) => match shared.store.file(index).await {
+            Ok(file) => file,
+            Err(e) => return failed(&format!("the server could not look it up ({e})")),
+        },
+        None => None,
+    };
+    let mine = |f: &crate::store::FileRecord| {
+        f.target == user
+            || f.target
+                .strip_prefix(GROUP_PREFIX)
+                .is_some_and(|g| shared.registry.members(g, user).is_some())
+    };
+    if let Some(file) = file.filter(mine) {
+        info!("[FILE] {user} resumes '{}' at byte {have}", file.filename);
+        if let Err(refusal) = queue_saved(shared, user, &file, false, have.min(file.size)) {
+            failed(&refusal.to_string());
+        }
+        return;
+    }
+    if shared.partials.holds(id) {
+        // The upload broke too: the rest comes when it resumes.
+        shared.resumes.want(user, id, have);
+        return;
+    }
+    failed("its upload broke off and is not kept");
 }
 
 /// Parses an upload header. Options are for our client, which said hello: from anyone

@@ -101,6 +101,12 @@ impl Partials {
         map.remove(key)
     }
 
+    /// Whether a broken upload with this id is kept.
+    pub(crate) fn holds(&self, id: u64) -> bool {
+        let map = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        map.values().any(|k| k.id == id)
+    }
+
     /// Drops the broken uploads that outlived `ttl`.
     pub(crate) fn sweep(&self, ttl: Duration) {
         let mut map = self.kept.lock().unwrap_or_else(PoisonError::into_inner);

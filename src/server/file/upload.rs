@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -14,13 +13,15 @@ use tracing::{info, warn};
 use super::super::limits::Reservation;
 use super::super::Shared;
 use super::forward::{
-    fail_upload, speaks_extensions, verdict, FileLink, ForwardJob, Progress, MAX_QUEUED_FORWARDS,
+    fail_upload, forward_header, speaks_extensions, verdict, FileLink, ForwardJob, Progress,
+    MAX_QUEUED_FORWARDS,
 };
 use super::partial::{Kept, Key};
+use super::resume::Live;
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
-use crate::protocol::file_header::{ForwardHeader, Target, Trailer, UploadHeader};
+use crate::protocol::file_header::{Target, Trailer, UploadHeader};
 use crate::protocol::names::{saved_name, MAX_FILENAME_BYTES, TMP_SUFFIX};
 use crate::protocol::ServerLine;
 use crate::store::FileRecord;
@@ -183,8 +184,10 @@ pub(super) async fn upload(
     }
     let from = partial.written();
     let (progress, watcher) = watch::channel(Progress::Receiving(from));
-    let notices = queue_forwards(shared, user, &header, &partial, &watcher);
+    let (notices, live) = queue_forwards(shared, user, (id, &header), &partial, &watcher);
     drop(watcher);
+    // Recipients whose connection breaks may rejoin while it arrives.
+    let _live = live.map(|live| shared.resumes.arriving(id, live));
 
     let stall = shared.config.limits.transfer_timeout;
     let report = |n| {
@@ -201,8 +204,6 @@ pub(super) async fn upload(
             let _ = progress.send(Progress::Aborted);
             let name = &header.filename;
             warn!("[FILE ERROR] upload of '{name}' from {user} ended: {end}");
-            let reason = format!("the upload of '{name}' {end}");
-            verdict(shared, user, ServerLine::UploadFailed { reason });
             let have = partial.written();
             if header.checked && have > 0 && !ttl.is_zero() {
                 info!(
@@ -211,6 +212,10 @@ pub(super) async fn upload(
                 shared
                     .partials
                     .keep(key, Kept::new(id, partial, hasher, reservation), ttl);
+                verdict(shared, user, ServerLine::UploadKept { have });
+            } else {
+                let reason = format!("the upload of '{name}' {end}");
+                verdict(shared, user, ServerLine::UploadFailed { reason });
             }
             return Err(Stop::Ended(end));
         }
@@ -260,8 +265,10 @@ pub(super) async fn upload(
         at: SystemTime::now(),
     };
     let indexed = shared.store.record_file(record).await;
-    if let Err(e) = &indexed {
-        warn!("[STORE] cannot index a saved file: {e}");
+    match &indexed {
+        // Recipients whose connection broke near the end resume from the saved copy.
+        Ok(index_id) => shared.resumes.saved(id, *index_id),
+        Err(e) => warn!("[STORE] cannot index a saved file: {e}"),
     }
     // Recipients who are away get the file at their next login: keep it for them (before
     // its sender is told so).
@@ -455,17 +462,18 @@ fn plan(shared: &Shared, user: &str, header: &UploadHeader) -> (Vec<Forward>, Ve
 }
 
 /// Plans the upload and queues a forward on each recipient's file connection; returns
-/// what its sender is told once the file is saved.
+/// what its sender is told once the file is saved, and, when it has forwards, the upload
+/// as recipients whose connection breaks can rejoin it.
 fn queue_forwards(
     shared: &Shared,
     user: &str,
-    header: &UploadHeader,
+    (id, header): (u64, &UploadHeader),
     partial: &Partial,
     watcher: &watch::Receiver<Progress>,
-) -> Vec<Notice> {
+) -> (Vec<Notice>, Option<Live>) {
     let (forwards, mut notices) = plan(shared, user, header);
     if forwards.is_empty() {
-        return notices;
+        return (notices, None);
     }
     // One read handle for every forward of this upload (each reads at its own offset), so
     // queued forwards cost no descriptors.
@@ -478,31 +486,28 @@ fn queue_forwards(
                 recipient: f.recipient,
                 why: e.to_string(),
             }));
-            return notices;
+            return (notices, None);
         }
     };
-    // Our clients get a checked forward (a BLAKE3 trailer after the body); others, the
-    // lab's header.
-    let wire = |checked| {
-        let header = ForwardHeader {
-            sender: user.into(),
-            filename: header.filename.clone(),
-            size: header.size,
-            checked,
-        };
-        Bytes::from(header.to_wire())
-    };
-    let (plain, checked) = (wire(false), wire(true));
+    let mut recipients = Vec::new();
     for Forward {
         recipient,
         link,
         notice,
     } in forwards
     {
+        // Our clients get a checked forward (a BLAKE3 trailer after the body, the file's
+        // id to resume it, and only the bytes they lack if they had some); others, the
+        // lab's header.
         let ours = speaks_extensions(shared, &recipient);
+        let from = match ours {
+            true => shared.resumes.has(&recipient, id).min(header.size),
+            false => 0,
+        };
         let job = ForwardJob {
-            notice,
-            header: if ours { checked.clone() } else { plain.clone() },
+            notice: (from == 0).then_some(notice),
+            from,
+            header: forward_header((user, &header.filename, header.size), ours, Some(id), from),
             checked: ours,
             src: src.clone(),
             progress: watcher.clone(),
@@ -512,7 +517,7 @@ fn queue_forwards(
             queued: None,
         };
         match link.jobs.try_send(Box::new(job)) {
-            Ok(()) => {}
+            Ok(()) => recipients.push(recipient),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
                 notices.push(Notice::TooManyWaiting(recipient));
@@ -522,7 +527,15 @@ fn queue_forwards(
             }
         }
     }
-    notices
+    let live = Live {
+        src,
+        progress: watcher.clone(),
+        sender: user.into(),
+        filename: header.filename.clone(),
+        size: header.size,
+        recipients,
+    };
+    (notices, Some(live))
 }
 
 #[cfg(test)]
@@ -533,6 +546,7 @@ mod tests {
     use crate::net::SendQueue;
     use crate::server::registry::Outbox;
     use crate::server::ServerConfig;
+    use bytes::Bytes;
 
     /// A server state with alice, bob and carol logged in; only bob has a file connection.
     fn three_users(dir: &std::path::Path) -> Arc<Shared> {

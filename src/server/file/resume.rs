@@ -1,0 +1,137 @@
+//! Downloads that resume: a recipient (our client) whose file connection broke keeps the
+//! part it received and, once its connection is back, names the file's id and how many
+//! bytes it has (`resume <id> <have>`). The rest comes from the upload still arriving, the
+//! server's saved copy, or, when the upload itself broke and waits to be resumed, from the
+//! resumed upload.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::forward::Progress;
+
+/// Wishes (a recipient waiting for a broken upload to resume) kept at most.
+const MAX_WANTED: usize = 10_000;
+/// How long a wish waits for its upload to resume.
+const WANTED_FOR: Duration = Duration::from_secs(86_400);
+
+/// An upload arriving now, which recipients whose connection broke can rejoin.
+pub(crate) struct Live {
+    /// The spool (read at any offset).
+    pub(crate) src: Arc<std::fs::File>,
+    /// How far the upload has got.
+    pub(crate) progress: watch::Receiver<Progress>,
+    /// The uploader.
+    pub(crate) sender: String,
+    /// The file's name as sent.
+    pub(crate) filename: String,
+    /// Its size.
+    pub(crate) size: u64,
+    /// Who it was forwarded to (only they may resume it).
+    pub(crate) recipients: Vec<String>,
+}
+
+/// Uploads saved lately whose id a recipient may still name (an upload's id is this run's
+/// count; the index has its own): at most this many are remembered.
+const MAX_SAVED: usize = 10_000;
+
+/// The uploads arriving now, recipients waiting for broken ones, and where lately saved
+/// uploads are in the index.
+#[derive(Default)]
+pub(crate) struct Resumes {
+    live: Mutex<HashMap<u64, Arc<Live>>>,
+    wanted: Mutex<HashMap<(String, u64), (u64, Instant)>>,
+    /// Where uploads saved lately are in the index.
+    saved: Mutex<Saved>,
+}
+
+/// Upload id to index id and back, for the last [`MAX_SAVED`] uploads saved.
+#[derive(Default)]
+struct Saved {
+    to_index: HashMap<u64, u64>,
+    to_upload: HashMap<u64, u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// Removes a live upload from [`Resumes`] when it ends, however it ends.
+pub(crate) struct LiveGuard<'a> {
+    resumes: &'a Resumes,
+    id: u64,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.resumes
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl Resumes {
+    /// Registers upload `id` as arriving, until the guard is dropped.
+    pub(crate) fn arriving(&self, id: u64, live: Live) -> LiveGuard<'_> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::new(live));
+        LiveGuard { resumes: self, id }
+    }
+
+    /// The upload `id` if it is arriving now and `user` is one of its recipients.
+    pub(crate) fn live_for(&self, id: u64, user: &str) -> Option<Arc<Live>> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.get(&id)
+            .filter(|l| l.recipients.iter().any(|r| r == user))
+            .cloned()
+    }
+
+    /// Notes that `user` has the first `have` bytes of upload `id`, which broke off and
+    /// may resume.
+    pub(crate) fn want(&self, user: &str, id: u64, have: u64) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        wanted.retain(|_, (_, since)| since.elapsed() < WANTED_FOR);
+        if wanted.len() < MAX_WANTED {
+            wanted.insert((user.to_owned(), id), (have, Instant::now()));
+        }
+    }
+
+    /// Notes that upload `upload` was saved as file `index` of the index.
+    pub(crate) fn saved(&self, upload: u64, index: u64) {
+        let mut saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let saved = &mut *saved;
+        if saved.order.len() >= MAX_SAVED {
+            if let Some(old) = saved.order.pop_front() {
+                if let Some(i) = saved.to_index.remove(&old) {
+                    saved.to_upload.remove(&i);
+                }
+            }
+        }
+        saved.to_index.insert(upload, index);
+        saved.to_upload.insert(index, upload);
+        saved.order.push_back(upload);
+    }
+
+    /// The index id of upload `upload`, if it was saved lately.
+    pub(crate) fn index_of(&self, upload: u64) -> Option<u64> {
+        let saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        saved.to_index.get(&upload).copied()
+    }
+
+    /// The upload id of file `index`, if this run received it lately.
+    pub(crate) fn upload_of(&self, index: u64) -> Option<u64> {
+        let saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        saved.to_upload.get(&index).copied()
+    }
+
+    /// How many bytes of upload `id` `user` already has (0 if it did not say).
+    pub(crate) fn has(&self, user: &str, id: u64) -> u64 {
+        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        wanted
+            .remove(&(user.to_owned(), id))
+            .map_or(0, |(have, _)| have)
+    }
+}
