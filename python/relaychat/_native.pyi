@@ -551,7 +551,7 @@ class FileFailed(Event):
 @final
 class TransferProgress(Event):
     """How far a transfer has got (for a client made with `progress=True`): at most 10 a
-    second per transfer, the first as it starts and the last at `total`. `direction` is
+    second per transfer, the first after the first chunk and the last at `total`. `direction` is
     `"upload"` (ours, to `peer`: a user or `GROUP:<g>`) or `"download"` (from `peer`);
     `rate` is bytes per second since it began."""
 

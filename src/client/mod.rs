@@ -337,6 +337,8 @@ struct KeptDownload {
     sender: String,
     /// Its name.
     filename: String,
+    /// Its size.
+    size: u64,
 }
 
 /// Broken downloads kept at most (the oldest goes first).
@@ -828,7 +830,10 @@ impl Client {
         loop {
             let broke = match self.upload_once(&header, open().await?).await {
                 Ok(()) => return Ok(size),
-                Err(Error::Io { .. } | Error::Closed) => true,
+                // The connection broke while sending (the server kept what arrived), or the
+                // server said it kept it. A verdict that never came is not retried: the file
+                // may be saved already, and a second copy would go out.
+                Err(Error::Io { .. }) => true,
                 Err(Error::Refused(reason)) if reason == KEPT => true,
                 Err(e) => return Err(e),
             };
@@ -930,6 +935,11 @@ impl Client {
                     _ = self.inner.closed.cancelled() => Err(Error::Closed),
                 };
                 let (offset, prefix) = go?;
+                if offset > size {
+                    return Err(Error::Protocol(format!(
+                        "the server asked for the body from byte {offset} of {size}"
+                    )));
+                }
                 Some((verdict, offset, prefix))
             }
         };
@@ -1361,9 +1371,13 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
                 "ignored a file header from the server ({shown:?}): {e}"
             ))
             .await;
-            // Skip its body when the header says how long it is, to stay in step.
+            // Skip its body (and trailer) when the header says how long it is, to stay in
+            // step.
             return match ForwardHeader::declared_size(&line) {
-                Some(size) => skip(reader, size, closed).await,
+                Some(size) => {
+                    let checked = ForwardHeader::declares_trailer(&line);
+                    skip_forward(reader, size, checked, closed).await
+                }
                 None => Ok(()),
             };
         }
@@ -1383,18 +1397,28 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     let cannot_save = |e: std::io::Error| format!("cannot save '{filename}' from {sender}: {e}");
 
     // A resumed forward (`at` past 0) continues a part we kept; a fresh one starts a file.
+    let same = |k: &KeptDownload| k.sender == sender && k.filename == filename && k.size == size;
     let started = match (at, id.and_then(|id| inner.take_kept(id))) {
         (0, kept) => {
             drop(kept); // sent again from the start: the old part goes
+                        // So does any kept part under the same temporary name (it would be overwritten).
+            inner.kept().retain(|(_, k)| k.partial.path() != tmp);
             match saved.len() + TMP_SUFFIX.len() > MAX_FILENAME_BYTES {
                 true => Err(std::io::Error::other("file name too long")),
                 false => Partial::create(tmp, false).await,
             }
             .map(|partial| (partial, blake3::Hasher::new()))
         }
-        (at, Some(kept)) if kept.partial.written() == at => Ok((kept.partial, kept.hasher)),
-        (at, _) => Err(std::io::Error::other(format!(
-            "the server resumed it at byte {at}, which this client does not have"
+        (at, Some(kept)) if same(&kept) && kept.partial.written() == at => {
+            Ok((kept.partial, kept.hasher))
+        }
+        (_, None) => {
+            // The rest of a part we no longer hold (a fresh copy came first): not ours to
+            // save, and nothing failed.
+            return skip_forward(reader, body, checked, closed).await;
+        }
+        (at, Some(_)) => Err(std::io::Error::other(format!(
+            "the server resumed it at byte {at}, which does not continue this client's part"
         ))),
     };
     let (mut partial, mut hasher) = match started {
@@ -1431,15 +1455,25 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         Err(BodyError::Read(end)) => {
             // A checked forward can resume once the connection is back: keep the part.
             if let (true, Some(id), false) = (checked, id, closed.is_cancelled()) {
-                let mut kept = inner.kept();
-                if kept.len() >= MAX_KEPT_DOWNLOADS {
-                    kept.remove(0);
+                let evicted = {
+                    let mut kept = inner.kept();
+                    (kept.len() >= MAX_KEPT_DOWNLOADS).then(|| kept.remove(0).1)
+                };
+                if let Some(old) = evicted {
+                    let (who, what) = (old.sender.clone(), old.filename.clone());
+                    drop(old);
+                    fail(format!(
+                        "transfer of '{what}' from {who} broke off (too many to resume)"
+                    ))
+                    .await;
                 }
+                let mut kept = inner.kept();
                 let part = KeptDownload {
                     partial,
                     hasher,
                     sender,
                     filename,
+                    size,
                 };
                 kept.push((id, part));
                 return Err(Stop::Ended(end));
@@ -1463,8 +1497,22 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         let trailer = tokio::time::timeout(BODY_STALL, reader.next_line(closed)).await;
         let trailer = match trailer {
             Ok(Ok(line)) => Trailer::parse(&line),
-            Ok(Err(end)) => return Err(Stop::Ended(end)),
-            Err(_) => return Err(Stop::Ended(Ended::Stalled(BODY_STALL))),
+            Ok(Err(end)) => {
+                drop(partial);
+                fail(format!(
+                    "'{filename}' from {sender} came without its BLAKE3 check"
+                ))
+                .await;
+                return Err(Stop::Ended(end));
+            }
+            Err(_) => {
+                drop(partial);
+                fail(format!(
+                    "'{filename}' from {sender} came without its BLAKE3 check"
+                ))
+                .await;
+                return Err(Stop::Ended(Ended::Stalled(BODY_STALL)));
+            }
         };
         let why = match trailer {
             Some(Trailer::Hash(sent)) if sent == hash.to_hex().as_str() => None,

@@ -279,6 +279,14 @@ impl ForwardHeader {
         parse_size(size).ok()?.checked_sub(at)
     }
 
+    /// Whether a forward header (valid or not) announces a trailer after its body.
+    pub fn declares_trailer(line: &[u8]) -> bool {
+        let options = Self::fields(line)
+            .ok()
+            .and_then(|(_, _, _, options)| options);
+        options.is_some_and(|o| o.split(',').any(|w| w == CHECKED))
+    }
+
     /// How many body bytes follow this header.
     pub fn body(&self) -> u64 {
         self.size - self.at

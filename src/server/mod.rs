@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
     spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
+    /// Where this run's upload ids start (random, below 2^62).
+    upload_base: u64,
 }
 
 impl Shared {
@@ -175,6 +177,11 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             next_id: AtomicU64::new(1),
+            upload_base: {
+                let mut bytes = [0u8; 4];
+                let _ = getrandom::getrandom(&mut bytes);
+                u64::from(u32::from_le_bytes(bytes)) << 30
+            },
         })
     }
 
@@ -188,6 +195,12 @@ impl Shared {
     /// A fresh id for a connection or an upload.
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh upload id, which clients name to resume a download: unlike [`Self::next_id`]
+    /// it starts at a random point each run, so an id from a previous run names nothing.
+    pub(crate) fn upload_id(&self) -> u64 {
+        self.upload_base + self.next_id()
     }
 }
 

@@ -38,7 +38,7 @@ pub(crate) use spool::remove_stale as remove_stale_spools;
 use super::{checked_name, read_first_line, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
-use crate::protocol::file_header::{HeaderError, UploadHeader, GROUP_PREFIX};
+use crate::protocol::file_header::{HeaderError, UploadHeader};
 use crate::protocol::{ServerLine, FILE_SOCKET_CONNECTED};
 use forward::{fail_upload, forward_all, speaks_extensions, tell, MAX_QUEUED_FORWARDS};
 pub(crate) use partial::Partials;
@@ -79,7 +79,8 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
         let step = match reader.next_line(&kill).await {
             Ok(line) if line.is_empty() => Ok(()),
             Ok(line) if line.starts_with(RESUME) && speaks_extensions(&shared, &user) => {
-                resume(&shared, &user, &line).await;
+                // Boxed, as uploads are: a rare request's state stays off the idle future.
+                Box::pin(resume(&shared, &user, &line)).await;
                 Ok(())
             }
             Ok(line) => match parse_header(&shared, &user, &line) {
@@ -90,7 +91,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
                     let shown: String = String::from_utf8_lossy(&line).chars().take(200).collect();
                     warn!("[FILE ERROR] Invalid header from {addr}: {shown:?}: {e}");
                     fail_upload(&shared, &user, Refusal::Header(e));
-                    resync(&shared, &user, &mut reader, &line, &kill).await
+                    Box::pin(resync(&shared, &user, &mut reader, &line, &kill)).await
                 }
             },
             Err(Ended::Frame(e)) => {
@@ -132,7 +133,10 @@ async fn resume(shared: &Shared, user: &str, line: &[u8]) {
             });
         }
     };
-    if let Some(live) = shared.resumes.live_for(id, user) {
+    if let Some(live) = shared.resumes.live(id) {
+        if !resume::may_resume(shared, user, &live.recipients) {
+            return failed("it was not sent to you");
+        }
         let from = have.min(live.size);
         info!("[FILE] {user} resumes '{}' at byte {from}", live.filename);
         let job = forward::ForwardJob {
@@ -161,32 +165,29 @@ async fn resume(shared: &Shared, user: &str, line: &[u8]) {
         }
         return;
     }
-    let file = match shared.resumes.index_of(id) {
-        Some(index) => match shared.store.file(index).await {
-            Ok(file) => file,
+    if let Some((index, recipients)) = shared.resumes.index_of(id) {
+        if !resume::may_resume(shared, user, &recipients) {
+            return failed("it was not sent to you");
+        }
+        let file = match shared.store.file(index).await {
+            Ok(Some(file)) => file,
+            Ok(None) => return failed("the file is no longer in the index"),
             Err(e) => return failed(&format!("the server could not look it up ({e})")),
-        },
-        None => None,
-    };
-    let mine = |f: &crate::store::FileRecord| {
-        f.target == user
-            || f.target
-                .strip_prefix(GROUP_PREFIX)
-                .is_some_and(|g| shared.registry.members(g, user).is_some())
-    };
-    if let Some(file) = file.filter(mine) {
+        };
         info!("[FILE] {user} resumes '{}' at byte {have}", file.filename);
         if let Err(refusal) = queue_saved(shared, user, &file, false, have.min(file.size)) {
             failed(&refusal.to_string());
         }
         return;
     }
-    if shared.partials.holds(id) {
+    match shared.partials.recipients_of(id) {
         // The upload broke too: the rest comes when it resumes.
-        shared.resumes.want(user, id, have);
-        return;
+        Some(recipients) if resume::may_resume(shared, user, &recipients) => {
+            shared.resumes.want(user, id, have);
+        }
+        Some(_) => failed("it was not sent to you"),
+        None => failed("its upload broke off and is not kept"),
     }
-    failed("its upload broke off and is not kept");
 }
 
 /// Parses an upload header. Options are for our client, which said hello: from anyone
@@ -328,7 +329,20 @@ async fn resync(
         return Ok(());
     }
     let dropped = match UploadHeader::declared_size(line) {
-        Some(size) => skip_body(shared, reader, size, kill).await.map(|()| size)?,
+        // As after a refusal: a body that has not passed within the window closes the
+        // connection rather than sinking into it.
+        Some(size) => match tokio::time::timeout(
+            upload::REFUSED_BODY_WINDOW,
+            skip_body(shared, reader, size, kill),
+        )
+        .await
+        {
+            Ok(skipped) => skipped.map(|()| size)?,
+            Err(_) => {
+                warn!("[FILE ERROR] {user}: the refused body did not end within {:?}; closing the file connection", upload::REFUSED_BODY_WINDOW);
+                return Err(Stop::Ended(Ended::Stalled(upload::REFUSED_BODY_WINDOW)));
+            }
+        },
         None => {
             let limit = shared.config.limits.transfer_timeout;
             let quiet = reader.discard_until_quiet(RESYNC_QUIET, limit, kill).await;

@@ -16,6 +16,9 @@ use crate::transfer::Partial;
 /// Broken uploads kept per user at most (each holds a descriptor); past it, the oldest
 /// goes.
 const PER_USER: usize = 8;
+/// Broken uploads kept in all at most (guest names cost nothing to make): past it, the
+/// oldest goes.
+const IN_ALL: usize = 256;
 
 /// What identifies an upload across connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,22 +51,24 @@ pub(crate) struct Kept {
     pub(crate) hasher: blake3::Hasher,
     /// The quota and disk space it holds.
     pub(crate) reservation: Reservation,
+    /// Who it was being forwarded to when it broke (they may resume their downloads).
+    pub(crate) recipients: super::resume::Recipients,
     /// When it was kept.
     since: Instant,
 }
 
 impl Kept {
     pub(crate) fn new(
-        id: u64,
-        partial: Partial,
-        hasher: blake3::Hasher,
+        (id, partial, hasher): (u64, Partial, blake3::Hasher),
         reservation: Reservation,
+        recipients: super::resume::Recipients,
     ) -> Self {
         Self {
             id,
             partial,
             hasher,
             reservation,
+            recipients,
             since: Instant::now(),
         }
     }
@@ -91,6 +96,15 @@ impl Partials {
                 map.remove(&oldest);
             }
         }
+        if map.len() >= IN_ALL {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, k)| k.since)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                map.remove(&oldest);
+            }
+        }
         map.insert(key, kept);
     }
 
@@ -101,10 +115,12 @@ impl Partials {
         map.remove(key)
     }
 
-    /// Whether a broken upload with this id is kept.
-    pub(crate) fn holds(&self, id: u64) -> bool {
+    /// Who the broken upload with this id was forwarded to, if it is kept.
+    pub(crate) fn recipients_of(&self, id: u64) -> Option<super::resume::Recipients> {
         let map = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        map.values().any(|k| k.id == id)
+        map.values()
+            .find(|k| k.id == id)
+            .map(|k| k.recipients.clone())
     }
 
     /// Drops the broken uploads that outlived `ttl`.

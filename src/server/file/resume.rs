@@ -10,7 +10,22 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::super::Shared;
 use super::forward::Progress;
+
+/// Who an upload was forwarded to: each name with its chat session's id at the time.
+pub(crate) type Recipients = Vec<(String, u64)>;
+
+/// Whether `user` may resume a download of a file forwarded to `recipients`: it was one of
+/// them, and is the same account (registered) or still the same session (a guest: the
+/// name may have passed to someone else since).
+pub(crate) fn may_resume(shared: &Shared, user: &str, recipients: &Recipients) -> bool {
+    recipients.iter().any(|(name, chat)| {
+        name == user
+            && (shared.registry.is_registered(user)
+                || shared.registry.chat_session(user).map(|c| c.0) == Some(*chat))
+    })
+}
 
 /// Wishes (a recipient waiting for a broken upload to resume) kept at most.
 const MAX_WANTED: usize = 10_000;
@@ -30,7 +45,7 @@ pub(crate) struct Live {
     /// Its size.
     pub(crate) size: u64,
     /// Who it was forwarded to (only they may resume it).
-    pub(crate) recipients: Vec<String>,
+    pub(crate) recipients: Recipients,
 }
 
 /// Uploads saved lately whose id a recipient may still name (an upload's id is this run's
@@ -47,10 +62,11 @@ pub(crate) struct Resumes {
     saved: Mutex<Saved>,
 }
 
-/// Upload id to index id and back, for the last [`MAX_SAVED`] uploads saved.
+/// Upload id to index id (and its recipients) and back, for the last [`MAX_SAVED`] uploads
+/// saved.
 #[derive(Default)]
 struct Saved {
-    to_index: HashMap<u64, u64>,
+    to_index: HashMap<u64, (u64, Recipients)>,
     to_upload: HashMap<u64, u64>,
     order: std::collections::VecDeque<u64>,
 }
@@ -81,12 +97,10 @@ impl Resumes {
         LiveGuard { resumes: self, id }
     }
 
-    /// The upload `id` if it is arriving now and `user` is one of its recipients.
-    pub(crate) fn live_for(&self, id: u64, user: &str) -> Option<Arc<Live>> {
+    /// The upload `id` if it is arriving now.
+    pub(crate) fn live(&self, id: u64) -> Option<Arc<Live>> {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        live.get(&id)
-            .filter(|l| l.recipients.iter().any(|r| r == user))
-            .cloned()
+        live.get(&id).cloned()
     }
 
     /// Notes that `user` has the first `have` bytes of upload `id`, which broke off and
@@ -99,32 +113,39 @@ impl Resumes {
         }
     }
 
-    /// Notes that upload `upload` was saved as file `index` of the index.
-    pub(crate) fn saved(&self, upload: u64, index: u64) {
+    /// Notes that upload `upload`, forwarded to `recipients`, was saved as file `index`
+    /// of the index.
+    pub(crate) fn saved(&self, upload: u64, index: u64, recipients: Recipients) {
         let mut saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         let saved = &mut *saved;
         if saved.order.len() >= MAX_SAVED {
             if let Some(old) = saved.order.pop_front() {
-                if let Some(i) = saved.to_index.remove(&old) {
+                if let Some((i, _)) = saved.to_index.remove(&old) {
                     saved.to_upload.remove(&i);
                 }
             }
         }
-        saved.to_index.insert(upload, index);
+        saved.to_index.insert(upload, (index, recipients));
         saved.to_upload.insert(index, upload);
         saved.order.push_back(upload);
     }
 
-    /// The index id of upload `upload`, if it was saved lately.
-    pub(crate) fn index_of(&self, upload: u64) -> Option<u64> {
+    /// The index id of upload `upload` and who it was forwarded to, if it was saved lately.
+    pub(crate) fn index_of(&self, upload: u64) -> Option<(u64, Recipients)> {
         let saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
-        saved.to_index.get(&upload).copied()
+        saved.to_index.get(&upload).cloned()
     }
 
     /// The upload id of file `index`, if this run received it lately.
     pub(crate) fn upload_of(&self, index: u64) -> Option<u64> {
         let saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         saved.to_upload.get(&index).copied()
+    }
+
+    /// Forgets what recipients said they have of upload `id` (it starts over).
+    pub(crate) fn forget(&self, id: u64) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        wanted.retain(|(_, upload), _| *upload != id);
     }
 
     /// How many bytes of upload `id` `user` already has (0 if it did not say).

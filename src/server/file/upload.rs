@@ -120,8 +120,14 @@ pub(super) async fn upload(
         true => shared.partials.take(&key, ttl),
         false => None,
     };
-    let (id, reservation, mut partial, mut hasher) = match kept {
-        Some(kept) => (kept.id, kept.reservation, kept.partial, kept.hasher),
+    let (id, reservation, mut partial, mut hasher, before) = match kept {
+        Some(kept) => (
+            kept.id,
+            kept.reservation,
+            kept.partial,
+            kept.hasher,
+            kept.recipients,
+        ),
         None => {
             let reservation = match admit(shared, user, &header, &saved).await {
                 Ok(reservation) => reservation,
@@ -132,10 +138,11 @@ pub(super) async fn upload(
                 Err(e) => return refuse(shared, user, cannot_save(e), body, reader, kill).await,
             };
             (
-                shared.next_id(),
+                shared.upload_id(),
                 reservation,
                 partial,
                 blake3::Hasher::new(),
+                Vec::new(),
             )
         }
     };
@@ -165,8 +172,12 @@ pub(super) async fn upload(
                         header.filename
                     );
                     hasher = blake3::Hasher::new();
+                    // Recipients' parts are of the old bytes: they start over too.
+                    shared.resumes.forget(id);
                     if let Err(e) = partial.restart().await {
-                        return refuse(shared, user, cannot_save(e), size, reader, kill).await;
+                        // The body is coming: close rather than sink it.
+                        fail_upload(shared, user, cannot_save(e));
+                        return Err(Stop::Ended(Ended::Closed));
                     }
                 }
                 Ok(other) => {
@@ -174,9 +185,8 @@ pub(super) async fn upload(
                     return Err(Stop::Ended(Ended::Io(std::io::Error::other(why))));
                 }
                 Err(end) => {
-                    shared
-                        .partials
-                        .keep(key, Kept::new(id, partial, hasher, reservation), ttl);
+                    let kept = Kept::new((id, partial, hasher), reservation, before);
+                    shared.partials.keep(key, kept, ttl);
                     return Err(Stop::Ended(end));
                 }
             }
@@ -186,8 +196,16 @@ pub(super) async fn upload(
     let (progress, watcher) = watch::channel(Progress::Receiving(from));
     let (notices, live) = queue_forwards(shared, user, (id, &header), &partial, &watcher);
     drop(watcher);
-    // Recipients whose connection breaks may rejoin while it arrives.
-    let _live = live.map(|live| shared.resumes.arriving(id, live));
+    // Recipients whose connection breaks may rejoin while it arrives (and those of the
+    // broken attempt this one resumes).
+    let mut recipients = before;
+    if let Some(live) = &live {
+        recipients.extend(live.recipients.iter().cloned());
+    }
+    let _live = live.map(|mut live| {
+        live.recipients = recipients.clone();
+        shared.resumes.arriving(id, live)
+    });
 
     let stall = shared.config.limits.transfer_timeout;
     let report = |n| {
@@ -198,6 +216,15 @@ pub(super) async fn upload(
         Ok(()) => {}
         Err(BodyError::Write(e, unread)) => {
             let _ = progress.send(Progress::Aborted);
+            if header.checked {
+                // A trailer follows the body: close rather than fall out of step.
+                warn!(
+                    "[FILE ERROR] {user}: could not save '{}': {e}",
+                    header.filename
+                );
+                fail_upload(shared, user, cannot_save(e));
+                return Err(Stop::Ended(Ended::Closed));
+            }
             return refuse(shared, user, cannot_save(e), unread, reader, kill).await;
         }
         Err(BodyError::Read(end)) => {
@@ -209,9 +236,8 @@ pub(super) async fn upload(
                 info!(
                     "[FILE] kept {have} of {size} bytes of '{name}' from {user} for it to resume"
                 );
-                shared
-                    .partials
-                    .keep(key, Kept::new(id, partial, hasher, reservation), ttl);
+                let kept = Kept::new((id, partial, hasher), reservation, recipients);
+                shared.partials.keep(key, kept, ttl);
                 verdict(shared, user, ServerLine::UploadKept { have });
             } else {
                 let reason = format!("the upload of '{name}' {end}");
@@ -267,7 +293,7 @@ pub(super) async fn upload(
     let indexed = shared.store.record_file(record).await;
     match &indexed {
         // Recipients whose connection broke near the end resume from the saved copy.
-        Ok(index_id) => shared.resumes.saved(id, *index_id),
+        Ok(index_id) => shared.resumes.saved(id, *index_id, recipients),
         Err(e) => warn!("[STORE] cannot index a saved file: {e}"),
     }
     // Recipients who are away get the file at their next login: keep it for them (before
@@ -352,12 +378,13 @@ async fn check_trailer(
 
 /// How long a refused body may take to pass before the file connection is closed instead
 /// (a refused upload must not turn the connection into a silent sink).
-const REFUSED_BODY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+pub(super) const REFUSED_BODY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The one refusal path of an upload: log it, tell the uploader, and read past the
 /// `unread` body bytes so the connection stays in step, if they come within a second;
-/// otherwise the file connection is closed (our client, which sends no body before the
-/// go-ahead, never gets there; it re-opens a closed connection).
+/// otherwise the file connection is closed (our client's checked uploads never get here
+/// with a body: they send none before the go-ahead, and a refusal after it closes the
+/// connection, which the client re-opens).
 async fn refuse(
     shared: &Shared,
     user: &str,
@@ -517,7 +544,10 @@ fn queue_forwards(
             queued: None,
         };
         match link.jobs.try_send(Box::new(job)) {
-            Ok(()) => recipients.push(recipient),
+            Ok(()) => {
+                let chat = shared.registry.chat_session(&recipient).map_or(0, |c| c.0);
+                recipients.push((recipient, chat));
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!("[FILE FORWARD ERROR] {recipient} -> {MAX_QUEUED_FORWARDS} files already waiting");
                 notices.push(Notice::TooManyWaiting(recipient));
