@@ -921,11 +921,15 @@ impl Client {
                 let go = tokio::select! {
                     go = ready => go.map_err(|_| Error::Closed),
                     refused = &mut verdict => {
-                        guard.disarm();
+                        // Only a refusal of this header leaves the connection in step; any
+                        // other verdict here is out of order (a stale one from a broken
+                        // connection): the guard drops this connection and a fresh one opens.
                         return Err(match refused {
-                            Ok(Err(Unsaved::Refused(reason))) => Error::Refused(reason),
-                            Ok(Err(Unsaved::Kept)) => Error::Refused(KEPT.into()),
-                            Ok(Ok(_)) => Error::Protocol("a verdict before the body".into()),
+                            Ok(Err(Unsaved::Refused(reason))) => {
+                                guard.disarm();
+                                Error::Refused(reason)
+                            }
+                            Ok(_) => Error::Protocol("a verdict before the body".into()),
                             Err(_) => Error::Closed,
                         });
                     }
