@@ -292,6 +292,15 @@ def test_require_tls_refuses_plain_text_on_both_ports(pki, tmp_path):
 # --- where passwords may travel -------------------------------------------------------------
 
 
+@pytest.fixture
+def outside() -> str:
+    """This machine's address on its network, to connect from as another machine would."""
+    address = outside_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    return address
+
+
 def outside_address() -> str | None:
     """This machine's address on its network (not loopback), if it has one."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -304,10 +313,7 @@ def outside_address() -> str | None:
 
 
 @pytest.mark.parametrize("allow", [False, True])
-def test_passwords_travel_only_over_tls_or_from_loopback(pki, tmp_path, allow):
-    outside = outside_address()
-    if outside is None:
-        pytest.skip("this machine has no non-loopback address to connect from")
+def test_passwords_travel_only_over_tls_or_from_loopback(pki, tmp_path, allow, outside):
     cert, key = pki.issue("anywhere")
     srv = Server(
         "0.0.0.0", 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key, allow_plaintext_login=allow
@@ -341,10 +347,7 @@ def test_passwords_travel_only_over_tls_or_from_loopback(pki, tmp_path, allow):
         srv.stop()
 
 
-def test_our_client_never_sends_a_password_in_clear_to_another_machine(pki, tmp_path, ctx):
-    outside = outside_address()
-    if outside is None:
-        pytest.skip("this machine has no non-loopback address to connect from")
+def test_our_client_never_sends_a_password_in_clear_to_another_machine(pki, tmp_path, outside):
     cert, key = pki.issue("clear", ("localhost", "127.0.0.1", outside))
     # A server that would take it (as someone in the middle would ask for it).
     srv = Server(
@@ -370,10 +373,9 @@ def test_our_client_never_sends_a_password_in_clear_to_another_machine(pki, tmp_
         srv.stop()
 
 
-def test_a_session_secret_is_refused_over_plain_text_from_another_machine(pki, tmp_path, ctx):
-    outside = outside_address()
-    if outside is None:
-        pytest.skip("this machine has no non-loopback address to connect from")
+def test_a_session_secret_is_refused_over_plain_text_from_another_machine(
+    pki, tmp_path, ctx, outside
+):
     cert, key = pki.issue("secret", ("localhost", "127.0.0.1", outside))
     srv = Server("0.0.0.0", 0, 0, tmp_path / "data", tls_cert=cert, tls_key=key)
     srv.start()

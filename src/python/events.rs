@@ -173,25 +173,8 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 )
             }
             EngineEvent::FileFailed { reason } => format!("[FILE RECEIVE ERROR] {reason}"),
-            EngineEvent::Progress {
-                direction,
-                peer,
-                filename,
-                done,
-                total,
-                rate,
-            } => {
-                let (verb, arrow) = match direction {
-                    Direction::Upload => ("upload", "->"),
-                    Direction::Download => ("download", "<-"),
-                };
-                let percent = (*done as f64 * 100.0 / (*total).max(1) as f64).min(100.0);
-                format!(
-                    "[PROGRESS] {verb} '{filename}' {arrow} {peer}: {done} of {total} bytes \
-                     ({percent:.0}%), {:.1} MB/s",
-                    *rate as f64 / 1e6
-                )
-            }
+            // Made whole below, with its fields.
+            EngineEvent::Progress { .. } => String::new(),
             EngineEvent::Disconnected => "Chat connection closed.".to_owned(),
         };
         let (server_line, queued_at) = match self.0 {
@@ -220,10 +203,16 @@ impl<'py> IntoPyObject<'py> for PyEvent {
                 total,
                 rate,
             } => {
-                let direction = match direction {
-                    Direction::Upload => "upload",
-                    Direction::Download => "download",
+                let (direction, arrow) = match direction {
+                    Direction::Upload => ("upload", "->"),
+                    Direction::Download => ("download", "<-"),
                 };
+                let percent = (done as f64 * 100.0 / total.max(1) as f64).min(100.0);
+                let line = format!(
+                    "[PROGRESS] {direction} '{filename}' {arrow} {peer}: {done} of {total} \
+                     bytes ({percent:.0}%), {:.1} MB/s",
+                    rate as f64 / 1e6
+                );
                 let progress = TransferProgress {
                     direction,
                     peer,
