@@ -611,6 +611,21 @@ def test_our_client_reports_a_plain_lab_server_as_speaking_no_tls(tmp_path):
 # --- the operator's side: self-signed, reload, hostile peers ---------------------------------
 
 
+def client_at(ports: dict, tmp_path: Path, name: str, **tls) -> Client:
+    """Our client logged in as `name` to a `server.py` process over TLS, `Welcome` taken."""
+    client = Client(
+        HOST,
+        ports["CHAT"],
+        ports["FILE"],
+        username=name,
+        download_dir=tmp_path / name,
+        timeout=TIMEOUT,
+        **tls,
+    )
+    assert next_of(client, Welcome).user == name
+    return client
+
+
 def _fingerprint_logged(out: list[str]) -> str:
     wait_until(lambda: any("SHA-256" in line for line in out), what="the TLS log line")
     line = next(line for line in out if "SHA-256" in line)
@@ -621,14 +636,7 @@ def test_a_self_signed_certificate_is_made_once_and_kept(tmp_path):
     proc, ports, out = start_server(tmp_path, "--tls-self-signed")
     try:
         first = _fingerprint_logged(out)
-        with Client(
-            HOST,
-            ports["CHAT"],
-            ports["FILE"],
-            username="x",
-            download_dir=tmp_path / "x",
-            tls_pin=first,
-        ) as c:
+        with client_at(ports, tmp_path, "x", tls_pin=first) as c:
             assert c.list_users() == []
     finally:
         assert stop_server(proc) == 0
@@ -647,17 +655,7 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(pki, tmp_pa
     proc, ports, out = start_server(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
 
     def client(name: str, pin: str) -> Client:
-        c = Client(
-            HOST,
-            ports["CHAT"],
-            ports["FILE"],
-            username=name,
-            download_dir=tmp_path / name,
-            timeout=TIMEOUT,
-            tls_pin=pin,
-        )
-        assert next_of(c, Welcome).user == name
-        return c
+        return client_at(ports, tmp_path, name, tls_pin=pin)
 
     try:
         before = client("before", old)
@@ -700,16 +698,7 @@ def test_hostile_handshakes_are_dropped_and_cost_nobody_anything(pki, ctx, tmp_p
         tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--handshake-timeout", "1"
     )
     try:
-        alice = Client(
-            HOST,
-            ports["CHAT"],
-            ports["FILE"],
-            username="alice",
-            download_dir=tmp_path / "alice",
-            timeout=TIMEOUT,
-            tls_ca=pki.ca,
-        )
-        assert next_of(alice, Welcome).user == "alice"
+        alice = client_at(ports, tmp_path, "alice", tls_ca=pki.ca)
         # Garbage after a TLS first byte.
         with Wire(ports["CHAT"], "garbage") as wire:
             wire.send(b"\x16" + os.urandom(300))
@@ -729,16 +718,7 @@ def test_hostile_handshakes_are_dropped_and_cost_nobody_anything(pki, ctx, tmp_p
         assert any("not done within 1s" in line for line in out), out
         # Nobody else noticed.
         assert alice.list_users() == []
-        bob = Client(
-            HOST,
-            ports["CHAT"],
-            ports["FILE"],
-            username="bob",
-            download_dir=tmp_path / "bob",
-            timeout=TIMEOUT,
-            tls_ca=pki.ca,
-        )
-        assert next_of(bob, Welcome).user == "bob"
+        bob = client_at(ports, tmp_path, "bob", tls_ca=pki.ca)
         bob.msg("alice", "fine")
         assert next_of(alice, PrivateMessage).text == "fine"
         alice.close()

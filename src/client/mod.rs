@@ -1329,8 +1329,7 @@ async fn skip_forward(
 ) -> Step {
     skip(reader, n, closed).await?;
     if checked {
-        let trailer = tokio::time::timeout(BODY_STALL, reader.next_line(closed)).await;
-        trailer.map_err(|_| Stop::Ended(Ended::Stalled(BODY_STALL)))??;
+        reader.next_line_within(closed, BODY_STALL).await?;
     }
     Ok(())
 }
@@ -1498,24 +1497,15 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
     if checked {
         // The server's word on the bytes: their hash (checked here before the rename), or
         // why the file is not good after all.
-        let trailer = tokio::time::timeout(BODY_STALL, reader.next_line(closed)).await;
-        let trailer = match trailer {
-            Ok(Ok(line)) => Trailer::parse(&line),
-            Ok(Err(end)) => {
+        let trailer = match reader.next_line_within(closed, BODY_STALL).await {
+            Ok(line) => Trailer::parse(&line),
+            Err(end) => {
                 drop(partial);
                 fail(format!(
                     "'{filename}' from {sender} came without its BLAKE3 check"
                 ))
                 .await;
                 return Err(Stop::Ended(end));
-            }
-            Err(_) => {
-                drop(partial);
-                fail(format!(
-                    "'{filename}' from {sender} came without its BLAKE3 check"
-                ))
-                .await;
-                return Err(Stop::Ended(Ended::Stalled(BODY_STALL)));
             }
         };
         let why = match trailer {

@@ -83,6 +83,19 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         .await
     }
 
+    /// The next line within `limit` ([`Ended::Stalled`] past it): a line that must follow
+    /// at once, such as a transfer's trailer.
+    pub(crate) async fn next_line_within(
+        &mut self,
+        cancel: &CancellationToken,
+        limit: std::time::Duration,
+    ) -> Result<Bytes, Ended> {
+        match tokio::time::timeout(limit, self.next_line(cancel)).await {
+            Ok(line) => line,
+            Err(_) => Err(Ended::Stalled(limit)),
+        }
+    }
+
     /// The next line, or why there is none. Bytes left without a newline when the peer
     /// closes its side count as a last line.
     pub(crate) async fn next_line(&mut self, cancel: &CancellationToken) -> Result<Bytes, Ended> {

@@ -88,14 +88,13 @@ async fn next_event(events: SharedEvents, timeout: Option<Duration>) -> Option<E
 
 #[allow(clippy::too_many_arguments)] // Python keyword arguments
 fn config(
-    host: String,
-    chat_port: u16,
-    file_port: u16,
+    (host, chat_port, file_port): (String, u16, u16),
     username: String,
     download_dir: PathBuf,
     timeout: f64,
     password: Option<String>,
     tls: Option<TlsClientOptions>,
+    (allow_plaintext_login, progress): (bool, bool),
 ) -> PyResult<ClientConfig> {
     Ok(ClientConfig {
         host,
@@ -106,8 +105,8 @@ fn config(
         timeout: seconds(Some(timeout))?.unwrap_or(Duration::from_secs(10)),
         password,
         tls,
-        allow_plaintext_login: false,
-        progress: false,
+        allow_plaintext_login,
+        progress,
     })
 }
 
@@ -350,9 +349,7 @@ engine_calls! {
             progress: bool,
         ) -> PyResult<Self> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
-            let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
-            cfg.allow_plaintext_login = allow_plaintext_login;
-            cfg.progress = progress;
+            let cfg = config((host, chat_port, file_port), username, download_dir, timeout, password, tls, (allow_plaintext_login, progress))?;
             let (client, events) = block_on(py, Client::connect(cfg))??;
             Ok(Self {
                 client,
@@ -419,9 +416,7 @@ engine_calls! {
             progress: bool,
         ) -> PyResult<Bound<'_, PyAny>> {
             let tls = tls_options(tls, tls_ca, tls_pin, known_hosts);
-            let mut cfg = config(host, chat_port, file_port, username, download_dir, timeout, password, tls)?;
-            cfg.allow_plaintext_login = allow_plaintext_login;
-            cfg.progress = progress;
+            let cfg = config((host, chat_port, file_port), username, download_dir, timeout, password, tls, (allow_plaintext_login, progress))?;
             pyo3_async_runtimes::tokio::future_into_py(py, async move {
                 let (client, events) = Client::connect(cfg).await?;
                 Ok(PyAsyncClient {

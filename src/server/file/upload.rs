@@ -328,10 +328,7 @@ async fn read_from(
     kill: &CancellationToken,
 ) -> Result<u64, Ended> {
     let stall = shared.config.limits.transfer_timeout;
-    let line = match tokio::time::timeout(stall, reader.next_line(kill)).await {
-        Ok(line) => line?,
-        Err(_) => return Err(Ended::Stalled(stall)),
-    };
+    let line = reader.next_line_within(kill, stall).await?;
     let line = String::from_utf8_lossy(&line);
     line.strip_prefix("from ")
         .and_then(|n| n.trim().parse().ok())
@@ -353,11 +350,7 @@ async fn check_trailer(
     hash: &blake3::Hash,
 ) -> Result<(), Refusal> {
     let stall = shared.config.limits.transfer_timeout;
-    let line = match tokio::time::timeout(stall, reader.next_line(kill)).await {
-        Ok(Ok(line)) => line,
-        Ok(Err(end)) => return Err(Refusal::Trailer(end)),
-        Err(_) => return Err(Refusal::Trailer(Ended::Stalled(stall))),
-    };
+    let line = (reader.next_line_within(kill, stall).await).map_err(Refusal::Trailer)?;
     let got = hash.to_hex();
     match Trailer::parse(&line) {
         Some(Trailer::Hash(sent)) if sent == got.as_str() => Ok(()),
