@@ -15,6 +15,7 @@ from typing import ClassVar, Literal, final
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
+    "COMMANDS",
     "SETTINGS",
     "AccountBook",
     "Ack",
@@ -71,6 +72,10 @@ _StrPath = str | os.PathLike[str]
 def init_logging(level: Literal["error", "warn", "info", "debug", "trace"] = "info") -> None:
     """Send the engine's log lines (`[NEW CONNECTION] ...`, `[DISCONNECTED] ...`,
     `[FILE RECEIVED] ...`, `[FILE ERROR] ...`) to standard output. Later calls do nothing."""
+
+COMMANDS: tuple[tuple[str, str, str], ...]
+"""Every chat command as `(name, usage, help)`, in the order the server's usage lines and
+a client's `help` list them."""
 
 SETTINGS: tuple[tuple[str, Literal["bytes", "count", "seconds"], int | float, str], ...]
 """Every limit of `Server(...)` as `(name, unit, default, help)`, in the engine's order."""

@@ -479,7 +479,17 @@ engine_calls! {
     }
 }
 
+/// `relaychat.COMMANDS`: every chat command as `(name, usage, help)`, in the order `help`
+/// lists them, for clients that complete and explain commands.
+fn commands_table(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+    let rows = crate::protocol::command::COMMANDS
+        .iter()
+        .map(|c| PyTuple::new(py, [c.name, c.usage, c.help]));
+    PyTuple::new(py, rows.collect::<PyResult<Vec<_>>>()?)
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("COMMANDS", commands_table(m.py())?)?;
     m.add_class::<PyClient>()?;
     m.add_class::<PyAsyncClient>()?;
     m.add_class::<EventIterator>()?;
