@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, ClientConfig, Event, Events};
+use crate::client::{Client, ClientConfig, Compression, Event, Events};
 use crate::protocol::ServerLine;
 use crate::server::{Server, ServerConfig};
 use crate::tls::{TlsClientOptions, TlsSource};
@@ -106,7 +106,10 @@ async fn alice_and_bob(tls: bool) {
     let path = dir.path().join("data.bin");
     std::fs::write(&path, &body).expect("write");
     assert_eq!(
-        alice.send_file("bob", &path).await.expect("send"),
+        alice
+            .send_file("bob", &path, Compression::Auto)
+            .await
+            .expect("send"),
         body.len() as u64
     );
     let incoming = ServerLine::FileIncoming {

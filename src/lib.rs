@@ -16,6 +16,7 @@
 //!   `relaychat._native`.
 
 pub mod client;
+pub mod compress;
 #[cfg(test)]
 mod e2e_tests;
 mod flow;

@@ -7,6 +7,7 @@ an observable effect (a line, an event, a file) instead.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -479,3 +480,23 @@ def limited(tmp_path):
     for srv, net in servers:
         net.close()
         srv.stop()
+
+
+@pytest.fixture
+def outside() -> str:
+    """This machine's address on its network, to connect from as another machine would."""
+    address = outside_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    return address
+
+
+def outside_address() -> str | None:
+    """This machine's address on its network (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent, a route is chosen
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback else address

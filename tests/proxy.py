@@ -25,14 +25,17 @@ class Proxy:
         flip_down: int | None = None,
         cut_up: int | None = None,
         cut_down: int | None = None,
+        host: str = HOST,
     ) -> None:
+        """Listens on `host` (another of this machine's addresses: the client then sees a
+        server that is not on loopback) and forwards to `target_port` on loopback."""
         self.target_port = target_port
         self.rules = {"up": flip_up, "down": flip_down}
         self.cuts = {"up": cut_up, "down": cut_down}
         self.lock = threading.Lock()
         #: Bytes forwarded each way, over every connection.
         self.bytes = {"up": 0, "down": 0}
-        self.listener = socket.create_server((HOST, 0))
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self._socks: list[socket.socket] = []
         self._closed = False

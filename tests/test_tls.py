@@ -16,7 +16,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -290,26 +289,6 @@ def test_require_tls_refuses_plain_text_on_both_ports(pki, tmp_path):
 
 
 # --- where passwords may travel -------------------------------------------------------------
-
-
-@pytest.fixture
-def outside() -> str:
-    """This machine's address on its network, to connect from as another machine would."""
-    address = outside_address()
-    if address is None:
-        pytest.skip("this machine has no non-loopback address to connect from")
-    return address
-
-
-def outside_address() -> str | None:
-    """This machine's address on its network (not loopback), if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent, a route is chosen
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if ipaddress.ip_address(address).is_loopback else address
 
 
 @pytest.mark.parametrize("allow", [False, True])

@@ -311,3 +311,99 @@ def test_only_a_recipient_in_the_same_session_may_resume_a_download(net, tmp_pat
     new_chat, new_files = extended(net, "bob")
     new_files.send(f"resume {upload_id} 0\n")
     new_chat.expect(f"[RESUME FAILED] {upload_id} it was not sent to you")
+
+
+# --- compression (zstd) ---------------------------------------------------------------------
+
+
+def text_file(path: Path, size: int) -> Path:
+    """`size` bytes of chat-log-like text: it compresses well."""
+    lines = (f"{i:08d} alice -> bob: see you at the standup, room {i % 17}\n" for i in range(size))
+    text = "".join(next(lines) for _ in range(size // 40 + 1)).encode()[:size]
+    path.write_bytes(text)
+    return path
+
+
+def test_compressed_text_crosses_the_wire_smaller_and_everyone_gets_the_original(
+    net, tmp_path, data_dir
+):
+    up = Proxy(net.server.file_port)
+    down = Proxy(net.server.file_port)
+    try:
+        alice = via(net, up, "alice")
+        bob = via(net, down, "bob")
+        # A lab client in the same group gets the lab's header and the original bytes.
+        carol_chat = net.chat("carol", lab=True)
+        carol_files = net.file("carol", lab=True)
+        for client in (alice, bob):
+            client.join("team")
+        carol_chat.send("join team")
+        carol_chat.expect("You joined group 'team'")
+        body = text_file(tmp_path / "log.txt", 4_000_000)
+        size = body.stat().st_size
+        assert alice.send_file("GROUP:team", body, compress=True) == size
+        assert up.bytes["up"] < size // 5, up.bytes
+        assert (data_dir / "received_from_alice_log.txt").read_bytes() == body.read_bytes()
+        received = next(e for e in events_until(bob, FileReceived) if isinstance(e, FileReceived))
+        assert Path(received.path).read_bytes() == body.read_bytes()
+        assert down.bytes["down"] < size // 5, down.bytes
+        assert carol_files.line() == f"alice|log.txt|{size}"
+        assert carol_files.recv_exact(size) == body.read_bytes()
+    finally:
+        up.close()
+        down.close()
+
+
+def test_auto_compresses_only_what_shrinks_and_only_for_another_machine(
+    net, tmp_path, data_dir, outside
+):
+    text = text_file(tmp_path / "log.txt", 1_000_000)
+    noise = random_file(tmp_path / "noise.bin", 1_000_000)
+    # On this machine (loopback) bytes are cheaper than compressing them: never.
+    local = Proxy(net.server.file_port)
+    try:
+        alice = via(net, local, "alice")
+        alice.send_file("alice", text)
+        assert local.bytes["up"] >= 1_000_000, local.bytes
+        alice.close()
+        wait_gone(net, "alice")
+    finally:
+        local.close()
+    # From another machine: text goes compressed, random bytes as they are.
+    chat = Proxy(net.server.chat_port, host=outside)
+    files = Proxy(net.server.file_port, host=outside)
+    try:
+        bob = Client(outside, chat.port, files.port, username="bob", timeout=TIMEOUT)
+        net.adopt_client(bob)
+        assert next_of(bob, Welcome).user == "bob"
+        bob.send_file("bob", text)
+        assert files.bytes["up"] < 1_000_000 // 5, files.bytes
+        before = files.bytes["up"]
+        bob.send_file("bob", noise)
+        assert files.bytes["up"] - before >= 1_000_000, files.bytes
+        assert (data_dir / "received_from_bob_log.txt").read_bytes() == text.read_bytes()
+        assert (data_dir / "received_from_bob_noise.bin").read_bytes() == noise.read_bytes()
+    finally:
+        chat.close()
+        files.close()
+
+
+@pytest.mark.parametrize("way", ["up", "down"])
+def test_a_broken_compressed_transfer_resumes_and_arrives_whole(net, tmp_path, data_dir, way):
+    body = text_file(tmp_path / "log.txt", 8_000_000)
+    # Inside the compressed stream (about 1/20 of the file).
+    proxy = Proxy(net.server.file_port, **{f"cut_{way}": 120_000})
+    try:
+        if way == "up":
+            alice, bob = via(net, proxy, "alice"), net.client("bob")
+        else:
+            bob, alice = via(net, proxy, "bob"), net.client("alice")
+        assert alice.send_file("bob", body, compress=True) == body.stat().st_size
+        events = events_until(bob, FileReceived)
+        assert not [e for e in events if isinstance(e, FileFailed)], events
+        assert Path(events[-1].path).read_bytes() == body.read_bytes()
+        assert (data_dir / "received_from_alice_log.txt").read_bytes() == body.read_bytes()
+        # The rest only, compressed: far less than the file went through the proxy.
+        assert proxy.bytes[way] < body.stat().st_size // 5, proxy.bytes
+    finally:
+        proxy.close()

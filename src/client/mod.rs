@@ -310,8 +310,9 @@ struct Inner {
     config: ClientConfig,
     /// The secret that proves our file connection (given at a login with a password).
     proof: Option<String>,
-    /// Whether passwords may go over the chat connection (see [`secrets_allowed`]).
-    secrets: bool,
+    /// Whether passwords may go over the chat connection (see [`secrets_allowed`]), and
+    /// whether the server is on this machine.
+    reach: Reach,
     /// Chat write half: one command per write, never two at once.
     chat: tokio::sync::Mutex<ConnWrite>,
     /// File write half, for uploads (`None` while the file connection is being re-opened).
@@ -434,22 +435,33 @@ async fn send_all(wr: &mut ConnWrite, bytes: &[u8]) -> std::io::Result<()> {
     wr.flush().await
 }
 
-/// Sends `first` (the username, alone) and reads the one-line reply; also says whether
-/// passwords may go over the connection.
+/// What a connection is: whether passwords may go over it, and whether the server is on
+/// this machine.
+#[derive(Clone, Copy)]
+struct Reach {
+    secrets: bool,
+    local: bool,
+}
+
+/// Sends `first` (the username, alone) and reads the one-line reply; also says what the
+/// connection is.
 async fn handshake(
     config: &ClientConfig,
     port: u16,
     first: &str,
-) -> Result<(LineReader, ConnWrite, ServerLine, bool)> {
+) -> Result<(LineReader, ConnWrite, ServerLine, Reach)> {
     let conn = connect(config, port).await?;
-    let secrets = secrets_allowed(config, &conn);
+    let reach = Reach {
+        secrets: secrets_allowed(config, &conn),
+        local: conn.peer_is_loopback(),
+    };
     let (rd, mut wr) = conn.split();
     send_all(&mut wr, format!("{first}\n").as_bytes())
         .await
         .map_err(io("sending username"))?;
     let mut reader = LineReader::line_framed(rd, MAX_SERVER_LINE);
     let reply = next_reply(config, &mut reader).await?;
-    Ok((reader, wr, reply, secrets))
+    Ok((reader, wr, reply, reach))
 }
 
 /// The next line of a handshake; an `ERROR:` line is a refusal.
@@ -469,19 +481,16 @@ async fn next_reply(config: &ClientConfig, reader: &mut LineReader) -> Result<Se
 /// (after asking for the extensions, so the server gives us the file connection's proof
 /// and the times of queued messages). Returns the welcome and the proof.
 async fn log_in(config: &ClientConfig) -> Result<(LineReader, ConnWrite, ServerLine, Login)> {
-    let (mut reader, mut wr, reply, secrets) =
+    let (mut reader, mut wr, reply, reach) =
         handshake(config, config.chat_port, &config.username).await?;
-    let guest = Login {
-        proof: None,
-        secrets,
-    };
+    let guest = Login { proof: None, reach };
     let ServerLine::PasswordPrompt { .. } = reply else {
         return Ok((reader, wr, reply, guest));
     };
     let Some(password) = &config.password else {
         return Err(Error::PasswordRequired(config.username.clone()));
     };
-    if !secrets {
+    if !reach.secrets {
         return Err(plaintext_password(config));
     }
     send_all(&mut wr, format!("{HELLO}\n{password}\n").as_bytes())
@@ -499,7 +508,7 @@ async fn log_in(config: &ClientConfig) -> Result<(LineReader, ConnWrite, ServerL
     };
     let login = Login {
         proof: Some(proof),
-        secrets,
+        reach,
     };
     Ok((reader, wr, welcome, login))
 }
@@ -508,8 +517,8 @@ async fn log_in(config: &ClientConfig) -> Result<(LineReader, ConnWrite, ServerL
 struct Login {
     /// The secret that proves the file connection (a login with a password).
     proof: Option<String>,
-    /// Whether passwords may go over the chat connection.
-    secrets: bool,
+    /// What the chat connection is.
+    reach: Reach,
 }
 
 async fn open_file_connection(
@@ -546,6 +555,20 @@ fn invalid(e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(e.to_string())
 }
 
+/// Whether an upload's body goes compressed (zstd, with our server only; the server
+/// saves and forwards the original bytes to everyone who is not our client).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// When it pays: the server is on another machine (on this one, bytes cost less than
+    /// compressing them) and the file's first 128 KiB shrink to 90% or less.
+    #[default]
+    Auto,
+    /// Always (except an empty file).
+    Always,
+    /// Never.
+    Never,
+}
+
 impl Client {
     /// Connects both sockets as `config.username` and starts the engine's reader tasks
     /// on the current tokio runtime.
@@ -554,7 +577,7 @@ impl Client {
         check_username(&config.username).map_err(invalid)?;
         std::fs::create_dir_all(&config.download_dir).map_err(io("creating download directory"))?;
         let (chat_reader, chat_wr, welcome, login) = log_in(&config).await?;
-        let Login { proof, secrets } = login;
+        let Login { proof, reach } = login;
         if welcome
             != (ServerLine::Welcome {
                 user: config.username.clone(),
@@ -569,7 +592,7 @@ impl Client {
         let inner = Arc::new(Inner {
             config,
             proof,
-            secrets,
+            reach,
             chat: tokio::sync::Mutex::new(chat_wr),
             file: tokio::sync::Mutex::new(Some(file_wr)),
             waiters: Mutex::default(),
@@ -714,7 +737,7 @@ impl Client {
 
     /// A password goes over TLS or to this machine only, unless the user allowed more.
     fn may_send_passwords(&self) -> Result<()> {
-        match self.inner.secrets {
+        match self.inner.reach.secrets {
             true => Ok(()),
             false => Err(plaintext_password(&self.inner.config)),
         }
@@ -789,9 +812,15 @@ impl Client {
         }
     }
 
-    /// Sends the file at `path` to a user or to `GROUP:<group>`, streaming it from disk.
-    /// Returns the number of bytes sent once the last byte is written.
-    pub async fn send_file(&self, target: &str, path: &Path) -> Result<u64> {
+    /// Sends the file at `path` to a user or to `GROUP:<group>`, streaming it from disk,
+    /// compressed or not as `compression` says. Returns the file's size once the server has
+    /// it (the lab's server: once the last byte is written).
+    pub async fn send_file(
+        &self,
+        target: &str,
+        path: &Path,
+        compression: Compression,
+    ) -> Result<u64> {
         let target = match target.strip_prefix(GROUP_PREFIX) {
             Some(group) => check_group(group).map(|()| Target::Group(group.into())),
             None => check_username(target).map(|()| Target::User(target.into())),
@@ -817,12 +846,29 @@ impl Client {
             .await
             .map_err(io("reading file size"))?
             .len();
+        let checked = self.extended();
+        let compressed = checked
+            && match compression {
+                Compression::Always => size > 0,
+                Compression::Never => false,
+                Compression::Auto if self.inner.reach.local => false,
+                Compression::Auto => {
+                    let mut sample = Vec::new();
+                    (&mut open().await?)
+                        .take(crate::compress::SAMPLE_BYTES as u64)
+                        .read_to_end(&mut sample)
+                        .await
+                        .map_err(io("reading file"))?;
+                    crate::compress::pays(size, &sample)
+                }
+            };
         let header = UploadHeader {
             sender: self.inner.config.username.clone(),
             target,
             filename: filename.to_owned(),
             size,
-            checked: self.extended(),
+            checked,
+            compressed,
         };
         // A checked upload whose file connection breaks is sent again once the connection
         // is back: the server kept what arrived, so it continues from there.
@@ -997,6 +1043,10 @@ impl Client {
                 .as_ref()
                 .map(|tx| Meter::new(Direction::Upload, &peer, &header.filename, size, tx));
             let mut body = BufReader::with_capacity(BODY_CHUNK, file.take(size - start));
+            let mut deflate = match header.compressed {
+                true => Some((crate::compress::Deflate::new()?, Vec::new())),
+                false => None,
+            };
             let mut sent = start;
             loop {
                 let chunk = body.fill_buf().await?;
@@ -1007,12 +1057,24 @@ impl Client {
                 if header.checked {
                     hasher.update(chunk);
                 }
-                wr.write_all(chunk).await?;
+                match deflate.as_mut() {
+                    Some((deflate, packed)) => {
+                        packed.clear();
+                        deflate.push(chunk, packed)?;
+                        wr.write_all(packed).await?;
+                    }
+                    None => wr.write_all(chunk).await?,
+                }
                 body.consume(n);
                 sent += n as u64;
                 if let Some(meter) = meter.as_mut() {
                     meter.update(sent);
                 }
+            }
+            if let Some((mut deflate, mut packed)) = deflate {
+                packed.clear();
+                deflate.finish(&mut packed)?;
+                wr.write_all(&packed).await?;
             }
             if header.checked && sent == size {
                 let trailer = Trailer::Hash(hasher.finalize().to_hex().to_string());
@@ -1323,11 +1385,14 @@ async fn give_up_kept(inner: &Inner, tx: &mpsc::Sender<Event>) {
 /// trailer of a checked forward.
 async fn skip_forward(
     reader: &mut LineReader,
-    n: u64,
+    body: Skip,
     checked: bool,
     closed: &CancellationToken,
 ) -> Step {
-    skip(reader, n, closed).await?;
+    match body {
+        Skip::Bytes(n) => skip(reader, n, closed).await?,
+        Skip::Frame => skip_frame(reader, closed).await?,
+    }
     if checked {
         reader.next_line_within(closed, BODY_STALL).await?;
     }
@@ -1344,6 +1409,54 @@ async fn not_saved(inner: &Inner, sender: &str, filename: &str, e: &std::io::Err
     if inner.extended.load(Relaxed) {
         let line = format_file_failed(sender, filename, &e.to_string());
         let _ = send_all(&mut *inner.chat.lock().await, line.as_bytes()).await;
+    }
+}
+
+/// A body to read past: so many bytes, or a compressed one (its zstd frame).
+enum Skip {
+    Bytes(u64),
+    Frame,
+}
+
+impl Skip {
+    /// The body of `header`, past its first `at` bytes (`unread` of them, when plain).
+    fn rest(compressed: bool, unread: u64) -> Self {
+        match compressed {
+            true => Skip::Frame,
+            false => Skip::Bytes(unread),
+        }
+    }
+}
+
+/// Reads past a compressed body (decoding it, since only the frame says where it ends).
+async fn skip_frame(reader: &mut LineReader, closed: &CancellationToken) -> Step {
+    let broken = |e: std::io::Error| Stop::Ended(Ended::Io(e));
+    let mut inflate = crate::compress::Inflate::new().map_err(broken)?;
+    let mut scratch = Vec::with_capacity(BODY_CHUNK);
+    loop {
+        let chunk = tokio::select! {
+            _ = closed.cancelled() => return Err(Stop::Ended(Ended::Closed)),
+            chunk = tokio::time::timeout(BODY_STALL, reader.read_raw(BODY_CHUNK, BODY_CHUNK)) => chunk,
+        };
+        let chunk = match chunk {
+            Ok(Ok(bytes)) if !bytes.is_empty() => bytes,
+            Ok(Ok(_)) => return Err(Stop::Ended(Ended::Closed)),
+            Ok(Err(e)) => return Err(broken(e)),
+            Err(_) => return Err(Stop::Ended(Ended::Stalled(BODY_STALL))),
+        };
+        let mut input = &chunk[..];
+        loop {
+            scratch.clear();
+            let pulled = inflate.pull(input, &mut scratch).map_err(broken)?;
+            input = &input[pulled.read..];
+            if pulled.ended {
+                reader.unread(input);
+                return Ok(());
+            }
+            if input.is_empty() && scratch.len() < scratch.capacity() {
+                break;
+            }
+        }
     }
 }
 
@@ -1376,21 +1489,24 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             .await;
             // Skip its body (and trailer) when the header says how long it is, to stay in
             // step.
+            let checked = ForwardHeader::declares_trailer(&line);
             return match ForwardHeader::declared_size(&line) {
-                Some(size) => {
-                    let checked = ForwardHeader::declares_trailer(&line);
-                    skip_forward(reader, size, checked, closed).await
+                Some(size) => skip_forward(reader, Skip::Bytes(size), checked, closed).await,
+                // A frame ends itself, whatever the header says.
+                None if ForwardHeader::declares_compressed(&line) => {
+                    skip_forward(reader, Skip::Frame, checked, closed).await
                 }
                 None => Ok(()),
             };
         }
     };
-    let body = header.body();
+    let body = Skip::rest(header.compressed, header.body());
     let ForwardHeader {
         sender,
         filename,
         size,
         checked,
+        compressed,
         id,
         at,
     } = header;
@@ -1440,6 +1556,7 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
         from: at,
         size,
         stall: BODY_STALL,
+        compressed,
     };
     let received = receive_rest(reader, &mut partial, &mut hasher, rest, closed, |n| {
         if let Some(meter) = meter.as_mut() {
@@ -1453,11 +1570,13 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             drop(partial);
             not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
-            return skip_forward(reader, unread, checked, closed).await;
+            return skip_forward(reader, Skip::rest(compressed, unread), checked, closed).await;
         }
         Err(BodyError::Read(end)) => {
-            // A checked forward can resume once the connection is back: keep the part.
-            if let (true, Some(id), false) = (checked, id, closed.is_cancelled()) {
+            // A checked forward can resume once the connection is back: keep the part (on
+            // disk, not in memory).
+            let resumable = checked && !closed.is_cancelled() && partial.park().await.is_ok();
+            if let (true, Some(id)) = (resumable, id) {
                 let evicted = {
                     let mut kept = inner.kept();
                     (kept.len() >= MAX_KEPT_DOWNLOADS).then(|| kept.remove(0).1)

@@ -151,6 +151,19 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         Ok(self.buf.split_to(take).freeze())
     }
 
+    /// Puts `bytes` back in front of what is buffered, to be read again: what a raw read
+    /// took past the end of a body that ends itself (a zstd frame).
+    pub(crate) fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(bytes.len() + self.buf.len());
+        buf.extend_from_slice(bytes);
+        buf.extend_from_slice(&self.buf);
+        self.buf = buf;
+        self.framer.rescan();
+    }
+
     /// Reads and drops exactly `n` raw bytes. Fails with `UnexpectedEof` if the peer
     /// closed, `TimedOut` if it went `stall` without sending a byte, and `Interrupted` if
     /// `cancel` fired first.

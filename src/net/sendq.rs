@@ -50,6 +50,55 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Where the next byte of `chunks` is, `n` bytes after chunk `first`'s byte `skip`: a
+/// chunk index and an offset in it, past every chunk written whole (index `chunks.len()`
+/// once all are).
+pub(crate) fn advance(
+    chunks: &[bytes::Bytes],
+    (mut first, mut skip): (usize, usize),
+    mut n: usize,
+) -> (usize, usize) {
+    while first < chunks.len() {
+        let left = chunks[first].len() - skip;
+        if n < left {
+            return (first, skip + n);
+        }
+        n -= left;
+        first += 1;
+        skip = 0;
+    }
+    (first, skip)
+}
+
+/// Writes all of `chunks`, in order, several per system call (`writev`), with the stall
+/// rule of [`write_with_progress`].
+pub(crate) async fn write_chunks<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &[bytes::Bytes],
+    stall: Duration,
+) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind, IoSlice};
+    // The next byte to write: chunk `first`, from offset `skip`.
+    let (mut first, mut skip) = (0, 0);
+    let mut slices = Vec::with_capacity(chunks.len());
+    while first < chunks.len() {
+        slices.clear();
+        slices.push(IoSlice::new(&chunks[first][skip..]));
+        slices.extend(chunks[first + 1..].iter().map(|c| IoSlice::new(c)));
+        let n = match tokio::time::timeout(stall, wr.write_vectored(&slices)).await {
+            Ok(Ok(0)) => return Err(Error::from(ErrorKind::WriteZero)),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
+        };
+        (first, skip) = advance(chunks, (first, skip), n);
+    }
+    match tokio::time::timeout(stall, wr.flush()).await {
+        Ok(flushed) => flushed,
+        Err(_) => Err(Error::from(ErrorKind::TimedOut)),
+    }
+}
+
 /// A connection's outgoing lines: a bounded FIFO of ready-made buffers, filled by any task
 /// without waiting and drained by the connection's one writer. Unlike a channel it holds no
 /// memory while empty, and most connections are idle most of the time.
@@ -425,6 +474,27 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn chunks_are_written_whole_and_in_order_through_short_writes() {
+        use tokio::io::AsyncReadExt;
+        // A pipe of 7 bytes: every write is short, most end inside a chunk.
+        let (mut wr, mut rd) = tokio::io::duplex(7);
+        let chunks: Vec<bytes::Bytes> = ["hello ", "", "chunked ", "w", "orld"]
+            .iter()
+            .map(|s| bytes::Bytes::from_static(s.as_bytes()))
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            rd.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        write_chunks(&mut wr, &chunks, Duration::from_secs(5))
+            .await
+            .expect("written");
+        drop(wr);
+        assert_eq!(reader.await.expect("task"), b"hello chunked world");
+    }
 
     #[tokio::test]
     async fn the_send_queue_is_bounded_ordered_and_gives_memory_back() {

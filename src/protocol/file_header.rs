@@ -5,9 +5,9 @@
 //! Forward, server to recipient: `sender|filename|filesize\n` and then the bytes.
 //!
 //! Between our client and our server only (a session that said hello), either header may
-//! end in one more field of options. The one option so far is `b3`: the body is followed
-//! by a [`Trailer`] line carrying its BLAKE3 hash (and an upload waits for the server's
-//! go-ahead before its body; docs/PROTOCOL.md §9).
+//! end in one more field of options: `b3`, the body is followed by a [`Trailer`] line
+//! carrying its BLAKE3 hash (and an upload waits for the server's go-ahead before its
+//! body); with it, `zstd`, the body is one zstd frame of the bytes (docs/PROTOCOL.md §9).
 
 use super::names::{
     check_component, check_filename, check_group, check_username, normalize, NameError,
@@ -68,16 +68,22 @@ pub struct UploadHeader {
     /// A BLAKE3 trailer follows the body, which waits for the server's go-ahead (option
     /// `b3`; our client and server only).
     pub checked: bool,
+    /// The body is one zstd frame of the file's bytes (option `zstd`, only with `b3`).
+    pub compressed: bool,
 }
 
 /// The option that asks for a BLAKE3 trailer after the body.
 const CHECKED: &str = "b3";
+/// The option that says the body is compressed.
+const ZSTD: &str = "zstd";
 
 /// The options of a header's last field.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Options {
     /// `b3`: a BLAKE3 trailer follows the body.
     checked: bool,
+    /// `zstd`: the body is one zstd frame.
+    compressed: bool,
     /// `id=<n>` (forwards): the file's id, for resuming it.
     id: Option<u64>,
     /// `at=<n>` (forwards): the body starts at this byte of the file.
@@ -92,20 +98,28 @@ fn parse_options(field: &str) -> Result<Options, HeaderError> {
         let number = |value: &str| value.parse::<u64>().map_err(|_| unknown(word));
         match word.split_once('=') {
             None if word == CHECKED => options.checked = true,
+            None if word == ZSTD => options.compressed = true,
             Some(("id", value)) => options.id = Some(number(value)?),
             Some(("at", value)) => options.at = number(value)?,
             _ => return Err(unknown(word)),
         }
     }
+    // A compressed body ends where its frame does: only a trailer puts it back in step.
+    if options.compressed && !options.checked {
+        return Err(unknown(ZSTD));
+    }
     Ok(options)
 }
 
 /// The options field of a header, with its leading `|` (empty when there are none).
-fn options_suffix(checked: bool, id: Option<u64>, at: u64) -> String {
+fn options_suffix(checked: bool, compressed: bool, id: Option<u64>, at: u64) -> String {
     if !checked {
         return String::new();
     }
     let mut field = format!("|{CHECKED}");
+    if compressed {
+        field.push_str(&format!(",{ZSTD}"));
+    }
     if let Some(id) = id {
         field.push_str(&format!(",id={id}"));
     }
@@ -161,14 +175,14 @@ impl UploadHeader {
         let line = std::str::from_utf8(line).map_err(|_| HeaderError::NotUtf8)?;
         let line = line.strip_suffix('\r').unwrap_or(line);
         let fields: Vec<&str> = line.split('|').collect();
-        let (sender, target, filename, size, checked) = match fields[..] {
-            [sender, target, filename, size] => (sender, target, filename, size, false),
+        let (sender, target, filename, size, options) = match fields[..] {
+            [sender, target, filename, size] => {
+                (sender, target, filename, size, Options::default())
+            }
             [sender, target, filename, size, options] => match parse_options(options)? {
-                Options {
-                    checked,
-                    id: None,
-                    at: 0,
-                } => (sender, target, filename, size, checked),
+                options @ Options {
+                    id: None, at: 0, ..
+                } => (sender, target, filename, size, options),
                 _ => return Err(HeaderError::Option(options.chars().take(32).collect())),
             },
             _ => return Err(HeaderError::FieldCount(fields.len())),
@@ -197,7 +211,8 @@ impl UploadHeader {
             target,
             filename,
             size,
-            checked,
+            checked: options.checked,
+            compressed: options.compressed,
         })
     }
 
@@ -209,7 +224,7 @@ impl UploadHeader {
             self.target,
             self.filename,
             self.size,
-            options_suffix(self.checked, None, 0)
+            options_suffix(self.checked, self.compressed, None, 0)
         )
     }
 
@@ -241,6 +256,8 @@ pub struct ForwardHeader {
     pub size: u64,
     /// A BLAKE3 trailer follows the body (option `b3`, for our client only).
     pub checked: bool,
+    /// The body is one zstd frame of the file's bytes from `at` (option `zstd`, with `b3`).
+    pub compressed: bool,
     /// The file's id (`id=<n>`, with `b3`): what the client names to resume it.
     pub id: Option<u64>,
     /// The body starts at this byte of the file (`at=<n>`, a resumed forward: the client
@@ -268,12 +285,13 @@ impl ForwardHeader {
     }
 
     /// How many body bytes follow a refused forward header, when it still says so clearly,
-    /// so a client can skip exactly them and stay in step.
+    /// so a client can skip exactly them and stay in step (never for a compressed body,
+    /// whose length on the wire no header says).
     pub fn declared_size(line: &[u8]) -> Option<u64> {
         let (_, _, size, options) = Self::fields(line).ok()?;
         let at = match options.map(parse_options) {
-            Some(Ok(options)) => options.at,
-            Some(Err(_)) => return None,
+            Some(Ok(options)) if !options.compressed => options.at,
+            Some(_) => return None,
             None => 0,
         };
         parse_size(size).ok()?.checked_sub(at)
@@ -281,13 +299,22 @@ impl ForwardHeader {
 
     /// Whether a forward header (valid or not) announces a trailer after its body.
     pub fn declares_trailer(line: &[u8]) -> bool {
+        Self::declares(line, CHECKED)
+    }
+
+    /// Whether a forward header (valid or not) announces a compressed body.
+    pub fn declares_compressed(line: &[u8]) -> bool {
+        Self::declares(line, ZSTD)
+    }
+
+    fn declares(line: &[u8], option: &str) -> bool {
         let options = Self::fields(line)
             .ok()
             .and_then(|(_, _, _, options)| options);
-        options.is_some_and(|o| o.split(',').any(|w| w == CHECKED))
+        options.is_some_and(|o| o.split(',').any(|w| w == option))
     }
 
-    /// How many body bytes follow this header.
+    /// How many bytes of the file the body carries (compressed, fewer go on the wire).
     pub fn body(&self) -> u64 {
         self.size - self.at
     }
@@ -299,7 +326,7 @@ impl ForwardHeader {
             self.sender,
             self.filename,
             self.size,
-            options_suffix(self.checked, self.id, self.at)
+            options_suffix(self.checked, self.compressed, self.id, self.at)
         )
     }
 
@@ -321,6 +348,7 @@ impl ForwardHeader {
             filename: filename.to_owned(),
             size,
             checked: options.checked,
+            compressed: options.compressed,
             id: options.id,
             at: options.at,
         })
@@ -402,6 +430,7 @@ mod tests {
             filename: "report.pdf".into(),
             size: 7,
             checked: false,
+            compressed: false,
             id: None,
             at: 0,
         };
@@ -419,6 +448,24 @@ mod tests {
     }
 
     #[test]
+    fn compressed_bodies_are_declared_and_need_a_trailer() {
+        let up = UploadHeader::parse(b"a|bob|f.txt|5|b3,zstd").expect("valid");
+        assert!(up.checked && up.compressed);
+        assert_eq!(up.to_wire(), "a|bob|f.txt|5|b3,zstd\n");
+        assert!(
+            UploadHeader::parse(b"a|bob|f.txt|5|zstd").is_err(),
+            "no trailer"
+        );
+        let fwd = ForwardHeader::parse(b"a|f.txt|5|b3,zstd,id=3,at=1").expect("valid");
+        assert!(fwd.compressed);
+        assert_eq!(fwd.to_wire(), "a|f.txt|5|b3,zstd,id=3,at=1\n");
+        // Its length on the wire is the frame's: no header can say it.
+        assert_eq!(ForwardHeader::declared_size(b"a|f.txt|5|b3,zstd"), None);
+        assert!(ForwardHeader::declares_compressed(b"../x|f|5|b3,zstd"));
+        assert!(!ForwardHeader::declares_compressed(b"a|f|5|b3"));
+    }
+
+    #[test]
     fn checked_headers_and_trailers_round_trip() {
         let up = UploadHeader::parse(b"a|GROUP:g|f.txt|5|b3").expect("valid");
         assert!(up.checked);
@@ -430,6 +477,7 @@ mod tests {
             filename: "f.txt".into(),
             size: 5,
             checked: true,
+            compressed: false,
             id: None,
             at: 0,
         };

@@ -97,6 +97,12 @@ impl LineFramer {
         }
     }
 
+    /// Forgets how much of the buffer was scanned: for a caller that put bytes back at its
+    /// front.
+    pub fn rescan(&mut self) {
+        self.scanned = 0;
+    }
+
     /// Whether bytes are waiting that an idle pause would turn into a line.
     pub fn wants_idle_flush(&self, buf: &BytesMut) -> bool {
         !self.line_mode && !buf.is_empty()

@@ -163,12 +163,12 @@ proptest! {
     }
 
     #[test]
-    fn forward_headers_round_trip(sender in name(), filename in "[a-zA-Z0-9 _.()-]{0,30}[a-z]", size in any::<u64>(), checked in any::<bool>(), id in any::<u64>(), at in any::<u64>()) {
-        let (id, at) = match checked {
-            true => (Some(id), at % size.saturating_add(1)),
-            false => (None, 0),
+    fn forward_headers_round_trip(sender in name(), filename in "[a-zA-Z0-9 _.()-]{0,30}[a-z]", size in any::<u64>(), checked in any::<bool>(), compressed in any::<bool>(), id in any::<u64>(), at in any::<u64>()) {
+        let (compressed, id, at) = match checked {
+            true => (compressed, Some(id), at % size.saturating_add(1)),
+            false => (false, None, 0),
         };
-        let header = ForwardHeader { sender, filename, size, checked, id, at };
+        let header = ForwardHeader { sender, filename, size, checked, compressed, id, at };
         prop_assert_eq!(ForwardHeader::parse(header.to_wire().as_bytes()), Ok(header));
     }
 

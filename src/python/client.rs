@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use super::events::PyEvent;
 use super::wait::{block_on, seconds};
-use crate::client::{Client, ClientConfig, Event, Events};
+use crate::client::{Client, ClientConfig, Compression, Event, Events};
 use crate::tls::TlsClientOptions;
 
 /// The engine's event stream, shared by a client and its iterators.
@@ -274,8 +274,16 @@ engine_calls! {
     /// Leaves `group`; the answer comes as an event (`Left` or `NotInGroup`).
     fn leave(group: String) -> () = |c| c.leave(&group);
     /// Sends a file to a user or to `GROUP:<group>`, streaming it from disk; returns the
-    /// number of bytes sent.
-    fn send_file(target: String, path: PathBuf) -> u64 = |c| c.send_file(&target, &path);
+    /// number of bytes sent. `compress`: `None` when it pays, else always or never.
+    #[pyo3(signature = (target, path, compress = None))]
+    fn send_file(target: String, path: PathBuf, compress: Option<bool>) -> u64 = |c| {
+        let compression = match compress {
+            None => Compression::Auto,
+            Some(true) => Compression::Always,
+            Some(false) => Compression::Never,
+        };
+        async move { c.send_file(&target, &path, compression).await }
+    };
     /// Registers the name we are connected as, with `password` (asked at each later
     /// login); raises `RefusedError` with the server's reason if it is refused.
     fn register(password: String) -> () = |c| c.register(&password);

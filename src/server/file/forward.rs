@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::super::Shared;
+use crate::compress::Deflate;
 use crate::flow::Refusal;
-use crate::net::{write_with_progress, ConnWrite};
+use crate::net::{write_chunks, write_with_progress, ConnWrite};
 use crate::protocol::file_header::Trailer;
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::{ForwardHeader, ServerLine};
 use crate::store::FileRecord;
-use crate::transfer::BODY_CHUNK;
+use crate::transfer::{Recent, BODY_CHUNK};
 
 /// Forwards that may wait on one file connection; more are refused with an error line.
 pub(crate) const MAX_QUEUED_FORWARDS: usize = 64;
@@ -30,11 +31,11 @@ pub(crate) const MAX_QUEUED_FORWARDS: usize = 64;
 /// How far an upload has got, as its forwards see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Progress {
-    /// This many bytes are on disk, more to come.
+    /// This many bytes arrived (in memory or on disk: see [`Source`]), more to come.
     Receiving(u64),
-    /// All bytes are on disk, not yet checked.
+    /// All bytes arrived, not yet checked.
     Done(u64),
-    /// All bytes are on disk and the file is good: its BLAKE3 hash (checked against the
+    /// All bytes arrived and the file is good: its BLAKE3 hash (checked against the
     /// uploader's, when it sent one).
     Verified(u64, blake3::Hash),
     /// All bytes arrived but the file is not good (why): checked forwards end with a
@@ -45,8 +46,8 @@ pub(crate) enum Progress {
 }
 
 impl Progress {
-    /// The bytes on disk so far, unless the upload broke off.
-    fn on_disk(&self) -> Option<u64> {
+    /// The bytes that arrived so far, unless the upload broke off.
+    fn arrived(&self) -> Option<u64> {
         match self {
             Progress::Receiving(n)
             | Progress::Done(n)
@@ -73,12 +74,14 @@ pub(crate) struct ForwardJob {
     pub(crate) notice: Option<ServerLine>,
     /// The first byte of the file this forward sends (past 0: a resumed download).
     pub(crate) from: u64,
-    /// The forward header (`sender|filename|size\n`, with `|b3` when `checked`).
-    pub(crate) header: Bytes,
     /// The recipient is our client: a BLAKE3 trailer follows the body.
     pub(crate) checked: bool,
-    /// The upload's spool file (one read handle shared by every forward of it).
-    pub(crate) src: Arc<std::fs::File>,
+    /// The body goes compressed (zstd; only when `checked`).
+    pub(crate) compressed: bool,
+    /// The upload's id, which a checked recipient names to resume it (when it can be).
+    pub(crate) id: Option<u64>,
+    /// Where the body's bytes are read.
+    pub(crate) src: Source,
     /// The upload's progress, which the forward follows.
     pub(crate) progress: watch::Receiver<Progress>,
     /// Body size.
@@ -99,22 +102,13 @@ impl ForwardJob {
         recipient: &str,
         file: &FileRecord,
         queued: bool,
-        from: u64,
+        Part { from, compressed }: Part,
     ) -> std::io::Result<ForwardJob> {
         let src = std::fs::File::open(shared.config.data_dir.join(&file.saved_as))?;
         let hash = blake3::Hash::from_hex(&file.blake3)
             .map_err(|e| std::io::Error::other(format!("the index's hash is not valid: {e}")))?;
         let (_done, progress) = watch::channel(Progress::Verified(file.size, hash));
         let checked = speaks_extensions(shared, recipient);
-        // Resumable with the upload's id, when this server run received it (the index
-        // counts its own ids).
-        let upload = shared.resumes.upload_of(file.id);
-        let header = forward_header(
-            (&file.sender, &file.filename, file.size),
-            checked,
-            upload,
-            from,
-        );
         let notice = match file.target.strip_prefix(GROUP_PREFIX) {
             Some(group) => ServerLine::FileToGroup {
                 from: file.sender.clone(),
@@ -130,9 +124,12 @@ impl ForwardJob {
         Ok(ForwardJob {
             notice: (from == 0).then_some(notice),
             from,
-            header,
             checked,
-            src: Arc::new(src),
+            compressed,
+            // Resumable with the upload's id, when this server run received it (the index
+            // counts its own ids).
+            id: shared.resumes.upload_of(file.id),
+            src: Source::file(src),
             progress,
             size: file.size,
             sender: file.sender.clone(),
@@ -144,25 +141,74 @@ impl ForwardJob {
     fn aborted(&self) -> bool {
         *self.progress.borrow() == Progress::Aborted
     }
+
+    /// The forward's header: the lab's, or checked (for our client: compressed or not,
+    /// with the upload's id when it can be resumed, from byte `from`).
+    fn header(&self) -> ForwardHeader {
+        ForwardHeader {
+            sender: self.sender.clone(),
+            filename: self.filename.clone(),
+            size: self.size,
+            checked: self.checked,
+            compressed: self.compressed && self.checked,
+            id: self.id.filter(|_| self.checked),
+            at: self.from,
+        }
+    }
 }
 
-/// A forward's header: the lab's, or checked (for our client), with the upload's id when
-/// it can be resumed, from byte `from`.
-pub(crate) fn forward_header(
-    (sender, filename, size): (&str, &str, u64),
-    checked: bool,
-    id: Option<u64>,
-    from: u64,
-) -> Bytes {
-    let header = ForwardHeader {
-        sender: sender.to_owned(),
-        filename: filename.to_owned(),
-        size,
-        checked,
-        id: id.filter(|_| checked),
-        at: from,
-    };
-    Bytes::from(header.to_wire())
+/// Where a forward reads its upload's bytes: from memory while it keeps up with an upload
+/// still arriving, else from the spool file (or the saved copy) with one read handle
+/// shared by every forward of it. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Source {
+    file: Arc<std::fs::File>,
+    recent: Option<Arc<Recent>>,
+}
+
+impl Source {
+    /// A file on disk, whole or growing.
+    pub(crate) fn file(file: std::fs::File) -> Self {
+        Self {
+            file: Arc::new(file),
+            recent: None,
+        }
+    }
+
+    /// A spool file that is being written, with its newest bytes in memory.
+    pub(crate) fn following(file: std::fs::File, recent: Arc<Recent>) -> Self {
+        Self {
+            file: Arc::new(file),
+            recent: Some(recent),
+        }
+    }
+
+    /// Up to `max` bytes from offset `at`, if they are still in memory (see
+    /// [`Recent::get`]).
+    fn in_memory(&self, at: u64, max: usize, out: &mut Vec<Bytes>) -> usize {
+        self.recent.as_ref().map_or(0, |r| r.get(at, max, out))
+    }
+
+    /// Up to `max` bytes from offset `at`, which must be below the bytes written so far,
+    /// read from the file into `buf` (allocated on first use); returns how many.
+    async fn read_file(&self, at: u64, max: usize, buf: &mut Vec<u8>) -> Result<usize, String> {
+        use std::os::unix::fs::FileExt;
+        let mut owned = std::mem::take(buf);
+        owned.resize(BODY_CHUNK, 0);
+        let file = self.file.clone();
+        let want = max.min(BODY_CHUNK);
+        let (read, back) = tokio::task::spawn_blocking(move || {
+            let read = file.read_at(&mut owned[..want], at);
+            (read, owned)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        *buf = back;
+        match read.map_err(|e| e.to_string())? {
+            0 => Err("the spool file ended early".into()),
+            n => Ok(n),
+        }
+    }
 }
 
 /// Whether `user`'s client speaks the extensions (it said hello): then its forwards are
@@ -287,22 +333,31 @@ pub(crate) fn forward_saved(
     file: &FileRecord,
     queued: bool,
 ) -> Result<(), Refusal> {
-    queue_saved(shared, recipient, file, queued, 0)
+    queue_saved(shared, recipient, file, queued, Part::default())
 }
 
-/// Queues the forward of a saved file on `recipient`'s file connection, from byte `from`.
+/// Which part of a saved file a forward sends, and how.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Part {
+    /// From this byte (past 0: a resumed download).
+    pub(crate) from: u64,
+    /// Compressed, for our client (a resumed download goes as the first attempt went).
+    pub(crate) compressed: bool,
+}
+
+/// Queues the forward of `part` of a saved file on `recipient`'s file connection.
 pub(crate) fn queue_saved(
     shared: &Shared,
     recipient: &str,
     file: &FileRecord,
     queued: bool,
-    from: u64,
+    part: Part,
 ) -> Result<(), Refusal> {
     let link = shared
         .registry
         .file_link(recipient)
         .ok_or(Refusal::NoFileConnection)?;
-    let job = ForwardJob::saved(shared, recipient, file, queued, from).map_err(|e| {
+    let job = ForwardJob::saved(shared, recipient, file, queued, part).map_err(|e| {
         warn!("[FILE FORWARD ERROR] cannot open {}: {e}", file.saved_as);
         Refusal::NotDelivered {
             filename: file.filename.clone(),
@@ -319,14 +374,14 @@ pub(crate) fn queue_saved(
     })
 }
 
-/// Waits until the spool holds more than `sent` bytes; returns how many it holds.
+/// Waits until more than `sent` bytes arrived; returns how many.
 async fn wait_for_bytes(
     progress: &mut watch::Receiver<Progress>,
     sent: u64,
 ) -> Result<u64, String> {
     loop {
         let now = progress.borrow_and_update().clone();
-        match now.on_disk() {
+        match now.arrived() {
             Some(n) if n > sent => return Ok(n),
             None => return Err("the upload broke off".into()),
             Some(_) if !matches!(now, Progress::Receiving(_)) => {
@@ -362,37 +417,65 @@ async fn stream(
     progress: &mut watch::Receiver<Progress>,
     stall: Duration,
 ) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
     let sent_err = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::TimedOut => format!("the recipient read nothing for {stall:?}"),
         _ => e.to_string(),
     };
-    write_with_progress(wr, &job.header, stall, || ())
+    let header = job.header();
+    write_with_progress(wr, header.to_wire().as_bytes(), stall, || ())
         .await
         .map_err(sent_err)?;
-    let mut buf = vec![0u8; BODY_CHUNK];
+    // Bytes still in memory go out as they are (several chunks per write); others are
+    // read back from the file into `buf`. Compressed, both go through the encoder into
+    // `packed`.
+    let mut chunks = Vec::new();
+    let mut buf = Vec::new();
+    let mut deflate = match job.compressed && job.checked {
+        true => Some((Deflate::new().map_err(|e| e.to_string())?, Vec::new())),
+        false => None,
+    };
     let mut sent = job.from;
     while sent < job.size {
-        let on_disk = wait_for_bytes(progress, sent).await?;
-        let want = usize::try_from(on_disk - sent)
+        let available = wait_for_bytes(progress, sent).await?;
+        let want = usize::try_from(available - sent)
             .unwrap_or(usize::MAX)
             .min(BODY_CHUNK);
-        let file = job.src.clone();
-        let (read, back) = tokio::task::spawn_blocking(move || {
-            let read = file.read_at(&mut buf[..want], sent);
-            (read, buf)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        buf = back;
-        let n = read.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the spool file ended early".into());
+        let in_memory = job.src.in_memory(sent, want, &mut chunks);
+        let n = match (in_memory, deflate.as_mut()) {
+            (0, None) => {
+                let n = job.src.read_file(sent, want, &mut buf).await?;
+                write_with_progress(wr, &buf[..n], stall, || ())
+                    .await
+                    .map(|()| n)
+            }
+            (n, None) => write_chunks(wr, &chunks, stall).await.map(|()| n),
+            (n, Some((deflate, packed))) => {
+                packed.clear();
+                let n = match n {
+                    0 => {
+                        let n = job.src.read_file(sent, want, &mut buf).await?;
+                        deflate.push(&buf[..n], packed).map(|()| n)
+                    }
+                    n => chunks
+                        .iter()
+                        .try_for_each(|c| deflate.push(c, packed))
+                        .map(|()| n),
+                }
+                .map_err(|e| e.to_string())?;
+                write_with_progress(wr, packed, stall, || ())
+                    .await
+                    .map(|()| n)
+            }
         }
-        write_with_progress(wr, &buf[..n], stall, || ())
+        .map_err(sent_err)?;
+        sent += n as u64;
+    }
+    if let Some((mut deflate, mut packed)) = deflate {
+        packed.clear();
+        deflate.finish(&mut packed).map_err(|e| e.to_string())?;
+        write_with_progress(wr, &packed, stall, || ())
             .await
             .map_err(sent_err)?;
-        sent += n as u64;
     }
     if job.checked {
         let trailer = wait_for_trailer(progress).await?;

@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use forward::queue_saved;
 pub(crate) use forward::{forward_saved, FileLink};
+use forward::{queue_saved, Part};
 pub(crate) use spool::remove_stale as remove_stale_spools;
 
 use super::{checked_name, read_first_line, secrets_allowed, Shared};
@@ -142,13 +142,9 @@ async fn resume(shared: &Shared, user: &str, line: &[u8]) {
         let job = forward::ForwardJob {
             notice: None,
             from,
-            header: forward::forward_header(
-                (&live.sender, &live.filename, live.size),
-                true,
-                Some(id),
-                from,
-            ),
             checked: true,
+            compressed: live.compressed,
+            id: Some(id),
             src: live.src.clone(),
             progress: live.progress.clone(),
             size: live.size,
@@ -165,17 +161,21 @@ async fn resume(shared: &Shared, user: &str, line: &[u8]) {
         }
         return;
     }
-    if let Some((index, recipients)) = shared.resumes.index_of(id) {
-        if !resume::may_resume(shared, user, &recipients) {
+    if let Some(saved) = shared.resumes.index_of(id) {
+        if !resume::may_resume(shared, user, &saved.recipients) {
             return failed("it was not sent to you");
         }
-        let file = match shared.store.file(index).await {
+        let file = match shared.store.file(saved.index).await {
             Ok(Some(file)) => file,
             Ok(None) => return failed("the file is no longer in the index"),
             Err(e) => return failed(&format!("the server could not look it up ({e})")),
         };
         info!("[FILE] {user} resumes '{}' at byte {have}", file.filename);
-        if let Err(refusal) = queue_saved(shared, user, &file, false, have.min(file.size)) {
+        let part = Part {
+            from: have.min(file.size),
+            compressed: saved.compressed,
+        };
+        if let Err(refusal) = queue_saved(shared, user, &file, false, part) {
             failed(&refusal.to_string());
         }
         return;

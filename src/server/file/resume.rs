@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::super::Shared;
-use super::forward::Progress;
+use super::forward::{Progress, Source};
 
 /// Who an upload was forwarded to: each name with its chat session's id at the time.
 pub(crate) type Recipients = Vec<(String, u64)>;
@@ -34,8 +34,10 @@ const WANTED_FOR: Duration = Duration::from_secs(86_400);
 
 /// An upload arriving now, which recipients whose connection broke can rejoin.
 pub(crate) struct Live {
-    /// The spool (read at any offset).
-    pub(crate) src: Arc<std::fs::File>,
+    /// Where its bytes are read.
+    pub(crate) src: Source,
+    /// Whether its forwards go compressed.
+    pub(crate) compressed: bool,
     /// How far the upload has got.
     pub(crate) progress: watch::Receiver<Progress>,
     /// The uploader.
@@ -66,9 +68,20 @@ pub(crate) struct Resumes {
 /// saved.
 #[derive(Default)]
 struct Saved {
-    to_index: HashMap<u64, (u64, Recipients)>,
+    to_index: HashMap<u64, SavedUpload>,
     to_upload: HashMap<u64, u64>,
     order: std::collections::VecDeque<u64>,
+}
+
+/// An upload saved lately, as a recipient resuming it needs it.
+#[derive(Clone)]
+pub(crate) struct SavedUpload {
+    /// Its id in the index.
+    pub(crate) index: u64,
+    /// Who it was forwarded to.
+    pub(crate) recipients: Recipients,
+    /// Whether its forwards went compressed (a resumed one goes the same way).
+    pub(crate) compressed: bool,
 }
 
 /// Removes a live upload from [`Resumes`] when it ends, however it ends.
@@ -115,23 +128,25 @@ impl Resumes {
 
     /// Notes that upload `upload`, forwarded to `recipients`, was saved as file `index`
     /// of the index.
-    pub(crate) fn saved(&self, upload: u64, index: u64, recipients: Recipients) {
+    pub(crate) fn saved(&self, upload: u64, saved_as: SavedUpload) {
+        let index = saved_as.index;
         let mut saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         let saved = &mut *saved;
         if saved.order.len() >= MAX_SAVED {
             if let Some(old) = saved.order.pop_front() {
-                if let Some((i, _)) = saved.to_index.remove(&old) {
-                    saved.to_upload.remove(&i);
+                if let Some(old) = saved.to_index.remove(&old) {
+                    saved.to_upload.remove(&old.index);
                 }
             }
         }
-        saved.to_index.insert(upload, (index, recipients));
+        saved.to_index.insert(upload, saved_as);
         saved.to_upload.insert(index, upload);
         saved.order.push_back(upload);
     }
 
-    /// The index id of upload `upload` and who it was forwarded to, if it was saved lately.
-    pub(crate) fn index_of(&self, upload: u64) -> Option<(u64, Recipients)> {
+    /// Where upload `upload` is in the index, and how it was forwarded, if it was saved
+    /// lately.
+    pub(crate) fn index_of(&self, upload: u64) -> Option<SavedUpload> {
         let saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         saved.to_index.get(&upload).cloned()
     }

@@ -13,11 +13,11 @@ use tracing::{info, warn};
 use super::super::limits::Reservation;
 use super::super::Shared;
 use super::forward::{
-    fail_upload, forward_header, speaks_extensions, verdict, FileLink, ForwardJob, Progress,
+    fail_upload, speaks_extensions, verdict, FileLink, ForwardJob, Progress, Source,
     MAX_QUEUED_FORWARDS,
 };
 use super::partial::{Kept, Key};
-use super::resume::Live;
+use super::resume::{Live, SavedUpload};
 use super::spool;
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::LineReader;
@@ -211,7 +211,12 @@ pub(super) async fn upload(
     let report = |n| {
         let _ = progress.send(Progress::Receiving(n));
     };
-    let rest = Body { from, size, stall };
+    let rest = Body {
+        from,
+        size,
+        stall,
+        compressed: header.compressed,
+    };
     match receive_rest(reader, &mut partial, &mut hasher, rest, kill, report).await {
         Ok(()) => {}
         Err(BodyError::Write(e, unread)) => {
@@ -232,7 +237,8 @@ pub(super) async fn upload(
             let name = &header.filename;
             warn!("[FILE ERROR] upload of '{name}' from {user} ended: {end}");
             let have = partial.written();
-            if header.checked && have > 0 && !ttl.is_zero() {
+            // Kept on disk only: a kept part holds no memory while it waits.
+            if header.checked && have > 0 && !ttl.is_zero() && partial.park().await.is_ok() {
                 info!(
                     "[FILE] kept {have} of {size} bytes of '{name}' from {user} for it to resume"
                 );
@@ -293,7 +299,14 @@ pub(super) async fn upload(
     let indexed = shared.store.record_file(record).await;
     match &indexed {
         // Recipients whose connection broke near the end resume from the saved copy.
-        Ok(index_id) => shared.resumes.saved(id, *index_id, recipients),
+        Ok(index_id) => shared.resumes.saved(
+            id,
+            SavedUpload {
+                index: *index_id,
+                recipients,
+                compressed: header.compressed,
+            },
+        ),
         Err(e) => warn!("[STORE] cannot index a saved file: {e}"),
     }
     // Recipients who are away get the file at their next login: keep it for them (before
@@ -498,7 +511,7 @@ fn queue_forwards(
     // One read handle for every forward of this upload (each reads at its own offset), so
     // queued forwards cost no descriptors.
     let src = match std::fs::File::open(partial.path()) {
-        Ok(file) => Arc::new(file),
+        Ok(file) => Source::following(file, partial.recent()),
         Err(e) => {
             let path = partial.path().display();
             warn!("[FILE FORWARD ERROR] cannot open {path}: {e}");
@@ -527,8 +540,10 @@ fn queue_forwards(
         let job = ForwardJob {
             notice: (from == 0).then_some(notice),
             from,
-            header: forward_header((user, &header.filename, header.size), ours, Some(id), from),
             checked: ours,
+            // Compressed for our clients when its uploader judged it worth it.
+            compressed: header.compressed,
+            id: Some(id),
             src: src.clone(),
             progress: watcher.clone(),
             size: header.size,
@@ -552,6 +567,7 @@ fn queue_forwards(
     }
     let live = Live {
         src,
+        compressed: header.compressed,
         progress: watcher.clone(),
         sender: user.into(),
         filename: header.filename.clone(),
