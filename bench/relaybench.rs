@@ -17,6 +17,9 @@
 //!   has checked the server's Finished), sends close_notify and reads until the server's
 //!   own; prints the rate and the handshake latency (TCP connect to TLS established).
 //!
+//! * `codec --bytes N` — what a file's bytes cost one core: BLAKE3, and zstd (the engine's
+//!   own encoder and decoder) on text and on random bytes; MB/s each, and the ratios.
+//!
 //! `--tls-pin FP` (the server certificate's SHA-256 fingerprint) makes every chat and file
 //! connection to the server TLS, trusting exactly that certificate; without it they are
 //! plain TCP. The trivial relay (`relay`, `relay-limit`) is always plain TCP.
@@ -134,6 +137,7 @@ fn main() -> Res<()> {
             "broadcast" => broadcast(&args).await,
             "connect" => connect(&args).await,
             "handshakes" => handshakes(&args).await,
+            "codec" => codec(&args),
             other => Err(format!("unknown scenario {other:?}").into()),
         }
     })
@@ -818,6 +822,91 @@ async fn handshakes(a: &Args) -> Res<()> {
         a.window,
         n as f64 / secs,
         lat.summary()
+    );
+    Ok(())
+}
+
+/// `size` bytes of chat-log-like text (each line different, as a log's are).
+fn text(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 100);
+    let mut i = 0u64;
+    while out.len() < size {
+        let line = format!(
+            "{i:08} alice -> bob: see you at the standup, room {}, ticket #{}\n",
+            i % 17,
+            i.wrapping_mul(2_654_435_761) % 100_000
+        );
+        out.extend_from_slice(line.as_bytes());
+        i += 1;
+    }
+    out.truncate(size);
+    out
+}
+
+/// MB/s of `bytes` done in `secs`.
+fn mb_per_s(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+/// See the module docs: one core's cost per byte of the work a checked (and compressed)
+/// transfer adds.
+fn codec(a: &Args) -> Res<()> {
+    use relaychat::compress::{Deflate, Inflate};
+    let size = usize::try_from(a.bytes)?;
+    let chunk = 256 * 1024;
+    let text = text(size);
+    let mut random = vec![0u8; size];
+    getrandom::getrandom(&mut random).map_err(|e| e.to_string())?;
+
+    let t = Instant::now();
+    let mut hasher = blake3::Hasher::new();
+    for piece in random.chunks(chunk) {
+        hasher.update(piece);
+    }
+    std::hint::black_box(hasher.finalize());
+    let blake3 = mb_per_s(size, t.elapsed().as_secs_f64());
+
+    let compress = |data: &[u8]| -> Res<(Vec<u8>, f64)> {
+        let t = Instant::now();
+        let mut deflate = Deflate::new()?;
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk) {
+            deflate.push(piece, &mut out)?;
+        }
+        deflate.finish(&mut out)?;
+        Ok((out, mb_per_s(data.len(), t.elapsed().as_secs_f64())))
+    };
+    let decompress = |frame: &[u8], size: usize| -> Res<f64> {
+        let t = Instant::now();
+        let mut inflate = Inflate::new()?;
+        let mut got = 0;
+        let mut out = Vec::with_capacity(chunk);
+        let mut input = frame;
+        loop {
+            out.clear();
+            let pulled = inflate.pull(input, &mut out)?;
+            input = &input[pulled.read..];
+            got += out.len();
+            if pulled.ended {
+                break;
+            }
+        }
+        if got != size {
+            return Err(format!("decoded {got} bytes of {size}").into());
+        }
+        Ok(mb_per_s(size, t.elapsed().as_secs_f64()))
+    };
+    let (packed_text, zstd_text) = compress(&text)?;
+    let unzstd_text = decompress(&packed_text, size)?;
+    let (packed_random, zstd_random) = compress(&random)?;
+    let unzstd_random = decompress(&packed_random, size)?;
+    println!(
+        "{{\"blake3_mb_per_s\":{blake3:.0},\"zstd_text_mb_per_s\":{zstd_text:.0},\
+         \"unzstd_text_mb_per_s\":{unzstd_text:.0},\"text_ratio\":{:.4},\
+         \"zstd_random_mb_per_s\":{zstd_random:.0},\"unzstd_random_mb_per_s\":{unzstd_random:.0},\
+         \"random_ratio\":{:.4}}}",
+        packed_text.len() as f64 / size as f64,
+        packed_random.len() as f64 / size as f64,
     );
     Ok(())
 }

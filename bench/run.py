@@ -578,6 +578,96 @@ def python_bot(mode: str, n: int, tmp: Path) -> dict:
     return with_server(tmp, go)
 
 
+def codec(size: int, tmp: Path) -> dict:
+    """What a checked (and compressed) transfer's extra work costs one core (the server's):
+    BLAKE3, and the engine's zstd on chat-like text and on random bytes."""
+    p = subprocess.run(
+        pinned(SERVER_CPU, [str(BENCH), "codec", "--bytes", str(size)]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    r = json.loads(p.stdout)
+    return {
+        "BLAKE3 MB/s": r["blake3_mb_per_s"],
+        "zstd text MB/s": r["zstd_text_mb_per_s"],
+        "unzstd text MB/s": r["unzstd_text_mb_per_s"],
+        "text compressed to %": 100 * r["text_ratio"],
+        "zstd random MB/s": r["zstd_random_mb_per_s"],
+        "random compressed to %": 100 * r["random_ratio"],
+    }
+
+
+CHECKED = r"""
+import json, sys, time
+from pathlib import Path
+from relaychat import Client, FileFailed, FileReceived, Welcome
+chat, file, path, compress, downloads = sys.argv[1:6]
+compress = compress == "zstd"
+def client(name):
+    c = Client("127.0.0.1", int(chat), int(file), username=name, download_dir=f"{downloads}/{name}")
+    assert isinstance(c.next_event(timeout=10), Welcome)
+    return c
+alice, bob = client("alice"), client("bob")
+size = Path(path).stat().st_size
+t0 = time.perf_counter()
+alice.send_file("bob", path, compress=compress)
+for ev in bob.events(timeout=300):
+    if isinstance(ev, FileFailed):
+        raise SystemExit(ev.reason)
+    if isinstance(ev, FileReceived):
+        break
+secs = time.perf_counter() - t0
+# bob's engine checked the BLAKE3 hash alice's computed before it renamed the file.
+assert Path(ev.path).stat().st_size == size
+print(json.dumps({"seconds": secs, "mb_per_s": size / 1e6 / secs}))
+"""
+
+
+def text_file(path: Path, size: int) -> Path:
+    """`size` bytes of chat-log-like text, made once per run of the benchmark."""
+    if not path.exists():
+        with path.open("w") as f:
+            written, i = 0, 0
+            while written < size:
+                block = "".join(
+                    f"{j:08} alice -> bob: see you at the standup, room {j % 17}, "
+                    f"ticket #{j * 2654435761 % 100000}\n"
+                    for j in range(i, i + 10_000)
+                )
+                f.write(block)
+                written, i = written + len(block), i + 10_000
+        with path.open("r+b") as f:
+            f.truncate(size)
+    return path
+
+
+def checked_file(size: int, compress: str, tmp: Path) -> dict:
+    """One text file from our `Client` to our `Client` (both in one process on the load
+    CPU): the checked path (BLAKE3 at the sender, the server and the receiver; the go-ahead
+    and the trailer), its body plain or zstd-compressed."""
+    text = text_file(tmp / "text.log", size)
+
+    def go(server: ServerProc) -> dict:
+        downloads = Path(tempfile.mkdtemp(dir=tmp))
+        argv = [sys.executable, "-c", CHECKED, str(server.chat), str(server.file)]
+        argv += [str(text), compress, str(downloads)]
+        before = cpu_seconds(server.proc.pid)
+        out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=600)
+        used = cpu_seconds(server.proc.pid) - before
+        shutil.rmtree(downloads, ignore_errors=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"the checked transfer failed: {out.stderr[-2000:]}")
+        r = json.loads(out.stdout)
+        return {
+            "seconds": r["seconds"],
+            "MB/s": r["mb_per_s"],
+            "server CPU s per GB": used / (size / 1e9),
+        }
+
+    return with_server(tmp, go)
+
+
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -624,6 +714,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument(
+        "--only",
+        metavar="TEXT",
+        action="append",
+        help="run only the scenarios whose name contains TEXT (repeatable); for quick checks, "
+        "the table written is partial",
+    )
     args = ap.parse_args()
     if not args.no_build:
         cargo = ["cargo", "build", "--release", "--quiet", "--features", "bench"]
@@ -631,6 +728,7 @@ def main() -> int:
     s = args.smoke
     runs = 1 if s else args.runs
     gb, hundred_mb = (10_000_000, 5_000_000) if s else (1_000_000_000, 100_000_000)
+    quarter_gb = 2_000_000 if s else 256_000_000
 
     def n(smoke: int, full: int) -> str:
         return str(smoke if s else full)
@@ -642,6 +740,15 @@ def main() -> int:
         ("file: 1 GB to one user", lambda t: file_relay(gb, 1, t)),
         ("file: 1 GB to one user over TLS", lambda t: file_relay(gb, 1, t, tls=True)),
         ("file: 100 MB to a group of 5", lambda t: file_relay(hundred_mb, 5, t)),
+        (
+            "file: 256 MB of text, our Client to our Client (checked), plain body",
+            lambda t: checked_file(quarter_gb, "plain", t),
+        ),
+        (
+            "file: 256 MB of text, our Client to our Client (checked), zstd body",
+            lambda t: checked_file(quarter_gb, "zstd", t),
+        ),
+        ("costs on one core: BLAKE3 and zstd, 256 MB each", lambda t: codec(quarter_gb, t)),
         (
             "private, 50 pairs, closed loop",
             lambda t: messages("private", t, *private_args, n(40, 4000)),
@@ -724,6 +831,8 @@ def main() -> int:
             "msgs/s",
         ),
     }
+    if args.only:
+        scenarios = [(name, fn) for name, fn in scenarios if any(o in name for o in args.only)]
     results = []
     raw: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
