@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYFILES := python tests server.py client.py
+PYFILES := python tests examples server.py client.py
 
 .PHONY: install fmt lint test test-rust test-python clean
 

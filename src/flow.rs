@@ -142,6 +142,9 @@ pub(crate) enum Refusal {
     /// The store failed a write or read a request needs.
     #[error("the server could not store that just now; try again later")]
     StoreFailed,
+    /// A server hook (a plugin) refused it, for this reason.
+    #[error("{0}")]
+    Hook(String),
     /// A checked upload whose bytes do not have the hash its uploader sent.
     #[error(
         "'{filename}' arrived corrupted (BLAKE3 {got}, the sender's is {sent}); it was not saved"

@@ -16,3 +16,8 @@ from relaychat._native import *  # noqa: F403  (the engine's classes; `__all__` 
 
 __all__: list[str] = []
 __all__ += _native.__all__  # the form type checkers follow for re-exports
+
+# The server Python can extend (hooks, commands, plugins) over the engine's.
+from relaychat.server import Login, Message, Refuse, Server, Upload  # noqa: E402
+
+__all__ += ["Login", "Message", "Refuse", "Upload"]

@@ -25,6 +25,7 @@ __all__ = [
     "Client",
     "Disconnected",
     "Event",
+    "HookRequest",
     "EventIterator",
     "FileEntry",
     "FileFailed",
@@ -99,7 +100,7 @@ class TlsError(RelaychatError):
     since first use (with both fingerprints and the known_hosts file to edit), or the
     server speaks no TLS."""
 
-@final
+@disjoint_base
 class Server:
     """The relay server: a chat port and a file port sharing one registry.
 
@@ -216,6 +217,34 @@ class Server:
         new handshakes use them, live connections are untouched. Returns the new
         fingerprint; raises `TlsError` (keeping the old certificate) if they are
         unusable, `RuntimeError` if the server is not running."""
+    def _install_hooks(
+        self,
+        *,
+        message: tuple[float, bool] | None = None,
+        login: tuple[float, bool] | None = None,
+        upload: tuple[float, bool] | None = None,
+        command: tuple[float, bool] | None = None,
+        commands: list[tuple[str, str, str]] = ...,
+        observe: bool = False,
+    ) -> None:
+        """Give the engine its hooks before `start()` (used by `relaychat.Server`): each
+        kind's `(time limit in seconds, fail_open)` or `None`, the custom commands as
+        `(name, usage, help)`, and whether observations are wanted."""
+    def _next_hooks(self, timeout: float) -> list[HookRequest] | None:
+        """The next requests for the hooks (waits up to `timeout` s for one, then takes
+        what else waits); `[]` if none came, `None` without hooks."""
+    @property
+    def hook_drops(self) -> int:
+        """Observations dropped because the observers fell behind."""
+    def users(self) -> list[str]:
+        """Every connected user, in order of arrival (`RuntimeError` if not running)."""
+    def groups(self) -> list[tuple[str, list[str]]]:
+        """Every group and its members, by group name."""
+    def send(self, to: str | None, text: str) -> int:
+        """Send `[SERVER] <text>` to a user, to `GROUP:<g>`'s members, or (`None`) to
+        everyone connected; returns how many it reached."""
+    def kick(self, user: str, reason: str) -> bool:
+        """Disconnect `user` after `ERROR: kicked: <reason>`; `False` if not connected."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -223,6 +252,20 @@ class Server:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> bool: ...
+
+@final
+class HookRequest:
+    """A question from the engine to `relaychat.Server`'s hooks (answer it once), or an
+    observation (`kind == "observed"`)."""
+
+    @property
+    def kind(self) -> Literal["message", "login", "upload", "command", "observed"]: ...
+    @property
+    def fields(self) -> dict[str, str | int | bool]: ...
+    def allow(self) -> None: ...
+    def deny(self, reason: str) -> None: ...
+    def rewrite(self, text: str) -> None: ...
+    def reply(self, lines: list[str]) -> None: ...
 
 @final
 class Client:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import logging
 import os
 import signal
 import sys
@@ -29,6 +30,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file-port", type=int, default=2007, help="file port; 0 picks a free one")
     p.add_argument(
         "--data-dir", default=".", help="where uploads are saved (default: current directory)"
+    )
+    p.add_argument(
+        "--plugin",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="load a plugin: a dotted module name or a .py file with a setup(server) function "
+        "(repeatable; docs/PLUGINS.md)",
     )
     p.add_argument(
         "--db",
@@ -182,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"relaychat-server: {e}", file=sys.stderr)
         return 2
+    # A plugin that cannot load stops the start, with its traceback; at run time its
+    # errors are logged.
+    logging.basicConfig(format="[PLUGIN] %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for plugin in args.plugin:
+        server.load_plugin(plugin)
     # Before start(): a SIGTERM right after "Listening" must already stop us gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
     if args.tls_cert or args.tls_self_signed:

@@ -122,6 +122,19 @@ pub enum ServerLine {
         /// File name.
         filename: String,
     },
+    /// `[HELP] <usage> - <what it does>`: one command, in the answer to `help` (built-in
+    /// commands first, then the server's own).
+    Help {
+        /// How to call it, e.g. `msg <username> <message>`.
+        usage: String,
+        /// One line on what it does.
+        help: String,
+    },
+    /// `[SERVER] <text>`: a message from the server itself (its operator, or a plugin).
+    FromServer {
+        /// What it says.
+        text: String,
+    },
     /// `[HELLO] relaychat/1`: the answer to the client's [`super::command::HELLO`]; the
     /// extension lines below are sent to this client from now on.
     Hello,
@@ -301,6 +314,8 @@ impl Display for ServerLine {
             } => {
                 write!(f, "[ACK] {recipient} received file '{filename}'")
             }
+            ServerLine::Help { usage, help } => write!(f, "[HELP] {usage} - {help}"),
+            ServerLine::FromServer { text } => write!(f, "[SERVER] {text}"),
             ServerLine::Hello => write!(f, "[HELLO] {HELLO}"),
             ServerLine::UploadOk { saved_as } => write!(f, "[UPLOAD OK] {saved_as}"),
             ServerLine::UploadFailed { reason } => write!(f, "[UPLOAD FAILED] {reason}"),
@@ -499,6 +514,18 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     }
     if line.strip_prefix("[HELLO] ") == Some(HELLO) {
         return Some(ServerLine::Hello);
+    }
+    if let Some((usage, help)) = line
+        .strip_prefix("[HELP] ")
+        .and_then(|r| r.split_once(" - "))
+    {
+        return Some(ServerLine::Help {
+            usage: s(usage),
+            help: s(help),
+        });
+    }
+    if let Some(text) = line.strip_prefix("[SERVER] ") {
+        return Some(ServerLine::FromServer { text: s(text) });
     }
     if let Some(saved_as) = line.strip_prefix("[UPLOAD OK] ") {
         return Some(ServerLine::UploadOk {

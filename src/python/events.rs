@@ -347,7 +347,9 @@ impl<'py> IntoPyObject<'py> for PyEvent {
             // The extension's own lines are the engine's business; should one escape
             // the routing, it shows as text.
             ServerLine::Other(text) => make(py, ServerText { text }, line),
+            ServerLine::FromServer { text } => make(py, ServerText { text }, line),
             ServerLine::Hello
+            | ServerLine::Help { .. }
             | ServerLine::UploadOk { .. }
             | ServerLine::UploadFailed { .. }
             | ServerLine::UploadReady { .. }

@@ -5,6 +5,7 @@ mod accounts;
 mod client;
 mod errors;
 mod events;
+mod hooks;
 mod server;
 mod wait;
 
@@ -39,5 +40,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     server::register(m)?;
     client::register(m)?;
     accounts::register(m)?;
+    hooks::register(m)?;
     Ok(())
 }

@@ -9,8 +9,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
+use super::hooks::HookRequest;
 use super::wait::{block_on, runtime, seconds};
-use crate::server::{Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS};
+use crate::server::hooks::{CustomCommand, HookSpec, Hooks, Pending, Policy as HookPolicy};
+use crate::server::{
+    Control, Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS,
+};
 use crate::store::SqliteStore;
 use crate::tls::TlsSource;
 
@@ -45,21 +49,52 @@ struct Running {
     finished: CancellationToken,
     /// Reloads the certificate.
     tls: TlsHandle,
+    /// Who is there, messages as the server, kicks.
+    control: Control,
 }
 
 /// The relay server. `start()` runs it in the background; `serve_forever()` blocks until
 /// Ctrl-C (or `stop()` from another thread).
-#[pyclass(module = "relaychat._native", name = "Server", frozen)]
+#[pyclass(module = "relaychat._native", name = "Server", frozen, subclass)]
 pub struct PyServer {
     config: ServerConfig,
     /// The SQLite database state is kept in (`:memory:`: in memory, forgotten at exit).
     db: PathBuf,
     running: Mutex<Option<Running>>,
+    /// The hooks installed before `start()`, and the queue of their requests.
+    hooks: Mutex<Option<InstalledHooks>>,
+}
+
+/// Hooks given to the engine, and where their requests wait for Python.
+struct InstalledHooks {
+    hooks: Arc<Hooks>,
+    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
+}
+
+/// A hook kind's `(time limit in seconds, fail_open)` from Python.
+fn policy(given: Option<(f64, bool)>) -> PyResult<Option<HookPolicy>> {
+    given
+        .map(|(limit, fail_open)| {
+            let limit = seconds(Some(limit))?.unwrap_or(Duration::from_secs(1));
+            Ok(HookPolicy { limit, fail_open })
+        })
+        .transpose()
 }
 
 impl PyServer {
     fn running(&self) -> MutexGuard<'_, Option<Running>> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn installed(&self) -> MutexGuard<'_, Option<InstalledHooks>> {
+        self.hooks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn control(&self) -> PyResult<Control> {
+        self.running()
+            .as_ref()
+            .map(|r| r.control.clone())
+            .ok_or_else(|| PyRuntimeError::new_err("the server is not running"))
     }
 
     fn finished(&self) -> Option<CancellationToken> {
@@ -134,6 +169,7 @@ impl PyServer {
             tls,
             ..ServerConfig::default()
         };
+        let hooks = Mutex::new(None);
         for (key, value) in limits.into_iter().flat_map(|d| d.iter()) {
             let name: String = key.extract()?;
             if value.is_none() && SETTINGS.iter().any(|s| s.name == name) {
@@ -152,6 +188,7 @@ impl PyServer {
             config,
             db,
             running: Mutex::new(None),
+            hooks,
         })
     }
 
@@ -175,6 +212,7 @@ impl PyServer {
             return Ok(());
         }
         let mut config = self.config.clone();
+        config.hooks = self.installed().as_ref().map(|h| h.hooks.clone());
         // Opening checks and migrates the database: off the GIL, before serving.
         let db = self.db.clone();
         let store = py
@@ -185,6 +223,7 @@ impl PyServer {
         let chat_port = server.chat_addr()?.port();
         let file_port = server.file_addr()?.port();
         let tls = server.tls_handle();
+        let control = server.control();
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let (stop2, finished2) = (stop.clone(), finished.clone());
@@ -198,8 +237,91 @@ impl PyServer {
             stop,
             finished,
             tls,
+            control,
         });
         Ok(())
+    }
+
+    /// Gives the engine its hooks (before `start()`): each kind's `(time limit in seconds,
+    /// fail_open)` or `None`, the custom commands as `(name, usage, help)`, and whether
+    /// observations are wanted. Used by `relaychat.Server`; replaces earlier hooks.
+    #[pyo3(signature = (*, message = None, login = None, upload = None, command = None, commands = Vec::new(), observe = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn _install_hooks(
+        &self,
+        message: Option<(f64, bool)>,
+        login: Option<(f64, bool)>,
+        upload: Option<(f64, bool)>,
+        command: Option<(f64, bool)>,
+        commands: Vec<(String, String, String)>,
+        observe: bool,
+    ) -> PyResult<()> {
+        if self.running().is_some() {
+            return Err(PyRuntimeError::new_err(
+                "hooks are installed before the server starts",
+            ));
+        }
+        let spec = HookSpec {
+            message: policy(message)?,
+            login: policy(login)?,
+            upload: policy(upload)?,
+            command: policy(command)?,
+            commands: commands
+                .into_iter()
+                .map(|(name, usage, help)| CustomCommand {
+                    name: name.to_lowercase(),
+                    usage,
+                    help,
+                })
+                .collect(),
+            observe,
+        };
+        let (hooks, rx) = Hooks::new(spec);
+        *self.installed() = Some(InstalledHooks {
+            hooks: Arc::new(hooks),
+            queue: Arc::new(tokio::sync::Mutex::new(rx)),
+        });
+        Ok(())
+    }
+
+    /// The next requests for the hooks: waits up to `timeout` seconds for one, then takes
+    /// what else is waiting. `[]` when none came; `None` when there are no hooks.
+    fn _next_hooks(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Vec<HookRequest>>> {
+        let limit = seconds(Some(timeout))?.unwrap_or_default();
+        let Some(queue) = self.installed().as_ref().map(|h| h.queue.clone()) else {
+            return Ok(None);
+        };
+        let batch = block_on(py, super::hooks::next_batch(queue, limit))?;
+        Ok(batch.map(|b| b.into_iter().map(HookRequest::new).collect()))
+    }
+
+    /// Observations dropped because the hooks fell behind (0 without hooks).
+    #[getter]
+    fn hook_drops(&self) -> u64 {
+        self.installed().as_ref().map_or(0, |h| h.hooks.dropped())
+    }
+
+    /// Every connected user, in order of arrival.
+    fn users(&self) -> PyResult<Vec<String>> {
+        Ok(self.control()?.users())
+    }
+
+    /// Every group and its members, by group name.
+    fn groups(&self) -> PyResult<Vec<(String, Vec<String>)>> {
+        Ok(self.control()?.groups())
+    }
+
+    /// Sends `[SERVER] <text>` to a user, to `GROUP:<g>`'s members, or (`to=None`) to
+    /// everyone; returns how many it reached.
+    #[pyo3(signature = (to, text))]
+    fn send(&self, to: Option<String>, text: String) -> PyResult<usize> {
+        Ok(self.control()?.say(to.as_deref(), &text)?)
+    }
+
+    /// Disconnects `user` after `ERROR: kicked: <reason>`; false if not connected.
+    fn kick(&self, py: Python<'_>, user: String, reason: String) -> PyResult<bool> {
+        let control = self.control()?;
+        block_on(py, async move { control.kick(&user, &reason).await })
     }
 
     /// Re-reads the TLS certificate and key files (what SIGHUP does to `python

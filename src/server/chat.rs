@@ -20,13 +20,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::hooks::{Answer, HookCall, Hooks, MessageKind};
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
 use crate::net::{write_loop, Conn, LineReader, SendQueue};
 use crate::protocol::command::{
-    check_password, parse_command, parse_history, Call, Parsed, Spec, BROADCAST, FILES, GET,
-    GROUPS, HELLO, HISTORY, JOIN, LEAVE, LIST, MEMBERS, MSG, PASSWD, REGISTER, SEND_GROUP,
+    check_password, parse_command, parse_history, Call, Parsed, Spec, BROADCAST, COMMANDS, FILES,
+    GET, GROUPS, HELLO, HISTORY, JOIN, LEAVE, LIST, MEMBERS, MSG, PASSWD, REGISTER, SEND_GROUP,
 };
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{check_group, normalize};
@@ -82,6 +83,23 @@ impl Session<'_> {
 
     fn registered(&self) -> bool {
         self.registered.load(Ordering::Relaxed)
+    }
+
+    fn hooks(&self) -> Option<&Hooks> {
+        self.shared.config.hooks.as_deref()
+    }
+
+    /// Tells observers a message went out (to a user, a group, or everyone: `to` empty).
+    fn delivered(&self, kind: MessageKind, to: &str, text: &str) {
+        if let Some(hooks) = self.hooks() {
+            let fields = vec![
+                ("kind", kind.name().to_owned()),
+                ("sender", self.user.to_owned()),
+                ("to", to.to_owned()),
+                ("text", text.to_owned()),
+            ];
+            hooks.observe("message", fields);
+        }
     }
 
     /// A message from this user to `to`, sent now.
@@ -196,6 +214,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
         let _pending = PendingLogin::new(&shared, &name, addr);
         let via = (&mut reader, &*queue, &kill);
         let login = login(&shared, &name, addr, passwords, via).await?;
+        ask_login(&shared, &name, addr, login.registered).await?;
         let outbox = claim(&shared, &name, id, addr, &queue, &kill, &login)?;
         Step::Ok((outbox, login))
     })
@@ -204,6 +223,15 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
         Ok((outbox, login)) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
+            let hooks = shared.config.hooks.as_deref();
+            if let Some(hooks) = hooks {
+                let fields = vec![
+                    ("user", user.clone()),
+                    ("address", addr.ip().to_string()),
+                    ("registered", login.registered.to_string()),
+                ];
+                hooks.observe("connect", fields);
+            }
             // Boxed: a session lives as long as its connection, and the connection's future
             // stays small (see `connection_futures_stay_small`).
             let session = Box::new(Session {
@@ -227,6 +255,10 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
             }
             shared.registry.remove_chat(&user, id);
             info!("[DISCONNECTED] {user} ({end})");
+            if let Some(hooks) = hooks {
+                let fields = vec![("user", user.clone()), ("reason", end.to_string())];
+                hooks.observe("disconnect", fields);
+            }
         }
         Err(Stop::Refused(refusal)) => {
             warn!("[REFUSED] {addr}: {refusal}");
@@ -341,6 +373,27 @@ async fn login(
         _ = tokio::time::sleep(delay) => {}
     }
     Err(Refusal::WrongPassword.into())
+}
+
+/// Asks the login hook, if there is one, whether `name` may log in.
+async fn ask_login(shared: &Shared, name: &str, addr: SocketAddr, registered: bool) -> Step {
+    let Some((hooks, policy)) = shared
+        .config
+        .hooks
+        .as_deref()
+        .and_then(|h| Some((h, h.spec.login?)))
+    else {
+        return Ok(());
+    };
+    let question = HookCall::Login {
+        name: name.to_owned(),
+        addr: addr.ip(),
+        registered,
+    };
+    match hooks.ask(question, policy).await {
+        Answer::Deny(reason) => Err(Refusal::Hook(reason).into()),
+        _ => Ok(()),
+    }
 }
 
 /// Claims a checked username and queues its welcome (and, for our client logged in with a
@@ -512,11 +565,10 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
                 true => debug!("[{}] {} ...", session.user, call.spec.name),
                 false => debug!("[{}] {text}", session.user),
             }
-            match HANDLERS.iter().find(|(spec, _)| call.is(spec)) {
-                Some((_, Handler::Now(handler))) => handler(session, &call),
-                Some((_, Handler::Later(handler))) => return handler(session, call),
-                None => unknown(session, call.spec.name, text),
+            if let Some(hooked) = hooked_message(session, call) {
+                return Some(hooked);
             }
+            return dispatch(session, call);
         }
         Ok(Parsed::Ack { sender, filename }) => return ack(session, sender, filename),
         Ok(Parsed::Hello) => {
@@ -528,7 +580,7 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
             filename,
             reason,
         }) => not_saved(session, sender, filename, reason),
-        Ok(Parsed::Unknown { word, .. }) => unknown(session, word, text),
+        Ok(Parsed::Unknown { word, rest }) => return unknown(session, word, rest),
         Err(CommandError::Empty) => {}
         Err(CommandError::Usage(spec)) => session.reply(ServerLine::Usage(spec)),
         Err(CommandError::MalformedAck) => session.refuse(Refusal::MalformedAck),
@@ -536,11 +588,116 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
     None
 }
 
-/// Where every line whose first word names no command ends up.
-fn unknown(session: &Session<'_>, word: &str, _line: &str) {
+/// Runs a command's handler.
+fn dispatch<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    match HANDLERS.iter().find(|(spec, _)| call.is(spec)) {
+        Some((_, Handler::Now(handler))) => handler(session, &call),
+        Some((_, Handler::Later(handler))) => return handler(session, call),
+        None => session.reply(ServerLine::UnknownCommand),
+    }
+    None
+}
+
+/// A message, when a hook decides about it first: it goes as it is, with the text the
+/// hook gave, or not at all (`ERROR: <the hook's reason>`). `None`: not a message, or no
+/// message hook.
+fn hooked_message<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+    let hooks = session.hooks()?;
+    let policy = hooks.spec.message?;
+    let (kind, text_arg) = match call.spec.name {
+        name if name == MSG.name => (MessageKind::Private, 1),
+        name if name == SEND_GROUP.name => (MessageKind::Group, 1),
+        name if name == BROADCAST.name => (MessageKind::Broadcast, 0),
+        _ => return None,
+    };
+    Some(Box::pin(async move {
+        let to = match kind {
+            MessageKind::Broadcast => String::new(),
+            _ => normalize(call.arg(0)).into_owned(),
+        };
+        let question = HookCall::Message {
+            kind,
+            sender: session.user.to_owned(),
+            to,
+            text: call.arg(text_arg).to_owned(),
+        };
+        let rewritten = match hooks.ask(question, policy).await {
+            Answer::Allow | Answer::Reply(_) => None,
+            Answer::Rewrite(text) if text.trim().is_empty() || text.contains(['\n', '\r']) => {
+                let why = "refused: a server hook made the message empty or more than one line";
+                return session.refuse(Refusal::Hook(why.into()));
+            }
+            Answer::Rewrite(text) => Some(text),
+            Answer::Deny(reason) => return session.refuse(Refusal::Hook(reason)),
+        };
+        let mut call = call;
+        if let Some(text) = &rewritten {
+            call.args[text_arg] = text;
+        }
+        let later = dispatch(session, call);
+        if let Some(later) = later {
+            later.await;
+        }
+    }))
+}
+
+/// Where every line whose first word names no command ends up: `help`, a custom command
+/// (answered by a hook), or the lab's unknown-command line.
+fn unknown<'a>(session: &'a Session<'a>, word: &'a str, rest: &'a str) -> Option<Later<'a>> {
+    let name = word.to_lowercase();
+    if name == "help" {
+        help(session);
+        return None;
+    }
+    let Some(hooks) = session.hooks() else {
+        unknown_command(session, word);
+        return None;
+    };
+    let (Some(_), Some(policy)) = (hooks.command(&name), hooks.spec.command) else {
+        unknown_command(session, word);
+        return None;
+    };
+    Some(Box::pin(async move {
+        let question = HookCall::Command {
+            caller: session.user.to_owned(),
+            name,
+            args: rest.to_owned(),
+        };
+        match hooks.ask(question, policy).await {
+            Answer::Reply(lines) => {
+                for line in lines {
+                    // One line each, as typed by the plugin; never a line break inside.
+                    let line: String = line.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+                    session.reply(ServerLine::Other(line));
+                }
+            }
+            Answer::Deny(reason) => session.refuse(Refusal::Hook(reason)),
+            Answer::Allow | Answer::Rewrite(_) => {}
+        }
+    }))
+}
+
+fn unknown_command(session: &Session<'_>, word: &str) {
     // Not the word itself: a password typed by mistake must not reach the log.
     debug!("[{}] unknown command ({} bytes)", session.user, word.len());
     session.reply(ServerLine::UnknownCommand);
+}
+
+/// `help`: every command, built in and custom, with its usage and what it does.
+fn help(session: &Session<'_>) {
+    for spec in COMMANDS {
+        let usage = spec.usage.strip_prefix("Usage: ").unwrap_or(spec.usage);
+        session.reply(ServerLine::Help {
+            usage: usage.into(),
+            help: spec.help.into(),
+        });
+    }
+    for custom in session.hooks().map_or(&[][..], |h| &h.spec.commands) {
+        session.reply(ServerLine::Help {
+            usage: custom.usage.clone(),
+            help: custom.help.clone(),
+        });
+    }
 }
 
 fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
@@ -554,6 +711,9 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
         .shared
         .registry
         .send_to(&to, bytes, &mut session.held());
+    if !matches!(sent, Sent::NotFound) {
+        session.delivered(MessageKind::Private, &to, text);
+    }
     match sent {
         // The common case costs no store work: nothing to keep, or a guest involved.
         Sent::Live(registered) if !(registered && session.keeps_history()) => None,
@@ -591,6 +751,7 @@ fn broadcast(session: &Session<'_>, call: &Call<'_>) {
         .shared
         .registry
         .broadcast(session.user, &bytes, &mut session.held());
+    session.delivered(MessageKind::Broadcast, "", call.arg(0));
 }
 
 fn list(session: &Session<'_>, _call: &Call<'_>) {
@@ -616,6 +777,10 @@ fn join<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
                 );
             }
         }
+        if let Some(hooks) = session.hooks() {
+            let fields = vec![("user", session.user.to_owned()), ("group", group.clone())];
+            hooks.observe("join", fields);
+        }
         session.reply(ServerLine::Joined { group });
     }))
 }
@@ -637,6 +802,7 @@ fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>>
         let Some(away) = sent else {
             return session.reply(ServerLine::NotInGroup { group });
         };
+        session.delivered(MessageKind::Group, &group, text);
         let message = session.message(Scope::Group(group), text);
         match session.queue(away, message.clone()).await {
             Ok(full) => {
@@ -664,6 +830,10 @@ fn leave<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
                     session.user
                 );
             }
+        }
+        if let Some(hooks) = session.hooks() {
+            let fields = vec![("user", session.user.to_owned()), ("group", group.clone())];
+            hooks.observe("leave", fields);
         }
         session.reply(ServerLine::Left { group });
     }))
@@ -932,6 +1102,14 @@ fn ack<'a>(session: &'a Session<'a>, sender: &'a str, filename: &'a str) -> Opti
             filename: filename.into(),
         });
         return None;
+    }
+    if let Some(hooks) = session.hooks() {
+        let fields = vec![
+            ("recipient", session.user.to_owned()),
+            ("sender", sender.to_owned()),
+            ("filename", filename.to_owned()),
+        ];
+        hooks.observe("file_acknowledged", fields);
     }
     let ack = ServerLine::Ack {
         recipient: session.user.into(),

@@ -7,6 +7,7 @@
 mod accounts;
 mod chat;
 mod file;
+pub mod hooks;
 mod limits;
 mod registry;
 pub mod settings;
@@ -58,6 +59,62 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// TLS on both ports (beside plain text, told apart by a connection's first byte).
     pub tls: Option<TlsSource>,
+    /// What the embedder decides and observes (`None`: nothing, at no cost).
+    pub hooks: Option<Arc<hooks::Hooks>>,
+}
+
+/// What an embedder (a plugin, an operator's script) can do to a running server.
+#[derive(Clone)]
+pub struct Control(Arc<Shared>);
+
+impl Control {
+    /// Every connected user, in order of arrival.
+    pub fn users(&self) -> Vec<String> {
+        self.0.registry.users_except("")
+    }
+
+    /// Every group with its members, by name.
+    pub fn groups(&self) -> Vec<(String, Vec<String>)> {
+        self.0.registry.all_groups()
+    }
+
+    /// Sends `[SERVER] <text>` to a user, to every member of `GROUP:<g>`, or (`None`) to
+    /// everyone connected; returns how many it reached. The text must be one line.
+    pub fn say(&self, to: Option<&str>, text: &str) -> Result<usize> {
+        if text.contains(['\n', '\r']) || text.trim().is_empty() {
+            return Err(Error::InvalidArgument(
+                "a server message is one line, not empty".into(),
+            ));
+        }
+        let registry = &self.0.registry;
+        let users = match to {
+            None => registry.users_except(""),
+            Some(target) => match target.strip_prefix(crate::protocol::file_header::GROUP_PREFIX) {
+                Some(group) => registry.group_members(group),
+                None => vec![target.to_owned()],
+            },
+        };
+        let line = ServerLine::FromServer { text: text.into() };
+        let reached = users
+            .iter()
+            .filter_map(|u| registry.outbox(u))
+            .filter(|outbox| outbox.line(&line))
+            .count();
+        Ok(reached)
+    }
+
+    /// Disconnects `user` after `ERROR: kicked: <reason>`; false if they are not connected.
+    pub async fn kick(&self, user: &str, reason: &str) -> bool {
+        let Some(outbox) = self.0.registry.outbox(user) else {
+            return false;
+        };
+        info!("[KICKED] {user}: {reason}");
+        let line = ServerLine::Error {
+            reason: format!("kicked: {reason}"),
+        };
+        outbox.close_after(&line, Duration::from_secs(1)).await;
+        true
+    }
 }
 
 /// The operator's yes-or-no choices about accounts and history.
@@ -99,6 +156,7 @@ impl Default for ServerConfig {
             store: None,
             policy: Policy::default(),
             tls: None,
+            hooks: None,
         }
     }
 }
@@ -292,6 +350,11 @@ impl Server {
     /// certificate's SHA-256 fingerprint.
     pub fn reload_tls(&self) -> Result<String> {
         self.tls_handle().reload()
+    }
+
+    /// A handle for the embedder: who is there, messages as the server, kicks.
+    pub fn control(&self) -> Control {
+        Control(self.shared.clone())
     }
 
     /// A handle that reloads the certificate of the running server (see

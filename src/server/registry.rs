@@ -45,6 +45,15 @@ impl Outbox {
         }
     }
 
+    /// Sends `line`, waits (at most `grace`) until it is written, then closes the
+    /// connection: how the server kicks a user with a reason they can read.
+    pub(crate) async fn close_after(&self, line: &ServerLine, grace: std::time::Duration) {
+        self.line(line);
+        let mark = self.queue.pushed();
+        let _ = tokio::time::timeout(grace, self.queue.until_written(mark)).await;
+        self.kill.cancel();
+    }
+
     /// Marks the client as speaking the extensions.
     pub(crate) fn extend(&self) {
         self.extended.store(true, Ordering::Relaxed);
@@ -741,6 +750,23 @@ impl Registry {
         }
         st.drop_member(group, user);
         true
+    }
+
+    /// Every group with its members (in order of joining), by name.
+    pub(crate) fn all_groups(&self) -> Vec<(String, Vec<String>)> {
+        let st = self.state();
+        let mut groups: Vec<(String, Vec<String>)> = st
+            .groups
+            .iter()
+            .map(|(g, members)| (g.clone(), members.clone()))
+            .collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    /// The members of `group` (none if there is no such group).
+    pub(crate) fn group_members(&self, group: &str) -> Vec<String> {
+        self.state().groups.get(group).cloned().unwrap_or_default()
     }
 
     /// The groups `user` is in, in order of joining.

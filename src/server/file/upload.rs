@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::super::hooks::{Answer, HookCall};
 use super::super::limits::Reservation;
 use super::super::Shared;
 use super::forward::{
@@ -285,6 +286,16 @@ pub(super) async fn upload(
     reservation.commit().await;
     let target = header.target.to_string();
     info!("[FILE RECEIVED] {saved} from {user} (intended for {target})");
+    if let Some(hooks) = shared.config.hooks.as_deref() {
+        let fields = vec![
+            ("sender", user.to_owned()),
+            ("target", target.clone()),
+            ("filename", header.filename.clone()),
+            ("saved_as", saved.clone()),
+            ("size", size.to_string()),
+        ];
+        hooks.observe("file_saved", fields);
+    }
     let record_name = header.filename.clone();
     let record = FileRecord {
         id,
@@ -442,6 +453,19 @@ async fn admit(
             size: header.size,
             limit,
         });
+    }
+    if let Some(hooks) = shared.config.hooks.as_deref() {
+        if let Some(policy) = hooks.spec.upload {
+            let question = HookCall::Upload {
+                sender: user.to_owned(),
+                target: header.target.to_string(),
+                filename: header.filename.clone(),
+                size: header.size,
+            };
+            if let Answer::Deny(reason) = hooks.ask(question, policy).await {
+                return Err(Refusal::Hook(reason));
+            }
+        }
     }
     shared.disk.reserve(user, header.size).await
 }

@@ -1,0 +1,520 @@
+"""`relaychat.Server`: the engine's server, extensible from Python.
+
+Hooks decide about events before they happen (a message, a login, an upload), observers
+hear of them afterwards, and custom commands add words to the chat protocol. The engine
+still does all the networking: it asks the hooks through one queue, in batches, and a
+session waits for its own answer only (at most the hook's time limit), so a slow hook
+delays nobody else. A server without hooks pays nothing for the feature::
+
+    from relaychat import Refuse, Server
+
+    server = Server(chat_port=0, file_port=0)
+
+    @server.before_message
+    def no_shouting(msg):
+        if msg.text.isupper():
+            raise Refuse("no shouting, please")
+        return msg.text.replace("darn", "d**n")  # a str rewrites the message
+
+    @server.command("roll", help="roll dice, e.g. roll 2d6", rate="5/10s")
+    def roll(caller, args):
+        return f"{caller} rolled 4"
+
+    server.serve_forever()
+
+A hook returns `None` or `True` to allow, `False` to refuse, a `str` (message hooks) to
+rewrite, or raises `Refuse(reason)`; it may be a plain or an `async` function. An error
+in a hook is logged and its failure policy decides: `fail="closed"` (the default for
+"before" hooks) refuses, `fail="open"` lets the event through; so does running past its
+`timeout` (1 s by default). Plugins are modules with a `setup(server)` function, loaded
+by dotted name or file path (`Server(plugins=[...])`, `python server.py --plugin ...`).
+docs/PLUGINS.md has the whole API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from relaychat import _native
+
+__all__ = ["Login", "Message", "Refuse", "Server", "Upload"]
+
+log = logging.getLogger("relaychat.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: What a refusal without a reason says.
+REFUSED = "refused by the server"
+#: What a failed hook (an exception, or past its time limit) says under `fail="closed"`.
+HOOK_FAILED = "refused: a server hook failed"
+#: How many hook calls may run at once (a hook that sleeps holds one).
+WORKERS = 8
+#: The engine waits this much past a hook's own limit before it applies the failure
+#: policy itself (an async hook is cut off at its limit here; a plain one cannot be).
+GRACE = 0.25
+#: The events observers may hear of.
+EVENTS = frozenset(
+    {
+        "connect",
+        "disconnect",
+        "join",
+        "leave",
+        "message",
+        "file_saved",
+        "file_acknowledged",
+    }
+)
+
+
+class Refuse(Exception):
+    """Raise in a hook or a command to refuse: the user gets `ERROR: <reason>`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A message about to be delivered."""
+
+    #: `private`, `group` or `broadcast`.
+    kind: Literal["private", "group", "broadcast"]
+    sender: str
+    #: The recipient (private), the group (group), or `""` (broadcast).
+    to: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Login:
+    """A login about to complete (after the password, for a registered name)."""
+
+    name: str
+    address: str
+    registered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """An upload about to be taken."""
+
+    sender: str
+    #: A user, or `GROUP:<group>`.
+    target: str
+    filename: str
+    size: int
+
+
+@dataclasses.dataclass
+class _Hook:
+    fn: Callable[..., Any]
+    timeout: float
+    fail_open: bool
+    priority: int
+
+
+@dataclasses.dataclass
+class _Command:
+    fn: Callable[[str, str], Any]
+    usage: str
+    help: str
+    timeout: float
+    #: At most `rate[0]` calls per user in `rate[1]` seconds.
+    rate: tuple[int, float] | None
+    calls: dict[str, collections.deque[float]] = dataclasses.field(default_factory=dict)
+
+
+def _rate(text: str | None) -> tuple[int, float] | None:
+    """`"5/10s"` (or `/2m`, `/1h`, `/30`): at most 5 calls in 10 seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"rate must look like '5/10s', not {text!r}")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(3)]
+    return int(m.group(1)), float(m.group(2)) * unit
+
+
+def _fail(fail: str) -> bool:
+    if fail not in ("open", "closed"):
+        raise ValueError(f"fail must be 'open' or 'closed', not {fail!r}")
+    return fail == "open"
+
+
+class _HookTimeout(Exception):
+    pass
+
+
+class Server(_native.Server):
+    """The relay server (see `relaychat._native.Server` for its settings), with hooks,
+    observers, custom commands, plugins, and a control API (`users()`, `groups()`,
+    `send()`, `kick()`) once it runs."""
+
+    def __new__(cls, *args: Any, plugins: Iterable[str] = (), **kwargs: Any) -> Server:
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args: Any, plugins: Iterable[str] = (), **kwargs: Any) -> None:
+        self._before: dict[str, list[_Hook]] = {"message": [], "login": [], "upload": []}
+        self._commands: dict[str, _Command] = {}
+        self._observers: dict[str, list[Callable[[dict[str, Any]], Any]]] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._observed: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        for plugin in plugins:
+            self.load_plugin(plugin)
+
+    # --- registering ---------------------------------------------------------------------
+
+    def _before_hook(
+        self,
+        kind: str,
+        fn: F | None,
+        timeout: float,
+        fail: str,
+        priority: int,
+    ) -> Any:
+        fail_open = _fail(fail)
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+
+        def register(fn: F) -> F:
+            self._check_not_running()
+            hooks = self._before[kind]
+            hooks.append(_Hook(fn, timeout, fail_open, priority))
+            hooks.sort(key=lambda h: -h.priority)  # stable: equal priorities keep order
+            return fn
+
+        return register(fn) if fn is not None else register
+
+    def before_message(
+        self,
+        fn: F | None = None,
+        *,
+        timeout: float = 1.0,
+        fail: str = "closed",
+        priority: int = 0,
+    ) -> Any:
+        """Decorates `fn(msg: Message)`, asked before every private, group and broadcast
+        message is delivered: allow (`None`/`True`), refuse (`False`, `Refuse(reason)`), or
+        return the text to send instead. Hooks run by `priority`, highest first; each sees
+        the text the one before it returned."""
+        return self._before_hook("message", fn, timeout, fail, priority)
+
+    def before_login(
+        self,
+        fn: F | None = None,
+        *,
+        timeout: float = 1.0,
+        fail: str = "closed",
+        priority: int = 0,
+    ) -> Any:
+        """Decorates `fn(login: Login)`, asked before a login completes (a registered
+        name's password is already checked): allow, or refuse with a reason the user gets
+        as `ERROR: <reason>` before the connection closes."""
+        return self._before_hook("login", fn, timeout, fail, priority)
+
+    def before_upload(
+        self,
+        fn: F | None = None,
+        *,
+        timeout: float = 1.0,
+        fail: str = "closed",
+        priority: int = 0,
+    ) -> Any:
+        """Decorates `fn(upload: Upload)`, asked before an upload is taken (after the
+        server's own checks of name and size, before the quota)."""
+        return self._before_hook("upload", fn, timeout, fail, priority)
+
+    def on(self, event: str, fn: F | None = None) -> Any:
+        """Decorates `fn(fields: dict)`, told after `event` happened: `connect` (user,
+        address, registered), `disconnect` (user, reason), `join` and `leave` (user,
+        group), `message` (kind, sender, to, text), `file_saved` (sender, target,
+        filename, saved_as, size), `file_acknowledged` (recipient, sender, filename).
+        Every value is a string; `fields["event"]` is the event's name. Observers run one
+        at a time in the order events happened, and can never slow delivery: when they
+        fall far behind, observations are dropped (`Server.hook_drops` counts them)."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; one of {sorted(EVENTS)}")
+
+        def register(fn: F) -> F:
+            self._check_not_running()
+            self._observers.setdefault(event, []).append(fn)
+            return fn
+
+        return register(fn) if fn is not None else register
+
+    def command(
+        self,
+        name: str,
+        fn: F | None = None,
+        *,
+        help: str = "",
+        usage: str | None = None,
+        rate: str | None = None,
+        timeout: float = 1.0,
+    ) -> Any:
+        """Decorates `fn(caller: str, args: str)` as the chat command `name`: what it
+        returns (a `str`, or a list of lines) goes to the caller; `Refuse(reason)` answers
+        `ERROR: <reason>`. `rate="5/10s"` allows each user 5 calls in 10 seconds (more are
+        answered `ERROR: slow down`). `help` and `usage` show in the server's `help`
+        answer. A built-in command's name cannot be taken."""
+        word = name.lower()
+        if not re.fullmatch(r"[a-z0-9_][a-z0-9_-]*", word):
+            raise ValueError(f"a command is one word of letters, digits, - and _: {name!r}")
+        if word == "help" or any(word == c[0] for c in _native.COMMANDS):
+            raise ValueError(f"'{word}' is a built-in command")
+        if word in self._commands:
+            raise ValueError(f"the command '{word}' is already registered")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        limit = _rate(rate)
+
+        def register(fn: F) -> F:
+            self._check_not_running()
+            self._commands[word] = _Command(fn, usage or word, help or "", timeout, limit)
+            return fn
+
+        return register(fn) if fn is not None else register
+
+    def load_plugin(self, spec: str) -> types.ModuleType:
+        """Imports a plugin by dotted name (`mypkg.module`) or file path (`./bot.py`) and
+        calls its `setup(server)`. Any error propagates: a plugin that cannot load stops
+        the start."""
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).resolve()
+            name = f"relaychat_plugin_{path.stem}"
+            loaded = importlib.util.spec_from_file_location(name, path)
+            if loaded is None or loaded.loader is None:
+                raise ImportError(f"cannot load a plugin from {spec}")
+            module = importlib.util.module_from_spec(loaded)
+            sys.modules[name] = module
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+        setup = getattr(module, "setup", None)
+        if not callable(setup):
+            raise TypeError(f"plugin {spec} has no setup(server) function")
+        setup(self)
+        return module
+
+    def _check_not_running(self) -> None:
+        if self.is_running:
+            raise RuntimeError("hooks, observers and commands are added before start()")
+
+    # --- running -----------------------------------------------------------------------
+
+    def _hooked(self) -> bool:
+        return any(self._before.values()) or bool(self._commands) or bool(self._observers)
+
+    def start(self) -> None:
+        """Binds both ports and starts serving in the background, with the hooks."""
+        if self.is_running:
+            return
+        if self._hooked():
+            self._install()
+        super().start()
+        if self._hooked() and not self._threads:
+            self._run_dispatcher()
+
+    def serve_forever(self) -> None:
+        """Starts the server if needed and blocks until it stops (Ctrl-C: gracefully)."""
+        self.start()
+        try:
+            super().serve_forever()
+        finally:
+            self._stop_dispatcher()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the server (see `relaychat._native.Server.stop`), then its hook threads."""
+        try:
+            super().stop(timeout)
+        finally:
+            self._stop_dispatcher()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _install(self) -> None:
+        def policy(hooks: list[_Hook]) -> tuple[float, bool] | None:
+            if not hooks:
+                return None
+            # The chain may take each hook's limit; it fails open only if all of them do.
+            limit = sum(h.timeout for h in hooks) + GRACE
+            return limit, all(h.fail_open for h in hooks)
+
+        commands = self._commands.values()
+        self._install_hooks(
+            message=policy(self._before["message"]),
+            login=policy(self._before["login"]),
+            upload=policy(self._before["upload"]),
+            command=(max(c.timeout for c in commands) + GRACE, False) if commands else None,
+            commands=[
+                (w, c.usage, c.help or "(no description)") for w, c in self._commands.items()
+            ],
+            observe=bool(self._observers),
+        )
+
+    def _run_dispatcher(self) -> None:
+        self._stopping.clear()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "relaychat-hook")
+        threads = [
+            threading.Thread(target=loop.run_forever, name="relaychat-hook-loop", daemon=True),
+            threading.Thread(target=self._dispatch, name="relaychat-hooks", daemon=True),
+            threading.Thread(target=self._observe, name="relaychat-observers", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        self._threads = threads
+
+    def _stop_dispatcher(self) -> None:
+        if not self._threads:
+            return
+        self._stopping.set()
+        self._observed.put(None)
+        for t in self._threads[1:]:
+            t.join(5)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._threads[0].join(5)
+            self._loop.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self._threads = []
+
+    def _dispatch(self) -> None:
+        pool = self._pool
+        assert pool is not None
+        while not self._stopping.is_set():
+            batch = self._next_hooks(0.2)
+            if batch is None:
+                return
+            questions = []
+            for request in batch:
+                if request.kind == "observed":
+                    self._observed.put(request.fields)
+                else:
+                    questions.append(request)
+            if questions:
+                pool.submit(self._answer_all, questions)
+
+    def _observe(self) -> None:
+        while True:
+            fields = self._observed.get()
+            if fields is None:
+                return
+            for fn in self._observers.get(fields["event"], ()):
+                try:
+                    self._call(fn, fields, timeout=None)
+                except Exception:
+                    log.exception("observer %s of %s failed", fn.__qualname__, fields["event"])
+
+    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
+        """Calls a hook; an async one runs on the hooks' event loop, within `timeout`."""
+        result = fn(*args)
+        if not inspect.isawaitable(result):
+            return result
+        assert self._loop is not None
+
+        async def wait() -> Any:
+            return await result
+
+        future = asyncio.run_coroutine_threadsafe(wait(), self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise _HookTimeout from None
+
+    def _answer_all(self, requests: list[_native.HookRequest]) -> None:
+        for request in requests:
+            try:
+                self._answer(request)
+            except Exception:
+                log.exception("answering %r failed", request)
+                with contextlib.suppress(RuntimeError):  # answered before it failed
+                    request.deny(HOOK_FAILED)
+
+    def _answer(self, request: _native.HookRequest) -> None:
+        fields = request.fields
+        if request.kind == "command":
+            return self._run_command(request, fields)
+        kind = request.kind
+        event: Message | Login | Upload
+        event = {"message": Message, "login": Login, "upload": Upload}[kind](**fields)
+        for hook in self._before[kind]:
+            started = time.monotonic()
+            try:
+                out = self._call(hook.fn, event, timeout=hook.timeout)
+            except Refuse as refused:
+                return request.deny(str(refused) or REFUSED)
+            except Exception as e:
+                if not isinstance(e, _HookTimeout):
+                    log.exception("%s hook %s failed", kind, hook.fn.__qualname__)
+                else:
+                    log.warning(
+                        "%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout
+                    )
+                if hook.fail_open:
+                    continue
+                return request.deny(HOOK_FAILED)
+            if time.monotonic() - started > hook.timeout:
+                log.warning("%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout)
+            if out is False:
+                return request.deny(REFUSED)
+            if isinstance(out, str) and isinstance(event, Message):
+                event = dataclasses.replace(event, text=out)
+        if isinstance(event, Message) and event.text != fields["text"]:
+            return request.rewrite(event.text)
+        return request.allow()
+
+    def _run_command(self, request: _native.HookRequest, fields: dict[str, Any]) -> None:
+        command = self._commands[fields["name"]]
+        caller = fields["caller"]
+        if command.rate is not None:
+            most, window = command.rate
+            now = time.monotonic()
+            calls = command.calls.setdefault(caller, collections.deque())
+            while calls and now - calls[0] > window:
+                calls.popleft()
+            if len(calls) >= most:
+                return request.deny("slow down")
+            calls.append(now)
+        try:
+            out = self._call(command.fn, caller, fields["args"], timeout=command.timeout)
+        except Refuse as refused:
+            return request.deny(str(refused) or REFUSED)
+        except _HookTimeout:
+            return request.deny(f"the command {fields['name']} took too long")
+        except Exception:
+            log.exception("command %s failed", fields["name"])
+            return request.deny(f"the command {fields['name']} failed")
+        if out is None:
+            lines: list[str] = []
+        elif isinstance(out, str):
+            lines = out.splitlines()
+        else:
+            lines = [line for item in out for line in str(item).splitlines()]
+        return request.reply(lines)

@@ -1,0 +1,275 @@
+//! Hooks: what an embedder (the Python layer, `relaychat.Server`) decides about the
+//! server's events, and what it is told after them.
+//!
+//! The engine never waits on the embedder inside a network task's hot path: a question
+//! ([`HookCall`]) goes into one bounded queue with a one-shot reply, and the session that
+//! asked awaits the answer (at most its kind's time limit) before it reads its next
+//! command, so a slow hook delays only its own user. The embedder drains the queue in
+//! batches (one GIL round trip for many questions). Observations go into the same queue
+//! without a reply; when it is full they are dropped (and counted), never waited for.
+//!
+//! A server without hooks has no [`Hooks`] at all: every call site checks one `Option`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// Questions and observations that may wait for the embedder at once; past this, a
+/// question gets its kind's failure policy and an observation is dropped.
+pub const QUEUE: usize = 65_536;
+
+/// How long a kind of question may take, and what a timeout (or an overloaded queue)
+/// means.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// The time limit of one question.
+    pub limit: Duration,
+    /// Past the limit the event is allowed (`true`) or refused.
+    pub fail_open: bool,
+}
+
+impl Policy {
+    fn failed(&self, why: &str) -> Answer {
+        match self.fail_open {
+            true => Answer::Allow,
+            false => Answer::Deny(format!("refused: a server hook {why}")),
+        }
+    }
+}
+
+/// A custom command the embedder answers: `name` (lower case), its usage and help line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomCommand {
+    /// The first word that calls it (lower case; matched case-insensitively).
+    pub name: String,
+    /// How to call it, for `help` (e.g. `roll <dice>`).
+    pub usage: String,
+    /// One line on what it does, for `help`.
+    pub help: String,
+}
+
+/// What the embedder hooks: each kind of question with its policy (`None`: not asked),
+/// its commands, and whether it observes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HookSpec {
+    /// Before a private, group or broadcast message is delivered.
+    pub message: Option<Policy>,
+    /// Before a login completes.
+    pub login: Option<Policy>,
+    /// Before an upload is taken.
+    pub upload: Option<Policy>,
+    /// Custom commands.
+    pub commands: Vec<CustomCommand>,
+    /// The custom commands' policy.
+    pub command: Option<Policy>,
+    /// Whether observations are sent.
+    pub observe: bool,
+}
+
+/// Which kind of message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// `msg`.
+    Private,
+    /// `send_group`.
+    Group,
+    /// `broadcast`.
+    Broadcast,
+}
+
+impl MessageKind {
+    /// `private`, `group` or `broadcast`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Private => "private",
+            MessageKind::Group => "group",
+            MessageKind::Broadcast => "broadcast",
+        }
+    }
+}
+
+/// A question for the embedder, or (with no reply) an observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookCall {
+    /// May `sender` send `text` to `to` (a user, a group, or empty for everyone)?
+    #[allow(missing_docs)]
+    Message {
+        kind: MessageKind,
+        sender: String,
+        to: String,
+        text: String,
+    },
+    /// May `name` log in from `addr`?
+    #[allow(missing_docs)]
+    Login {
+        name: String,
+        addr: IpAddr,
+        registered: bool,
+    },
+    /// May `sender` upload `filename` (`size` bytes) to `target` (`user` or `GROUP:g`)?
+    #[allow(missing_docs)]
+    Upload {
+        sender: String,
+        target: String,
+        filename: String,
+        size: u64,
+    },
+    /// `caller` typed custom command `name` with `args`.
+    #[allow(missing_docs)]
+    Command {
+        caller: String,
+        name: String,
+        args: String,
+    },
+    /// Something happened: `event` (connect, disconnect, join, leave, message, file_saved,
+    /// file_acknowledged) and its fields.
+    #[allow(missing_docs)]
+    Observed {
+        event: &'static str,
+        fields: Vec<(&'static str, String)>,
+    },
+}
+
+/// The embedder's answer to a question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Let it happen.
+    Allow,
+    /// Refused: the user gets `ERROR: <reason>`.
+    Deny(String),
+    /// A message goes with this text instead.
+    Rewrite(String),
+    /// A command's answer: these lines to its caller.
+    Reply(Vec<String>),
+}
+
+/// A question (or observation) waiting for the embedder.
+pub struct Pending {
+    /// What is asked (or told).
+    pub call: HookCall,
+    /// Where the answer goes (`None`: an observation).
+    pub reply: Option<oneshot::Sender<Answer>>,
+}
+
+/// The engine's side of the hooks.
+pub struct Hooks {
+    /// What is hooked.
+    pub spec: HookSpec,
+    tx: mpsc::Sender<Pending>,
+    /// Observations dropped because the queue was full.
+    dropped: AtomicU64,
+}
+
+impl Hooks {
+    /// Hooks as `spec` says, and the queue the embedder drains.
+    pub fn new(spec: HookSpec) -> (Hooks, mpsc::Receiver<Pending>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let hooks = Hooks {
+            spec,
+            tx,
+            dropped: AtomicU64::new(0),
+        };
+        (hooks, rx)
+    }
+
+    /// Asks the embedder and waits for its answer, at most `policy.limit`.
+    pub(crate) async fn ask(&self, call: HookCall, policy: Policy) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            call,
+            reply: Some(tx),
+        };
+        if self.tx.try_send(pending).is_err() {
+            return policy.failed("is overloaded");
+        }
+        match tokio::time::timeout(policy.limit, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => policy.failed("is gone"),
+            Err(_) => policy.failed(&format!("took longer than {:?}", policy.limit)),
+        }
+    }
+
+    /// Tells the embedder something happened (if it observes), without waiting.
+    pub(crate) fn observe(&self, event: &'static str, fields: Vec<(&'static str, String)>) {
+        if !self.spec.observe {
+            return;
+        }
+        let pending = Pending {
+            call: HookCall::Observed { event, fields },
+            reply: None,
+        };
+        if self.tx.try_send(pending).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The custom command called `name`, if there is one.
+    pub(crate) fn command(&self, name: &str) -> Option<&CustomCommand> {
+        self.spec.commands.iter().find(|c| c.name == name)
+    }
+
+    /// Observations dropped so far because the embedder fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOSED: Policy = Policy {
+        limit: Duration::from_millis(50),
+        fail_open: false,
+    };
+
+    #[tokio::test]
+    async fn an_answer_comes_back_and_silence_gets_the_policy() {
+        let (hooks, mut rx) = Hooks::new(HookSpec::default());
+        let call = HookCall::Command {
+            caller: "a".into(),
+            name: "roll".into(),
+            args: String::new(),
+        };
+        let answering = tokio::spawn(async move {
+            let pending = rx.recv().await.expect("asked");
+            let reply = pending.reply.expect("a question");
+            reply.send(Answer::Reply(vec!["4".into()])).expect("sent");
+            // The next question is never answered.
+            rx.recv().await.expect("asked again")
+        });
+        assert_eq!(
+            hooks.ask(call.clone(), CLOSED).await,
+            Answer::Reply(vec!["4".into()])
+        );
+        assert!(
+            matches!(hooks.ask(call.clone(), CLOSED).await, Answer::Deny(why) if why.contains("took longer"))
+        );
+        drop(answering.await.expect("task"));
+        let open = Policy {
+            fail_open: true,
+            ..CLOSED
+        };
+        assert_eq!(
+            hooks.ask(call, open).await,
+            Answer::Allow,
+            "the embedder is gone"
+        );
+    }
+
+    #[test]
+    fn observations_never_wait_and_are_counted_when_dropped() {
+        let spec = HookSpec {
+            observe: true,
+            ..HookSpec::default()
+        };
+        let (hooks, rx) = Hooks::new(spec);
+        for _ in 0..QUEUE + 3 {
+            hooks.observe("connect", vec![("user", "a".into())]);
+        }
+        assert_eq!(hooks.dropped(), 3);
+        drop(rx);
+    }
+}

@@ -1,0 +1,331 @@
+"""A server Python extends: hooks before messages, logins and uploads (allow, deny,
+rewrite), observers, custom commands with rate limits and `help`, the control API
+(users, groups, send, kick), plugins and their errors, hooks that raise or run too long
+(the others keep chatting), async hooks, and the examples/ plugins. Over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from relaychat import FileReceived, Login, Message, Refuse, RefusedError, Server, Upload
+
+from tests.conftest import HOST, REPO, TIMEOUT, Net, random_file, take, wait_until
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture
+def hooked(tmp_path: Path) -> Iterator[Callable[..., tuple[Server, Net]]]:
+    """`make(setup)`: a server whose hooks `setup(server)` registers, started, with a
+    `Net` to it."""
+    made: list[tuple[Server, Net]] = []
+
+    def make(setup: Callable[[Server], None], **options) -> tuple[Server, Net]:
+        srv = Server(HOST, 0, 0, tmp_path / "data", **options)
+        setup(srv)
+        srv.start()
+        net = Net(srv, tmp_path)
+        made.append((srv, net))
+        return srv, net
+
+    yield make
+    for srv, net in made:
+        net.close()
+        srv.stop()
+
+
+def test_a_message_hook_allows_denies_and_rewrites_every_kind(hooked):
+    seen: list[Message] = []
+
+    def setup(srv: Server) -> None:
+        @srv.before_message
+        def hook(msg: Message):
+            seen.append(msg)
+            if "forbidden" in msg.text:
+                raise Refuse("that word is not allowed here")
+            if msg.text == "quiet":
+                return False
+            return msg.text.replace("darn", "d**n")
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    for w in (alice, bob):
+        w.send("join team\n")
+        w.expect("You joined group 'team'")
+    alice.send("msg bob hello\n")
+    bob.expect("[PRIVATE from alice]: hello")
+    alice.send("msg bob darn it\n")
+    bob.expect("[PRIVATE from alice]: d**n it")
+    alice.send("send_group team darn again\n")
+    bob.expect("[GROUP team] alice: d**n again")
+    alice.send("broadcast a forbidden word\n")
+    alice.expect("ERROR: that word is not allowed here")
+    alice.send("msg bob quiet\n")
+    alice.expect("ERROR: refused by the server")
+    bob.assert_silent()
+    kinds = [(m.kind, m.to) for m in seen]
+    assert kinds[:4] == [
+        ("private", "bob"),
+        ("private", "bob"),
+        ("group", "team"),
+        ("broadcast", ""),
+    ]
+    assert seen[0].sender == "alice"
+
+
+def test_login_and_upload_hooks_refuse_with_the_reason(hooked, tmp_path):
+    def setup(srv: Server) -> None:
+        @srv.before_login
+        def only_friends(login: Login):
+            assert login.address == "127.0.0.1" and login.registered is False
+            return login.name != "mallory"
+
+        @srv.before_upload
+        def no_exe(upload: Upload):
+            if upload.filename.endswith(".exe"):
+                raise Refuse(f"{upload.sender} may not send programs")
+
+    _, net = hooked(setup)
+    wire = net.wire("chat", "mallory")
+    wire.send("mallory\n")
+    wire.expect("ERROR: refused by the server")
+    wire.expect_closed()
+    alice = net.client("alice")
+    net.client("bob")
+    with pytest.raises(RefusedError, match="alice may not send programs"):
+        alice.send_file("bob", random_file(tmp_path / "tool.exe", 100))
+    assert alice.send_file("bob", random_file(tmp_path / "notes.txt", 100)) == 100
+
+
+def test_observers_hear_every_kind_of_event_in_order(hooked, tmp_path):
+    events: queue.Queue = queue.Queue()
+
+    def setup(srv: Server) -> None:
+        for name in ("connect", "join", "message", "file_saved", "file_acknowledged", "leave"):
+            srv.on(name, events.put)
+        srv.on("disconnect")(events.put)
+
+    _, net = hooked(setup)
+    alice = net.client("alice")
+    bob = net.client("bob")
+    alice.join("team")
+    alice.msg("bob", "hi")
+    alice.send_file("bob", random_file(tmp_path / "a.bin", 1000))
+    # bob's client acknowledges the file once it has it.
+    assert any(isinstance(e, FileReceived) for e in take(bob, 3))
+    alice.leave("team")
+    bob.close()
+
+    def next_event() -> dict:
+        return events.get(timeout=TIMEOUT)
+
+    got = [next_event() for _ in range(8)]
+    names = [e["event"] for e in got]
+    assert names[:4] == ["connect", "connect", "join", "message"], got
+    assert set(names[4:]) == {"file_saved", "file_acknowledged", "leave", "disconnect"}, got
+    assert got[3] == {
+        "event": "message",
+        "kind": "private",
+        "sender": "alice",
+        "to": "bob",
+        "text": "hi",
+    }
+    saved = next(e for e in got if e["event"] == "file_saved")
+    assert saved["saved_as"] == "received_from_alice_a.bin" and saved["size"] == "1000"
+
+
+def test_commands_reply_refuse_are_rate_limited_and_listed_by_help(hooked):
+    def setup(srv: Server) -> None:
+        @srv.command("roll", usage="roll <dice>", help="roll dice", rate="2/60s")
+        def roll(caller: str, args: str) -> list[str]:
+            if not args:
+                raise Refuse("roll what?")
+            return [f"{caller} rolls {args}", "good luck"]
+
+    srv, net = hooked(setup)
+    alice = net.chat("alice")
+    alice.send("ROLL 2d6\n")  # commands are case-insensitive
+    alice.expect("alice rolls 2d6")
+    alice.expect("good luck")
+    alice.send("roll\n")
+    alice.expect("ERROR: roll what?")
+    alice.send("roll 1d4\n")
+    alice.expect("ERROR: slow down")
+    # Another user has a rate of their own.
+    bob = net.chat("bob")
+    bob.send("roll 1d4\n")
+    bob.expect("bob rolls 1d4")
+    bob.expect("good luck")
+    bob.send("help\n")
+    lines = bob.lines_until(lambda line: line.startswith("[HELP] roll"))
+    assert lines[0] == "[HELP] msg <username> <message> - send a private message to one user"
+    assert lines[-1] == "[HELP] roll <dice> - roll dice"
+    bob.send("unknown_thing\n")
+    bob.expect("Unknown command. Use msg/broadcast/list/join/send_group")
+    with pytest.raises(ValueError, match="built-in"):
+        Server(HOST, 0, 0).command("msg")(lambda c, a: None)
+    with pytest.raises(RuntimeError, match="before start"):
+        srv.command("late")(lambda c, a: None)
+
+
+def test_the_server_lists_sends_and_kicks(hooked):
+    srv, net = hooked(lambda srv: None)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    alice.send("join team\n")
+    alice.expect("You joined group 'team'")
+    assert srv.users() == ["alice", "bob"]
+    assert srv.groups() == [("team", ["alice"])]
+    assert srv.send("GROUP:team", "team meeting at 10") == 1
+    alice.expect("[SERVER] team meeting at 10")
+    assert srv.send(None, "maintenance soon") == 2
+    alice.expect("[SERVER] maintenance soon")
+    bob.expect("[SERVER] maintenance soon")
+    assert srv.send("bob", "just you") == 1
+    bob.expect("[SERVER] just you")
+    with pytest.raises(Exception, match="one line"):
+        srv.send("bob", "two\nlines")
+    assert srv.kick("bob", "spamming") is True
+    bob.expect("ERROR: kicked: spamming")
+    bob.expect_closed()
+    assert srv.kick("nobody", "x") is False
+    alice.send("msg alice still here\n")
+    alice.expect("[PRIVATE from alice]: still here")
+
+
+def test_a_hook_that_raises_follows_its_failure_policy(hooked):
+    def setup(srv: Server) -> None:
+        @srv.before_message(fail="open")
+        def broken_but_open(msg: Message):
+            raise KeyError("bug")
+
+        @srv.before_login
+        def broken_and_closed(login: Login):
+            if login.name == "carol":
+                raise KeyError("bug")
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    alice.send("msg bob through anyway\n")
+    bob.expect("[PRIVATE from alice]: through anyway")
+    carol = net.wire("chat", "carol")
+    carol.send("carol\n")
+    carol.expect("ERROR: refused: a server hook failed")
+
+
+def test_a_hook_past_its_limit_is_cut_off_and_others_keep_chatting(hooked):
+    release = threading.Event()
+
+    def setup(srv: Server) -> None:
+        @srv.before_message(timeout=0.3)
+        def slow_for_alice(msg: Message):
+            if msg.sender == "alice":
+                release.wait(10)  # far past its limit
+
+    _, net = hooked(setup)
+    try:
+        alice, bob, carol = net.chat("alice"), net.chat("bob"), net.chat("carol")
+        alice.send("msg bob are you there\n")
+        # While alice's hook hangs, bob and carol chat on.
+        for i in range(20):
+            bob.send(f"msg carol ping {i}\n")
+            carol.expect(f"[PRIVATE from bob]: ping {i}")
+        alice.expect("ERROR: refused: a server hook took longer than 550ms")
+    finally:
+        release.set()
+
+
+def test_async_hooks_and_commands_run_on_the_hooks_loop(hooked):
+    def setup(srv: Server) -> None:
+        @srv.before_message
+        async def later(msg: Message) -> str:
+            await asyncio.sleep(0.01)
+            return msg.text + " (checked)"
+
+        @srv.command("wait", timeout=0.2)
+        async def wait(caller: str, args: str) -> str:
+            await asyncio.sleep(float(args))
+            return "done"
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    alice.send("msg bob hi\n")
+    bob.expect("[PRIVATE from alice]: hi (checked)")
+    alice.send("wait 0\n")
+    alice.expect("done")
+    alice.send("wait 5\n")
+    alice.expect("ERROR: the command wait took too long")
+
+
+def test_plugins_load_by_name_and_path_and_a_broken_one_stops_the_start(hooked, tmp_path):
+    plugin = tmp_path / "greeter.py"
+    plugin.write_text(
+        "def setup(server):\n"
+        "    @server.command('hi', help='say hi')\n"
+        "    def hi(caller, args):\n"
+        "        return f'hi {caller}'\n"
+    )
+    _, net = hooked(lambda srv: None, plugins=[str(plugin), "tests.plugin_for_tests"])
+    alice = net.chat("alice")
+    alice.send("hi\n")
+    alice.expect("hi alice")
+    alice.send("ping\n")
+    alice.expect("pong")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def setup(server):\n    raise RuntimeError('cannot start: no config')\n")
+    with pytest.raises(RuntimeError, match="no config"):
+        Server(HOST, 0, 0, tmp_path / "d2", plugins=[str(broken)])
+    nosetup = tmp_path / "nosetup.py"
+    nosetup.write_text("x = 1\n")
+    with pytest.raises(TypeError, match="no setup"):
+        Server(HOST, 0, 0, tmp_path / "d3", plugins=[str(nosetup)])
+
+
+def test_server_py_loads_plugins_and_a_broken_one_stops_it_with_its_traceback(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def setup(server):\n    raise RuntimeError('cannot start: no config')\n")
+    argv = [sys.executable, str(REPO / "server.py"), "--chat-port", "0", "--file-port", "0"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--plugin", str(broken)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "cannot start: no config" in out.stderr
+    assert "Listening" not in out.stdout
+
+
+def test_the_examples_work(hooked, tmp_path, monkeypatch):
+    allowed = tmp_path / "allowed.txt"
+    allowed.write_text("alice\nbob\n")
+    audit = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("RELAYCHAT_ALLOW_FILE", str(allowed))
+    monkeypatch.setenv("RELAYCHAT_AUDIT_LOG", str(audit))
+    plugins = [
+        str(EXAMPLES / f"{name}.py")
+        for name in ("word_filter", "dice_bot", "allow_list", "audit_log")
+    ]
+    _, net = hooked(lambda srv: None, plugins=plugins)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    eve = net.wire("chat", "eve")
+    eve.send("eve\n")
+    eve.expect("ERROR: eve is not on this server's list")
+    alice.send("msg bob what the heck\n")
+    bob.expect("[PRIVATE from alice]: what the h***")
+    alice.send("broadcast STOP SHOUTING\n")
+    alice.expect("ERROR: no shouting, please")
+    alice.send("roll 3d6\n")
+    assert alice.line().startswith("alice rolled 3d6: ")
+    alice.send("roll 99d1\n")
+    alice.expect("ERROR: usage: roll <N>d<M>, with N from 1 to 20 and M from 2 to 1000")
+    alice.send("echo hello there\n")
+    alice.expect("hello there")
+    wait_until(lambda: audit.exists() and audit.read_text().count("\n") >= 3, what="audited")
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in lines][:3] == ["connect", "connect", "message"]
+    assert lines[2]["text"] == "what the h***"
