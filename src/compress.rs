@@ -58,6 +58,19 @@ impl Deflate {
         Ok(())
     }
 
+    /// Appends to `out` everything given so far (ending the current block): for a sender
+    /// that has caught up with its source and would otherwise hold bytes back.
+    pub fn flush(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        loop {
+            out.reserve(zstd::zstd_safe::CCtx::out_size());
+            let len = out.len();
+            let mut output = OutBuffer::around_pos(out, len);
+            if self.0.flush(&mut output)? == 0 {
+                return Ok(());
+            }
+        }
+    }
+
     /// Ends the frame, appending its last bytes to `out`.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         loop {

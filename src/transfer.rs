@@ -29,6 +29,9 @@ pub(crate) const RECENT_BYTES: usize = 4 * BODY_CHUNK;
 /// Bytes a [`Partial`] holds that are not yet on disk before [`Partial::write`] waits for
 /// the disk (a slow disk slows the sender rather than fill memory).
 const UNWRITTEN_BYTES: usize = 4 * BODY_CHUNK;
+/// Chunks a [`Partial`] holds at most, whatever their size (a sender of tiny segments
+/// waits for the disk sooner, and the window stays quick to search).
+const MAX_CHUNKS: usize = 256;
 
 /// The newest bytes of a file being written, in memory: every byte not yet on disk, and
 /// (for a followed file) the last [`RECENT_BYTES`] that are. A reader that keeps up takes
@@ -56,11 +59,13 @@ impl Chunks {
         self.start + self.held as u64
     }
 
-    /// Lets go of the oldest chunks that are on disk while more than `keep` bytes are held.
+    /// Lets go of the oldest chunks that are on disk while more than `keep` bytes (or more
+    /// than half of [`MAX_CHUNKS`] chunks) are held.
     fn trim(&mut self, keep: usize) {
         while let Some(first) = self.chunks.front() {
             let len = first.len();
-            if self.held <= keep || self.start + len as u64 > self.on_disk {
+            let over = self.held > keep || self.chunks.len() > MAX_CHUNKS / 2;
+            if !over || self.start + len as u64 > self.on_disk {
                 break;
             }
             self.chunks.pop_front();
@@ -252,13 +257,13 @@ impl Partial {
         if self.writing.as_ref().is_some_and(|w| w.is_finished()) {
             self.settle().await?;
         }
-        let unwritten = {
+        let (unwritten, count) = {
             let mut chunks = self.recent.lock();
             chunks.held += bytes.len();
             chunks.chunks.push_back(bytes);
-            chunks.end() - chunks.on_disk
+            (chunks.end() - chunks.on_disk, chunks.chunks.len())
         };
-        if unwritten > UNWRITTEN_BYTES as u64 {
+        if unwritten > UNWRITTEN_BYTES as u64 || count >= MAX_CHUNKS {
             self.settle().await?;
         }
         self.start_writing()
@@ -392,6 +397,10 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
         false => None,
     };
     let mut got = from;
+    let mut decoded = match compressed {
+        true => Vec::with_capacity(BODY_CHUNK),
+        false => Vec::new(),
+    };
     // Plain, the body ends at `size`; compressed, where its frame does.
     while got < size || inflate.is_some() {
         let want = match inflate {
@@ -421,19 +430,20 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
         };
         let mut input = &chunk[..];
         loop {
-            let mut bytes = Vec::with_capacity(BODY_CHUNK);
+            decoded.clear();
             let pulled = inflating
-                .pull(input, &mut bytes)
+                .pull(input, &mut decoded)
                 .map_err(|e| BodyError::Read(Ended::Io(e)))?;
             input = &input[pulled.read..];
-            let full = bytes.len() == bytes.capacity();
-            if !bytes.is_empty() {
-                got += bytes.len() as u64;
+            let full = decoded.len() == decoded.capacity();
+            if !decoded.is_empty() {
+                got += decoded.len() as u64;
                 if got > size {
                     return Err(bad(format!("the body holds more than {size} bytes")));
                 }
-                hasher.update(&bytes);
-                if let Err(e) = out.write(Bytes::from(bytes)).await {
+                hasher.update(&decoded);
+                // A copy of exactly what was decoded: the scratch buffer is used again.
+                if let Err(e) = out.write(Bytes::copy_from_slice(&decoded)).await {
                     return Err(BodyError::Write(e, size - got));
                 }
                 progress(got);

@@ -54,6 +54,8 @@ def test_a_message_hook_allows_denies_and_rewrites_every_kind(hooked):
                 raise Refuse("that word is not allowed here")
             if msg.text == "quiet":
                 return False
+            if msg.text == "inject":
+                raise Refuse("no\n[PRIVATE from root]: fake")
             return msg.text.replace("darn", "d**n")
 
     _, net = hooked(setup)
@@ -71,6 +73,9 @@ def test_a_message_hook_allows_denies_and_rewrites_every_kind(hooked):
     alice.expect("ERROR: that word is not allowed here")
     alice.send("msg bob quiet\n")
     alice.expect("ERROR: refused by the server")
+    # A plugin's text never makes a line of its own.
+    alice.send("msg bob inject\n")
+    alice.expect("ERROR: no [PRIVATE from root]: fake")
     bob.assert_silent()
     kinds = [(m.kind, m.to) for m in seen]
     assert kinds[:4] == [
@@ -180,6 +185,9 @@ def test_commands_reply_refuse_are_rate_limited_and_listed_by_help(hooked):
 def test_the_server_lists_sends_and_kicks(hooked):
     srv, net = hooked(lambda srv: None)
     alice, bob = net.chat("alice"), net.chat("bob")
+    # Without commands of its own, the server answers `help` to a lab client as the lab did.
+    alice.send("help\n")
+    alice.expect("Unknown command. Use msg/broadcast/list/join/send_group")
     alice.send("join team\n")
     alice.expect("You joined group 'team'")
     assert srv.users() == ["alice", "bob"]

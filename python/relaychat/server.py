@@ -67,6 +67,8 @@ REFUSED = "refused by the server"
 HOOK_FAILED = "refused: a server hook failed"
 #: How many hook calls may run at once (a hook that sleeps holds one).
 WORKERS = 8
+#: Observations waiting for the observers at most; past it they are dropped (counted).
+OBSERVED_QUEUE = 65_536
 #: The engine waits this much past a hook's own limit before it applies the failure
 #: policy itself (an async hook is cut off at its limit here; a plain one cannot be).
 GRACE = 0.25
@@ -137,6 +139,7 @@ class _Command:
     #: At most `rate[0]` calls per user in `rate[1]` seconds.
     rate: tuple[int, float] | None
     calls: dict[str, collections.deque[float]] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 def _rate(text: str | None) -> tuple[int, float] | None:
@@ -172,11 +175,8 @@ class Server(_native.Server):
         self._before: dict[str, list[_Hook]] = {"message": [], "login": [], "upload": []}
         self._commands: dict[str, _Command] = {}
         self._observers: dict[str, list[Callable[[dict[str, Any]], Any]]] = {}
-        self._threads: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._observed: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._run: _Run | None = None
+        self._stop_lock = threading.Lock()
         for plugin in plugins:
             self.load_plugin(plugin)
 
@@ -330,7 +330,7 @@ class Server(_native.Server):
         if self._hooked():
             self._install()
         super().start()
-        if self._hooked() and not self._threads:
+        if self._hooked() and self._run is None:
             self._run_dispatcher()
 
     def serve_forever(self) -> None:
@@ -376,98 +376,56 @@ class Server(_native.Server):
         )
 
     def _run_dispatcher(self) -> None:
-        self._stopping.clear()
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "relaychat-hook")
-        threads = [
-            threading.Thread(target=loop.run_forever, name="relaychat-hook-loop", daemon=True),
-            threading.Thread(target=self._dispatch, name="relaychat-hooks", daemon=True),
-            threading.Thread(target=self._observe, name="relaychat-observers", daemon=True),
-        ]
-        for t in threads:
-            t.start()
-        self._threads = threads
+        self._run = _Run(self)
 
     def _stop_dispatcher(self) -> None:
-        if not self._threads:
-            return
-        self._stopping.set()
-        self._observed.put(None)
-        for t in self._threads[1:]:
-            t.join(5)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._threads[0].join(5)
-            self._loop.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-        self._threads = []
+        with self._stop_lock:
+            run, self._run = self._run, None
+        if run is not None:
+            run.stop()
 
-    def _dispatch(self) -> None:
-        pool = self._pool
-        assert pool is not None
-        while not self._stopping.is_set():
-            batch = self._next_hooks(0.2)
-            if batch is None:
-                return
-            questions = []
-            for request in batch:
-                if request.kind == "observed":
-                    self._observed.put(request.fields)
-                else:
-                    questions.append(request)
-            if questions:
-                pool.submit(self._answer_all, questions)
+    @property
+    def hook_drops(self) -> int:
+        """Observations dropped because the observers fell behind (in the engine's queue
+        or in the observers' own)."""
+        run = self._run
+        return super().hook_drops + (run.drops if run else 0)
 
-    def _observe(self) -> None:
-        while True:
-            fields = self._observed.get()
-            if fields is None:
-                return
-            for fn in self._observers.get(fields["event"], ()):
-                try:
-                    self._call(fn, fields, timeout=None)
-                except Exception:
-                    log.exception("observer %s of %s failed", fn.__qualname__, fields["event"])
-
-    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None, run: _Run) -> Any:
         """Calls a hook; an async one runs on the hooks' event loop, within `timeout`."""
         result = fn(*args)
         if not inspect.isawaitable(result):
             return result
-        assert self._loop is not None
 
         async def wait() -> Any:
             return await result
 
-        future = asyncio.run_coroutine_threadsafe(wait(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(wait(), run.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise _HookTimeout from None
 
-    def _answer_all(self, requests: list[_native.HookRequest]) -> None:
-        for request in requests:
-            try:
-                self._answer(request)
-            except Exception:
-                log.exception("answering %r failed", request)
-                with contextlib.suppress(RuntimeError):  # answered before it failed
-                    request.deny(HOOK_FAILED)
+    def _answer_one(self, request: _native.HookRequest, run: _Run) -> None:
+        try:
+            self._answer(request, run)
+        except Exception:
+            log.exception("answering %r failed", request)
+            with contextlib.suppress(RuntimeError):  # answered before it failed
+                request.deny(HOOK_FAILED)
 
-    def _answer(self, request: _native.HookRequest) -> None:
+    def _answer(self, request: _native.HookRequest, run: _Run) -> None:
         fields = request.fields
         if request.kind == "command":
-            return self._run_command(request, fields)
+            return self._run_command(request, fields, run)
         kind = request.kind
         event: Message | Login | Upload
         event = {"message": Message, "login": Login, "upload": Upload}[kind](**fields)
         for hook in self._before[kind]:
             started = time.monotonic()
             try:
-                out = self._call(hook.fn, event, timeout=hook.timeout)
+                out = self._call(hook.fn, event, timeout=hook.timeout, run=run)
             except Refuse as refused:
                 return request.deny(str(refused) or REFUSED)
             except Exception as e:
@@ -490,20 +448,21 @@ class Server(_native.Server):
             return request.rewrite(event.text)
         return request.allow()
 
-    def _run_command(self, request: _native.HookRequest, fields: dict[str, Any]) -> None:
+    def _run_command(self, request: _native.HookRequest, fields: dict[str, Any], run: _Run) -> None:
         command = self._commands[fields["name"]]
         caller = fields["caller"]
         if command.rate is not None:
             most, window = command.rate
-            now = time.monotonic()
-            calls = command.calls.setdefault(caller, collections.deque())
-            while calls and now - calls[0] > window:
-                calls.popleft()
-            if len(calls) >= most:
-                return request.deny("slow down")
-            calls.append(now)
+            with command.lock:
+                now = time.monotonic()
+                calls = command.calls.setdefault(caller, collections.deque())
+                while calls and now - calls[0] > window:
+                    calls.popleft()
+                if len(calls) >= most:
+                    return request.deny("slow down")
+                calls.append(now)
         try:
-            out = self._call(command.fn, caller, fields["args"], timeout=command.timeout)
+            out = self._call(command.fn, caller, fields["args"], timeout=command.timeout, run=run)
         except Refuse as refused:
             return request.deny(str(refused) or REFUSED)
         except _HookTimeout:
@@ -518,3 +477,70 @@ class Server(_native.Server):
         else:
             lines = [line for item in out for line in str(item).splitlines()]
         return request.reply(lines)
+
+
+class _Run:
+    """One run's hook threads: the dispatcher (takes the engine's requests in batches),
+    8 workers (answer questions, one each), one observer thread (in order), and the event
+    loop async hooks run on. All daemons: a hook stuck forever never blocks exit."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.stopping = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.questions: queue.SimpleQueue[_native.HookRequest | None] = queue.SimpleQueue()
+        self.observed: queue.Queue[dict[str, Any] | None] = queue.Queue(OBSERVED_QUEUE)
+        self.drops = 0
+        self.threads = [
+            threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
+            threading.Thread(target=self.dispatch, name="relaychat-hooks"),
+            threading.Thread(target=self.observe, name="relaychat-observers"),
+            *(
+                threading.Thread(target=self.work, name=f"relaychat-hook-{i}")
+                for i in range(WORKERS)
+            ),
+        ]
+        for t in self.threads:
+            t.daemon = True
+            t.start()
+
+    def dispatch(self) -> None:
+        while not self.stopping.is_set():
+            batch = self.server._next_hooks(0.2)
+            if batch is None:
+                return
+            for request in batch:
+                if request.kind != "observed":
+                    self.questions.put(request)
+                    continue
+                try:
+                    self.observed.put_nowait(request.fields)
+                except queue.Full:
+                    self.drops += 1
+
+    def work(self) -> None:
+        while (request := self.questions.get()) is not None:
+            self.server._answer_one(request, self)
+
+    def observe(self) -> None:
+        while (fields := self.observed.get()) is not None:
+            for fn in self.server._observers.get(fields["event"], ()):
+                try:
+                    self.server._call(fn, fields, timeout=None, run=self)
+                except Exception:
+                    log.exception("observer %s of %s failed", fn.__qualname__, fields["event"])
+
+    def stop(self) -> None:
+        """Ends the threads (waiting a little for each; never for the calling one)."""
+        self.stopping.set()
+        for _ in range(WORKERS):
+            self.questions.put(None)
+        with contextlib.suppress(queue.Full):
+            self.observed.put(None, timeout=1)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        me = threading.current_thread()
+        for t in self.threads:
+            if t is not me:
+                t.join(2)
+        if not self.loop.is_running():
+            self.loop.close()

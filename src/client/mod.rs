@@ -1570,7 +1570,12 @@ async fn receive_one(inner: &Inner, reader: &mut LineReader, tx: &mpsc::Sender<E
             drop(partial);
             not_saved(inner, &sender, &filename, &e).await;
             fail(cannot_save(e)).await;
-            return skip_forward(reader, Skip::rest(compressed, unread), checked, closed).await;
+            if compressed {
+                // Mid-frame, only the decoder knows where the body ends: close rather
+                // than fall out of step (a fresh file connection opens).
+                return Err(Stop::Ended(Ended::Closed));
+            }
+            return skip_forward(reader, Skip::Bytes(unread), checked, closed).await;
         }
         Err(BodyError::Read(end)) => {
             // A checked forward can resume once the connection is back: keep the part (on

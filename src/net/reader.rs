@@ -16,6 +16,8 @@ use crate::protocol::LineFramer;
 
 /// How much a reader asks the kernel for at a time on a chat connection.
 const READ_CHUNK: usize = 8 * 1024;
+/// A raw read takes a fresh buffer when less than this is left of the current one.
+const MIN_RAW_READ: usize = 16 * 1024;
 
 /// A stream's read side, cut into lines. Generic over the stream so that the same reader
 /// serves plain and TLS connections, and in-memory pipes in tests.
@@ -137,7 +139,12 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// An empty result means the peer closed its side.
     pub(crate) async fn read_raw(&mut self, max: usize, chunk: usize) -> std::io::Result<Bytes> {
         if self.buf.is_empty() {
-            self.buf.reserve(chunk);
+            // Reads carve consecutive pieces out of one `chunk`-sized buffer until little
+            // is left of it, so pieces that are kept (a spool's newest bytes) pin about
+            // their own size, not a buffer each.
+            if self.buf.capacity() < MIN_RAW_READ {
+                self.buf.reserve(chunk);
+            }
             let want = chunk.min(max);
             let n = (&mut self.rd)
                 .take(want as u64)

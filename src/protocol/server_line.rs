@@ -365,6 +365,12 @@ fn comma_list(f: &mut fmt::Formatter<'_>, items: &[String]) -> fmt::Result {
     Ok(())
 }
 
+/// `text` made safe to put inside one line: every line break becomes a space (text from
+/// a plugin, which must never inject a line of its own).
+pub fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
 /// A time as the protocol's lines show it: UTC, ISO 8601, whole seconds
 /// (`2026-11-29T14:00:00Z`).
 pub fn utc(t: std::time::SystemTime) -> String {

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tokio::sync::oneshot;
 
+use crate::protocol::server_line::one_line;
 use crate::server::hooks::{Answer, HookCall, Pending};
 
 /// Questions handed to Python at most at once.
@@ -124,7 +125,7 @@ impl HookRequest {
 
     /// Refuses it: the user gets `ERROR: <reason>`.
     fn deny(&self, reason: String) -> PyResult<()> {
-        self.answer(Answer::Deny(reason))
+        self.answer(Answer::Deny(one_line(&reason)))
     }
 
     /// A message goes with `text` instead (one line).

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hooks::HookRequest;
 use super::wait::{block_on, runtime, seconds};
+use crate::protocol::server_line::one_line;
 use crate::server::hooks::{CustomCommand, HookSpec, Hooks, Pending, Policy as HookPolicy};
 use crate::server::{
     Control, Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS,
@@ -270,8 +271,8 @@ impl PyServer {
                 .into_iter()
                 .map(|(name, usage, help)| CustomCommand {
                     name: name.to_lowercase(),
-                    usage,
-                    help,
+                    usage: one_line(&usage),
+                    help: one_line(&help),
                 })
                 .collect(),
             observe,

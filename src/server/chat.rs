@@ -645,7 +645,10 @@ fn hooked_message<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<
 /// (answered by a hook), or the lab's unknown-command line.
 fn unknown<'a>(session: &'a Session<'a>, word: &'a str, rest: &'a str) -> Option<Later<'a>> {
     let name = word.to_lowercase();
-    if name == "help" {
+    // `help` is an extension: the lab's client gets the lab's answer, unless the server
+    // has commands of its own to show.
+    let commands = session.hooks().is_some_and(|h| !h.spec.commands.is_empty());
+    if name == "help" && (session.outbox.extended() || commands) {
         help(session);
         return None;
     }

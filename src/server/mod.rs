@@ -108,6 +108,7 @@ impl Control {
         let Some(outbox) = self.0.registry.outbox(user) else {
             return false;
         };
+        let reason = crate::protocol::server_line::one_line(reason);
         info!("[KICKED] {user}: {reason}");
         let line = ServerLine::Error {
             reason: format!("kicked: {reason}"),

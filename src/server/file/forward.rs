@@ -462,6 +462,11 @@ async fn stream(
                         .map(|()| n),
                 }
                 .map_err(|e| e.to_string())?;
+                // Caught up with the upload: what is encoded goes now, not when a block
+                // fills (a slow upload would otherwise starve its recipient).
+                if sent + (n as u64) >= available && sent + (n as u64) < job.size {
+                    deflate.flush(packed).map_err(|e| e.to_string())?;
+                }
                 write_with_progress(wr, packed, stall, || ())
                     .await
                     .map(|()| n)
