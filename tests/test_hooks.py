@@ -12,6 +12,7 @@ import queue
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -337,3 +338,42 @@ def test_the_examples_work(hooked, tmp_path, monkeypatch):
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [e["event"] for e in lines][:3] == ["connect", "connect", "message"]
     assert lines[2]["text"] == "what the h***"
+
+
+def test_metrics_are_served_for_prometheus_and_match_stats(hooked, tmp_path):
+    def setup(srv: Server) -> None:
+        srv.before_message(lambda msg: None)
+
+    srv, net = hooked(setup, metrics_port=0)
+    alice, bob = net.client("alice"), net.chat("bob")
+    net.chat("carol")
+    alice.join("team")
+    bob.send("join team\n")
+    bob.expect("You joined group 'team'")
+    alice.msg("bob", "one")
+    alice.broadcast("two")
+    alice.send_group("team", "three")
+    for text in ("[PRIVATE from alice]: one", "[BROADCAST from alice]: two"):
+        bob.expect(text)
+    bob.expect("[GROUP team] alice: three")
+    alice.send_file("bob", random_file(tmp_path / "f.bin", 5000))
+    url = f"http://{HOST}:{srv.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    for sample in (
+        'relaychat_messages_total{kind="private"} 1',
+        'relaychat_deliveries_total{kind="broadcast"} 2',
+        'relaychat_deliveries_total{kind="group"} 1',
+        "relaychat_users 3",
+        'relaychat_connections{port="chat"} 3',
+        'relaychat_file_bytes_total{direction="in"} 5000',
+        'relaychat_hook_calls_total{kind="message"} 3',
+        'relaychat_hook_failures_total{kind="message"} 0',
+    ):
+        assert sample in text, (sample, text)
+    assert 'relaychat_hook_latency_seconds_count{kind="message"} 3' in text
+    stats = srv.stats()
+    assert stats["relaychat_users"] == 3
+    assert stats["relaychat_messages_total"] == {"private": 1, "group": 1, "broadcast": 1}
+    assert stats["relaychat_hook_latency_seconds_count"]["message"] == 3

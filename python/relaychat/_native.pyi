@@ -125,6 +125,7 @@ class Server:
         tls_self_signed: bool = False,
         require_tls: bool = False,
         allow_plaintext_login: bool = False,
+        metrics_port: int | None = None,
         idle_pause: float | None = None,
         max_line: int | None = None,
         max_header: int | None = None,
@@ -172,6 +173,8 @@ class Server:
           ports together.
         - `max_file_size` (4 GiB), `user_quota` (16 GiB of saved copies per user),
           `min_free_disk` (256 MiB left free in `data_dir`), in bytes.
+        - `metrics_port`: serve Prometheus' text format over HTTP on this port of `host`
+          (0 picks a free one; see `metrics_port` and `stats()`).
         - `require_account`: only registered names may log in. `registration=False`:
           `register` is refused (the operator adds accounts with `AccountBook`).
           `history=False`: no message history is kept.
@@ -208,6 +211,14 @@ class Server:
     def data_dir(self) -> pathlib.Path: ...
     @property
     def db(self) -> pathlib.Path: ...
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus endpoint's real port while running; `None` without one."""
+    def stats(self) -> dict[str, float | dict[str, float]]:
+        """What the metrics endpoint serves: each metric's name (`relaychat_users`,
+        `relaychat_messages_total`, ...) to its value, or for a labelled one to a dict by
+        the label's value (`{"private": 3.0, ...}`); histograms give `_sum` and
+        `_count`."""
     @property
     def tls_fingerprint(self) -> str | None:
         """The SHA-256 fingerprint of the certificate in use (`AB:CD:...`), once

@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir", default=".", help="where uploads are saved (default: current directory)"
     )
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
+    )
+    p.add_argument(
         "--plugin",
         metavar="MODULE",
         action="append",
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_self_signed=args.tls_self_signed,
             require_tls=args.require_tls,
             allow_plaintext_login=args.allow_plaintext_login,
+            metrics_port=args.metrics_port,
             **limits,
         )
     except (TypeError, ValueError) as e:

@@ -419,14 +419,16 @@ impl SendQueue {
 
 /// Drains `queue` into the socket until it is closed and empty or `kill` fires, batching
 /// whatever is queued into one write. A peer that accepts nothing for `stall` is not
-/// reading: the connection is killed. Shuts the write side down at the end.
+/// reading: the connection is killed (and true is returned). Shuts the write side down at
+/// the end.
 pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     queue: Arc<SendQueue>,
     kill: CancellationToken,
     stall: Duration,
-) {
+) -> bool {
     let mut batch = BytesMut::new();
+    let mut slow = false;
     loop {
         let taken = tokio::select! {
             biased;
@@ -451,6 +453,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     tracing::warn!("[SLOW CONSUMER] no write progress for {stall:?}; disconnecting");
+                    slow = true;
                     false
                 }
                 Err(_) => false,
@@ -469,6 +472,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    slow
 }
 
 #[cfg(test)]

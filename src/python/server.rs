@@ -13,6 +13,7 @@ use super::hooks::HookRequest;
 use super::wait::{block_on, runtime, seconds};
 use crate::protocol::server_line::one_line;
 use crate::server::hooks::{CustomCommand, HookSpec, Hooks, Pending, Policy as HookPolicy};
+use crate::server::metrics::Metrics;
 use crate::server::{
     Control, Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS,
 };
@@ -52,6 +53,10 @@ struct Running {
     tls: TlsHandle,
     /// Who is there, messages as the server, kicks.
     control: Control,
+    /// What it counts.
+    metrics: Arc<Metrics>,
+    /// Where Prometheus scrapes it.
+    metrics_port: Option<u16>,
 }
 
 /// The relay server. `start()` runs it in the background; `serve_forever()` blocks until
@@ -118,8 +123,9 @@ impl PyServer {
         host = "127.0.0.1".to_owned(), chat_port = 2003, file_port = 2007,
         data_dir = PathBuf::from("."), *, db = None, require_account = false,
         registration = true, history = true, tls_cert = None, tls_key = None,
-        tls_self_signed = false, require_tls = false, allow_plaintext_login = false, **limits
-    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, require_account=False, registration=True, history=True, tls_cert=None, tls_key=None, tls_self_signed=False, require_tls=False, allow_plaintext_login=False, **limits)")]
+        tls_self_signed = false, require_tls = false, allow_plaintext_login = false,
+        metrics_port = None, **limits
+    ), text_signature = "(host='127.0.0.1', chat_port=2003, file_port=2007, data_dir='.', *, db=None, require_account=False, registration=True, history=True, tls_cert=None, tls_key=None, tls_self_signed=False, require_tls=False, allow_plaintext_login=False, metrics_port=None, **limits)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -135,6 +141,7 @@ impl PyServer {
         tls_self_signed: bool,
         require_tls: bool,
         allow_plaintext_login: bool,
+        metrics_port: Option<u16>,
         limits: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let tls = match (tls_cert, tls_key, tls_self_signed) {
@@ -168,6 +175,7 @@ impl PyServer {
                 allow_plaintext_login,
             },
             tls,
+            metrics_port,
             ..ServerConfig::default()
         };
         let hooks = Mutex::new(None);
@@ -225,6 +233,8 @@ impl PyServer {
         let file_port = server.file_addr()?.port();
         let tls = server.tls_handle();
         let control = server.control();
+        let metrics = server.metrics();
+        let metrics_port = server.metrics_addr().map(|a| a.port());
         let stop = CancellationToken::new();
         let finished = CancellationToken::new();
         let (stop2, finished2) = (stop.clone(), finished.clone());
@@ -239,8 +249,46 @@ impl PyServer {
             finished,
             tls,
             control,
+            metrics,
+            metrics_port,
         });
         Ok(())
+    }
+
+    /// The Prometheus endpoint's real port while running (`None` without `metrics_port`).
+    #[getter]
+    fn metrics_port(&self) -> Option<u16> {
+        self.running().as_ref().and_then(|r| r.metrics_port)
+    }
+
+    /// What `metrics_port` serves, as a dict: each metric's name to its value, or (for a
+    /// metric with a label) to a dict of the label's values; histograms give their `_sum`
+    /// and `_count`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let Some(metrics) = self.running().as_ref().map(|r| r.metrics.clone()) else {
+            return Err(PyRuntimeError::new_err("the server is not running"));
+        };
+        let out = PyDict::new(py);
+        for (name, labels, value) in metrics.figures() {
+            if name.ends_with("_bucket") {
+                continue;
+            }
+            match labels.first() {
+                None => out.set_item(name, value)?,
+                Some((_, label)) => {
+                    let by = match out.get_item(&name)? {
+                        Some(d) => d.cast_into::<PyDict>()?,
+                        None => {
+                            let d = PyDict::new(py);
+                            out.set_item(&name, &d)?;
+                            d
+                        }
+                    };
+                    by.set_item(label, value)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Gives the engine its hooks (before `start()`): each kind's `(time limit in seconds,

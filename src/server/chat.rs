@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::hooks::{Answer, HookCall, Hooks, MessageKind};
+use super::metrics::Dropped;
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
 use crate::flow::{Ended, Refusal, Step, Stop};
@@ -90,7 +91,9 @@ impl Session<'_> {
     }
 
     /// Tells observers a message went out (to a user, a group, or everyone: `to` empty).
-    fn delivered(&self, kind: MessageKind, to: &str, text: &str) {
+    /// Counts a message that went out to `recipients` users, and tells observers.
+    fn delivered(&self, kind: MessageKind, recipients: u64, to: &str, text: &str) {
+        self.shared.metrics.message(kind, recipients);
         if let Some(hooks) = self.hooks() {
             let fields = vec![
                 ("kind", kind.name().to_owned()),
@@ -223,6 +226,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
         Ok((outbox, login)) => {
             let user = outbox.user().to_owned();
             info!("[NEW CONNECTION] {user} connected from {addr}");
+            shared.metrics.user(true);
             let hooks = shared.config.hooks.as_deref();
             if let Some(hooks) = hooks {
                 let fields = vec![
@@ -254,6 +258,7 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
                 });
             }
             shared.registry.remove_chat(&user, id);
+            shared.metrics.user(false);
             info!("[DISCONNECTED] {user} ({end})");
             if let Some(hooks) = hooks {
                 let fields = vec![("user", user.clone()), ("reason", end.to_string())];
@@ -271,8 +276,10 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
     }
     queue.close();
     let abort = writer.abort_handle();
-    if tokio::time::timeout(FLUSH_GRACE, writer).await.is_err() {
-        abort.abort();
+    match tokio::time::timeout(FLUSH_GRACE, writer).await {
+        Ok(Ok(true)) => shared.metrics.dropped(Dropped::SlowConsumer),
+        Ok(_) => {}
+        Err(_) => abort.abort(),
     }
 }
 
@@ -390,7 +397,7 @@ async fn ask_login(shared: &Shared, name: &str, addr: SocketAddr, registered: bo
         addr: addr.ip(),
         registered,
     };
-    match hooks.ask(question, policy).await {
+    match hooks.ask(question, policy, &shared.metrics).await {
         Answer::Deny(reason) => Err(Refusal::Hook(reason).into()),
         _ => Ok(()),
     }
@@ -621,7 +628,7 @@ fn hooked_message<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<
             to,
             text: call.arg(text_arg).to_owned(),
         };
-        let rewritten = match hooks.ask(question, policy).await {
+        let rewritten = match hooks.ask(question, policy, &session.shared.metrics).await {
             Answer::Allow | Answer::Reply(_) => None,
             Answer::Rewrite(text) if text.trim().is_empty() || text.contains(['\n', '\r']) => {
                 let why = "refused: a server hook made the message empty or more than one line";
@@ -666,7 +673,7 @@ fn unknown<'a>(session: &'a Session<'a>, word: &'a str, rest: &'a str) -> Option
             name,
             args: rest.to_owned(),
         };
-        match hooks.ask(question, policy).await {
+        match hooks.ask(question, policy, &session.shared.metrics).await {
             Answer::Reply(lines) => {
                 for line in lines {
                     // One line each, as typed by the plugin; never a line break inside.
@@ -715,7 +722,7 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
         .registry
         .send_to(&to, bytes, &mut session.held());
     if !matches!(sent, Sent::NotFound) {
-        session.delivered(MessageKind::Private, &to, text);
+        session.delivered(MessageKind::Private, 1, &to, text);
     }
     match sent {
         // The common case costs no store work: nothing to keep, or a guest involved.
@@ -750,11 +757,11 @@ fn broadcast(session: &Session<'_>, call: &Call<'_>) {
         text: call.arg(0).into(),
     };
     let bytes = Bytes::from(line.to_wire());
-    session
+    let reached = session
         .shared
         .registry
         .broadcast(session.user, &bytes, &mut session.held());
-    session.delivered(MessageKind::Broadcast, "", call.arg(0));
+    session.delivered(MessageKind::Broadcast, reached, "", call.arg(0));
 }
 
 fn list(session: &Session<'_>, _call: &Call<'_>) {
@@ -802,10 +809,10 @@ fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>>
                 .shared
                 .registry
                 .send_group(session.user, &group, &bytes, &mut session.held());
-        let Some(away) = sent else {
+        let Some((away, reached)) = sent else {
             return session.reply(ServerLine::NotInGroup { group });
         };
-        session.delivered(MessageKind::Group, &group, text);
+        session.delivered(MessageKind::Group, reached, &group, text);
         let message = session.message(Scope::Group(group), text);
         match session.queue(away, message.clone()).await {
             Ok(full) => {

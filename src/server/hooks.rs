@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::metrics::{HookKind, Metrics};
+
 /// Questions and observations that may wait for the embedder at once; past this, a
 /// question gets its kind's failure policy and an observation is dropped.
 pub const QUEUE: usize = 65_536;
@@ -174,21 +176,31 @@ impl Hooks {
         (hooks, rx)
     }
 
-    /// Asks the embedder and waits for its answer, at most `policy.limit`.
-    pub(crate) async fn ask(&self, call: HookCall, policy: Policy) -> Answer {
+    /// Asks the embedder and waits for its answer, at most `policy.limit`; counts the
+    /// question in `metrics`.
+    pub(crate) async fn ask(&self, call: HookCall, policy: Policy, metrics: &Metrics) -> Answer {
+        let kind = match &call {
+            HookCall::Message { .. } => HookKind::Message,
+            HookCall::Login { .. } => HookKind::Login,
+            HookCall::Upload { .. } => HookKind::Upload,
+            _ => HookKind::Command,
+        };
+        let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             call,
             reply: Some(tx),
         };
-        if self.tx.try_send(pending).is_err() {
-            return policy.failed("is overloaded");
-        }
-        match tokio::time::timeout(policy.limit, rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => policy.failed("is gone"),
-            Err(_) => policy.failed(&format!("took longer than {:?}", policy.limit)),
-        }
+        let answer = match self.tx.try_send(pending) {
+            Err(_) => Err("is overloaded".to_owned()),
+            Ok(()) => match tokio::time::timeout(policy.limit, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(_)) => Err("is gone".to_owned()),
+                Err(_) => Err(format!("took longer than {:?}", policy.limit)),
+            },
+        };
+        metrics.hook(kind, started.elapsed(), answer.is_err());
+        answer.unwrap_or_else(|why| policy.failed(&why))
     }
 
     /// Tells the embedder something happened (if it observes), without waiting.
@@ -241,11 +253,11 @@ mod tests {
             rx.recv().await.expect("asked again")
         });
         assert_eq!(
-            hooks.ask(call.clone(), CLOSED).await,
+            hooks.ask(call.clone(), CLOSED, &Metrics::new()).await,
             Answer::Reply(vec!["4".into()])
         );
         assert!(
-            matches!(hooks.ask(call.clone(), CLOSED).await, Answer::Deny(why) if why.contains("took longer"))
+            matches!(hooks.ask(call.clone(), CLOSED, &Metrics::new()).await, Answer::Deny(why) if why.contains("took longer"))
         );
         drop(answering.await.expect("task"));
         let open = Policy {
@@ -253,7 +265,7 @@ mod tests {
             ..CLOSED
         };
         assert_eq!(
-            hooks.ask(call, open).await,
+            hooks.ask(call, open, &Metrics::new()).await,
             Answer::Allow,
             "the embedder is gone"
         );

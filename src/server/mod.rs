@@ -9,6 +9,7 @@ mod chat;
 mod file;
 pub mod hooks;
 mod limits;
+pub mod metrics;
 mod registry;
 pub mod settings;
 
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// TLS on both ports (beside plain text, told apart by a connection's first byte).
     pub tls: Option<TlsSource>,
+    /// Where Prometheus scrapes the server's metrics (`None`: nowhere; 0 picks a port).
+    pub metrics_port: Option<u16>,
     /// What the embedder decides and observes (`None`: nothing, at no cost).
     pub hooks: Option<Arc<hooks::Hooks>>,
 }
@@ -157,6 +160,7 @@ impl Default for ServerConfig {
             store: None,
             policy: Policy::default(),
             tls: None,
+            metrics_port: None,
             hooks: None,
         }
     }
@@ -201,6 +205,8 @@ pub(crate) struct Shared {
     pub(crate) resumes: file::Resumes,
     /// The certificate, when the server speaks TLS.
     pub(crate) tls: Option<Arc<ServerTls>>,
+    /// What the server counts.
+    pub(crate) metrics: Arc<metrics::Metrics>,
     /// A descriptor held in reserve, given up at the descriptor ceiling to refuse cleanly.
     spare_fd: std::sync::Mutex<Option<std::fs::File>>,
     next_id: AtomicU64,
@@ -218,6 +224,7 @@ impl Shared {
             None => Arc::new(SqliteStore::in_memory()),
         };
         Arc::new(Shared {
+            metrics: Arc::new(metrics::Metrics::new()),
             gate: limits::Gate::new(max_connections, limits.max_per_address),
             disk: limits::DiskLedger::new(
                 config.data_dir.clone(),
@@ -267,6 +274,8 @@ impl Shared {
 pub struct Server {
     chat: TcpListener,
     file: TcpListener,
+    /// The Prometheus endpoint's listener (`metrics_port`).
+    metrics: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -289,6 +298,10 @@ impl Server {
         };
         let chat = bind(config.chat_port).await?;
         let file = bind(config.file_port).await?;
+        let metrics = match config.metrics_port {
+            Some(port) => Some(bind(port).await?),
+            None => None,
+        };
         let tls = match &config.tls {
             Some(source) => Some(Arc::new(ServerTls::new(
                 source,
@@ -343,7 +356,12 @@ impl Server {
         shared
             .registry
             .load(accounts.into_iter().map(|a| a.name).collect(), memberships);
-        Ok(Server { chat, file, shared })
+        Ok(Server {
+            chat,
+            file,
+            metrics,
+            shared,
+        })
     }
 
     /// Re-reads the TLS certificate and key (as SIGHUP does): new handshakes use them,
@@ -351,6 +369,16 @@ impl Server {
     /// certificate's SHA-256 fingerprint.
     pub fn reload_tls(&self) -> Result<String> {
         self.tls_handle().reload()
+    }
+
+    /// The server's metrics (what `metrics_port` serves).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The Prometheus endpoint's real address, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// A handle for the embedder: who is there, messages as the server, kicks.
@@ -381,7 +409,18 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting, closes every connection
     /// (aborting transfers and removing their partial files) and waits for every task.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { chat, file, shared } = self;
+        let Server {
+            chat,
+            file,
+            metrics,
+            shared,
+        } = self;
+        if let Some(listener) = metrics {
+            let stop = shared.shutdown.clone();
+            shared
+                .tasks
+                .spawn(metrics::serve(shared.metrics.clone(), listener, stop));
+        }
         shared
             .tasks
             .spawn(accept_loop(shared.clone(), chat, Port::Chat));
@@ -476,12 +515,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
                 match shared.gate.admit(addr.ip()) {
                     Ok(admission) => {
                         let shared2 = shared.clone();
+                        let chat = matches!(port, Port::Chat);
                         shared.tasks.spawn(async move {
-                            serve(shared2, stream, addr, port).await;
+                            shared2.metrics.connection(chat, true);
+                            serve(shared2.clone(), stream, addr, port).await;
+                            shared2.metrics.connection(chat, false);
                             drop(admission);
                         });
                     }
-                    Err(refusal) => refuse_now(&stream, addr, refusal),
+                    Err(refusal) => {
+                        shared.metrics.dropped(metrics::Dropped::Refused);
+                        refuse_now(&stream, addr, refusal);
+                    }
                 }
             }
             Err(e) => {

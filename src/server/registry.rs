@@ -686,8 +686,13 @@ impl Registry {
 
     /// Queues `bytes` for every connected user but `from`; those whose inbox is being
     /// delivered get it behind what waited for them.
-    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) {
+    /// Queues `bytes` for every other connected user; returns how many.
+    pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) -> u64 {
         let mut st = self.state();
+        let others = st
+            .chats
+            .len()
+            .saturating_sub(usize::from(st.chats.contains_key(from)));
         let mut replaying = Vec::new();
         for (user, e) in &st.chats {
             match (user == from, e.replay.is_some()) {
@@ -701,6 +706,7 @@ impl Registry {
                 held.1.push(gate);
             }
         }
+        others as u64
     }
 
     /// Every connected user but `me`, in order of arrival.
@@ -804,13 +810,14 @@ impl Registry {
         group: &str,
         bytes: &Bytes,
         held: &mut Held,
-    ) -> Option<InboxTicket<'_>> {
+    ) -> Option<(InboxTicket<'_>, u64)> {
         let mut st = self.state();
         let members = st.groups.get(group)?;
         if !members.iter().any(|m| m == from) {
             return None;
         }
         let others: Vec<String> = members.iter().filter(|m| *m != from).cloned().collect();
+        let reached = others.len() as u64;
         let mut away = Vec::new();
         for member in others {
             match st.route(&member, bytes) {
@@ -824,7 +831,7 @@ impl Registry {
                 Route::Behind | Route::Nowhere => {}
             }
         }
-        Some(self.ticket(&mut st, away))
+        Some((self.ticket(&mut st, away), reached))
     }
 }
 

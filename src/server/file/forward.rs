@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::super::metrics::Metrics;
 use super::super::Shared;
 use crate::compress::Deflate;
 use crate::flow::Refusal;
@@ -300,7 +301,7 @@ pub(super) async fn forward_all(
         let mut progress = job.progress.clone();
         let sent = tokio::select! {
             _ = kill.cancelled() => Err("file connection closed".to_owned()),
-            sent = stream(&mut wr, &job, &mut progress, stall) => sent,
+            sent = stream(&mut wr, &job, &mut progress, (stall, &shared.metrics)) => sent,
         };
         if let Err(why) = sent {
             warn!("[FILE FORWARD ERROR] {recipient} -> {why}");
@@ -415,7 +416,7 @@ async fn stream(
     wr: &mut ConnWrite,
     job: &ForwardJob,
     progress: &mut watch::Receiver<Progress>,
-    stall: Duration,
+    (stall, metrics): (Duration, &Metrics),
 ) -> Result<(), String> {
     let sent_err = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::TimedOut => format!("the recipient read nothing for {stall:?}"),
@@ -474,6 +475,7 @@ async fn stream(
         }
         .map_err(sent_err)?;
         sent += n as u64;
+        metrics.file_bytes(false, n as u64);
     }
     if let Some((mut deflate, mut packed)) = deflate {
         packed.clear();

@@ -209,7 +209,10 @@ pub(super) async fn upload(
     });
 
     let stall = shared.config.limits.transfer_timeout;
+    let mut counted = from;
     let report = |n| {
+        shared.metrics.file_bytes(true, n - counted);
+        counted = n;
         let _ = progress.send(Progress::Receiving(n));
     };
     let rest = Body {
@@ -462,7 +465,7 @@ async fn admit(
                 filename: header.filename.clone(),
                 size: header.size,
             };
-            if let Answer::Deny(reason) = hooks.ask(question, policy).await {
+            if let Answer::Deny(reason) = hooks.ask(question, policy, &shared.metrics).await {
                 return Err(Refusal::Hook(reason));
             }
         }
