@@ -185,17 +185,23 @@ def file_relay(size: int, receivers: int, tmp: Path, tls: bool = False) -> dict:
     return with_server(tmp, go, tls=tls)
 
 
-def messages(kind: str, tmp: Path, *args: str) -> dict:
+def messages(kind: str, tmp: Path, *args: str, flags: tuple[str, ...] = ()) -> dict:
     def go(server: ServerProc) -> dict:
         r = run_generator(server, kind, *args)
         rate = r["msgs_per_s"] if kind == "private" else r["deliveries_per_s"]
         key = "msgs/s" if kind == "private" else "deliveries/s"
         return {key: rate, "p50 µs": r["p50_us"], "p99 µs": r["p99_us"], "max µs": r["max_us"]}
 
-    return with_server(tmp, go)
+    return with_server(tmp, go, *flags)
 
 
-def history_cost(history: bool, msgs: int, tmp: Path, tls: bool = False) -> dict:
+#: A plugin whose message hook lets everything through (what a hook costs).
+PASSTHROUGH = str(REPO / "bench" / "passthrough.py")
+
+
+def history_cost(
+    history: bool, msgs: int, tmp: Path, tls: bool = False, flags: tuple[str, ...] = ()
+) -> dict:
     """Private messages, pipelined, with the history kept or not (over TLS with `tls`);
     afterwards every message must be in the history (or none, with `--history off`)."""
     data = Path(tempfile.mkdtemp(dir=tmp))
@@ -205,7 +211,7 @@ def history_cost(history: bool, msgs: int, tmp: Path, tls: bool = False) -> dict
         for name in (f"r{i}", f"s{i}"):
             book.add(name, "bench-password")
     del book
-    server = ServerProc(data, *([] if history else ["--history", "off"]), tls=tls)
+    server = ServerProc(data, *([] if history else ["--history", "off"]), *flags, tls=tls)
     try:
         r = run_generator(
             server,
@@ -781,6 +787,17 @@ def main() -> int:
             lambda t: history_cost(False, int(n(200, 40000)), t, tls=True),
         ),
         (
+            "private, 50 pairs, pipelined (window 64), --history off, through a pass-through "
+            "message hook (bench/passthrough.py)",
+            lambda t: history_cost(False, int(n(200, 40000)), t, flags=("--plugin", PASSTHROUGH)),
+        ),
+        (
+            "private, 50 pairs, closed loop, through a pass-through message hook",
+            lambda t: messages(
+                "private", t, *private_args, n(40, 4000), flags=("--plugin", PASSTHROUGH)
+            ),
+        ),
+        (
             "private, 50 pairs, pipelined (window 64), history on (default; every message "
             "checked in it afterwards)",
             lambda t: history_cost(True, int(n(200, 40000)), t),
@@ -819,16 +836,24 @@ def main() -> int:
             lambda t: python_bot("async", int(n(2000, 500_000)), t),
         ),
     ]
-    # A TLS scenario's rate as a share of its plain-text twin's in this same run: the ratio
-    # of the two medians (twin scenario, figure).
+    # A TLS (or hooked) scenario's rate as a share of its twin's in this same run: the ratio
+    # of the two medians (twin scenario, figure, what the twin is).
     twins = {
         "file: 1 GB to one user over TLS": (
             "file: 1 GB to one user",
             "MB/s (slowest receiver)",
+            "plain text",
         ),
         "private, 50 pairs, pipelined (window 64), over TLS, --history off": (
             "private, 50 pairs, pipelined (window 64), --history off",
             "msgs/s",
+            "plain text",
+        ),
+        "private, 50 pairs, pipelined (window 64), --history off, through a pass-through "
+        "message hook (bench/passthrough.py)": (
+            "private, 50 pairs, pipelined (window 64), --history off",
+            "msgs/s",
+            "no hook",
         ),
     }
     if args.only:
@@ -840,11 +865,11 @@ def main() -> int:
             figures = raw[name] = [fn(Path(tmp)) for _ in range(runs)]
             figs = summary(figures)
             if name in twins and twins[name][0] in raw:
-                twin, key = twins[name]
+                twin, key, label = twins[name]
                 ratio = statistics.median(f[key] for f in figures) / statistics.median(
                     f[key] for f in raw[twin]
                 )
-                figs[f"{key} vs plain text (medians)"] = f"{ratio:.0%}"
+                figs[f"{key} vs {label} (medians)"] = f"{ratio:.0%}"
             results.append((name, figs))
             print(f"{name}: {results[-1][1]}", flush=True)
     command = "python bench/run.py" + (" --smoke" if s else f" --runs {runs}")

@@ -18,6 +18,6 @@ __all__: list[str] = []
 __all__ += _native.__all__  # the form type checkers follow for re-exports
 
 # The server Python can extend (hooks, commands, plugins) over the engine's.
-from relaychat.server import Login, Message, Refuse, Server, Upload  # noqa: E402
+from relaychat.server import Login, Message, Refuse, Server, Upload  # noqa: E402, F401
 
 __all__ += ["Login", "Message", "Refuse", "Upload"]

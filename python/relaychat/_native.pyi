@@ -25,7 +25,6 @@ __all__ = [
     "Client",
     "Disconnected",
     "Event",
-    "HookRequest",
     "EventIterator",
     "FileEntry",
     "FileFailed",
@@ -39,6 +38,7 @@ __all__ = [
     "GroupMessage",
     "HistoryEnd",
     "HistoryEntry",
+    "HookRequest",
     "Joined",
     "Left",
     "MemberList",
@@ -271,6 +271,8 @@ class HookRequest:
 
     @property
     def kind(self) -> Literal["message", "login", "upload", "command", "observed"]: ...
+    @property
+    def args(self) -> tuple[str | int | bool, ...]: ...
     @property
     def fields(self) -> dict[str, str | int | bool]: ...
     def allow(self) -> None: ...

@@ -51,7 +51,7 @@ import time
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from relaychat import _native
 
@@ -90,8 +90,7 @@ class Refuse(Exception):
     """Raise in a hook or a command to refuse: the user gets `ERROR: <reason>`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """A message about to be delivered."""
 
     #: `private`, `group` or `broadcast`.
@@ -102,8 +101,7 @@ class Message:
     text: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Login:
+class Login(NamedTuple):
     """A login about to complete (after the password, for a registered name)."""
 
     name: str
@@ -111,8 +109,7 @@ class Login:
     registered: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Upload:
+class Upload(NamedTuple):
     """An upload about to be taken."""
 
     sender: str
@@ -120,6 +117,9 @@ class Upload:
     target: str
     filename: str
     size: int
+
+
+_EVENTS: dict[str, Any] = {"message": Message, "login": Login, "upload": Upload}
 
 
 @dataclasses.dataclass
@@ -391,22 +391,6 @@ class Server(_native.Server):
         run = self._run
         return super().hook_drops + (run.drops if run else 0)
 
-    def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None, run: _Run) -> Any:
-        """Calls a hook; an async one runs on the hooks' event loop, within `timeout`."""
-        result = fn(*args)
-        if not inspect.isawaitable(result):
-            return result
-
-        async def wait() -> Any:
-            return await result
-
-        future = asyncio.run_coroutine_threadsafe(wait(), run.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise _HookTimeout from None
-
     def _answer_one(self, request: _native.HookRequest, run: _Run) -> None:
         try:
             self._answer(request, run)
@@ -416,25 +400,26 @@ class Server(_native.Server):
                 request.deny(HOOK_FAILED)
 
     def _answer(self, request: _native.HookRequest, run: _Run) -> None:
-        fields = request.fields
-        if request.kind == "command":
-            return self._run_command(request, fields, run)
+        # The hot path of every hooked message: kept lean (one tuple in, one call out).
         kind = request.kind
-        event: Message | Login | Upload
-        event = {"message": Message, "login": Login, "upload": Upload}[kind](**fields)
+        args = request.args
+        if kind == "command":
+            return self._run_command(request, args, run)
+        event = _EVENTS[kind](*args)
         for hook in self._before[kind]:
             started = time.monotonic()
             try:
-                out = self._call(hook.fn, event, timeout=hook.timeout, run=run)
+                out = hook.fn(event)
+                if inspect.isawaitable(out):
+                    out = run.wait(out, hook.timeout)
             except Refuse as refused:
                 return request.deny(str(refused) or REFUSED)
             except Exception as e:
-                if not isinstance(e, _HookTimeout):
-                    log.exception("%s hook %s failed", kind, hook.fn.__qualname__)
+                name = hook.fn.__qualname__
+                if isinstance(e, _HookTimeout):
+                    log.warning("%s hook %s took over %s s", kind, name, hook.timeout)
                 else:
-                    log.warning(
-                        "%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout
-                    )
+                    log.exception("%s hook %s failed", kind, name)
                 if hook.fail_open:
                     continue
                 return request.deny(HOOK_FAILED)
@@ -442,15 +427,15 @@ class Server(_native.Server):
                 log.warning("%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout)
             if out is False:
                 return request.deny(REFUSED)
-            if isinstance(out, str) and isinstance(event, Message):
-                event = dataclasses.replace(event, text=out)
-        if isinstance(event, Message) and event.text != fields["text"]:
+            if out.__class__ is str and kind == "message":
+                event = event._replace(text=out)
+        if kind == "message" and event.text != args[3]:
             return request.rewrite(event.text)
         return request.allow()
 
-    def _run_command(self, request: _native.HookRequest, fields: dict[str, Any], run: _Run) -> None:
-        command = self._commands[fields["name"]]
-        caller = fields["caller"]
+    def _run_command(self, request: _native.HookRequest, args: tuple, run: _Run) -> None:
+        caller, name, text = args
+        command = self._commands[name]
         if command.rate is not None:
             most, window = command.rate
             with command.lock:
@@ -462,14 +447,16 @@ class Server(_native.Server):
                     return request.deny("slow down")
                 calls.append(now)
         try:
-            out = self._call(command.fn, caller, fields["args"], timeout=command.timeout, run=run)
+            out = command.fn(caller, text)
+            if inspect.isawaitable(out):
+                out = run.wait(out, command.timeout)
         except Refuse as refused:
             return request.deny(str(refused) or REFUSED)
         except _HookTimeout:
-            return request.deny(f"the command {fields['name']} took too long")
+            return request.deny(f"the command {name} took too long")
         except Exception:
-            log.exception("command %s failed", fields["name"])
-            return request.deny(f"the command {fields['name']} failed")
+            log.exception("command %s failed", name)
+            return request.deny(f"the command {name} failed")
         if out is None:
             lines: list[str] = []
         elif isinstance(out, str):
@@ -480,23 +467,22 @@ class Server(_native.Server):
 
 
 class _Run:
-    """One run's hook threads: the dispatcher (takes the engine's requests in batches),
-    8 workers (answer questions, one each), one observer thread (in order), and the event
-    loop async hooks run on. All daemons: a hook stuck forever never blocks exit."""
+    """One run's hook threads: 8 dispatchers, each taking a batch of the engine's requests
+    and answering its questions itself (one stuck hook holds one dispatcher while the
+    others go on), one observer thread (in order), and the event loop async hooks run on.
+    All daemons: a hook stuck forever never blocks exit."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.stopping = threading.Event()
         self.loop = asyncio.new_event_loop()
-        self.questions: queue.SimpleQueue[_native.HookRequest | None] = queue.SimpleQueue()
         self.observed: queue.Queue[dict[str, Any] | None] = queue.Queue(OBSERVED_QUEUE)
         self.drops = 0
         self.threads = [
             threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
-            threading.Thread(target=self.dispatch, name="relaychat-hooks"),
             threading.Thread(target=self.observe, name="relaychat-observers"),
             *(
-                threading.Thread(target=self.work, name=f"relaychat-hook-{i}")
+                threading.Thread(target=self.dispatch, name=f"relaychat-hooks-{i}")
                 for i in range(WORKERS)
             ),
         ]
@@ -505,36 +491,46 @@ class _Run:
             t.start()
 
     def dispatch(self) -> None:
+        answer = self.server._answer_one
         while not self.stopping.is_set():
             batch = self.server._next_hooks(0.2)
             if batch is None:
                 return
             for request in batch:
                 if request.kind != "observed":
-                    self.questions.put(request)
+                    answer(request, self)
                     continue
                 try:
                     self.observed.put_nowait(request.fields)
                 except queue.Full:
                     self.drops += 1
 
-    def work(self) -> None:
-        while (request := self.questions.get()) is not None:
-            self.server._answer_one(request, self)
+    def wait(self, awaitable: Any, timeout: float | None) -> Any:
+        """Runs an async hook's awaitable on the hooks' event loop, within `timeout`."""
+
+        async def wait() -> Any:
+            return await awaitable
+
+        future = asyncio.run_coroutine_threadsafe(wait(), self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise _HookTimeout from None
 
     def observe(self) -> None:
         while (fields := self.observed.get()) is not None:
             for fn in self.server._observers.get(fields["event"], ()):
                 try:
-                    self.server._call(fn, fields, timeout=None, run=self)
+                    out = fn(fields)
+                    if inspect.isawaitable(out):
+                        self.wait(out, None)
                 except Exception:
                     log.exception("observer %s of %s failed", fn.__qualname__, fields["event"])
 
     def stop(self) -> None:
         """Ends the threads (waiting a little for each; never for the calling one)."""
         self.stopping.set()
-        for _ in range(WORKERS):
-            self.questions.put(None)
         with contextlib.suppress(queue.Full):
             self.observed.put(None, timeout=1)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 use tokio::sync::oneshot;
 
 use crate::protocol::server_line::one_line;
@@ -64,6 +64,33 @@ impl HookRequest {
             HookCall::Upload { .. } => "upload",
             HookCall::Command { .. } => "command",
             HookCall::Observed { .. } => "observed",
+        }
+    }
+
+    /// The request's fields in order, as `Message`, `Login`, `Upload` take them (a
+    /// command: caller, name, args); empty for an observation.
+    #[getter]
+    fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        match &self.call {
+            HookCall::Message {
+                kind,
+                sender,
+                to,
+                text,
+            } => (kind.name(), sender, to, text).into_pyobject(py),
+            HookCall::Login {
+                name,
+                addr,
+                registered,
+            } => (name, addr.to_string(), registered).into_pyobject(py),
+            HookCall::Upload {
+                sender,
+                target,
+                filename,
+                size,
+            } => (sender, target, filename, size).into_pyobject(py),
+            HookCall::Command { caller, name, args } => (caller, name, args).into_pyobject(py),
+            HookCall::Observed { .. } => Ok(PyTuple::empty(py)),
         }
     }
 
@@ -149,8 +176,12 @@ pub(super) async fn next_batch(
     rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
     limit: Duration,
 ) -> Option<Vec<Pending>> {
-    let mut rx = rx.lock().await;
-    let first = match tokio::time::timeout(limit, rx.recv()).await {
+    // The limit covers the wait for the queue too: several threads take batches in turn.
+    let deadline = tokio::time::Instant::now() + limit;
+    let Ok(mut rx) = tokio::time::timeout_at(deadline, rx.lock()).await else {
+        return Some(Vec::new());
+    };
+    let first = match tokio::time::timeout_at(deadline, rx.recv()).await {
         Ok(Some(first)) => first,
         Ok(None) => return None,
         Err(_) => return Some(Vec::new()),
