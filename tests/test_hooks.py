@@ -377,3 +377,27 @@ def test_metrics_are_served_for_prometheus_and_match_stats(hooked, tmp_path):
     assert stats["relaychat_users"] == 3
     assert stats["relaychat_messages_total"] == {"private": 1, "group": 1, "broadcast": 1}
     assert stats["relaychat_hook_latency_seconds_count"]["message"] == 3
+
+
+def test_pipelined_messages_through_a_hook_keep_their_order_and_their_own_answers(hooked):
+    def setup(srv: Server) -> None:
+        @srv.before_message
+        def odd_ones_refused(msg: Message):
+            n = int(msg.text.split()[-1])
+            if n % 2:
+                raise Refuse(f"no {n}")
+            return f"even {n}"
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    # One write of 200 commands, a list in the middle: the session asks about many at
+    # once, and answers each in order.
+    lines = [f"msg bob number {i}\n" for i in range(200)]
+    lines.insert(100, "list\n")
+    alice.send("".join(lines))
+    for i in range(0, 200, 2):
+        bob.expect(f"[PRIVATE from alice]: even {i}")
+    replies = [alice.line() for _ in range(101)]
+    want = [f"ERROR: no {i}" for i in range(1, 200, 2)]
+    want.insert(50, "Connected users: bob")
+    assert replies == want

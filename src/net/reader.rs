@@ -158,6 +158,12 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         Ok(self.buf.split_to(take).freeze())
     }
 
+    /// The next line if it is already buffered whole (no read, no wait): a pipelining
+    /// client's next commands.
+    pub(crate) fn buffered_line(&mut self) -> Option<Result<Bytes, crate::protocol::FrameError>> {
+        self.framer.next_line(&mut self.buf).transpose()
+    }
+
     /// Puts `bytes` back in front of what is buffered, to be read again: what a raw read
     /// took past the end of a body that ends itself (a zstd frame).
     pub(crate) fn unread(&mut self, bytes: &[u8]) {

@@ -8,6 +8,7 @@
 //! ([`Handler::Later`]): then it hands back a future, which the session awaits before it
 //! reads the next command, so replies keep the order of the commands.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::hooks::{Answer, HookCall, Hooks, MessageKind};
+use super::hooks::{Answer, Asked, HookCall, Hooks, MessageKind};
 use super::metrics::Dropped;
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
@@ -33,7 +34,7 @@ use crate::protocol::command::{
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{check_group, normalize};
 use crate::protocol::server_line::utc;
-use crate::protocol::{CommandError, ServerLine};
+use crate::protocol::{CommandError, FrameError, ServerLine};
 use crate::store::{Account, Message, Scope, StoreError};
 
 /// How long a closing connection's writer may take to flush what is queued.
@@ -536,17 +537,36 @@ fn live_line(message: &Message) -> ServerLine {
 
 /// Reads and answers commands until the connection ends; returns how it ended.
 async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &CancellationToken) -> Ended {
+    // With a message hook: lines already read whose questions are out (see `ask_ahead`).
+    // Boxed, as the questions are: a session without hooks stays small.
+    let mut ahead: Option<Box<Ahead>> = None;
     loop {
         // A client can send thousands of commands in one read; let the writers that fan
         // them out run in between, so a flood is spread over time, not over queues.
         tokio::task::coop::consume_budget().await;
-        let line = match reader.next_line(kill).await {
-            Ok(line) => line,
-            Err(end) => return end,
+        // Nothing but `ahead` lives across the read: an idle session stays small.
+        let read = match ahead.as_ref().is_some_and(|a| !a.is_empty()) {
+            true => None,
+            false => Some(reader.next_line(kill).await),
         };
+        let (line, asked) = match read {
+            Some(Ok(line)) => {
+                let asked = ask_early(session, &line);
+                (line, asked)
+            }
+            Some(Err(end)) => return end,
+            None => match ahead.as_mut().and_then(|a| a.pop_front()) {
+                Some((Ok(line), asked)) => (line, asked),
+                Some((Err(e), _)) => return Ended::Frame(e),
+                None => continue,
+            },
+        };
+        if asked.is_some() {
+            ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
+        }
         match std::str::from_utf8(&line) {
             Ok(text) => {
-                if let Some(later) = handle(session, text) {
+                if let Some(later) = handle(session, text, asked) {
                     later.await;
                 }
             }
@@ -563,8 +583,52 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
     }
 }
 
-/// Answers one command line, or hands back what is left to await.
-fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
+/// Lines a session asks its message hook about before it has handled the ones before
+/// them (a pipelining client's): one round trip to the hooks for many, in order.
+const ASK_AHEAD: usize = 64;
+
+/// The message hook's question about `line`, sent now, if it is a message and there is a
+/// message hook.
+fn ask_early(session: &Session<'_>, line: &[u8]) -> Option<Box<Asked>> {
+    let hooks = session.hooks()?;
+    let policy = hooks.spec.message?;
+    let text = std::str::from_utf8(line).ok()?;
+    let Ok(Parsed::Call(call)) = parse_command(text) else {
+        return None;
+    };
+    let (kind, text_arg) = message_kind(&call)?;
+    let question = message_question(session, kind, &call, text_arg);
+    Some(Box::new(hooks.send(question, policy)))
+}
+
+/// Lines read ahead, each with its message question if it is a message.
+type Ahead = VecDeque<(Result<Bytes, FrameError>, Option<Box<Asked>>)>;
+
+/// Takes the lines already buffered (no wait) and asks the message hook about those that
+/// are messages, up to [`ASK_AHEAD`] lines ahead.
+fn ask_ahead(session: &Session<'_>, reader: &mut LineReader, ahead: &mut Ahead) {
+    while ahead.len() < ASK_AHEAD {
+        match reader.buffered_line() {
+            Some(Ok(line)) => {
+                let asked = ask_early(session, &line);
+                ahead.push_back((Ok(line), asked));
+            }
+            Some(Err(e)) => {
+                ahead.push_back((Err(e), None));
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Answers one command line, or hands back what is left to await; `asked`: the message
+/// hook's question about it, already sent.
+fn handle<'a>(
+    session: &'a Session<'a>,
+    text: &'a str,
+    asked: Option<Box<Asked>>,
+) -> Option<Later<'a>> {
     match parse_command(text) {
         Ok(Parsed::Call(call)) => {
             // Passwords never reach the log.
@@ -572,7 +636,7 @@ fn handle<'a>(session: &'a Session<'a>, text: &'a str) -> Option<Later<'a>> {
                 true => debug!("[{}] {} ...", session.user, call.spec.name),
                 false => debug!("[{}] {text}", session.user),
             }
-            if let Some(hooked) = hooked_message(session, call) {
+            if let Some(hooked) = hooked_message(session, call, asked) {
                 return Some(hooked);
             }
             return dispatch(session, call);
@@ -605,30 +669,52 @@ fn dispatch<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
     None
 }
 
-/// A message, when a hook decides about it first: it goes as it is, with the text the
-/// hook gave, or not at all (`ERROR: <the hook's reason>`). `None`: not a message, or no
-/// message hook.
-fn hooked_message<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
+/// Which kind of message `call` is, and which argument is its text.
+fn message_kind(call: &Call<'_>) -> Option<(MessageKind, usize)> {
+    match call.spec.name {
+        name if name == MSG.name => Some((MessageKind::Private, 1)),
+        name if name == SEND_GROUP.name => Some((MessageKind::Group, 1)),
+        name if name == BROADCAST.name => Some((MessageKind::Broadcast, 0)),
+        _ => None,
+    }
+}
+
+/// The message hook's question about `call`.
+fn message_question(
+    session: &Session<'_>,
+    kind: MessageKind,
+    call: &Call<'_>,
+    text_arg: usize,
+) -> HookCall {
+    let to = match kind {
+        MessageKind::Broadcast => String::new(),
+        _ => normalize(call.arg(0)).into_owned(),
+    };
+    HookCall::Message {
+        kind,
+        sender: session.user.to_owned(),
+        to,
+        text: call.arg(text_arg).to_owned(),
+    }
+}
+
+/// A message, when a hook decides about it first (`asked`: the question is out already):
+/// it goes as it is, with the text the hook gave, or not at all (`ERROR: <the hook's
+/// reason>`). `None`: not a message, or no message hook.
+fn hooked_message<'a>(
+    session: &'a Session<'a>,
+    call: Call<'a>,
+    asked: Option<Box<Asked>>,
+) -> Option<Later<'a>> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
-    let (kind, text_arg) = match call.spec.name {
-        name if name == MSG.name => (MessageKind::Private, 1),
-        name if name == SEND_GROUP.name => (MessageKind::Group, 1),
-        name if name == BROADCAST.name => (MessageKind::Broadcast, 0),
-        _ => return None,
-    };
+    let (kind, text_arg) = message_kind(&call)?;
     Some(Box::pin(async move {
-        let to = match kind {
-            MessageKind::Broadcast => String::new(),
-            _ => normalize(call.arg(0)).into_owned(),
+        let asked = match asked {
+            Some(asked) => *asked,
+            None => hooks.send(message_question(session, kind, &call, text_arg), policy),
         };
-        let question = HookCall::Message {
-            kind,
-            sender: session.user.to_owned(),
-            to,
-            text: call.arg(text_arg).to_owned(),
-        };
-        let rewritten = match hooks.ask(question, policy, &session.shared.metrics).await {
+        let rewritten = match asked.answer(&session.shared.metrics).await {
             Answer::Allow | Answer::Reply(_) => None,
             Answer::Rewrite(text) if text.trim().is_empty() || text.contains(['\n', '\r']) => {
                 let why = "refused: a server hook made the message empty or more than one line";

@@ -155,6 +155,33 @@ pub struct Pending {
     pub reply: Option<oneshot::Sender<Answer>>,
 }
 
+/// A question sent to the embedder, its answer still to come.
+pub(crate) struct Asked {
+    /// `None`: the queue was full.
+    rx: Option<oneshot::Receiver<Answer>>,
+    policy: Policy,
+    kind: HookKind,
+    started: std::time::Instant,
+}
+
+impl Asked {
+    /// The answer, within the policy's limit from when it was asked (else the policy's
+    /// own); counted in `metrics`.
+    pub(crate) async fn answer(self, metrics: &Metrics) -> Answer {
+        let deadline = tokio::time::Instant::from_std(self.started + self.policy.limit);
+        let answer = match self.rx {
+            None => Err("is overloaded".to_owned()),
+            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(_)) => Err("is gone".to_owned()),
+                Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
+            },
+        };
+        metrics.hook(self.kind, self.started.elapsed(), answer.is_err());
+        answer.unwrap_or_else(|why| self.policy.failed(&why))
+    }
+}
+
 /// The engine's side of the hooks.
 pub struct Hooks {
     /// What is hooked.
@@ -179,28 +206,29 @@ impl Hooks {
     /// Asks the embedder and waits for its answer, at most `policy.limit`; counts the
     /// question in `metrics`.
     pub(crate) async fn ask(&self, call: HookCall, policy: Policy, metrics: &Metrics) -> Answer {
+        self.send(call, policy).answer(metrics).await
+    }
+
+    /// Asks the embedder now; the answer is awaited later ([`Asked::answer`]), so a
+    /// session can ask about several pipelined commands at once.
+    pub(crate) fn send(&self, call: HookCall, policy: Policy) -> Asked {
         let kind = match &call {
             HookCall::Message { .. } => HookKind::Message,
             HookCall::Login { .. } => HookKind::Login,
             HookCall::Upload { .. } => HookKind::Upload,
             _ => HookKind::Command,
         };
-        let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
             call,
             reply: Some(tx),
         };
-        let answer = match self.tx.try_send(pending) {
-            Err(_) => Err("is overloaded".to_owned()),
-            Ok(()) => match tokio::time::timeout(policy.limit, rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(_)) => Err("is gone".to_owned()),
-                Err(_) => Err(format!("took longer than {:?}", policy.limit)),
-            },
-        };
-        metrics.hook(kind, started.elapsed(), answer.is_err());
-        answer.unwrap_or_else(|why| policy.failed(&why))
+        Asked {
+            rx: self.tx.try_send(pending).ok().map(|()| rx),
+            policy,
+            kind,
+            started: std::time::Instant::now(),
+        }
     }
 
     /// Tells the embedder something happened (if it observes), without waiting.

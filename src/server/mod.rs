@@ -790,8 +790,9 @@ mod tests {
         let (_rd, wr) = stream().await.split();
         let writer =
             crate::net::write_loop(wr, queue, CancellationToken::new(), Duration::from_secs(1));
+        // 904 since the message hook's read-ahead (one pointer; nothing else without hooks).
         assert!(
-            std::mem::size_of_val(&chat) <= 896,
+            std::mem::size_of_val(&chat) <= 904,
             "chat: {}",
             std::mem::size_of_val(&chat)
         );
