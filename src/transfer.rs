@@ -52,6 +52,12 @@ struct Chunks {
     held: usize,
     /// The bytes before this offset are on disk.
     on_disk: u64,
+    /// Bytes kept in memory once on disk (0 unless followed).
+    keep: usize,
+    /// A writer is draining the unwritten chunks to disk.
+    writing: bool,
+    /// The first write error: every later write and flush fails with it.
+    failed: Option<(std::io::ErrorKind, String)>,
 }
 
 impl Chunks {
@@ -147,17 +153,43 @@ fn write_all_at(file: &std::fs::File, chunks: &[Bytes], offset: u64) -> (u64, st
     (written, Ok(()))
 }
 
-/// A write to disk in progress: how many bytes, and how it went.
-type Writing = tokio::task::JoinHandle<(u64, std::io::Result<()>)>;
+/// Writes the unwritten chunks of `recent` to `file` until there are none left (more may
+/// arrive meanwhile: it takes them too), then says it has stopped. The decision to stop is
+/// made under the lock that [`Partial::write`] takes to add a chunk, so no chunk is ever
+/// left behind without a writer.
+fn drain(file: &std::fs::File, recent: &Recent) {
+    loop {
+        let (at, batch) = {
+            let mut chunks = recent.lock();
+            let (at, batch) = chunks.unwritten();
+            if batch.is_empty() || chunks.failed.is_some() {
+                chunks.writing = false;
+                return;
+            }
+            (at, batch)
+        };
+        let (n, done) = write_all_at(file, &batch, at);
+        let mut chunks = recent.lock();
+        chunks.on_disk += n;
+        let keep = chunks.keep;
+        chunks.trim(keep);
+        if let Err(e) = done {
+            chunks.failed = Some((e.kind(), e.to_string()));
+            chunks.writing = false;
+            return;
+        }
+    }
+}
 
 /// A file being written under a temporary name. Dropped before
 /// [`Partial::finish_unique`], it is removed: nobody ever sees a partial file under its
 /// final name.
 ///
 /// Writes are pipelined: [`Partial::write`] takes a chunk as it came from the connection
-/// (no copy), and a blocking-pool thread writes what has accumulated while the next chunk
-/// is read; at most [`UNWRITTEN_BYTES`] wait for the disk. A followed file (the server's
-/// spool, which forwards read as it grows) also keeps its newest bytes in [`Recent`].
+/// (no copy), and a blocking-pool thread ([`drain`]) writes whatever has accumulated while
+/// the next chunk is read; at most [`UNWRITTEN_BYTES`] (or [`MAX_CHUNKS`] chunks) wait for
+/// the disk. A followed file (the server's spool, which forwards read as it grows) also
+/// keeps its newest bytes in [`Recent`].
 pub(crate) struct Partial {
     /// The temporary name.
     path: PathBuf,
@@ -165,25 +197,21 @@ pub(crate) struct Partial {
     file: Option<Arc<std::fs::File>>,
     /// The bytes not yet on disk, and the newest that are.
     recent: Arc<Recent>,
-    /// Bytes kept in memory once on disk (0 unless followed).
-    keep: usize,
-    /// The write in progress, if any.
-    writing: Option<Writing>,
-    /// The first write error: every later write and [`Partial::flush`] fails with it.
-    failed: Option<(std::io::ErrorKind, String)>,
+    /// The latest writer.
+    writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Partial {
     /// Creates (or truncates) the temporary file; `followed` as in [`Partial`].
     pub(crate) async fn create(path: PathBuf, followed: bool) -> std::io::Result<Self> {
         let file = tokio::fs::File::create(&path).await?.into_std().await;
+        let recent = Recent::default();
+        recent.lock().keep = if followed { RECENT_BYTES } else { 0 };
         Ok(Self {
             path,
             file: Some(Arc::new(file)),
-            recent: Arc::default(),
-            keep: if followed { RECENT_BYTES } else { 0 },
-            writing: None,
-            failed: None,
+            recent: Arc::new(recent),
+            writer: None,
         })
     }
 
@@ -202,8 +230,9 @@ impl Partial {
         &self.path
     }
 
+    /// The file, unless it is finished or a write failed.
     fn file(&self) -> std::io::Result<Arc<std::fs::File>> {
-        if let Some((kind, why)) = &self.failed {
+        if let Some((kind, why)) = &self.recent.lock().failed {
             return Err(std::io::Error::new(*kind, why.clone()));
         }
         self.file
@@ -211,74 +240,46 @@ impl Partial {
             .ok_or_else(|| std::io::Error::other("file already finished"))
     }
 
-    /// Waits for the write in progress, if any, and notes how it went.
-    async fn settle(&mut self) -> std::io::Result<()> {
-        let Some(writing) = self.writing.take() else {
-            return Ok(());
-        };
-        let (n, done) = writing
-            .await
-            .unwrap_or_else(|e| (0, Err(std::io::Error::other(e))));
-        match done {
-            Ok(()) => {
-                let mut chunks = self.recent.lock();
-                chunks.on_disk += n;
-                chunks.trim(self.keep);
-                Ok(())
-            }
-            Err(e) => {
-                self.failed = Some((e.kind(), e.to_string()));
-                Err(e)
-            }
-        }
+    /// Starts a writer for the unwritten chunks (the caller set `writing`).
+    fn spawn_writer(&mut self, file: Arc<std::fs::File>) {
+        let recent = self.recent.clone();
+        self.writer = Some(tokio::task::spawn_blocking(move || drain(&file, &recent)));
     }
 
-    /// Starts writing what has accumulated, unless a write is in progress or nothing is
-    /// waiting.
-    fn start_writing(&mut self) -> std::io::Result<()> {
-        if self.writing.is_some() {
-            return Ok(());
+    /// Waits for the writer to stop (it stops once everything given is on disk, or on
+    /// an error).
+    async fn settle(&mut self) -> std::io::Result<()> {
+        if let Some(writer) = self.writer.take() {
+            writer.await.map_err(std::io::Error::other)?;
         }
-        let file = self.file()?;
-        let (at, chunks) = self.recent.lock().unwritten();
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        self.writing = Some(tokio::task::spawn_blocking(move || {
-            write_all_at(&file, &chunks, at)
-        }));
-        Ok(())
+        self.file().map(drop)
     }
 
     /// Appends `bytes`. Returns once they are taken: on disk, or on their way there behind
     /// fewer than [`UNWRITTEN_BYTES`]. A failed write shows here or at the next call.
     pub(crate) async fn write(&mut self, bytes: Bytes) -> std::io::Result<()> {
-        self.file()?;
-        if self.writing.as_ref().is_some_and(|w| w.is_finished()) {
-            self.settle().await?;
-        }
-        let (unwritten, count) = {
+        let file = self.file()?;
+        let (start, backlog) = {
             let mut chunks = self.recent.lock();
             chunks.held += bytes.len();
             chunks.chunks.push_back(bytes);
-            (chunks.end() - chunks.on_disk, chunks.chunks.len())
+            let start = !std::mem::replace(&mut chunks.writing, true);
+            let unwritten = chunks.end() - chunks.on_disk;
+            let backlog = unwritten > UNWRITTEN_BYTES as u64 || chunks.chunks.len() >= MAX_CHUNKS;
+            (start, backlog)
         };
-        if unwritten > UNWRITTEN_BYTES as u64 || count >= MAX_CHUNKS {
+        if start {
+            self.spawn_writer(file);
+        }
+        if backlog {
             self.settle().await?;
         }
-        self.start_writing()
+        Ok(())
     }
 
     /// Waits until every byte written is on disk.
     pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
-        loop {
-            self.settle().await?;
-            self.file()?;
-            self.start_writing()?;
-            if self.writing.is_none() {
-                return Ok(());
-            }
-        }
+        self.settle().await
     }
 
     /// Waits until every byte written is on disk and lets go of the ones in memory: for a
@@ -296,7 +297,12 @@ impl Partial {
         tokio::task::spawn_blocking(move || file.set_len(0))
             .await
             .map_err(std::io::Error::other)??;
-        *self.recent.lock() = Chunks::default();
+        let mut chunks = self.recent.lock();
+        let keep = chunks.keep;
+        *chunks = Chunks {
+            keep,
+            ..Chunks::default()
+        };
         Ok(())
     }
 

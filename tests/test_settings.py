@@ -69,6 +69,7 @@ def test_the_stubs_list_every_setting_as_a_keyword():
         "tls_self_signed",
         "require_tls",
         "allow_plaintext_login",
+        "metrics_port",
     )
     limits = [a.arg for a in new.args.kwonlyargs if a.arg not in policy]
     assert limits == [name for name, *_ in SETTINGS]
