@@ -1,8 +1,13 @@
 """`python client.py` / `relaychat-client`: the lab's terminal client, on the Rust engine.
 
-Reads commands from standard input (typed or piped), one per line. `send_file <user|GROUP:g>
-<path>` sends a file; `quit` or end of input exits; everything else goes to the server as
-typed. Every server line and file event is printed as the lab's client prints it.
+Reads commands from standard input, one per line. `send_file <user|GROUP:g> <path>` sends a
+file; `quit` or end of input exits; everything else goes to the server as typed. Every
+server line and file event is printed as the lab's client prints it.
+
+When standard input and output are both a terminal (and `--plain` is not given), the same
+commands run in the interactive client of `relaychat.interactive` instead: an input line
+that stays at the bottom, completion, colour, progress and history. Piped, the output is
+the lab's, line for line.
 
 A registered name's password comes from `--password-file`, `RELAYCHAT_PASSWORD`, or, when
 the server asks for it, a hidden prompt (on a terminal) or the next line of standard input.
@@ -59,6 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="read a registered name's password from the first line of FILE "
         "(else RELAYCHAT_PASSWORD, else asked when the server wants it)",
     )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="on a terminal too, read and print plain lines as when piped "
+        "(no completion, colour, progress or history)",
+    )
+    p.add_argument(
+        "--no-color",
+        action="store_true",
+        help="interactive client without colour (as does a non-empty NO_COLOR)",
+    )
     tls = p.add_argument_group(
         "TLS",
         "The server is checked by --tls-ca, else --tls-pin, else the system's trust store, "
@@ -107,6 +123,49 @@ def _ask_password(username: str) -> str | None:
     return _read_line()
 
 
+class Connector:
+    """Opens connections as the command line says: the same for the first one and for a
+    reconnection, which reuses the password that worked."""
+
+    def __init__(self, args: argparse.Namespace, username: str, *, progress: bool) -> None:
+        self.args = args
+        self.username = username
+        self.progress = progress
+        self.password = _given_password(args)
+
+    def connect(self) -> Client | None:
+        """A connected client; None if the server wants a password and none came (end of
+        input). Raises what `Client` raises, and `EOFError` or `KeyboardInterrupt` from
+        the password prompt."""
+        try:
+            return self._client(self.password)
+        except PasswordRequiredError:
+            password = _ask_password(self.username)
+            if password is None:
+                return None
+            client = self._client(password)
+            self.password = password
+            return client
+
+    def _client(self, password: str | None) -> Client:
+        args = self.args
+        return Client(
+            args.host,
+            args.chat_port,
+            args.file_port,
+            username=self.username,
+            download_dir=args.download_dir,
+            timeout=args.timeout,
+            password=password,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_pin=args.tls_pin,
+            known_hosts=args.known_hosts,
+            allow_plaintext_login=args.allow_plaintext_login,
+            progress=self.progress,
+        )
+
+
 class Session:
     """What the command line knows about its run."""
 
@@ -150,29 +209,49 @@ def _read_line() -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
-def _send_file(session: Session, line: str) -> None:
-    """Sends one file; prints success only once the server has it whole (a lab server
-    cannot say so: there, once the last byte is written)."""
+def is_send_file(line: str) -> bool:
+    """Whether a typed line is the client's own `send_file` (never sent as a command)."""
+    return line == "send_file" or line.startswith("send_file ")
+
+
+def parse_send_file(line: str) -> tuple[str, str]:
+    """The target and path of a `send_file` line; `ValueError` with the line to print if
+    one is missing or the file does not exist."""
     parts = line.split(" ", 2)
     if len(parts) < 3 or not parts[1] or not parts[2]:
-        say(SEND_FILE_USAGE)
-        return
+        raise ValueError(SEND_FILE_USAGE)
     target, path = parts[1], parts[2]
     if not os.path.isfile(path):
-        say("File does not exist")
+        raise ValueError("File does not exist")
+    return target, path
+
+
+def send_file(client: Client, target: str, path: str) -> tuple[bool, str]:
+    """Sends one file; returns whether the server has it whole, and the line that says so
+    (success only then; a lab server cannot say so: there, once the last byte is
+    written)."""
+    try:
+        client.send_file(target, path)
+    except (RelaychatError, OSError, ValueError, TimeoutError) as e:
+        return False, f"[FILE SEND ERROR] {e}"
+    return True, f"[FILE SENT SUCCESSFULLY] {path} -> {target}"
+
+
+def _send_file(session: Session, line: str) -> None:
+    try:
+        target, path = parse_send_file(line)
+    except ValueError as e:
+        say(str(e))
         return
     try:
-        session.client.send_file(target, path)
-    except (RelaychatError, OSError, ValueError, TimeoutError) as e:
-        session.transfer_broken = True
-        say(f"[FILE SEND ERROR] {e}")
-        return
+        sent, report = send_file(session.client, target, path)
     except KeyboardInterrupt:
         session.transfer_broken = True
         why = "the server closed the connection" if session.gone.is_set() else "interrupted"
         say(f"[FILE SEND ERROR] {path} -> {target}: {why}")
         raise
-    say(f"[FILE SENT SUCCESSFULLY] {path} -> {target}")
+    session.transfer_broken |= not sent
+    say(report)
 
 
 def _repl(session: Session) -> bool:
@@ -190,7 +269,7 @@ def _repl(session: Session) -> bool:
             return True
         if not line.strip():
             continue
-        if line == "send_file" or line.startswith("send_file "):
+        if is_send_file(line):
             _send_file(session, line)
             continue
         try:
@@ -222,36 +301,22 @@ def main(argv: list[str] | None = None) -> int:
             username = input("Enter username: ").strip()
         except (EOFError, KeyboardInterrupt):
             return 0
-
-    def connect(password: str | None) -> Client:
-        return Client(
-            args.host,
-            args.chat_port,
-            args.file_port,
-            username=username,
-            download_dir=args.download_dir,
-            timeout=args.timeout,
-            password=password,
-            tls=args.tls,
-            tls_ca=args.tls_ca,
-            tls_pin=args.tls_pin,
-            known_hosts=args.known_hosts,
-            allow_plaintext_login=args.allow_plaintext_login,
-        )
-
+    interactive = not args.plain and sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        try:
-            client = connect(_given_password(args))
-        except PasswordRequiredError:
-            password = _ask_password(username)
-            if password is None:
-                return 1
-            client = connect(password)
+        connector = Connector(args, username, progress=interactive)
+        client = connector.connect()
     except (KeyboardInterrupt, EOFError):
         return 0
     except (RelaychatError, OSError, ValueError, TimeoutError) as e:
         say(f"ERROR: {e}")
         return 1
+    if client is None:
+        return 1
+    if interactive:
+        from relaychat.interactive import run  # prompt_toolkit only when it is needed
+
+        color = not args.no_color and not os.environ.get("NO_COLOR")
+        return run(connector, client, color=color)
     session = Session(client)
     gone = session.gone
     printer = threading.Thread(target=_print_events, args=(session,), daemon=True)
