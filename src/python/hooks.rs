@@ -94,52 +94,15 @@ impl HookRequest {
         }
     }
 
-    /// The request's fields, by name (for an observation, `event` is its name).
+    /// An observation's fields by name, `event` being its name (empty for a question,
+    /// whose fields are `args`).
     #[getter]
     fn fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        match &self.call {
-            HookCall::Message {
-                kind,
-                sender,
-                to,
-                text,
-            } => {
-                d.set_item("kind", kind.name())?;
-                d.set_item("sender", sender)?;
-                d.set_item("to", to)?;
-                d.set_item("text", text)?;
-            }
-            HookCall::Login {
-                name,
-                addr,
-                registered,
-            } => {
-                d.set_item("name", name)?;
-                d.set_item("address", addr.to_string())?;
-                d.set_item("registered", registered)?;
-            }
-            HookCall::Upload {
-                sender,
-                target,
-                filename,
-                size,
-            } => {
-                d.set_item("sender", sender)?;
-                d.set_item("target", target)?;
-                d.set_item("filename", filename)?;
-                d.set_item("size", size)?;
-            }
-            HookCall::Command { caller, name, args } => {
-                d.set_item("caller", caller)?;
-                d.set_item("name", name)?;
-                d.set_item("args", args)?;
-            }
-            HookCall::Observed { event, fields } => {
-                d.set_item("event", event)?;
-                for (key, value) in fields {
-                    d.set_item(key, value)?;
-                }
+        if let HookCall::Observed { event, fields } = &self.call {
+            d.set_item("event", event)?;
+            for (key, value) in fields {
+                d.set_item(key, value)?;
             }
         }
         Ok(d)
