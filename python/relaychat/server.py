@@ -478,6 +478,7 @@ class _Run:
         self.loop = asyncio.new_event_loop()
         self.observed: queue.Queue[dict[str, Any] | None] = queue.Queue(OBSERVED_QUEUE)
         self.drops = 0
+        self.taking = threading.Lock()
         self.threads = [
             threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
             threading.Thread(target=self.observe, name="relaychat-observers"),
@@ -493,17 +494,25 @@ class _Run:
     def dispatch(self) -> None:
         answer = self.server._answer_one
         while not self.stopping.is_set():
-            batch = self.server._next_hooks(0.2)
-            if batch is None:
-                return
-            for request in batch:
-                if request.kind != "observed":
-                    answer(request, self)
-                    continue
-                try:
-                    self.observed.put_nowait(request.fields)
-                except queue.Full:
-                    self.drops += 1
+            # One dispatcher at a time takes a batch and queues its observations, so the
+            # observers hear events in the engine's order; questions are answered outside.
+            with self.taking:
+                if self.stopping.is_set():
+                    return
+                batch = self.server._next_hooks(0.2)
+                if batch is None:
+                    return
+                questions = []
+                for request in batch:
+                    if request.kind != "observed":
+                        questions.append(request)
+                        continue
+                    try:
+                        self.observed.put_nowait(request.fields)
+                    except queue.Full:
+                        self.drops += 1
+            for request in questions:
+                answer(request, self)
 
     def wait(self, awaitable: Any, timeout: float | None) -> Any:
         """Runs an async hook's awaitable on the hooks' event loop, within `timeout`."""

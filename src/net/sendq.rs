@@ -8,13 +8,20 @@
 //! ([`SendQueue::until_room`]). So a burst slows its senders instead of dropping the
 //! readers it is meant for, and memory stays bounded.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+use super::ConnWrite;
 
 /// Slots an emptied send queue may keep (a few are reused by every message; a burst's
 /// worth is given back).
@@ -24,7 +31,11 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 /// Writes all of `buf`, failing with `TimedOut` only if the peer accepts *nothing* for
 /// `stall`: a slow but steady reader is never cut off, a stopped one is. `progressed` is
-/// called after every write that took some bytes.
+/// called after every write that took some bytes once the first has not taken them all
+/// (the caller knows when it began).
+///
+/// The usual case, a socket that takes the whole of `buf` at once, is tried first without
+/// a timer (arming one reads the clock and finds the runtime's timer for every line).
 pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     wr: &mut W,
     mut buf: &[u8],
@@ -32,6 +43,15 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     mut progressed: impl FnMut(),
 ) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
+    // (An empty `buf`, such as a compressor's output that is not due yet, writes nothing.)
+    if !buf.is_empty() {
+        match poll_once(|cx| Pin::new(&mut *wr).poll_write(cx, buf)).await {
+            Some(Ok(0)) => return Err(Error::from(ErrorKind::WriteZero)),
+            Some(Ok(n)) => buf = &buf[n..],
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
     while !buf.is_empty() {
         match tokio::time::timeout(stall, wr.write(buf)).await {
             Ok(Ok(0)) => return Err(Error::from(ErrorKind::WriteZero)),
@@ -43,11 +63,24 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
             Err(_) => return Err(Error::from(ErrorKind::TimedOut)),
         }
     }
-    // TLS may hold back the last record when the socket was full.
+    // TLS may hold back the last record when the socket was full (plain TCP: at once).
+    if let Some(flushed) = poll_once(|cx| Pin::new(&mut *wr).poll_flush(cx)).await {
+        return flushed;
+    }
     match tokio::time::timeout(stall, wr.flush()).await {
         Ok(flushed) => flushed,
         Err(_) => Err(Error::from(ErrorKind::TimedOut)),
     }
+}
+
+/// Polls `poll` once: its result if it is ready at once, `None` if it would wait (the
+/// waker is registered, so the caller can await the same operation next).
+async fn poll_once<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Option<T> {
+    std::future::poll_fn(|cx| Poll::Ready(match poll(cx) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }))
+    .await
 }
 
 /// Where the next byte of `chunks` is, `n` bytes after chunk `first`'s byte `skip`: a
@@ -116,6 +149,9 @@ pub(crate) struct SendQueue {
     waiting_written: AtomicUsize,
     /// Lines written into the socket so far.
     written: AtomicU64,
+    /// The connection's socket when it is plain TCP: the writer task writes through it
+    /// ([`QueueSink`]), and so may a task that pushes a line (see [`SendQueue::push_now`]).
+    socket: Option<OwnedWriteHalf>,
     /// The hard cap in lines: a push past it is refused.
     capacity: usize,
     /// The hard cap in bytes: long lines reach it before `capacity` does.
@@ -132,6 +168,8 @@ struct QueueState {
     bytes: usize,
     /// No more lines will come: the writer drains what is left and stops.
     closed: bool,
+    /// Someone is writing into the socket: the writer task, or a task in `push_now`.
+    writing: bool,
     /// When the writer last took lines or got bytes into the socket: a queue whose reader
     /// takes nothing for a while stops holding senders up.
     progress: Instant,
@@ -144,6 +182,7 @@ impl Default for QueueState {
             pushed: 0,
             bytes: 0,
             closed: false,
+            writing: false,
             progress: Instant::now(),
         }
     }
@@ -177,8 +216,39 @@ impl SendQueue {
     /// A queue that refuses lines past `capacity` lines or `max_bytes` bytes and counts as
     /// congested past `high_bytes` bytes or a quarter of `capacity`.
     pub(crate) fn new(capacity: usize, max_bytes: usize, high_bytes: usize) -> Arc<Self> {
+        Self::with_socket(capacity, max_bytes, high_bytes, None)
+    }
+
+    /// A queue for a connection's write half, and what its writer task writes into: the
+    /// queue's own socket for plain TCP (so that a line can also be written by the task
+    /// that pushes it), the half itself for TLS.
+    pub(crate) fn attach(
+        capacity: usize,
+        max_bytes: usize,
+        high_bytes: usize,
+        wr: ConnWrite,
+    ) -> (Arc<Self>, QueueSink) {
+        match wr {
+            ConnWrite::Tcp(half) => {
+                let queue = Self::with_socket(capacity, max_bytes, high_bytes, Some(half));
+                (queue.clone(), QueueSink::Socket(queue))
+            }
+            tls => (
+                Self::new(capacity, max_bytes, high_bytes),
+                QueueSink::Half(tls),
+            ),
+        }
+    }
+
+    fn with_socket(
+        capacity: usize,
+        max_bytes: usize,
+        high_bytes: usize,
+        socket: Option<OwnedWriteHalf>,
+    ) -> Arc<Self> {
         let max_bytes = max_bytes.max(1);
         Arc::new(Self {
+            socket,
             state: std::sync::Mutex::default(),
             ready: tokio::sync::Notify::new(),
             drained: tokio::sync::Notify::new(),
@@ -218,7 +288,49 @@ impl SendQueue {
 
     /// Queues `bytes` without waiting, unless the queue is at its hard cap.
     pub(crate) fn push(&self, bytes: Bytes) -> Pushed {
+        self.queue_line(self.state(), bytes)
+    }
+
+    /// Like [`push`](Self::push), but a line for an empty queue of a plain TCP connection
+    /// that nobody is writing into is written at once by the calling task, without waking
+    /// the writer task (a closed loop's message costs one `send` and no task switch); what
+    /// the socket does not take at once is queued, in front, for the writer task.
+    ///
+    /// For the last line of what a chat session has read: lines pushed one after another
+    /// are better queued and written together by the writer task.
+    pub(crate) fn push_now(&self, bytes: Bytes) -> Pushed {
         let mut st = self.state();
+        let socket = match &self.socket {
+            Some(socket) if !st.closed && !st.writing && st.lines.is_empty() => socket,
+            _ => return self.queue_line(st, bytes),
+        };
+        st.writing = true;
+        st.pushed += 1;
+        drop(st);
+        // An error is the writer task's to find on its next write.
+        let n = socket.try_write(&bytes).unwrap_or(0);
+        let mut st = self.state();
+        st.writing = false;
+        if n < bytes.len() {
+            st.bytes += bytes.len() - n;
+            st.lines.push_front(bytes.slice(n..));
+            st.progress = Instant::now();
+        }
+        let (wake, congested) = (!st.lines.is_empty() || st.closed, self.congested(&st));
+        drop(st);
+        if n == bytes.len() {
+            self.count_written(1);
+        }
+        if wake {
+            self.ready.notify_one();
+        }
+        match congested {
+            true => Pushed::Congested,
+            false => Pushed::Queued,
+        }
+    }
+
+    fn queue_line(&self, mut st: std::sync::MutexGuard<'_, QueueState>, bytes: Bytes) -> Pushed {
         if st.closed {
             return Pushed::Closed;
         }
@@ -256,6 +368,10 @@ impl SendQueue {
     }
 
     fn append(&self, st: &mut QueueState, bytes: Bytes) {
+        if st.lines.is_empty() {
+            // A reader is stalled when it has taken nothing for a while *of what it had*.
+            st.progress = Instant::now();
+        }
         st.pushed += 1;
         st.bytes += bytes.len();
         st.lines.push_back(bytes);
@@ -346,8 +462,14 @@ impl SendQueue {
         self.written.load(Ordering::Acquire) >= mark
     }
 
-    /// The writer got `lines` whole lines into the socket.
+    /// The writer task is done writing what it took: `lines` whole lines.
     fn wrote(&self, lines: u64) {
+        self.state().writing = false;
+        self.count_written(lines);
+    }
+
+    /// `lines` more whole lines are in the socket.
+    fn count_written(&self, lines: u64) {
         self.written.fetch_add(lines, Ordering::AcqRel);
         if self.waiting_written.load(Ordering::Acquire) > 0 {
             self.drained.notify_waiters();
@@ -376,6 +498,8 @@ impl SendQueue {
             {
                 let mut st = self.state();
                 let taken = match st.lines.len() {
+                    // A task in `push_now` writes; it wakes the writer when done.
+                    _ if st.writing => None,
                     0 if st.closed => return Taken::End,
                     0 => None,
                     1 => st.lines.pop_front().map(Taken::One),
@@ -398,6 +522,7 @@ impl SendQueue {
                     _ => 0,
                 };
                 if let Some(taken) = taken {
+                    st.writing = true;
                     if st.lines.is_empty() && st.lines.capacity() > KEEP_LINES {
                         st.lines = std::collections::VecDeque::new();
                     }
@@ -413,6 +538,92 @@ impl SendQueue {
                 }
             }
             self.ready.notified().await;
+        }
+    }
+}
+
+/// What a connection's writer task writes into (see [`SendQueue::attach`]).
+pub(crate) enum QueueSink {
+    /// The queue's own plain TCP socket, shared with tasks in `push_now`.
+    Socket(Arc<SendQueue>),
+    /// A write half of its own (TLS).
+    Half(ConnWrite),
+}
+
+impl QueueSink {
+    /// The shared socket; `None` for a half of its own.
+    fn socket(&self) -> Option<&TcpStream> {
+        match self {
+            QueueSink::Socket(queue) => queue.socket.as_ref().map(AsRef::as_ref),
+            QueueSink::Half(_) => None,
+        }
+    }
+}
+
+/// Writes through `socket`'s readiness: `try_write` until it would block, then waits for
+/// the socket to be writable (what tokio's own write half does, but through `&self`).
+fn poll_shared<T>(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        ready!(socket.poll_write_ready(cx))?;
+        match write(socket) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+impl AsyncWrite for QueueSink {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.socket() {
+            Some(socket) => poll_shared(socket, cx, |s| s.try_write(buf)),
+            None => match self.get_mut() {
+                QueueSink::Half(half) => Pin::new(half).poll_write(cx, buf),
+                QueueSink::Socket(_) => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            },
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.socket() {
+            Some(socket) => poll_shared(socket, cx, |s| s.try_write_vectored(bufs)),
+            None => match self.get_mut() {
+                QueueSink::Half(half) => Pin::new(half).poll_write_vectored(cx, bufs),
+                QueueSink::Socket(_) => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            },
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            QueueSink::Socket(_) => true,
+            QueueSink::Half(half) => half.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            QueueSink::Socket(_) => Poll::Ready(Ok(())),
+            QueueSink::Half(half) => Pin::new(half).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.socket() {
+            Some(socket) => Poll::Ready(
+                rustix::net::shutdown(socket, rustix::net::Shutdown::Write).map_err(Into::into),
+            ),
+            None => match self.get_mut() {
+                QueueSink::Half(half) => Pin::new(half).poll_shutdown(cx),
+                QueueSink::Socket(_) => Poll::Ready(Ok(())),
+            },
         }
     }
 }
@@ -435,29 +646,34 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             _ = kill.cancelled() => break,
             taken = queue.take(&mut batch) => taken,
         };
-        let progressed = || queue.progressed();
-        let write = async {
-            match &taken {
-                Taken::One(line) => write_with_progress(&mut wr, line, stall, progressed).await,
-                Taken::Batch(_) => write_with_progress(&mut wr, &batch, stall, progressed).await,
-                Taken::End => Ok(()),
-            }
-        };
         if matches!(taken, Taken::End) {
             break;
         }
-        let ok = tokio::select! {
-            biased;
-            _ = kill.cancelled() => false,
-            res = write => match res {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    tracing::warn!("[SLOW CONSUMER] no write progress for {stall:?}; disconnecting");
-                    slow = true;
-                    false
-                }
-                Err(_) => false,
-            },
+        let res = {
+            let progressed = || queue.progressed();
+            let line = match &taken {
+                Taken::One(line) => &line[..],
+                _ => &batch[..],
+            };
+            let mut write = std::pin::pin!(write_with_progress(&mut wr, line, stall, progressed));
+            // Most writes are done at once; only one that waits also waits for `kill`.
+            match poll_once(|cx| std::future::Future::poll(write.as_mut(), cx)).await {
+                Some(res) => Some(res),
+                None => tokio::select! {
+                    biased;
+                    _ = kill.cancelled() => None,
+                    res = &mut write => Some(res),
+                },
+            }
+        };
+        let ok = match res {
+            Some(Ok(())) => true,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                tracing::warn!("[SLOW CONSUMER] no write progress for {stall:?}; disconnecting");
+                slow = true;
+                false
+            }
+            Some(Err(_)) | None => false,
         };
         if !ok {
             kill.cancel();
@@ -501,6 +717,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_write_writes_nothing_and_succeeds() {
+        let (mut wr, _rd) = tokio::io::duplex(7);
+        write_with_progress(&mut wr, b"", Duration::from_secs(5), || {})
+            .await
+            .expect("nothing to write is no error");
+    }
+
+    #[tokio::test]
     async fn the_send_queue_is_bounded_ordered_and_gives_memory_back() {
         let q = SendQueue::new(20, 1 << 20, 1 << 20);
         for i in 0..20 {
@@ -517,7 +741,8 @@ mod tests {
             Pushed::Full(Bytes::from("full\n"))
         );
         let mut batch = BytesMut::new();
-        assert!(matches!(q.take(&mut batch).await, Taken::Batch(_)));
+        assert!(matches!(q.take(&mut batch).await, Taken::Batch(20)));
+        q.wrote(20);
         let expected: String = (0..20).map(|i| format!("{i}\n")).collect();
         assert_eq!(&batch[..], expected.as_bytes());
         assert_eq!(
@@ -527,6 +752,7 @@ mod tests {
         );
         q.push(Bytes::from("e\n"));
         assert!(matches!(q.take(&mut batch).await, Taken::One(line) if line == "e\n"));
+        q.wrote(1);
         assert_eq!(q.state().bytes, 0);
         q.close();
         assert_eq!(q.push(Bytes::from("f\n")), Pushed::Closed);
@@ -625,5 +851,74 @@ mod tests {
             .await
             .expect("woken")
             .expect("task"));
+    }
+
+    /// A connected pair of loopback TCP sockets: ours and the peer's.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let ours = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (peer, _) = listener.accept().await.expect("accept");
+        (ours, peer)
+    }
+
+    async fn read_exactly(peer: &mut TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        got
+    }
+
+    #[tokio::test]
+    async fn a_line_for_an_idle_socket_is_written_by_the_task_that_pushes_it() {
+        let (ours, mut peer) = tcp_pair().await;
+        let (_rd, wr) = ours.into_split();
+        let (q, sink) = SendQueue::attach(64, 1 << 20, 1 << 20, ConnWrite::Tcp(wr));
+        // No writer task runs yet: only the pushing task can have written this.
+        assert_eq!(q.push_now(Bytes::from("one\n")), Pushed::Queued);
+        assert_eq!(read_exactly(&mut peer, 4).await, b"one\n");
+        assert_eq!(q.written.load(Ordering::Acquire), 1);
+        // Behind a queued line, a line waits its turn.
+        q.push(Bytes::from("two\n"));
+        assert_eq!(q.push_now(Bytes::from("three\n")), Pushed::Queued);
+        assert_eq!(q.state().lines.len(), 2);
+        let kill = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(sink, q.clone(), kill, Duration::from_secs(5)));
+        assert_eq!(read_exactly(&mut peer, 10).await, b"two\nthree\n");
+        q.close();
+        assert!(!tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ends once closed")
+            .expect("task"));
+        assert_eq!(q.written.load(Ordering::Acquire), 3);
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_at_once_is_written_first_by_the_writer() {
+        let (ours, mut peer) = tcp_pair().await;
+        let (_rd, wr) = ours.into_split();
+        let (q, sink) = SendQueue::attach(64, 64 << 20, 64 << 20, ConnWrite::Tcp(wr));
+        // Far more than loopback buffers while the peer reads nothing (at most 4 MiB).
+        let big: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
+        assert_eq!(q.push_now(Bytes::from(big.clone())), Pushed::Queued);
+        let rest = q.state().bytes;
+        assert!(rest > 0 && rest < big.len(), "written in part: {rest} left");
+        assert_eq!(q.written.load(Ordering::Acquire), 0, "not whole yet");
+        assert_eq!(q.push_now(Bytes::from("after\n")), Pushed::Queued);
+        let kill = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(sink, q.clone(), kill, Duration::from_secs(5)));
+        let got = read_exactly(&mut peer, big.len() + 6).await;
+        assert!(got[..big.len()] == big[..], "the big line arrives whole and first");
+        assert_eq!(&got[big.len()..], b"after\n");
+        q.close();
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("ends")
+            .expect("task");
+        assert_eq!(q.written.load(Ordering::Acquire), 2);
     }
 }

@@ -193,20 +193,21 @@ struct Login {
 
 pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, opened: Instant) {
     let passwords = secrets_allowed(&shared, conn.is_tls(), addr);
-    let (rd, wr) = conn.split();
     let kill = shared.shutdown.child_token();
     let limits = &shared.config.limits;
-    let queue = SendQueue::new(
-        limits.send_queue,
-        limits.send_queue_bytes,
-        limits.send_queue_high_water,
-    );
-    let writer = tokio::spawn(write_loop(
-        wr,
-        queue.clone(),
-        kill.clone(),
-        limits.send_timeout,
-    ));
+    // In a block: what is moved into the writer task takes no room in this future.
+    let (rd, queue, writer) = {
+        let (rd, wr) = conn.split();
+        let (queue, sink) = SendQueue::attach(
+            limits.send_queue,
+            limits.send_queue_bytes,
+            limits.send_queue_high_water,
+            wr,
+        );
+        let kill = kill.clone();
+        let writer = tokio::spawn(write_loop(sink, queue.clone(), kill, limits.send_timeout));
+        (rd, queue, writer)
+    };
     let mut reader = LineReader::new(rd, limits.max_line, limits.idle_pause);
     let id = shared.next_id();
 
@@ -564,6 +565,11 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         if asked.is_some() {
             ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
         }
+        // The last line read so far: its deliveries are written at once, by this task
+        // (earlier ones are queued, to be written together by the recipients' writers).
+        if reader.is_drained() && ahead.as_ref().is_none_or(|a| a.is_empty()) {
+            session.held().write_at_once(WRITE_AT_ONCE);
+        }
         match std::str::from_utf8(&line) {
             Ok(text) => {
                 if let Some(later) = handle(session, text, asked) {
@@ -582,6 +588,10 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         }
     }
 }
+
+/// How many recipients of a session's last read line it writes to itself, at most (a
+/// broadcast to more queues the rest for their writers, which other cores may run).
+const WRITE_AT_ONCE: u32 = 64;
 
 /// Lines a session asks its message hook about before it has handled the ones before
 /// them (a pipelining client's): one round trip to the hooks for many, in order.

@@ -82,7 +82,14 @@ impl Outbox {
         if let Some((_, lines)) = waiting {
             return lines.push_back(bytes);
         }
-        match self.queue.push(bytes) {
+        let pushed = match held.2 {
+            0 => self.queue.push(bytes),
+            _ => {
+                held.2 -= 1;
+                self.queue.push_now(bytes)
+            }
+        };
+        match pushed {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Congested => held.0.push((self.clone(), VecDeque::new())),
             Pushed::Full(bytes) => {
@@ -117,10 +124,18 @@ impl Outbox {
 /// lines that found a queue full (with every later line for that queue, in order). The
 /// chat session settles them before it reads its next command, which is how a burst slows
 /// its sender instead of dropping its readers.
+///
+/// It also says how many of the command's lines may still be written at once by the
+/// session itself (`SendQueue::push_now`) instead of by the recipients' writer tasks.
 #[derive(Default)]
-pub(crate) struct Held(Vec<(Outbox, VecDeque<Bytes>)>, Vec<Arc<ReplayGate>>);
+pub(crate) struct Held(Vec<(Outbox, VecDeque<Bytes>)>, Vec<Arc<ReplayGate>>, u32);
 
 impl Held {
+    /// Lets the next `lines` deliveries be written at once by the caller.
+    pub(crate) fn write_at_once(&mut self, lines: u32) {
+        self.2 = lines;
+    }
+
     /// Whether there is nothing to wait for.
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty() && self.1.is_empty()
