@@ -11,7 +11,5 @@ mod stream;
 pub mod tls;
 
 pub(crate) use reader::LineReader;
-pub(crate) use sendq::{
-    advance, write_chunks, write_loop, write_with_progress, Pushed, SendQueue,
-};
+pub(crate) use sendq::{advance, write_chunks, write_loop, write_with_progress, Pushed, SendQueue};
 pub(crate) use stream::{Conn, ConnRead, ConnWrite};

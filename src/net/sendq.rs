@@ -76,10 +76,12 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
 /// Polls `poll` once: its result if it is ready at once, `None` if it would wait (the
 /// waker is registered, so the caller can await the same operation next).
 async fn poll_once<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Option<T> {
-    std::future::poll_fn(|cx| Poll::Ready(match poll(cx) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }))
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
     .await
 }
 
@@ -170,6 +172,8 @@ struct QueueState {
     closed: bool,
     /// Someone is writing into the socket: the writer task, or a task in `push_now`.
     writing: bool,
+    /// The writer task has ended: nobody may write into the socket any more.
+    stopped: bool,
     /// When the writer last took lines or got bytes into the socket: a queue whose reader
     /// takes nothing for a while stops holding senders up.
     progress: Instant,
@@ -183,6 +187,7 @@ impl Default for QueueState {
             bytes: 0,
             closed: false,
             writing: false,
+            stopped: false,
             progress: Instant::now(),
         }
     }
@@ -294,14 +299,18 @@ impl SendQueue {
     /// Like [`push`](Self::push), but a line for an empty queue of a plain TCP connection
     /// that nobody is writing into is written at once by the calling task, without waking
     /// the writer task (a closed loop's message costs one `send` and no task switch); what
-    /// the socket does not take at once is queued, in front, for the writer task.
+    /// the socket does not take at once is queued, in front, for the writer task (even if
+    /// others filled the queue meanwhile: the line was admitted to an empty queue). Once
+    /// the writer task has ended, nothing is written at once any more.
     ///
     /// For the last line of what a chat session has read: lines pushed one after another
     /// are better queued and written together by the writer task.
     pub(crate) fn push_now(&self, bytes: Bytes) -> Pushed {
         let mut st = self.state();
         let socket = match &self.socket {
-            Some(socket) if !st.closed && !st.writing && st.lines.is_empty() => socket,
+            Some(socket) if !st.closed && !st.stopped && !st.writing && st.lines.is_empty() => {
+                socket
+            }
             _ => return self.queue_line(st, bytes),
         };
         st.writing = true;
@@ -316,7 +325,8 @@ impl SendQueue {
             st.lines.push_front(bytes.slice(n..));
             st.progress = Instant::now();
         }
-        let (wake, congested) = (!st.lines.is_empty() || st.closed, self.congested(&st));
+        let wake = !st.lines.is_empty() || st.closed || st.stopped;
+        let congested = self.congested(&st);
         drop(st);
         if n == bytes.len() {
             self.count_written(1);
@@ -368,7 +378,7 @@ impl SendQueue {
     }
 
     fn append(&self, st: &mut QueueState, bytes: Bytes) {
-        if st.lines.is_empty() {
+        if st.lines.is_empty() && !st.writing {
             // A reader is stalled when it has taken nothing for a while *of what it had*.
             st.progress = Instant::now();
         }
@@ -484,6 +494,25 @@ impl SendQueue {
         st.lines.drain(..).collect()
     }
 
+    /// The writer task ends (having written what it took, or not): once a `push_now` in
+    /// flight is done, nothing more is written into the socket.
+    async fn stop(&self, writer_was_writing: bool) {
+        loop {
+            let done = self.ready.notified();
+            {
+                let mut st = self.state();
+                if writer_was_writing {
+                    st.writing = false;
+                }
+                st.stopped = true;
+                if !st.writing {
+                    return;
+                }
+            }
+            done.await;
+        }
+    }
+
     /// No more lines: the writer sends what is queued and then shuts the socket.
     pub(crate) fn close(&self) {
         self.state().closed = true;
@@ -576,8 +605,22 @@ fn poll_shared<T>(
     }
 }
 
+impl Drop for QueueSink {
+    /// A writer task that is aborted still ends the shared socket's write side, as
+    /// dropping tokio's own write half would.
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket() {
+            let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
+        }
+    }
+}
+
 impl AsyncWrite for QueueSink {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.socket() {
             Some(socket) => poll_shared(socket, cx, |s| s.try_write(buf)),
             None => match self.get_mut() {
@@ -640,6 +683,8 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
 ) -> bool {
     let mut batch = BytesMut::new();
     let mut slow = false;
+    // Whether the writer has taken lines it has not finished writing.
+    let mut writing = false;
     loop {
         let taken = tokio::select! {
             biased;
@@ -649,6 +694,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         if matches!(taken, Taken::End) {
             break;
         }
+        writing = true;
         let res = {
             let progressed = || queue.progressed();
             let line = match &taken {
@@ -683,10 +729,12 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
             Taken::Batch(n) => n,
             _ => 1,
         });
+        writing = false;
         if batch.capacity() > 0 && matches!(taken, Taken::Batch(_)) {
             batch = BytesMut::new(); // idle connections hold no batch buffer
         }
     }
+    queue.stop(writing).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     slow
 }
@@ -855,7 +903,9 @@ mod tests {
 
     /// A connected pair of loopback TCP sockets: ours and the peer's.
     async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let ours = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
@@ -898,6 +948,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nothing_is_written_at_once_after_the_writer_ended() {
+        use tokio::io::AsyncReadExt;
+        let (ours, mut peer) = tcp_pair().await;
+        let (_rd, wr) = ours.into_split();
+        let (q, sink) = SendQueue::attach(64, 1 << 20, 1 << 20, ConnWrite::Tcp(wr));
+        let kill = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(
+            sink,
+            q.clone(),
+            kill.clone(),
+            Duration::from_secs(5),
+        ));
+        kill.cancel(); // a kick, a slow consumer, a shutdown
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("ends")
+            .expect("task");
+        assert!(q.state().stopped, "the writer says it has ended");
+        assert_eq!(q.push_now(Bytes::from("late\n")), Pushed::Queued);
+        assert_eq!(q.state().lines.len(), 1, "left queued, not written");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut rest))
+            .await
+            .expect("the write side was shut")
+            .expect("read");
+        assert!(rest.is_empty(), "written after the end: {rest:?}");
+    }
+
+    #[tokio::test]
     async fn what_the_socket_does_not_take_at_once_is_written_first_by_the_writer() {
         let (ours, mut peer) = tcp_pair().await;
         let (_rd, wr) = ours.into_split();
@@ -912,7 +991,10 @@ mod tests {
         let kill = CancellationToken::new();
         let writer = tokio::spawn(write_loop(sink, q.clone(), kill, Duration::from_secs(5)));
         let got = read_exactly(&mut peer, big.len() + 6).await;
-        assert!(got[..big.len()] == big[..], "the big line arrives whole and first");
+        assert!(
+            got[..big.len()] == big[..],
+            "the big line arrives whole and first"
+        );
         assert_eq!(&got[big.len()..], b"after\n");
         q.close();
         tokio::time::timeout(Duration::from_secs(5), writer)

@@ -565,10 +565,10 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         if asked.is_some() {
             ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
         }
-        // The last line read so far: its deliveries are written at once, by this task
+        // The last line read so far: a private message is written at once, by this task
         // (earlier ones are queued, to be written together by the recipients' writers).
         if reader.is_drained() && ahead.as_ref().is_none_or(|a| a.is_empty()) {
-            session.held().write_at_once(WRITE_AT_ONCE);
+            session.held().write_at_once();
         }
         match std::str::from_utf8(&line) {
             Ok(text) => {
@@ -588,10 +588,6 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         }
     }
 }
-
-/// How many recipients of a session's last read line it writes to itself, at most (a
-/// broadcast to more queues the rest for their writers, which other cores may run).
-const WRITE_AT_ONCE: u32 = 64;
 
 /// Lines a session asks its message hook about before it has handled the ones before
 /// them (a pipelining client's): one round trip to the hooks for many, in order.

@@ -82,13 +82,21 @@ impl Outbox {
         if let Some((_, lines)) = waiting {
             return lines.push_back(bytes);
         }
-        let pushed = match held.2 {
-            0 => self.queue.push(bytes),
-            _ => {
-                held.2 -= 1;
-                self.queue.push_now(bytes)
-            }
-        };
+        self.hold(self.queue.push(bytes), held);
+    }
+
+    /// Like `deliver`, but if the session may write at once (see `Held::write_at_once`)
+    /// and the connection is not being closed, the line is written by the calling task
+    /// (`SendQueue::push_now`). Never with the registry locked: the write is a system call.
+    pub(crate) fn deliver_now(&self, bytes: Bytes, held: &mut Held) {
+        match std::mem::take(&mut held.2) && !self.kill.is_cancelled() {
+            true => self.hold(self.queue.push_now(bytes), held),
+            false => self.deliver(bytes, held),
+        }
+    }
+
+    /// Keeps in `held` what a push left to wait for.
+    fn hold(&self, pushed: Pushed, held: &mut Held) {
         match pushed {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Congested => held.0.push((self.clone(), VecDeque::new())),
@@ -125,15 +133,15 @@ impl Outbox {
 /// chat session settles them before it reads its next command, which is how a burst slows
 /// its sender instead of dropping its readers.
 ///
-/// It also says how many of the command's lines may still be written at once by the
-/// session itself (`SendQueue::push_now`) instead of by the recipients' writer tasks.
+/// It also says whether the command's private message may be written at once by the
+/// session itself (`SendQueue::push_now`) instead of by the recipient's writer task.
 #[derive(Default)]
-pub(crate) struct Held(Vec<(Outbox, VecDeque<Bytes>)>, Vec<Arc<ReplayGate>>, u32);
+pub(crate) struct Held(Vec<(Outbox, VecDeque<Bytes>)>, Vec<Arc<ReplayGate>>, bool);
 
 impl Held {
-    /// Lets the next `lines` deliveries be written at once by the caller.
-    pub(crate) fn write_at_once(&mut self, lines: u32) {
-        self.2 = lines;
+    /// Lets the command's private message be written at once by the caller.
+    pub(crate) fn write_at_once(&mut self) {
+        self.2 = true;
     }
 
     /// Whether there is nothing to wait for.
@@ -683,8 +691,11 @@ impl Registry {
         let mut st = self.state();
         match st.route(user, &bytes) {
             Route::Live(registered) => {
-                if let Some(e) = st.chats.get(user) {
-                    e.outbox.deliver(bytes, held);
+                // Delivered with the registry unlocked: it may be written at once.
+                let outbox = st.chats.get(user).map(|e| e.outbox.clone());
+                drop(st);
+                if let Some(outbox) = outbox {
+                    outbox.deliver_now(bytes, held);
                 }
                 Sent::Live(registered)
             }
