@@ -123,14 +123,18 @@ impl Session<'_> {
     }
 
     /// Adds a delivered message to the history (when the server keeps one; the caller has
-    /// checked that both parties of a private message are registered).
-    async fn remember(&self, message: Message) {
+    /// checked that both parties of a private message are registered); what is left to
+    /// await, if anything (usually nothing).
+    fn remember(&self, message: Message) -> Option<Later<'_>> {
         if !self.shared.config.policy.history {
-            return;
+            return None;
         }
-        if let Err(e) = self.shared.store.append_history(message).await {
-            warn!("[STORE] cannot append to the history: {e}");
-        }
+        let pending = self.shared.store.append_history(message)?;
+        Some(Box::pin(async move {
+            if let Err(e) = pending.await {
+                warn!("[STORE] cannot append to the history: {e}");
+            }
+        }))
     }
 
     /// Puts `message` in the inboxes of the ticket's users; returns those whose inbox is
@@ -819,17 +823,15 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
     match sent {
         // The common case costs no store work: nothing to keep, or a guest involved.
         Sent::Live(registered) if !(registered && session.keeps_history()) => None,
-        Sent::Live(_) => {
-            let message = session.message(Scope::User(to), text);
-            Some(Box::pin(session.remember(message)))
-        }
+        Sent::Live(_) => session.remember(session.message(Scope::User(to), text)),
         Sent::Queue(ticket) => Some(Box::pin(async move {
             let message = session.message(Scope::User(to.clone()), text);
             match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
                     session.reply(ServerLine::MessageQueued { user: to });
-                    if session.keeps_history() {
-                        session.remember(message).await;
+                    let later = session.keeps_history().then(|| session.remember(message));
+                    if let Some(later) = later.flatten() {
+                        later.await;
                     }
                 }
                 Ok(_) => session.refuse(Refusal::InboxFull(to)),
@@ -911,7 +913,9 @@ fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>>
                 for user in full {
                     session.refuse(Refusal::InboxFull(user));
                 }
-                session.remember(message).await;
+                if let Some(later) = session.remember(message) {
+                    later.await;
+                }
             }
             Err(refusal) => session.refuse(refusal),
         }

@@ -624,15 +624,15 @@ fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
 
 /// A conversation's key in the history table: private conversations are the unordered
 /// pair of their two users (`a` the smaller name), a group's is its name.
-type Conversation = (i64, String, String);
+type Conversation<'a> = (i64, &'a str, &'a str);
 
-fn conversation(me: &str, scope: &Scope) -> Conversation {
+fn conversation<'a>(me: &'a str, scope: &'a Scope) -> Conversation<'a> {
     match scope {
-        Scope::User(other) if other.as_str() < me => (0, other.clone(), me.to_owned()),
-        Scope::User(other) => (0, me.to_owned(), other.clone()),
-        Scope::Group(group) => (1, group.clone(), String::new()),
-        Scope::Everyone => (2, String::new(), String::new()),
-        Scope::Ack => (3, String::new(), String::new()),
+        Scope::User(other) if other.as_str() < me => (0, other, me),
+        Scope::User(other) => (0, me, other),
+        Scope::Group(group) => (1, group, ""),
+        Scope::Everyone => (2, "", ""),
+        Scope::Ack => (3, "", ""),
     }
 }
 
@@ -667,18 +667,22 @@ fn write_history(conn: &Connection, rows: &[Message]) -> Result<(), StoreError> 
 }
 
 /// Buffered messages grouped by conversation, each group in order.
-fn conversations(rows: &[Message]) -> Vec<(Conversation, Vec<&Message>)> {
-    let mut at: std::collections::HashMap<Conversation, usize> = Default::default();
-    let mut groups: Vec<(Conversation, Vec<&Message>)> = Vec::new();
+fn conversations(rows: &[Message]) -> Vec<(Conversation<'_>, Vec<&Message>)> {
+    let mut at: std::collections::HashMap<Conversation<'_>, usize> = Default::default();
+    let mut groups: Vec<(Conversation<'_>, Vec<&Message>)> = Vec::new();
+    let mut last = None;
     for m in rows {
         let key = conversation(&m.from, &m.to);
-        match at.get(&key) {
-            Some(&i) => groups[i].1.push(m),
-            None => {
-                at.insert(key.clone(), groups.len());
-                groups.push((key, vec![m]));
-            }
-        }
+        // A conversation's messages tend to come one after another: most need no lookup.
+        let i = match last {
+            Some((k, i)) if k == key => i,
+            _ => *at.entry(key).or_insert_with(|| {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            }),
+        };
+        groups[i].1.push(m);
+        last = Some((key, i));
     }
     groups
 }
@@ -699,7 +703,7 @@ fn encode(batch: &[&Message]) -> Vec<u8> {
 
 /// The messages of a stored batch of conversation `key` (a damaged batch yields what could
 /// be read of it).
-fn decode(mut blob: &[u8], key: &Conversation) -> Vec<Message> {
+fn decode(mut blob: &[u8], key: Conversation<'_>) -> Vec<Message> {
     fn take<'b>(blob: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
         let (head, rest) = (blob.get(..n)?, blob.get(n..)?);
         *blob = rest;
@@ -719,9 +723,9 @@ fn decode(mut blob: &[u8], key: &Conversation) -> Vec<Message> {
             break;
         };
         let to = match key.0 {
-            0 if from == key.1 => Scope::User(key.2.clone()),
-            0 => Scope::User(key.1.clone()),
-            1 => Scope::Group(key.1.clone()),
+            0 if from == key.1 => Scope::User(key.2.to_owned()),
+            0 => Scope::User(key.1.to_owned()),
+            1 => Scope::Group(key.1.to_owned()),
             _ => Scope::Everyone,
         };
         out.push(Message {
@@ -949,7 +953,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append_history(&self, message: Message) -> StoreFuture<'_, ()> {
+    fn append_history(&self, message: Message) -> Option<StoreFuture<'_, ()>> {
         use std::sync::atomic::Ordering;
         let (rows, bytes) = {
             let mut buffer = self.history.lock();
@@ -962,13 +966,13 @@ impl Store for SqliteStore {
         // flush that failed to be queued cannot leave rows behind for long).
         let full = rows >= HISTORY_BUFFER || bytes >= HISTORY_BUFFER_BYTES;
         if full {
-            return self.flush_history();
+            return Some(self.flush_history());
         }
         match self.history.flushing.swap(true, Ordering::AcqRel) {
-            true => Box::pin(std::future::ready(Ok(()))),
+            true => None,
             // Waited for until queued, not until committed (a history row costs no commit
             // wait).
-            false => self.queue_history_flush().0,
+            false => Some(self.queue_history_flush().0),
         }
     }
 
@@ -980,6 +984,7 @@ impl Store for SqliteStore {
         since: SystemTime,
     ) -> StoreFuture<'_, Vec<Message>> {
         let key = conversation(me, scope);
+        let key = (key.0, key.1.to_owned(), key.2.to_owned());
         let since = ms(since);
         // Appends are not waited for: first write every one made so far.
         let barrier = self.flush_history();
@@ -1001,7 +1006,7 @@ impl Store for SqliteStore {
                     break;
                 };
                 let blob: Vec<u8> = row.get(0).map_err(sql)?;
-                let mut batch = decode(&blob, &key);
+                let mut batch = decode(&blob, (key.0, &key.1, &key.2));
                 batch.retain(|m| ms(m.at) >= since);
                 found += batch.len();
                 batches.push(batch);
@@ -1193,8 +1198,9 @@ mod tests {
     #[test]
     fn a_history_batch_decodes_to_what_was_encoded_and_a_damaged_one_to_a_prefix() {
         let at = |s| UNIX_EPOCH + Duration::from_millis(s);
-        let key = conversation("bob", &Scope::User("alice".into()));
-        assert_eq!(key, (0, "alice".into(), "bob".into()));
+        let scope = Scope::User("alice".into());
+        let key = conversation("bob", &scope);
+        assert_eq!(key, (0, "alice", "bob"));
         let batch = vec![
             Message {
                 from: "alice".into(),
@@ -1210,9 +1216,9 @@ mod tests {
             },
         ];
         let blob = encode(&batch.iter().collect::<Vec<_>>());
-        assert_eq!(decode(&blob, &key), batch);
+        assert_eq!(decode(&blob, key), batch);
         for cut in 0..blob.len() {
-            let some = decode(&blob[..cut], &key);
+            let some = decode(&blob[..cut], key);
             assert!(some.len() < 2 && batch.starts_with(&some), "cut at {cut}");
         }
     }
