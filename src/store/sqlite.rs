@@ -144,11 +144,68 @@ struct HistoryBuffer {
     flushing: std::sync::atomic::AtomicBool,
 }
 
+/// Appends not yet written, encoded as they came (so nothing of a message outlives the
+/// append: the appending thread frees what it allocated, and a flush allocates nothing
+/// per message).
 #[derive(Default)]
 struct Pending {
-    rows: Vec<Message>,
-    /// About how many bytes `rows` hold.
-    bytes: usize,
+    /// Each message's conversation key (two names) and stored form (see `encode`).
+    bytes: Vec<u8>,
+    rows: Vec<PendingRow>,
+}
+
+/// Where one pending message is in [`Pending::bytes`].
+struct PendingRow {
+    /// The conversation's kind (see [`conversation`]).
+    kind: i64,
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+    /// Its stored form.
+    body: std::ops::Range<usize>,
+    at_ms: i64,
+}
+
+impl Pending {
+    fn push(&mut self, message: &Message) {
+        let (kind, a, b) = conversation(&message.from, &message.to);
+        let put = |bytes: &mut Vec<u8>, s: &[u8]| {
+            bytes.extend_from_slice(s);
+            bytes.len() - s.len()..bytes.len()
+        };
+        let a = put(&mut self.bytes, a.as_bytes());
+        let b = put(&mut self.bytes, b.as_bytes());
+        let start = self.bytes.len();
+        let at_ms = ms(message.at);
+        encode_one(&mut self.bytes, at_ms, &message.from, &message.text);
+        let body = start..self.bytes.len();
+        self.rows.push(PendingRow {
+            kind,
+            a,
+            b,
+            body,
+            at_ms,
+        });
+    }
+
+    /// The key of `row`'s conversation.
+    fn key(&self, row: &PendingRow) -> Conversation<'_> {
+        let text =
+            |r: &std::ops::Range<usize>| std::str::from_utf8(&self.bytes[r.clone()]).unwrap_or("");
+        (row.kind, text(&row.a), text(&row.b))
+    }
+
+    /// Puts `later`'s messages after these.
+    fn append(&mut self, later: Pending) {
+        let shift = self.bytes.len();
+        let moved = |r: std::ops::Range<usize>| r.start + shift..r.end + shift;
+        self.bytes.extend_from_slice(&later.bytes);
+        self.rows.extend(later.rows.into_iter().map(|r| PendingRow {
+            a: moved(r.a),
+            b: moved(r.b),
+            body: moved(r.body),
+            ..r
+        }));
+    }
 }
 
 impl HistoryBuffer {
@@ -523,7 +580,7 @@ impl SqliteStore {
     ) {
         use std::sync::atomic::Ordering;
         let (buffer, restore) = (self.history.clone(), self.history.clone());
-        let taken: Arc<Mutex<Vec<Message>>> = Arc::default();
+        let taken: Arc<Mutex<Pending>> = Arc::default();
         let kept = taken.clone();
         let (tx, rx) = oneshot::channel();
         let queued = self.enqueue(
@@ -531,11 +588,7 @@ impl SqliteStore {
                 // Cleared before the rows are taken: a row added after this is either taken
                 // now or queues a flush of its own.
                 buffer.flushing.store(false, Ordering::Release);
-                let rows = {
-                    let mut pending = buffer.lock();
-                    pending.bytes = 0;
-                    std::mem::take(&mut pending.rows)
-                };
+                let rows = std::mem::take(&mut *buffer.lock());
                 let written = write_history(conn, &rows);
                 *kept.lock().unwrap_or_else(PoisonError::into_inner) = rows;
                 written
@@ -547,12 +600,8 @@ impl SqliteStore {
                     let mut back =
                         std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner));
                     let mut pending = restore.lock();
-                    pending.bytes += back
-                        .iter()
-                        .map(|m| m.from.len() + m.text.len() + 16)
-                        .sum::<usize>();
-                    back.append(&mut pending.rows);
-                    pending.rows = back;
+                    back.append(std::mem::take(&mut *pending));
+                    *pending = back;
                 }
                 let _ = tx.send(result);
             },
@@ -638,27 +687,27 @@ fn conversation<'a>(me: &'a str, scope: &'a Scope) -> Conversation<'a> {
 
 /// Inserts buffered history rows: per conversation, in order, in rows of at most
 /// [`HISTORY_ROW_BYTES`].
-fn write_history(conn: &Connection, rows: &[Message]) -> Result<(), StoreError> {
+fn write_history(conn: &Connection, pending: &Pending) -> Result<(), StoreError> {
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO history (scope_kind, a, b, last_ms, n, messages) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .map_err(sql)?;
-    for (key, batch) in conversations(rows) {
+    let mut blob = Vec::new();
+    for (key, batch) in conversations(pending) {
         let mut start = 0;
         while start < batch.len() {
+            blob.clear();
             let mut end = start;
-            let mut size = 0;
-            while end < batch.len() && (end == start || size < HISTORY_ROW_BYTES) {
-                size += batch[end].from.len() + batch[end].text.len() + 16;
+            while end < batch.len() && (end == start || blob.len() < HISTORY_ROW_BYTES) {
+                blob.extend_from_slice(&pending.bytes[batch[end].body.clone()]);
                 end += 1;
             }
-            let chunk = &batch[start..end];
-            let last = chunk.last().map_or(0, |m| ms(m.at));
-            let n = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+            let last = batch[end - 1].at_ms;
+            let n = i64::try_from(end - start).unwrap_or(i64::MAX);
             insert
-                .execute(params![key.0, key.1, key.2, last, n, encode(chunk)])
+                .execute(params![key.0, key.1, key.2, last, n, &blob])
                 .map_err(sql)?;
             start = end;
         }
@@ -667,12 +716,12 @@ fn write_history(conn: &Connection, rows: &[Message]) -> Result<(), StoreError> 
 }
 
 /// Buffered messages grouped by conversation, each group in order.
-fn conversations(rows: &[Message]) -> Vec<(Conversation<'_>, Vec<&Message>)> {
+fn conversations(pending: &Pending) -> Vec<(Conversation<'_>, Vec<&PendingRow>)> {
     let mut at: std::collections::HashMap<Conversation<'_>, usize> = Default::default();
-    let mut groups: Vec<(Conversation<'_>, Vec<&Message>)> = Vec::new();
+    let mut groups: Vec<(Conversation<'_>, Vec<&PendingRow>)> = Vec::new();
     let mut last = None;
-    for m in rows {
-        let key = conversation(&m.from, &m.to);
+    for m in &pending.rows {
+        let key = pending.key(m);
         // A conversation's messages tend to come one after another: most need no lookup.
         let i = match last {
             Some((k, i)) if k == key => i,
@@ -689,16 +738,22 @@ fn conversations(rows: &[Message]) -> Vec<(Conversation<'_>, Vec<&Message>)> {
 
 /// One batch of a conversation, as stored: per message its time (ms, 8 bytes LE), its
 /// sender and its text (each a 4-byte LE length and UTF-8 bytes).
+#[cfg(test)]
 fn encode(batch: &[&Message]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(batch.iter().map(|m| 16 + m.from.len() + m.text.len()).sum());
+    let mut out = Vec::new();
     for m in batch {
-        out.extend_from_slice(&ms(m.at).to_le_bytes());
-        for field in [&m.from, &m.text] {
-            out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_le_bytes());
-            out.extend_from_slice(field.as_bytes());
-        }
+        encode_one(&mut out, ms(m.at), &m.from, &m.text);
     }
     out
+}
+
+/// Appends one message's stored form to `out` (see `encode`).
+fn encode_one(out: &mut Vec<u8>, at_ms: i64, from: &str, text: &str) {
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    for field in [from, text] {
+        out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
 }
 
 /// The messages of a stored batch of conversation `key` (a damaged batch yields what could
@@ -957,9 +1012,8 @@ impl Store for SqliteStore {
         use std::sync::atomic::Ordering;
         let (rows, bytes) = {
             let mut buffer = self.history.lock();
-            buffer.bytes += message.from.len() + message.text.len() + 16;
-            buffer.rows.push(message);
-            (buffer.rows.len(), buffer.bytes)
+            buffer.push(&message);
+            (buffer.rows.len(), buffer.bytes.len())
         };
         // A flush is queued with the first row after the last one started; and when the
         // buffer is full the appender waits for a flush of its own (flow control, and a
@@ -1194,6 +1248,41 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_history_keeps_each_message_and_its_conversation_across_a_restore() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
+        let m = |from: &str, to: Scope, text: &str| Message {
+            from: from.into(),
+            to,
+            text: text.into(),
+            at,
+        };
+        let first = [
+            m("bob", Scope::User("alice".into()), "hi"),
+            m("alice", Scope::Group("devs".into()), "all"),
+        ];
+        let later = m("alice", Scope::User("bob".into()), "hey");
+        let (mut failed, mut newer) = (Pending::default(), Pending::default());
+        first.iter().for_each(|x| failed.push(x));
+        newer.push(&later);
+        // A failed flush's rows go back in front of what came meanwhile.
+        failed.append(newer);
+        let got: Vec<(Conversation<'_>, Vec<Message>)> = failed
+            .rows
+            .iter()
+            .map(|r| {
+                let key = failed.key(r);
+                (key, decode(&failed.bytes[r.body.clone()], key))
+            })
+            .collect();
+        assert_eq!(got[0], ((0, "alice", "bob"), vec![first[0].clone()]));
+        assert_eq!(got[1], ((1, "devs", ""), vec![first[1].clone()]));
+        assert_eq!(got[2], ((0, "alice", "bob"), vec![later.clone()]));
+        let groups = conversations(&failed);
+        assert_eq!(groups.len(), 2, "one group per conversation");
+        assert_eq!(groups[0].1.len(), 2, "alice and bob's, in order");
+    }
 
     #[test]
     fn a_history_batch_decodes_to_what_was_encoded_and_a_damaged_one_to_a_prefix() {
