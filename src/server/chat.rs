@@ -807,12 +807,8 @@ fn help(session: &Session<'_>) {
 }
 
 fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
-    let (to, text) = (normalize(call.arg(0)).into_owned(), call.arg(1));
-    let line = ServerLine::Private {
-        from: session.user.into(),
-        text: text.into(),
-    };
-    let bytes = Bytes::from(line.to_wire());
+    let (to, text) = (normalize(call.arg(0)), call.arg(1));
+    let bytes = ServerLine::private_wire(session.user, text);
     let sent = session
         .shared
         .registry
@@ -823,8 +819,9 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
     match sent {
         // The common case costs no store work: nothing to keep, or a guest involved.
         Sent::Live(registered) if !(registered && session.keeps_history()) => None,
-        Sent::Live(_) => session.remember(session.message(Scope::User(to), text)),
+        Sent::Live(_) => session.remember(session.message(Scope::User(to.into_owned()), text)),
         Sent::Queue(ticket) => Some(Box::pin(async move {
+            let to = to.into_owned();
             let message = session.message(Scope::User(to.clone()), text);
             match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
@@ -839,7 +836,9 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
             }
         })),
         Sent::NotFound => {
-            session.reply(ServerLine::UserNotFound { user: to });
+            session.reply(ServerLine::UserNotFound {
+                user: to.into_owned(),
+            });
             None
         }
     }
