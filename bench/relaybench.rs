@@ -20,6 +20,24 @@
 //! * `codec --bytes N` — what a file's bytes cost one core: BLAKE3, and zstd (the engine's
 //!   own encoder and decoder) on text and on random bytes; MB/s each, and the ratios.
 //!
+//! `--irc` makes `private` and `broadcast` speak IRC to an IRC server on `--chat` (ngIRCd and
+//! InspIRCd in `bench/run.py --peers`): each user registers with `NICK <name>` and
+//! `USER <name> 0 * :<name>` and is in once the server ends its MOTD (376) or says it has none
+//! (422); a private message is `PRIVMSG r<i> :<seq> <t_ns>`; for a broadcast every user first
+//! joins `#bench` (and has its NAMES list, 366) and senders send `PRIVMSG #bench :<seq> <t_ns>`,
+//! which an IRC server does not echo to its sender, as relaychat's broadcast does not. PINGs
+//! are answered at any time; error replies (numerics from 400 up, but 422) and `ERROR` fail
+//! the run. Windows, verification (each message exactly once, in order per sender) and
+//! latencies are the same as for relaychat, and so is the JSON printed.
+//!
+//! `--server-pid PID` adds to `private` and `broadcast`'s JSON the CPU time the server used
+//! from the start signal to the last message verified (`server_cpu_ticks`, from
+//! `/proc/<pid>/stat`).
+//!
+//! `--logins-at-once N`: how many users log in at the same time (`private`, `broadcast`:
+//! one by default, one after the other; `connect`: 256). InspIRCd needs many: it ends
+//! registrations only in its once-a-second timer, a second per user one at a time.
+//!
 //! `--tls-pin FP` (the server certificate's SHA-256 fingerprint) makes every chat and file
 //! connection to the server TLS, trusting exactly that certificate; without it they are
 //! plain TCP. The trivial relay (`relay`, `relay-limit`) is always plain TCP.
@@ -68,6 +86,14 @@ struct Args {
     tls: Option<TlsClientOptions>,
     /// `handshakes`: how many.
     connections: usize,
+    /// `--irc`: `private` and `broadcast` speak IRC to an IRC server on `--chat`.
+    proto: Proto,
+    /// `--server-pid`: `private` and `broadcast` report the CPU time this process (the server)
+    /// used while the messages went through.
+    server_pid: Option<u32>,
+    /// `--logins-at-once`: users logging in at the same time (by default one for `private`
+    /// and `broadcast`, 256 for `connect`).
+    logins_at_once: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, lexopt::Error> {
@@ -90,6 +116,9 @@ fn parse_args() -> Result<Args, lexopt::Error> {
         interval_ms: 0,
         tls: None,
         connections: 1000,
+        proto: Proto::Relaychat,
+        logins_at_once: None,
+        server_pid: None,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next()? {
@@ -116,6 +145,9 @@ fn parse_args() -> Result<Args, lexopt::Error> {
                 })
             }
             Long("connections") => a.connections = p.value()?.parse()?,
+            Long("irc") => a.proto = Proto::Irc,
+            Long("logins-at-once") => a.logins_at_once = Some(p.value()?.parse()?),
+            Long("server-pid") => a.server_pid = Some(p.value()?.parse()?),
             _ => return Err(arg.unexpected()),
         }
     }
@@ -124,6 +156,14 @@ fn parse_args() -> Result<Args, lexopt::Error> {
 
 fn main() -> Res<()> {
     let args = parse_args()?;
+    if args.proto == Proto::Irc {
+        if !matches!(args.cmd.as_str(), "private" | "broadcast") {
+            return Err("--irc is for private and broadcast only".into());
+        }
+        if args.password.is_some() {
+            return Err("--irc logs in without a password".into());
+        }
+    }
     relaychat::server::raise_open_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -245,19 +285,50 @@ struct Conn {
     wr: Wr,
 }
 
+/// Reads one line into `buf`, without its `\n` (nor the `\r` before it, which IRC servers
+/// send).
+async fn read_line(rd: &mut BufReader<Rd>, buf: &mut Vec<u8>) -> Res<()> {
+    buf.clear();
+    if rd.read_until(b'\n', buf).await? == 0 {
+        return Err("connection closed".into());
+    }
+    buf.pop();
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(())
+}
+
 impl Conn {
     async fn line(&mut self, buf: &mut Vec<u8>) -> Res<()> {
-        buf.clear();
-        if self.rd.read_until(b'\n', buf).await? == 0 {
-            return Err("connection closed".into());
+        read_line(&mut self.rd, buf).await
+    }
+
+    /// IRC: reads until a line whose command (or numeric) is one of `done`, answering PINGs
+    /// on the way; an error reply (433 nickname in use, ...) or `ERROR` fails.
+    async fn irc_until(&mut self, done: &[&str]) -> Res<()> {
+        let mut buf = Vec::new();
+        loop {
+            self.line(&mut buf).await?;
+            let pong = match Proto::Irc.parse(&buf)? {
+                Incoming::Other { command } if done.contains(&command) => return Ok(()),
+                Incoming::Other { .. } => continue,
+                Incoming::Msg { from, .. } => {
+                    return Err(format!("a message from {from} before {done:?}").into())
+                }
+                Incoming::Ping(token) => format!("PONG {token}\r\n"),
+            };
+            self.wr.send(pong.as_bytes()).await?;
         }
-        buf.pop();
-        Ok(())
     }
 }
 
-/// Logs `name` in on the chat port (and on the file port if `files`).
+/// Logs `name` in on the chat port (and on the file port if `files`); with `--irc`, registers
+/// the IRC user `name` instead.
 async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Option<Conn>)> {
+    if a.proto == Proto::Irc {
+        return Ok((irc_login(a, name, from).await?, None));
+    }
     let (rd, mut wr) = open(a, a.chat, from).await?;
     wr.send(format!("{name}\n").as_bytes()).await?;
     let mut chat = Conn {
@@ -295,6 +366,236 @@ async fn login(a: &Args, name: &str, from: IpAddr, files: bool) -> Res<(Conn, Op
     Ok((chat, file))
 }
 
+/// Logs in every user of `users` (name, source address), `--logins-at-once` at a time (or
+/// `at_once`), with its file connection if `files`; with `join`, each IRC user then joins the
+/// broadcast channel (its JOIN done, its NAMES list ended). Many at a time do not suit every
+/// server: relaychat limits password attempts per address, and a server that accepts from a
+/// short listen backlog (ngIRCd's is 10) has the kernel reset connections that overflow it.
+async fn login_all(
+    a: &Args,
+    users: Vec<(String, IpAddr)>,
+    at_once: usize,
+    files: bool,
+    join: bool,
+) -> Res<Vec<(Conn, Option<Conn>)>> {
+    let at_once = Arc::new(Semaphore::new(a.logins_at_once.unwrap_or(at_once).max(1)));
+    let mut pending = Vec::with_capacity(users.len());
+    for (name, from) in users {
+        let (a, at_once) = (a.clone(), at_once.clone());
+        pending.push(tokio::spawn(async move {
+            let _permit = at_once.acquire_owned().await?;
+            let (mut chat, file) = login(&a, &name, from, files).await?;
+            if join && a.proto == Proto::Irc {
+                chat.wr
+                    .send(format!("JOIN {CHANNEL}\r\n").as_bytes())
+                    .await?;
+                chat.irc_until(&["366"])
+                    .await
+                    .map_err(|e| format!("{name}: joining {CHANNEL}: {e}"))?;
+            }
+            Res::Ok((chat, file))
+        }));
+    }
+    let mut conns = Vec::with_capacity(pending.len());
+    for p in pending {
+        conns.push(p.await??);
+    }
+    Ok(conns)
+}
+
+/// Registers the IRC user `name` (`NICK`, `USER`) and waits for the end of registration: the
+/// end of the MOTD (376) or its absence (422).
+async fn irc_login(a: &Args, name: &str, from: IpAddr) -> Res<Conn> {
+    let (rd, mut wr) = open(a, a.chat, from).await?;
+    wr.send(format!("NICK {name}\r\nUSER {name} 0 * :{name}\r\n").as_bytes())
+        .await?;
+    let mut conn = Conn {
+        rd: BufReader::with_capacity(64 * 1024, rd),
+        wr,
+    };
+    conn.irc_until(&["376", "422"])
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(conn)
+}
+
+/// The channel every IRC user joins for `broadcast`.
+const CHANNEL: &str = "#bench";
+
+/// How `private` and `broadcast` talk to the server: relaychat's own lines, or IRC (`--irc`,
+/// for the C servers `bench/run.py --peers` runs beside relaychat). Login, the lines sent and
+/// the reading of lines received differ; windows, verification and latencies are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Relaychat,
+    Irc,
+}
+
+/// A line received, as far as a scenario cares.
+enum Incoming<'a> {
+    /// A message from user `from`, carrying `<seq> <t_ns>`.
+    Msg { from: &'a str, seq: u64, t: u64 },
+    /// IRC `PING <token>`, to answer with `PONG <token>` (at any time).
+    Ping(&'a str),
+    /// IRC: a line carrying no message (another user's JOIN, a MODE, a NOTICE, a reply
+    /// below 400), with its command or numeric.
+    Other { command: &'a str },
+}
+
+impl Proto {
+    /// Appends a private message to `to`.
+    fn private(self, out: &mut Vec<u8>, to: &str, seq: u64, t: u64) -> io::Result<()> {
+        use std::io::Write;
+        match self {
+            Proto::Relaychat => writeln!(out, "msg {to} {seq} {t}"),
+            Proto::Irc => write!(out, "PRIVMSG {to} :{seq} {t}\r\n"),
+        }
+    }
+
+    /// Appends a message to everyone else: relaychat's broadcast, IRC's channel.
+    fn broadcast(self, out: &mut Vec<u8>, seq: u64, t: u64) -> io::Result<()> {
+        use std::io::Write;
+        match self {
+            Proto::Relaychat => writeln!(out, "broadcast {seq} {t}"),
+            Proto::Irc => write!(out, "PRIVMSG {CHANNEL} :{seq} {t}\r\n"),
+        }
+    }
+
+    /// What a received line (without its line end) is. A line that must not come is an
+    /// error: for relaychat anything but a message (`[PRIVATE from u]: ...`, `[BROADCAST from
+    /// u]: ...`), for IRC an error reply (a numeric from 400 up but 422, no MOTD) or `ERROR`.
+    fn parse(self, line: &[u8]) -> Res<Incoming<'_>> {
+        let text = std::str::from_utf8(line)?;
+        let bad = || format!("unexpected line: {text}");
+        match self {
+            Proto::Relaychat => {
+                let rest = text
+                    .strip_prefix("[PRIVATE from ")
+                    .or_else(|| text.strip_prefix("[BROADCAST from "))
+                    .ok_or_else(bad)?;
+                let (from, body) = rest.split_once("]: ").ok_or_else(bad)?;
+                let (seq, t) = seq_and_time(body).ok_or_else(bad)?;
+                Ok(Incoming::Msg { from, seq, t })
+            }
+            Proto::Irc => {
+                // `:<prefix> <command> <params>`; from a server, only PING and ERROR come
+                // without a prefix.
+                let Some(rest) = text.strip_prefix(':') else {
+                    return match text.strip_prefix("PING ") {
+                        Some(token) => Ok(Incoming::Ping(token)),
+                        None => Err(bad().into()),
+                    };
+                };
+                let (prefix, rest) = rest.split_once(' ').ok_or_else(bad)?;
+                let (command, params) = rest.split_once(' ').unwrap_or((rest, ""));
+                if command == "PRIVMSG" {
+                    // `:<nick>!<user>@<host> PRIVMSG <target> :<seq> <t_ns>`
+                    let from = prefix.split_once('!').map_or(prefix, |(nick, _)| nick);
+                    let (_target, body) = params.split_once(" :").ok_or_else(bad)?;
+                    let (seq, t) = seq_and_time(body).ok_or_else(bad)?;
+                    return Ok(Incoming::Msg { from, seq, t });
+                }
+                // Numerics from 400 up are errors, but for 422 (no MOTD), which can end a
+                // registration.
+                let numeric = command.len() == 3 && command.bytes().all(|b| b.is_ascii_digit());
+                if numeric && command >= "400" && command != "422" {
+                    return Err(bad().into());
+                }
+                Ok(Incoming::Other { command })
+            }
+        }
+    }
+}
+
+/// A connection's writer, shared by the task that sends on it and the task that reads the
+/// connection (which answers PINGs on it).
+type Out = Arc<tokio::sync::Mutex<Wr>>;
+
+fn shared(wr: Wr) -> Out {
+    Arc::new(tokio::sync::Mutex::new(wr))
+}
+
+/// Answers `PING <token>` on `out` without making the reader wait: the writer may be held by a
+/// sender blocked on a full socket, and the server may be waiting for this reader to read.
+fn pong(out: &Out, token: &str) {
+    let (out, line) = (out.clone(), format!("PONG {token}\r\n"));
+    tokio::spawn(async move { out.lock().await.send(line.as_bytes()).await });
+}
+
+/// Reads until `count` messages have come, handing each to `take` (`from`, `seq`, `t_ns`),
+/// which verifies it; answers PINGs on `out` and skips lines without a message.
+async fn read_messages(
+    proto: Proto,
+    rd: &mut BufReader<Rd>,
+    out: &Out,
+    count: u64,
+    mut take: impl FnMut(&str, u64, u64) -> Res<()>,
+) -> Res<()> {
+    let mut buf = Vec::new();
+    let mut got = 0;
+    while got < count {
+        read_line(rd, &mut buf).await?;
+        match proto.parse(&buf)? {
+            Incoming::Msg { from, seq, t } => {
+                take(from, seq, t)?;
+                got += 1;
+            }
+            Incoming::Ping(token) => pong(out, token),
+            Incoming::Other { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// IRC: reads a private-message sender's own connection while it sends, for the PINGs to
+/// answer and the error replies (401 no such nick, ...) that would otherwise leave the run
+/// waiting for messages that never come. Ends only with an error.
+async fn watch(proto: Proto, mut rd: BufReader<Rd>, out: Out, name: String) -> Res<()> {
+    read_messages(proto, &mut rd, &out, u64::MAX, |from, _, _| {
+        Err(format!("a message from {from}").into())
+    })
+    .await
+    .map_err(|e| format!("{name}: {e}"))?;
+    Err(format!("{name}: stopped reading").into())
+}
+
+/// `--server-pid`: the server's CPU time (user + system, all its threads) from the start
+/// signal to the last message verified, so without logins, JOINs and disconnections (the JOINs
+/// of 1,000 IRC users alone cost ngIRCd seconds). In clock ticks, as `/proc/<pid>/stat` counts
+/// them: `bench/run.py` divides by the system's ticks per second.
+struct ServerCpu(Option<(u32, u64)>);
+
+impl ServerCpu {
+    fn ticks(pid: u32) -> Res<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let (_, rest) = stat.rsplit_once(')').ok_or("bad /proc stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime) = (fields.get(11), fields.get(12));
+        let (Some(utime), Some(stime)) = (utime, stime) else {
+            return Err("bad /proc stat".into());
+        };
+        Ok(utime.parse::<u64>()? + stime.parse::<u64>()?)
+    }
+
+    fn start(pid: Option<u32>) -> Res<Self> {
+        Ok(Self(match pid {
+            Some(pid) => Some((pid, Self::ticks(pid)?)),
+            None => None,
+        }))
+    }
+
+    /// `, "server_cpu_ticks": N` for the JSON line (nothing without `--server-pid`).
+    fn end(self) -> Res<String> {
+        Ok(match self.0 {
+            Some((pid, before)) => {
+                format!(", \"server_cpu_ticks\": {}", Self::ticks(pid)? - before)
+            }
+            None => String::new(),
+        })
+    }
+}
+
 /// Latency samples in microseconds.
 #[derive(Default)]
 struct Latencies(Mutex<Vec<u32>>);
@@ -327,47 +628,67 @@ fn since(t0: Instant) -> u64 {
     t0.elapsed().as_nanos() as u64
 }
 
-/// Parses `<seq> <t_ns>` at the end of a message line.
-fn seq_and_time(line: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(line).ok()?;
-    let body = text.rsplit(": ").next()?;
+/// Parses a message's text, `<seq> <t_ns>`.
+fn seq_and_time(body: &str) -> Option<(u64, u64)> {
     let (seq, t) = body.split_once(' ')?;
     Some((seq.parse().ok()?, t.parse().ok()?))
 }
 
 async fn private(a: &Args) -> Res<()> {
     let t0 = Instant::now();
+    let proto = a.proto;
     // Senders start together, once every user is logged in.
     let (go, ready) = tokio::sync::watch::channel(false);
     let lat = Arc::new(Latencies::default());
     let mut tasks = Vec::new();
-    for i in 0..a.pairs {
+    let mut watchers = tokio::task::JoinSet::new();
+    let users = (0..a.pairs).flat_map(|i| {
         let from = source(i, a.sources);
-        let (mut rx, _) = login(a, &format!("r{i}"), from, false).await?;
-        let (tx, _) = login(a, &format!("s{i}"), from, false).await?;
+        [(format!("r{i}"), from), (format!("s{i}"), from)]
+    });
+    let mut conns = login_all(a, users.collect(), 1, false, false)
+        .await?
+        .into_iter();
+    for i in 0..a.pairs {
+        let (Some((rx, _)), Some((tx, _))) = (conns.next(), conns.next()) else {
+            return Err("a user missing".into());
+        };
         let window = Arc::new(Semaphore::new(a.window.max(1)));
         let (m, lat, win) = (a.messages, lat.clone(), window.clone());
+        let Conn { mut rd, wr } = rx;
+        let rx_out = shared(wr);
         let receiver = tokio::spawn(async move {
-            let mut buf = Vec::new();
+            let sender = format!("s{i}");
             let mut samples = Vec::with_capacity(m as usize);
-            for expect in 0..m {
-                rx.line(&mut buf).await?;
-                let (seq, t) = seq_and_time(&buf).ok_or("bad message")?;
-                if seq != expect {
-                    return Err(format!("r{i}: got #{seq}, expected #{expect}").into());
+            let mut expect = 0;
+            read_messages(proto, &mut rd, &rx_out, m, |from, seq, t| {
+                if seq != expect || from != sender {
+                    return Err(format!(
+                        "got #{seq} from {from}, expected #{expect} from {sender}"
+                    )
+                    .into());
                 }
+                expect += 1;
                 samples.push(((since(t0) - t) / 1000) as u32);
                 win.add_permits(1);
-            }
+                Ok(())
+            })
+            .await
+            .map_err(|e| format!("r{i}: {e}"))?;
             lat.add(samples);
-            Res::Ok(rx)
+            Res::Ok((rd, rx_out))
         });
-        let mut wr = tx.wr;
+        let Conn { rd, wr } = tx;
+        let out = shared(wr);
+        if proto == Proto::Irc {
+            watchers.spawn(watch(proto, rd, out.clone(), format!("s{i}")));
+        }
         let mut ready = ready.clone();
         let interval = Duration::from_millis(a.interval_ms);
         let sender = tokio::spawn(async move {
             ready.wait_for(|go| *go).await?;
-            let mut out = Vec::with_capacity(64 * 1024);
+            let to = format!("r{i}");
+            let mut buf = Vec::with_capacity(64 * 1024);
             let mut next = 0;
             let mut tick = tokio::time::interval(interval.max(Duration::from_micros(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -380,28 +701,40 @@ async fn private(a: &Args) -> Res<()> {
                 while n < 512 && next + n < m && window.try_acquire().map(|p| p.forget()).is_ok() {
                     n += 1;
                 }
-                out.clear();
+                buf.clear();
                 for seq in next..next + n {
-                    use std::io::Write;
-                    writeln!(out, "msg r{i} {seq} {}", since(t0))?;
+                    proto.private(&mut buf, &to, seq, since(t0))?;
                 }
-                wr.send(&out).await?;
+                out.lock().await.send(&buf).await?;
                 next += n;
             }
-            Res::Ok(wr)
+            Res::Ok(out)
         });
         tasks.push((sender, receiver));
     }
+    let cpu = ServerCpu::start(a.server_pid)?;
     let start = Instant::now();
     go.send(true)?;
-    let mut keep = Vec::new();
-    for (s, r) in tasks {
-        keep.push((s.await??, r.await??));
-    }
+    let run = async {
+        let mut keep = Vec::new();
+        for (s, r) in tasks {
+            keep.push((s.await??, r.await??));
+        }
+        Res::Ok(keep)
+    };
+    // A sender's connection that fails (IRC) fails the run instead of leaving it waiting.
+    let _keep = tokio::select! {
+        keep = run => keep?,
+        Some(ended) = watchers.join_next() => {
+            ended??;
+            return Err("a sender's connection ended".into());
+        }
+    };
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.end()?;
     let total = a.messages * a.pairs as u64;
     println!(
-        "{{\"scenario\": \"private\", \"pairs\": {}, \"window\": {}, \"messages\": {total}, \"seconds\": {secs:.3}, \"msgs_per_s\": {:.0}, {}}}",
+        "{{\"scenario\": \"private\", \"pairs\": {}, \"window\": {}, \"messages\": {total}, \"seconds\": {secs:.3}, \"msgs_per_s\": {:.0}, {}{cpu}}}",
         a.pairs,
         a.window,
         total as f64 / secs,
@@ -412,6 +745,7 @@ async fn private(a: &Args) -> Res<()> {
 
 async fn broadcast(a: &Args) -> Res<()> {
     let t0 = Instant::now();
+    let proto = a.proto;
     let n = a.users;
     let s = a.senders.min(n);
     let m = a.messages;
@@ -429,20 +763,16 @@ async fn broadcast(a: &Args) -> Res<()> {
             .map(|_| (0..m).map(|_| AtomicU64::new(0)).collect())
             .collect(),
     );
-    let mut conns = Vec::new();
-    for u in 0..n {
-        conns.push(
-            login(a, &format!("b{u}"), source(u, a.sources), false)
-                .await?
-                .0,
-        );
-    }
+    // IRC: every user is in the channel before the senders start.
+    let users = (0..n).map(|u| (format!("b{u}"), source(u, a.sources)));
+    let conns = login_all(a, users.collect(), 1, false, true).await?;
     let deliveries = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     let mut writers = Vec::new();
-    for (u, conn) in conns.into_iter().enumerate() {
+    for (u, (conn, _)) in conns.into_iter().enumerate() {
         let Conn { mut rd, wr } = conn;
-        writers.push(wr);
+        let out = shared(wr);
+        writers.push(out.clone());
         let expected = if u < s {
             (s as u64 - 1) * m
         } else {
@@ -455,31 +785,27 @@ async fn broadcast(a: &Args) -> Res<()> {
             deliveries.clone(),
         );
         readers.push(tokio::spawn(async move {
-            let mut buf = Vec::new();
             let mut next_seq: HashMap<usize, u64> = HashMap::new();
-            for _ in 0..expected {
-                buf.clear();
-                if rd.read_until(b'\n', &mut buf).await? == 0 {
-                    return Err(format!("b{u}: closed").into());
-                }
-                buf.pop();
-                let text = std::str::from_utf8(&buf)?;
-                let from = text
-                    .strip_prefix("[BROADCAST from b")
-                    .and_then(|r| r.split(']').next())
+            read_messages(proto, &mut rd, &out, expected, |from, seq, _| {
+                // From one of the other senders, `b<j>`: a sender does not get its own.
+                let j = from
+                    .strip_prefix('b')
                     .and_then(|x| x.parse::<usize>().ok())
-                    .ok_or("bad broadcast")?;
-                let (seq, _) = seq_and_time(&buf).ok_or("bad broadcast")?;
-                let want = next_seq.entry(from).or_insert(0);
+                    .filter(|&j| j < s && j != u)
+                    .ok_or_else(|| format!("a broadcast from {from}"))?;
+                let want = next_seq.entry(j).or_insert(0);
                 if seq != *want {
-                    return Err(format!("b{u}: from b{from} got #{seq}, expected #{want}").into());
+                    return Err(format!("from b{j} got #{seq}, expected #{want}").into());
                 }
                 *want += 1;
-                last[from][seq as usize].fetch_max(since(t0), Ordering::Relaxed);
-                if countdown[from][seq as usize % ring].fetch_sub(1, Ordering::AcqRel) == 1 {
-                    windows[from].add_permits(1);
+                last[j][seq as usize].fetch_max(since(t0), Ordering::Relaxed);
+                if countdown[j][seq as usize % ring].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    windows[j].add_permits(1);
                 }
-            }
+                Ok(())
+            })
+            .await
+            .map_err(|e| format!("b{u}: {e}"))?;
             deliveries.fetch_add(expected, Ordering::Relaxed);
             Res::Ok(())
         }));
@@ -493,13 +819,13 @@ async fn broadcast(a: &Args) -> Res<()> {
     let mut senders = Vec::new();
     // Every writer stays open: dropping one would end that user's session.
     let idle_writers = writers.split_off(s);
-    for (j, mut wr) in writers.into_iter().enumerate() {
+    for (j, out) in writers.into_iter().enumerate() {
         let (window, countdown, sent_at) = (windows[j].clone(), countdown.clone(), sent_at.clone());
         let recipients = (n - 1) as u32;
         let mut ready = ready.clone();
         senders.push(tokio::spawn(async move {
             ready.wait_for(|go| *go).await?;
-            let mut out = Vec::with_capacity(64 * 1024);
+            let mut buf = Vec::with_capacity(64 * 1024);
             let mut next = 0;
             while next < m {
                 window.acquire().await?.forget();
@@ -507,20 +833,20 @@ async fn broadcast(a: &Args) -> Res<()> {
                 while k < 512 && next + k < m && window.try_acquire().map(|p| p.forget()).is_ok() {
                     k += 1;
                 }
-                out.clear();
+                buf.clear();
                 for seq in next..next + k {
-                    use std::io::Write;
                     countdown[j][seq as usize % ring].store(recipients, Ordering::Release);
                     let t = since(t0);
                     sent_at[j][seq as usize].store(t, Ordering::Relaxed);
-                    writeln!(out, "broadcast {seq} {t}")?;
+                    proto.broadcast(&mut buf, seq, t)?;
                 }
-                wr.send(&out).await?;
+                out.lock().await.send(&buf).await?;
                 next += k;
             }
-            Res::Ok(wr)
+            Res::Ok(out)
         }));
     }
+    let cpu = ServerCpu::start(a.server_pid)?;
     let start = Instant::now();
     go.send(true)?;
     let mut keep = Vec::new();
@@ -531,6 +857,7 @@ async fn broadcast(a: &Args) -> Res<()> {
         r.await??;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.end()?;
     drop(idle_writers);
     let lat = Latencies::default();
     lat.add(
@@ -556,7 +883,7 @@ async fn broadcast(a: &Args) -> Res<()> {
     let first_done = done.iter().min().copied().unwrap_or(0);
     let last_done = done.iter().max().copied().unwrap_or(0);
     println!(
-        "{{\"scenario\": \"broadcast\", \"users\": {n}, \"senders\": {s}, \"window\": {ring}, \"messages\": {}, \"deliveries\": {total}, \"seconds\": {secs:.3}, \"deliveries_per_s\": {:.0}, \"first_sender_done_ms\": {:.1}, \"last_sender_done_ms\": {:.1}, {}}}",
+        "{{\"scenario\": \"broadcast\", \"users\": {n}, \"senders\": {s}, \"window\": {ring}, \"messages\": {}, \"deliveries\": {total}, \"seconds\": {secs:.3}, \"deliveries_per_s\": {:.0}, \"first_sender_done_ms\": {:.1}, \"last_sender_done_ms\": {:.1}, {}{cpu}}}",
         m * s as u64,
         total as f64 / secs,
         first_done as f64 / 1e6,
@@ -729,19 +1056,8 @@ async fn relay_limit(a: &Args) -> Res<()> {
 
 async fn connect(a: &Args) -> Res<()> {
     let start = Instant::now();
-    let mut conns = Vec::with_capacity(a.users);
-    let mut pending = Vec::new();
-    let per = Arc::new(Semaphore::new(256));
-    for u in 0..a.users {
-        let (a2, per) = (a.clone(), per.clone());
-        pending.push(tokio::spawn(async move {
-            let _permit = per.acquire_owned().await?;
-            login(&a2, &format!("idle{u}"), source(u, a2.sources), true).await
-        }));
-    }
-    for p in pending {
-        conns.push(p.await??);
-    }
+    let users = (0..a.users).map(|u| (format!("idle{u}"), source(u, a.sources)));
+    let mut conns = login_all(a, users.collect(), 256, true, false).await?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{{\"scenario\": \"connect\", \"users\": {}, \"sockets\": {}, \"seconds\": {secs:.3}}}",

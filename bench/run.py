@@ -10,6 +10,10 @@ Every scenario verifies that each message and byte arrived exactly once; a run t
 verification fails the whole benchmark. The TLS scenarios start the server with
 `--tls-self-signed` and give relaybench its certificate's fingerprint (`--tls-pin`); each
 sits right after the plain-text scenario it is compared with.
+
+With `--peers`, three more scenarios run the same load generator (`relaybench --irc`) against
+ngIRCd and InspIRCd as well, configured from bench/peers/, each pinned to CPU 0 as relaychat's
+server is, and the report gains a section "relaychat beside ngIRCd and InspIRCd".
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
 import sqlite3
 import ssl
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -185,14 +191,26 @@ def file_relay(size: int, receivers: int, tmp: Path, tls: bool = False) -> dict:
     return with_server(tmp, go, tls=tls)
 
 
-def messages(kind: str, tmp: Path, *args: str, flags: tuple[str, ...] = ()) -> dict:
-    def go(server: ServerProc) -> dict:
-        r = run_generator(server, kind, *args)
-        rate = r["msgs_per_s"] if kind == "private" else r["deliveries_per_s"]
-        key = "msgs/s" if kind == "private" else "deliveries/s"
-        return {key: rate, "p50 µs": r["p50_us"], "p99 µs": r["p99_us"], "max µs": r["max_us"]}
+def measured(server: ServerProc | PeerProc, kind: str, *args: str) -> dict:
+    """relaybench `kind` (private or broadcast) against `server`: the rate, the latencies, and
+    the server's CPU time per message sent (private) or delivered (broadcast), in µs: user +
+    system time of all its threads, from /proc/<pid>/stat, which relaybench reads at its start
+    signal and once the last message is verified (`--server-pid`), so logins, JOINs and
+    disconnections are not counted."""
+    r = run_generator(server, kind, *args, "--server-pid", str(server.proc.pid))
+    used = r["server_cpu_ticks"] / os.sysconf("SC_CLK_TCK")
+    if kind == "private":
+        rate, count = {"msgs/s": r["msgs_per_s"]}, r["messages"]
+        cpu = "server CPU µs/msg"
+    else:
+        rate, count = {"deliveries/s": r["deliveries_per_s"]}, r["deliveries"]
+        cpu = "server CPU µs/delivery"
+    latency = {"p50 µs": r["p50_us"], "p99 µs": r["p99_us"], "max µs": r["max_us"]}
+    return rate | latency | {cpu: 1e6 * used / count}
 
-    return with_server(tmp, go, *flags)
+
+def messages(kind: str, tmp: Path, *args: str, flags: tuple[str, ...] = ()) -> dict:
+    return with_server(tmp, lambda server: measured(server, kind, *args), *flags)
 
 
 #: A plugin whose message hook lets everything through (what a hook costs).
@@ -674,6 +692,259 @@ def checked_file(size: int, compress: str, tmp: Path) -> dict:
     return with_server(tmp, go)
 
 
+# --- relaychat beside ngIRCd and InspIRCd (--peers) -------------------------------------------
+
+PEERS = REPO / "bench" / "peers"
+
+
+class Peer:
+    """An IRC server run beside relaychat: its Debian package, how it runs in the foreground
+    with a config written from its template in bench/peers/, and relaybench's extra flags."""
+
+    def __init__(self, name: str, package: str, *args: str, flags: tuple[str, ...] = ()) -> None:
+        self.name, self.package, self.args, self.flags = name, package, args, flags
+
+    def command(self, conf: Path) -> list[str]:
+        binary = shutil.which(self.package, path=SBIN_PATH) or self.package
+        return [binary, *self.args, str(conf)]
+
+
+#: Where the servers' binaries are (root's PATH has it; another user's may not).
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+PEER_SERVERS = {
+    # ngIRCd accepts from a listen backlog of 10 (hard-coded): relaybench's users log in one
+    # after the other (its default), which never overflows it.
+    "ngIRCd": Peer("ngIRCd", "ngircd", "--nodaemon", "--config"),
+    # As root, InspIRCd runs only with --runasroot (ngIRCd switches to "nobody" by itself).
+    # It ends registrations only in its once-a-second timer: 256 users log in at a time.
+    "InspIRCd": Peer(
+        "InspIRCd",
+        "inspircd",
+        *("--nofork", "--runasroot", "--nopid", "--config"),
+        flags=("--logins-at-once", "256"),
+    ),
+}
+#: The columns of the comparison.
+SIDE_BY_SIDE = ("relaychat", *PEER_SERVERS)
+
+
+def install_peers() -> None:
+    """Installs the Debian packages of the servers that are missing (apt-get, as root), and
+    lets the servers started from here open as many files as the hard limit allows."""
+    packages = [p.package for p in PEER_SERVERS.values()]
+    missing = [p for p in packages if not shutil.which(p, path=SBIN_PATH)]
+    if missing:
+        print(f"installing {' '.join(missing)} with apt-get", flush=True)
+        subprocess.run(["apt-get", "update"], check=True)
+        subprocess.run(["apt-get", "install", "-y", *missing], check=True)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def package_version(package: str) -> str:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+    )
+    return out.stdout.strip() or "unknown version"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeerProc:
+    """An IRC server on a free port of 127.0.0.1, in the foreground, pinned to the server CPU
+    as relaychat's server is; its config is its template from bench/peers/ with the port and
+    this run's directory filled in. Its output and logs go to that directory."""
+
+    def __init__(self, peer: Peer, data: Path) -> None:
+        self.peer, self.chat, self.data = peer, free_port(), data
+        conf = data / f"{peer.package}.conf"
+        template = string.Template((PEERS / f"{peer.package}.conf").read_text())
+        conf.write_text(template.substitute(port=self.chat, dir=data))
+        with (data / f"{peer.package}.out").open("w") as log:
+            self.proc = subprocess.Popen(
+                pinned(SERVER_CPU, peer.command(conf)),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=data,
+            )
+        deadline = time.monotonic() + 30
+        while True:  # until its port accepts
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{peer.name} exited: {self.logs()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.chat), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{peer.name} is not listening on {self.chat}") from None
+                time.sleep(0.05)
+
+    def generator_args(self) -> list[str]:
+        return ["--chat", str(self.chat), "--irc", *self.peer.flags]
+
+    def logs(self) -> str:
+        """The end of what the server wrote (its output, and its log file if it has one)."""
+        files = sorted(self.data.glob("*.out")) + sorted(self.data.glob("*.log"))
+        return "".join(f"\n--- {f.name}:\n{f.read_text(errors='replace')[-2000:]}" for f in files)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def with_peer(peer: Peer, tmp: Path, fn) -> dict:
+    data = Path(tempfile.mkdtemp(dir=tmp))
+    server = PeerProc(peer, data)
+    try:
+        return fn(server)
+    except Exception as e:
+        raise RuntimeError(f"{peer.name}: {e}; the end of its logs:{server.logs()}") from e
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def on(name: str, tmp: Path, fn) -> dict:
+    """`fn(server)` on a fresh server `name` (one of SIDE_BY_SIDE), stopped afterwards."""
+    return with_server(tmp, fn) if name == "relaychat" else with_peer(PEER_SERVERS[name], tmp, fn)
+
+
+def beside(kind: str, tmp: Path, *args: str) -> dict:
+    """One run of a relaybench scenario against relaychat, ngIRCd and InspIRCd in turn, a
+    fresh server each: per server the rate, the server's CPU time per message, p50 and p99."""
+    figures = {}
+    for name in SIDE_BY_SIDE:
+        r = on(name, tmp, lambda server: measured(server, kind, *args))
+        r.pop("max µs")
+        figures |= {f"{name} {key}": value for key, value in r.items()}
+    return figures
+
+
+def irc_login(port: int, name: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"NICK {name}\r\nUSER {name} 0 * :{name}\r\n".encode())
+    got = b""
+    while not re.search(rb"^:\S+ (376|422) ", got, re.M):
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(f"{name}: closed during registration: {got[-500:]!r}")
+        got += data
+    return sock
+
+
+def socket_options(tmp: Path) -> dict[str, list[str] | None]:
+    """The socket options each server sets on a client's connection: `strace -f -p` attached
+    to the running server (all its threads) while one user connects and logs in. None when
+    strace is missing."""
+    out: dict[str, list[str] | None] = {}
+    for name in SIDE_BY_SIDE:
+        if not shutil.which("strace"):
+            out[name] = None
+            continue
+
+        def probe(server, name=name) -> dict:
+            trace = Path(tempfile.mkdtemp(dir=tmp)) / "strace.txt"
+            argv = ["strace", "-f", "-e", "trace=setsockopt", "-o", str(trace)]
+            st = subprocess.Popen(
+                [*argv, "-p", str(server.proc.pid)], stderr=subprocess.PIPE, text=True
+            )
+            try:
+                # strace tells on stderr when it has attached (once per thread).
+                while "attached" not in (line := st.stderr.readline()):
+                    if not line:
+                        raise RuntimeError(f"strace could not attach to {name}")
+                time.sleep(0.3)
+                if isinstance(server, PeerProc):
+                    irc_login(server.chat, "probe").close()
+                else:
+                    Line(server.chat, "probe").close()
+                time.sleep(0.3)
+            finally:
+                st.send_signal(signal.SIGINT)
+                st.wait(timeout=30)
+                st.stderr.close()
+            found = re.findall(r"setsockopt\(\d+, \w+, (\w+)", trace.read_text())
+            return {"options": sorted(set(found))}
+
+        out[name] = on(name, tmp, probe)["options"]
+    return out
+
+
+def peers_section(results: list[tuple[str, dict]], options: dict, runs: int) -> list[str]:
+    """The report's section on the `--peers` scenarios: a row per scenario, a column per
+    server, and what the figures mean."""
+    names = SIDE_BY_SIDE
+    versions = ", ".join(f"{p.name} {package_version(p.package)}" for p in PEER_SERVERS.values())
+    lines = [
+        "",
+        "## relaychat beside ngIRCd and InspIRCd",
+        "",
+        f"The same load generator against each server ({versions}, Debian packages), a fresh "
+        "server for every run, each pinned to CPU 0 exactly as relaychat's server is (the "
+        "generator on CPU 1); relaybench speaks IRC to the C servers (`--irc`: `NICK`/`USER`, "
+        "`PRIVMSG r<i>`, and `JOIN #bench` then `PRIVMSG #bench` for the broadcast) and "
+        "verifies every message the same way: each exactly once, in order per sender. "
+        f"Median (min-max) of {runs} run(s).",
+        "",
+        "| scenario | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for scenario, figs in results:
+        cells = []
+        for name in names:
+            mine = {k[len(name) + 1 :]: v for k, v in figs.items() if k.startswith(name + " ")}
+            rate = next(f"{v} {k}" for k, v in mine.items() if k.endswith("/s"))
+            cpu = next(f"{v} µs" for k, v in mine.items() if k.startswith("server CPU"))
+            cells.append(f"{rate}; CPU {cpu}; p50 {mine['p50 µs']} µs, p99 {mine['p99 µs']} µs")
+        lines.append(f"| {scenario.removeprefix(PEERS_PREFIX)} | " + " | ".join(cells) + " |")
+
+    def told(name: str) -> str:
+        found = options.get(name)
+        if found is None:
+            return f"{name}: not checked (no strace)"
+        verb = "sets" if "TCP_NODELAY" in found else "does not set"
+        return f"{name} {verb} it (options set: {', '.join(found) or 'none'})"
+
+    lines += [
+        "",
+        "- **msgs/s, deliveries/s**: messages sent and received (private), or copies delivered "
+        "to recipients (broadcast: each message reaches the 999 other users), per second "
+        "from the start signal to the last one verified.",
+        "- **CPU**: the server process's CPU time (user + system, all threads, from "
+        "/proc/<pid>/stat, read by relaybench at its start signal and when the last message "
+        "was verified: logins, JOINs and disconnections not counted) per message (private) or "
+        "per delivery (broadcast), in µs: what one message costs the server's one core, "
+        "whatever the rate. Rate x CPU is the share of its core the server used: below 100% "
+        "the load generator (one core for every user) was the limit, not the server.",
+        "- **p50, p99**: latency from a message's send to its arrival (broadcast: at its last "
+        "recipient), in µs; pipelined runs measure queueing more than the server.",
+        "- **configs**: bench/peers/ngircd.conf and bench/peers/inspircd.conf, written with a "
+        "free port into the run's temporary directory: listening on 127.0.0.1 only, no DNS, "
+        "ident or PAM per connection, no MOTD file, no limit on connections per address, and "
+        "the flood limits lifted (ngIRCd: `MaxPenaltyTime = 0` and user mode F for everyone "
+        "through `DefaultUserModes`; InspIRCd: a penalty threshold no client reaches and "
+        "fakelag off, 16 MB send and receive queues); relaychat runs with its defaults.",
+        "- **TCP_NODELAY** (socket options each server set on a client's connection, seen by "
+        "`strace -f -e trace=setsockopt` attached while one user logged in): "
+        + "; ".join(told(name) for name in names)
+        + ". relaybench sets it on its own sockets.",
+    ]
+    return lines
+
+
+PEERS_PREFIX = "peers: "
+
+
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -727,7 +998,17 @@ def main() -> int:
         help="run only the scenarios whose name contains TEXT (repeatable); for quick checks, "
         "the table written is partial",
     )
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run relaychat beside ngIRCd and InspIRCd (configs in bench/peers/): three "
+        f"scenarios named '{PEERS_PREFIX}...' on all three servers, and a section comparing "
+        "them; installs the Debian packages ngircd and inspircd with apt-get update && "
+        "apt-get install -y if they are missing (as root; only with --peers)",
+    )
     args = ap.parse_args()
+    if args.peers:
+        install_peers()
     if not args.no_build:
         cargo = ["cargo", "build", "--release", "--quiet", "--features", "bench"]
         subprocess.run([*cargo, "--bin", "relaybench"], cwd=REPO, check=True)
@@ -741,6 +1022,9 @@ def main() -> int:
 
     private_args = ["--pairs", "50", "--messages"]
     fanout_args = ["--senders", "5", "--messages"]
+    # 1,000 users (4 source addresses), 5 senders pipelining 256 broadcasts each.
+    fanout_1000 = ["--users", n(100, 1000), *fanout_args, n(20, 4000), "--window", "256"]
+    fanout_1000 += ["--sources", "4"]
     scenarios = [
         ("relay limit: 1 GB through a trivial relay", lambda t: relay_limit(gb, t)),
         ("file: 1 GB to one user", lambda t: file_relay(gb, 1, t)),
@@ -765,18 +1049,7 @@ def main() -> int:
         ),
         (
             "broadcast, 1000 users, 5 senders, pipelined (window 256)",
-            lambda t: messages(
-                "broadcast",
-                t,
-                "--users",
-                n(100, 1000),
-                *fanout_args,
-                n(20, 4000),
-                "--window",
-                "256",
-                "--sources",
-                "4",
-            ),
+            lambda t: messages("broadcast", t, *fanout_1000),
         ),
         (
             "private, 50 pairs, pipelined (window 64), --history off",
@@ -836,6 +1109,22 @@ def main() -> int:
             lambda t: python_bot("async", int(n(2000, 500_000)), t),
         ),
     ]
+    if args.peers:
+        per_pair, per_sender = n(40, 4000), n(400, 20000)
+        scenarios += [
+            (
+                f"{PEERS_PREFIX}private, 50 pairs, closed loop (window 1)",
+                lambda t: beside("private", t, *private_args, per_pair),
+            ),
+            (
+                f"{PEERS_PREFIX}private, 50 pairs, pipelined (window 32)",
+                lambda t: beside("private", t, *private_args, per_sender, "--window", "32"),
+            ),
+            (
+                f"{PEERS_PREFIX}broadcast, 1000 users, 5 senders, pipelined (window 256)",
+                lambda t: beside("broadcast", t, *fanout_1000),
+            ),
+        ]
     # A TLS (or hooked) scenario's rate as a share of its twin's in this same run: the ratio
     # of the two medians (twin scenario, figure, what the twin is).
     twins = {
@@ -860,7 +1149,9 @@ def main() -> int:
         scenarios = [(name, fn) for name, fn in scenarios if any(o in name for o in args.only)]
     results = []
     raw: dict[str, list[dict]] = {}
+    peers = any(name.startswith(PEERS_PREFIX) for name, _ in scenarios)
     with tempfile.TemporaryDirectory(prefix="relaybench-") as tmp:
+        options = socket_options(Path(tmp)) if peers else {}
         for name, fn in scenarios:
             figures = raw[name] = [fn(Path(tmp)) for _ in range(runs)]
             figs = summary(figures)
@@ -873,6 +1164,7 @@ def main() -> int:
             results.append((name, figs))
             print(f"{name}: {results[-1][1]}", flush=True)
     command = "python bench/run.py" + (" --smoke" if s else f" --runs {runs}")
+    command += " --peers" if args.peers else ""
     lines = [
         "# relaychat benchmarks",
         "",
@@ -887,6 +1179,9 @@ def main() -> int:
     ]
     for name, figs in results:
         lines.append(f"| {name} | " + "; ".join(f"{k}: {v}" for k, v in figs.items()) + " |")
+    if peers:
+        beside_results = [(name, f) for name, f in results if name.startswith(PEERS_PREFIX)]
+        lines += peers_section(beside_results, options, runs)
     if not s:  # the analysis is about the full run's figures
         lines += ["", (REPO / "bench" / "NOTES.md").read_text().rstrip()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
