@@ -104,6 +104,18 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// The next line, or why there is none. Bytes left without a newline when the peer
     /// closes its side count as a last line.
     pub(crate) async fn next_line(&mut self, cancel: &CancellationToken) -> Result<Bytes, Ended> {
+        self.next_line_or(cancel, true).await
+    }
+
+    /// [`next_line`](Self::next_line), watching `cancel` only if `watch`: a reader whose
+    /// stream is ended when its connection is killed (a chat session's plain TCP socket,
+    /// shut by its writer task: see `QueueSink`) need not register with the kill token on
+    /// every read.
+    pub(crate) async fn next_line_or(
+        &mut self,
+        cancel: &CancellationToken,
+        watch: bool,
+    ) -> Result<Bytes, Ended> {
         loop {
             match self.framer.next_line(&mut self.buf) {
                 Ok(Some(line)) => return Ok(line),
@@ -121,7 +133,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             let read = match pausing {
                 true => tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => return Err(Ended::Closed),
+                    _ = cancel.cancelled(), if watch => return Err(Ended::Closed),
                     _ = tokio::time::sleep(self.idle_pause) => {
                         match self.framer.take_idle_line(&mut self.buf) {
                             Some(line) => return Ok(line),
@@ -132,7 +144,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 },
                 false => tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => return Err(Ended::Closed),
+                    _ = cancel.cancelled(), if watch => return Err(Ended::Closed),
                     read = self.fill() => read,
                 },
             };

@@ -296,6 +296,12 @@ impl SendQueue {
         self.queue_line(self.state(), bytes)
     }
 
+    /// Whether the connection's reader is ended when the writer task ends (plain TCP: see
+    /// [`QueueSink`]'s `poll_shutdown`), so that it need not watch the kill token.
+    pub(crate) fn ends_reader(&self) -> bool {
+        self.socket.is_some()
+    }
+
     /// Like [`push`](Self::push), but a line for an empty queue of a plain TCP connection
     /// that nobody is writing into is written at once by the calling task, without waking
     /// the writer task (a closed loop's message costs one `send` and no task switch); what
@@ -606,11 +612,11 @@ fn poll_shared<T>(
 }
 
 impl Drop for QueueSink {
-    /// A writer task that is aborted still ends the shared socket's write side, as
-    /// dropping tokio's own write half would.
+    /// A writer task that is aborted still ends the shared socket, as its end does (see
+    /// `poll_shutdown`).
     fn drop(&mut self) {
         if let Some(socket) = self.socket() {
-            let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Write);
+            let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
         }
     }
 }
@@ -658,10 +664,14 @@ impl AsyncWrite for QueueSink {
         }
     }
 
+    /// For the shared socket, both sides: the writer task ends only when its connection
+    /// does (closed, or killed), and ending the read side too wakes the chat session's
+    /// reader with the end of its stream, so that it need not watch the kill token itself
+    /// (`LineReader::next_line_or`).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.socket() {
             Some(socket) => Poll::Ready(
-                rustix::net::shutdown(socket, rustix::net::Shutdown::Write).map_err(Into::into),
+                rustix::net::shutdown(socket, rustix::net::Shutdown::Both).map_err(Into::into),
             ),
             None => match self.get_mut() {
                 QueueSink::Half(half) => Pin::new(half).poll_shutdown(cx),
@@ -974,6 +984,27 @@ mod tests {
             .expect("the write side was shut")
             .expect("read");
         assert!(rest.is_empty(), "written after the end: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_killed_connections_reader_sees_the_end_of_its_stream() {
+        use tokio::io::AsyncReadExt;
+        let (ours, _peer) = tcp_pair().await; // the peer keeps its side open
+        let (mut rd, wr) = ours.into_split();
+        let (q, sink) = SendQueue::attach(64, 1 << 20, 1 << 20, ConnWrite::Tcp(wr));
+        assert!(q.ends_reader());
+        let kill = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(sink, q, kill.clone(), Duration::from_secs(5)));
+        let mut byte = [0u8; 1];
+        let read = tokio::spawn(async move { rd.read(&mut byte).await });
+        kill.cancel();
+        let n = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the reader is woken without watching the kill token")
+            .expect("task")
+            .expect("read");
+        assert_eq!(n, 0, "the end of the stream");
+        writer.await.expect("task");
     }
 
     #[tokio::test]

@@ -552,7 +552,12 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         // Nothing but `ahead` lives across the read: an idle session stays small.
         let read = match ahead.as_ref().is_some_and(|a| !a.is_empty()) {
             true => None,
-            false => Some(reader.next_line(kill).await),
+            // Plain TCP: the writer task ends the socket when the connection is killed.
+            false => Some(
+                reader
+                    .next_line_or(kill, !session.outbox.ends_reader())
+                    .await,
+            ),
         };
         let (line, asked) = match read {
             Some(Ok(line)) => {

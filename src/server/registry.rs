@@ -54,6 +54,11 @@ impl Outbox {
         self.kill.cancel();
     }
 
+    /// Whether the connection's reader is ended when it is killed (`SendQueue::ends_reader`).
+    pub(crate) fn ends_reader(&self) -> bool {
+        self.queue.ends_reader()
+    }
+
     /// Marks the client as speaking the extensions.
     pub(crate) fn extend(&self) {
         self.extended.store(true, Ordering::Relaxed);
