@@ -552,11 +552,17 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         // Nothing but `ahead` lives across the read: an idle session stays small.
         let read = match ahead.as_ref().is_some_and(|a| !a.is_empty()) {
             true => None,
-            // Plain TCP: the writer task ends the socket when the connection is killed.
+            // Plain TCP: the writer task ends the socket when the connection is killed, and
+            // what was still to be read then (or a reset, if the peer kept sending) is not
+            // run.
             false => Some(
-                reader
+                match reader
                     .next_line_or(kill, !session.outbox.ends_reader())
-                    .await,
+                    .await
+                {
+                    _ if kill.is_cancelled() => Err(Ended::Closed),
+                    read => read,
+                },
             ),
         };
         let (line, asked) = match read {
