@@ -8,6 +8,11 @@ use std::fmt::{self, Display, Write as _};
 
 use super::command::{Spec, COMMANDS, HELLO};
 
+/// A private message's line is `<PRIVATE_HEAD><from><PRIVATE_SEP><text>`: written by
+/// `Display` and `ServerLine::private_wire`, read by `parse`.
+const PRIVATE_HEAD: &str = "[PRIVATE from ";
+const PRIVATE_SEP: &str = "]: ";
+
 /// The lab's reply to a line that is no command.
 pub const UNKNOWN_COMMAND: &str = "Unknown command. Use msg/broadcast/list/join/send_group";
 
@@ -257,7 +262,9 @@ impl Display for ServerLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServerLine::Welcome { user } => write!(f, "Welcome, {user}!"),
-            ServerLine::Private { from, text } => write!(f, "[PRIVATE from {from}]: {text}"),
+            ServerLine::Private { from, text } => {
+                write!(f, "{PRIVATE_HEAD}{from}{PRIVATE_SEP}{text}")
+            }
             ServerLine::Broadcast { from, text } => write!(f, "[BROADCAST from {from}]: {text}"),
             ServerLine::Group { group, from, text } => write!(f, "[GROUP {group}] {from}: {text}"),
             ServerLine::Joined { group } => write!(f, "You joined group '{group}'"),
@@ -390,9 +397,9 @@ impl ServerLine {
     /// message, made in one allocation (the same bytes as [`ServerLine::Private`]'s
     /// `to_wire`, without building one).
     pub fn private_wire(from: &str, text: &str) -> bytes::Bytes {
-        const HEAD: &str = "[PRIVATE from ";
-        let mut line = Vec::with_capacity(HEAD.len() + from.len() + 3 + text.len() + 1);
-        for part in [HEAD, from, "]: ", text, "\n"] {
+        let len = PRIVATE_HEAD.len() + from.len() + PRIVATE_SEP.len() + text.len() + 1;
+        let mut line = Vec::with_capacity(len);
+        for part in [PRIVATE_HEAD, from, PRIVATE_SEP, text, "\n"] {
             line.extend_from_slice(part.as_bytes());
         }
         bytes::Bytes::from(line)
@@ -423,8 +430,8 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     if let Some(user) = between(line, "Welcome, ", "!") {
         return Some(ServerLine::Welcome { user: s(user) });
     }
-    if let Some(rest) = line.strip_prefix("[PRIVATE from ") {
-        let (from, text) = rest.split_once("]: ")?;
+    if let Some(rest) = line.strip_prefix(PRIVATE_HEAD) {
+        let (from, text) = rest.split_once(PRIVATE_SEP)?;
         return Some(ServerLine::Private {
             from: s(from),
             text: s(text),
