@@ -177,6 +177,12 @@ pub(crate) enum Refusal {
     /// `FILE_RECEIVED|` without both fields.
     #[error("malformed acknowledgement: expected FILE_RECEIVED|<sender>|<filename>")]
     MalformedAck,
+    /// `INBOX_RECEIVED|` without a number.
+    #[error("malformed inbox receipt: expected INBOX_RECEIVED|<id>")]
+    MalformedInboxReceipt,
+    /// An inbox receipt past what was sent to the user.
+    #[error("no queued messages up to {0} were sent to you")]
+    InboxNotSent(u64),
     /// An acknowledgement for a file that was not forwarded to the user.
     #[error("no file '{filename}' from {sender} is waiting for your acknowledgement")]
     NoSuchAck {

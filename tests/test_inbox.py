@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from relaychat import GroupMessage, MessageQueued, PrivateMessage, ServerError, UserNotFound
+from relaychat import Client, GroupMessage, MessageQueued, PrivateMessage, ServerError, UserNotFound
 
 from tests.conftest import (
     PASSWORD,
@@ -49,12 +49,120 @@ def test_a_message_to_a_registered_user_who_is_away_waits_for_them(net):
     bob.expect("[PRIVATE from alice]: second")
     alice.send("msg bob live now\n")
     bob.expect("[PRIVATE from alice]: live now")
+    # The lab's client cannot confirm what it got; a line after it shows it went on.
+    bob.send("list")
+    assert bob.line().startswith("Connected users: ")
     bob.close()
 
     # Delivered once: the next login finds the inbox empty.
     again = log_in(net, "bob")
     alice.send("msg bob marker\n")
     again.expect("[PRIVATE from alice]: marker")
+
+
+def inbox_delivered(net: Net, known_by: str) -> float:
+    """How many queued messages the server has forgotten as delivered, `known_by`
+    `confirmed` (our client said so) or `session_went_on` (a client that cannot)."""
+    figures = net.server.stats()["relaychat_inbox_delivered_total"]
+    assert isinstance(figures, dict)
+    return figures[known_by]
+
+
+def queue_for_bob(net: Net, *texts: str) -> Wire:
+    register(net, "bob")
+    alice = net.chat("alice")
+    for text in texts:
+        alice.send(f"msg bob {text}\n")
+        alice.expect("User bob is offline; message queued.")
+    return alice
+
+
+def assert_inbox_empty_next_time(net: Net, bob: Wire | Client, alice: Wire) -> None:
+    """`bob` leaves; at its next login, the first line is one sent after it."""
+    bob.close()
+    wait_gone(net, "bob")
+    again = log_in(net, "bob")
+    alice.send("msg bob marker\n")
+    again.expect("[PRIVATE from alice]: marker")
+
+
+def test_a_client_that_leaves_before_it_could_have_read_gets_the_inbox_again(net):
+    """Written to the socket is not delivered: a lab-style session that ends at once
+    (sending nothing, before `inbox_settle`) leaves its inbox for the next login."""
+    queue_for_bob(net, "one", "two")
+    for _ in range(2):
+        bob = log_in(net, "bob", lab=True)
+        bob.expect("[PRIVATE from alice]: one")
+        bob.expect("[PRIVATE from alice]: two")
+        bob.close()
+        wait_gone(net, "bob")
+    assert inbox_delivered(net, "session_went_on") == 0
+
+
+def test_a_quiet_client_that_stays_connected_has_its_inbox_forgotten(limited):
+    net = limited(inbox_settle=0.05)
+    alice = queue_for_bob(net, "one", "two")
+    bob = log_in(net, "bob", lab=True)
+    bob.expect("[PRIVATE from alice]: one")
+    bob.expect("[PRIVATE from alice]: two")
+    wait_until(lambda: inbox_delivered(net, "session_went_on") == 2, what="forgotten")
+    assert_inbox_empty_next_time(net, bob, alice)
+
+
+def extended_log_in(net: Net, name: str) -> Wire:
+    """A raw login that asks for the extensions before its password, as our client does."""
+    wire = net.wire("chat", name)
+    wire.send(f"{name}\n")
+    wire.expect(f"Password for {name}:")
+    wire.send(f"relaychat/1\n{PASSWORD}\n")
+    wire.expect(f"Welcome, {name}!")
+    assert wire.line().startswith("[SESSION] ")
+    return wire
+
+
+def test_our_protocol_forgets_the_inbox_only_when_the_client_confirms_it(net):
+    alice = queue_for_bob(net, "one", "two")
+    receipts = []
+    for _ in range(2):
+        bob = extended_log_in(net, "bob")
+        got = bob.lines_until(lambda line: line.startswith("[INBOX] "))
+        assert [line for line in got if not line.startswith("[QUEUED ")] == [
+            "[PRIVATE from alice]: one",
+            "[PRIVATE from alice]: two",
+            got[-1],
+        ], got
+        receipts.append(int(got[-1].removeprefix("[INBOX] ")))
+        # Not confirmed: it stays, even though this session goes on.
+        bob.send("list\n")
+        assert bob.line().startswith("Connected users: ")
+        if len(receipts) == 1:
+            bob.close()
+            wait_gone(net, "bob")
+    assert receipts[0] == receipts[1]
+    upto = receipts[1]
+    bob.send(f"INBOX_RECEIVED|{upto + 1}\n")
+    bob.expect(f"ERROR: no queued messages up to {upto + 1} were sent to you")
+    bob.send("INBOX_RECEIVED|soon\n")
+    bob.expect("ERROR: malformed inbox receipt: expected INBOX_RECEIVED|<id>")
+    bob.send(f"INBOX_RECEIVED|{upto}\n")
+    bob.send("list\n")
+    assert bob.line().startswith("Connected users: ")
+    assert inbox_delivered(net, "confirmed") == 2
+    bob.close()
+    wait_gone(net, "bob")
+    again = extended_log_in(net, "bob")
+    alice.send("msg bob marker\n")
+    again.expect("[PRIVATE from alice]: marker")
+
+
+def test_our_client_confirms_its_inbox_so_the_next_login_finds_it_empty(net):
+    alice = queue_for_bob(net, *(f"m{i}" for i in range(1200)))
+    bob = net.client("bob", PASSWORD)
+    texts = [next_of(bob, PrivateMessage).text for _ in range(1200)]
+    assert texts == [f"m{i}" for i in range(1200)]
+    # Three pages, each confirmed as soon as its messages were events.
+    wait_until(lambda: inbox_delivered(net, "confirmed") == 1200, what="all confirmed")
+    assert_inbox_empty_next_time(net, bob, alice)
 
 
 def test_our_client_is_told_when_each_queued_message_was_sent(net):

@@ -141,6 +141,7 @@ class Server:
         user_quota: int | None = None,
         min_free_disk: int | None = None,
         inbox_max: int | None = None,
+        inbox_settle: float | None = None,
         history_days: int | None = None,
         login_attempts: int | None = None,
         login_lockout: float | None = None,
@@ -182,7 +183,10 @@ class Server:
           `data_dir`): TLS on both ports, beside plain text (a connection's first byte
           tells them apart). `require_tls` refuses plain text. Passwords are taken over
           TLS or from a loopback address only, unless `allow_plaintext_login`.
-        - `inbox_max` (10000): messages kept for one registered user while away.
+        - `inbox_max` (10000): messages kept for one registered user while away. A queued
+          message is forgotten once delivered: when our client confirms it, or, for a
+          client that cannot (the lab's), once that session has sent a line after it or
+          stayed connected `inbox_settle` (2 s).
           `history_days` (30): days of history kept. `login_attempts` (5) wrong passwords
           per name and per address lock it out for `login_lockout` (300 s).
         """

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::flow::{Ended, Step, Stop};
 use crate::net::{Conn, ConnWrite, LineReader};
 use crate::protocol::command::{
-    check_password, format_ack, format_command, format_file_failed, parse_command, Parsed, Spec,
-    BROADCAST, FILES, GET, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG, PASSWD, REGISTER, SEND_GROUP,
+    check_password, format_ack, format_command, format_file_failed, format_inbox_received,
+    parse_command, Parsed, Spec, BROADCAST, FILES, GET, HELLO, HISTORY, JOIN, LEAVE, LIST, MSG,
+    PASSWD, REGISTER, SEND_GROUP,
 };
 use crate::protocol::file_header::{Trailer, GROUP_PREFIX};
 use crate::protocol::names::{
@@ -1298,6 +1299,13 @@ async fn read_chat(
 ) {
     while let Ok(line) = reader.next_line(&inner.closed).await {
         let line = ServerLine::parse(&String::from_utf8_lossy(&line));
+        if let ServerLine::InboxSent { upto } = line {
+            // Every queued message before it is in the events already: the server may
+            // forget them.
+            let receipt = format_inbox_received(upto);
+            let _ = send_all(&mut *inner.chat.lock().await, receipt.as_bytes()).await;
+            continue;
+        }
         let event = {
             let mut waiters = inner.waiters();
             match (line, waiters.queued_at.take()) {

@@ -19,6 +19,10 @@ pub const FILE_RECEIVED_PREFIX: &str = "FILE_RECEIVED|";
 /// that answered [`HELLO`]): `FILE_FAILED|<original sender>|<filename>|<reason>`.
 pub const FILE_FAILED_PREFIX: &str = "FILE_FAILED|";
 
+/// Our client's confirmation of the offline-inbox messages it has received (an extension,
+/// sent only in answer to the server's `[INBOX] <id>`): `INBOX_RECEIVED|<id>`.
+pub const INBOX_RECEIVED_PREFIX: &str = "INBOX_RECEIVED|";
+
 /// The line our client sends once logged in to ask for the protocol's extensions. The
 /// lab's server answers it with its unknown-command line; ours with
 /// `[HELLO] relaychat/1` (`ServerLine::Hello`). A client that never sends it sees the
@@ -282,6 +286,11 @@ pub enum Parsed<'a> {
         /// Why it could not be saved.
         reason: &'a str,
     },
+    /// `INBOX_RECEIVED|<id>`: the client has every queued message up to inbox entry `id`.
+    InboxReceived {
+        /// The last inbox entry received.
+        upto: u64,
+    },
     /// A first word that names no command; the server decides what it means.
     Unknown {
         /// The first word, as typed.
@@ -300,6 +309,8 @@ pub enum CommandError {
     Usage(&'static Spec),
     /// `FILE_RECEIVED|` or `FILE_FAILED|` without its fields.
     MalformedAck,
+    /// `INBOX_RECEIVED|` without a number.
+    MalformedInboxReceipt,
 }
 
 /// The command named `word` (case-insensitive).
@@ -339,6 +350,12 @@ pub fn parse_command(line: &str) -> Result<Parsed<'_>, CommandError> {
             _ => Err(CommandError::MalformedAck),
         };
     }
+    if let Some(upto) = line.strip_prefix(INBOX_RECEIVED_PREFIX) {
+        return match upto.parse() {
+            Ok(upto) => Ok(Parsed::InboxReceived { upto }),
+            Err(_) => Err(CommandError::MalformedInboxReceipt),
+        };
+    }
     if line == HELLO {
         return Ok(Parsed::Hello);
     }
@@ -372,6 +389,11 @@ pub fn format_command(spec: &Spec, args: &[&str]) -> String {
 /// Formats an acknowledgement: `FILE_RECEIVED|<sender>|<filename>\n`.
 pub fn format_ack(sender: &str, filename: &str) -> String {
     format!("{FILE_RECEIVED_PREFIX}{sender}|{filename}\n")
+}
+
+/// Formats an inbox confirmation: `INBOX_RECEIVED|<id>\n`.
+pub fn format_inbox_received(upto: u64) -> String {
+    format!("{INBOX_RECEIVED_PREFIX}{upto}\n")
 }
 
 /// Formats a failed receipt: `FILE_FAILED|<sender>|<filename>|<reason>\n` (line breaks in
@@ -534,6 +556,14 @@ mod tests {
             parse_command("FILE_FAILED|a|f"),
             Err(CommandError::MalformedAck)
         );
+        assert_eq!(
+            parse_command(format_inbox_received(42).trim_end()),
+            Ok(Parsed::InboxReceived { upto: 42 })
+        );
+        for bad in ["INBOX_RECEIVED|", "INBOX_RECEIVED|-1", "INBOX_RECEIVED|x1"] {
+            let malformed = Err(CommandError::MalformedInboxReceipt);
+            assert_eq!(parse_command(bad), malformed, "{bad}");
+        }
     }
 
     #[test]

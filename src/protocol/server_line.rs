@@ -244,6 +244,12 @@ pub enum ServerLine {
         /// When it was sent.
         at: String,
     },
+    /// `[INBOX] <id>` (extension): every queued message up to inbox entry `id` has been
+    /// sent; the client confirms with `INBOX_RECEIVED|<id>` once it has them.
+    InboxSent {
+        /// The last inbox entry sent.
+        upto: u64,
+    },
     /// `[SESSION] <token>` (extension): proves this user's file connection.
     Session {
         /// The secret (hex).
@@ -355,6 +361,7 @@ impl Display for ServerLine {
             ServerLine::History { at, from, text } => write!(f, "[HISTORY {at}] {from}: {text}"),
             ServerLine::HistoryEnd { count } => write!(f, "[HISTORY END] {count} messages"),
             ServerLine::QueuedAt { at } => write!(f, "[QUEUED {at}]"),
+            ServerLine::InboxSent { upto } => write!(f, "[INBOX] {upto}"),
             ServerLine::Session { token } => write!(f, "[SESSION] {token}"),
             ServerLine::Error { reason } => write!(f, "ERROR: {reason}"),
             ServerLine::Other(line) => f.write_str(line),
@@ -630,6 +637,11 @@ fn parse_known(line: &str) -> Option<ServerLine> {
     if let Some(at) = between(line, "[QUEUED ", "]") {
         return Some(ServerLine::QueuedAt { at: s(at) });
     }
+    if let Some(upto) = line.strip_prefix("[INBOX] ") {
+        return Some(ServerLine::InboxSent {
+            upto: upto.parse().ok()?,
+        });
+    }
     if let Some(token) = line.strip_prefix("[SESSION] ") {
         return Some(ServerLine::Session { token: s(token) });
     }
@@ -861,6 +873,7 @@ mod tests {
                 },
                 "[QUEUED 2026-11-29T14:00:00Z]",
             ),
+            (ServerLine::InboxSent { upto: 512 }, "[INBOX] 512"),
             (ServerLine::Session { token: s("00ff") }, "[SESSION] 00ff"),
         ]
     }

@@ -357,6 +357,7 @@ impl<'py> IntoPyObject<'py> for PyEvent {
             | ServerLine::UploadKept { .. }
             | ServerLine::PasswordPrompt { .. }
             | ServerLine::QueuedAt { .. }
+            | ServerLine::InboxSent { .. }
             | ServerLine::Session { .. } => make(py, ServerText { text: line.clone() }, line),
         }
     }

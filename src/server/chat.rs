@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,6 +63,19 @@ struct Session<'a> {
     passwords: bool,
     /// What the current command's deliveries left to wait for (flow control).
     held: std::sync::Mutex<Held>,
+    /// The last inbox entry written to this session and not yet forgotten (0: none): our
+    /// client confirms it (`INBOX_RECEIVED|<id>`); for a client that cannot, it is
+    /// forgotten once the session goes on (see [`forget_delivered`]).
+    inbox_sent: AtomicU64,
+    /// Cancelled when the session ends (a lab client's delivered inbox is forgotten only if
+    /// the session outlives `inbox_settle` after it).
+    ended: CancellationToken,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
 }
 
 impl Session<'_> {
@@ -253,9 +266,25 @@ pub(super) async fn serve(shared: Arc<Shared>, conn: Conn, addr: SocketAddr, ope
                 registered: AtomicBool::new(login.registered),
                 passwords,
                 held: std::sync::Mutex::default(),
+                inbox_sent: AtomicU64::new(0),
+                ended: CancellationToken::new(),
             });
             if login.registered {
                 Box::pin(replay_inbox(&session, &queue, &kill)).await;
+                let upto = session.inbox_sent.load(Ordering::Relaxed);
+                if upto > 0 && !session.outbox.extended() {
+                    let (shared, user) = (shared.clone(), user.clone());
+                    let ended = session.ended.clone();
+                    let settle = shared.config.limits.inbox_settle;
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = ended.cancelled() => {}
+                            _ = tokio::time::sleep(settle) => {
+                                forget_delivered(&shared, &user, upto, false).await;
+                            }
+                        }
+                    });
+                }
             }
             let end = run(&session, &mut reader, &kill).await;
             if let Ended::Frame(e) = &end {
@@ -449,15 +478,19 @@ fn claim(
 }
 
 /// Delivers what waited in the user's inbox, oldest first, each as the line it would have
-/// been live (our client gets `[QUEUED <time>]` before each), before any live message.
-/// An entry is forgotten once its line has been written to the socket.
+/// been live (our client gets `[QUEUED <time>]` before each, and `[INBOX] <id>` after each
+/// page), before any live message. Nothing is forgotten here: our client confirms what it
+/// got (`INBOX_RECEIVED|<id>`); for a client that cannot, the entries written (up to
+/// `session.inbox_sent`) are forgotten once its session goes on. A session that ends
+/// first leaves them for the next login: a message may come twice, but is never lost.
 async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &CancellationToken) {
     let (shared, user) = (session.shared, session.user);
     let registry = &shared.registry;
+    let mut after = 0u64;
     let mut delivered = 0usize;
     loop {
         let mark = registry.inbox_mark(user);
-        let page = match shared.store.peek_inbox(user, 0, REPLAY_PAGE).await {
+        let page = match shared.store.peek_inbox(user, after, REPLAY_PAGE).await {
             Ok(page) => page,
             Err(e) => {
                 warn!("[STORE] cannot read {user}'s inbox: {e}");
@@ -467,7 +500,7 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
         let Some(last) = page.last().map(|q| q.id) else {
             if registry.finish_replay(user, session.id, mark, &mut session.held()) {
                 if delivered > 0 {
-                    info!("[INBOX] {user}: {delivered} queued messages delivered");
+                    info!("[INBOX] {user}: {delivered} queued messages written");
                 }
                 return;
             }
@@ -479,14 +512,19 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
             }
             continue;
         };
-        for queued in &page {
-            // Our client gets the time first, in the same write as the line it belongs to.
+        let extended = session.outbox.extended();
+        for (i, queued) in page.iter().enumerate() {
+            // Our client gets the time first, in the same write as the line it belongs to,
+            // and after the page, what to confirm.
             let mut wire = String::new();
-            if session.outbox.extended() {
+            if extended {
                 let at = utc(queued.message.at);
                 wire = ServerLine::QueuedAt { at }.to_wire();
             }
             wire.push_str(&live_line(&queued.message).to_wire());
+            if extended && i + 1 == page.len() {
+                wire.push_str(&ServerLine::InboxSent { upto: last }.to_wire());
+            }
             session
                 .outbox
                 .deliver(Bytes::from(wire), &mut session.held());
@@ -503,14 +541,41 @@ async fn replay_inbox(session: &Session<'_>, queue: &SendQueue, kill: &Cancellat
         if !written {
             return;
         }
-        if let Err(e) = shared.store.drop_inbox(user, last).await {
-            warn!("[STORE] cannot clear {user}'s delivered inbox: {e}");
-            break;
-        }
+        session.inbox_sent.store(last, Ordering::Relaxed);
+        after = last;
         delivered += page.len();
     }
     // The store failed: go live; what is left waits for the next login.
     registry.end_replay(user, session.id, &mut session.held());
+}
+
+/// Forgets `user`'s inbox entries up to `upto`, delivered (`confirmed` by our client, or
+/// written to a client that cannot confirm, whose session went on).
+async fn forget_delivered(shared: &Shared, user: &str, upto: u64, confirmed: bool) {
+    match shared.store.drop_inbox(user, upto).await {
+        Ok(0) => {}
+        Ok(n) => {
+            shared.metrics.inbox_delivered(confirmed, n);
+            debug!("[INBOX] {user}: {n} delivered messages forgotten");
+        }
+        // They stay, and come again at the next login.
+        Err(e) => warn!("[STORE] cannot clear {user}'s delivered inbox: {e}"),
+    }
+}
+
+/// `INBOX_RECEIVED|<id>`: our client has the queued messages up to `upto`.
+fn inbox_received<'a>(session: &'a Session<'a>, upto: u64) -> Option<Later<'a>> {
+    let sent = session.inbox_sent.load(Ordering::Relaxed);
+    if upto == 0 || upto > sent {
+        session.refuse(Refusal::InboxNotSent(upto));
+        return None;
+    }
+    Some(Box::pin(forget_delivered(
+        session.shared,
+        session.user,
+        upto,
+        true,
+    )))
 }
 
 /// What a failed store operation becomes: a log line saying what it was for, and
@@ -577,6 +642,11 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
                 None => continue,
             },
         };
+        // A client that cannot confirm its queued messages went on after them.
+        if session.inbox_sent.load(Ordering::Relaxed) != 0 && !session.outbox.extended() {
+            let upto = session.inbox_sent.swap(0, Ordering::Relaxed);
+            forget_delivered(session.shared, session.user, upto, false).await;
+        }
         if asked.is_some() {
             ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
         }
@@ -663,6 +733,7 @@ fn handle<'a>(
             return dispatch(session, call);
         }
         Ok(Parsed::Ack { sender, filename }) => return ack(session, sender, filename),
+        Ok(Parsed::InboxReceived { upto }) => return inbox_received(session, upto),
         Ok(Parsed::Hello) => {
             session.outbox.extend();
             session.reply(ServerLine::Hello);
@@ -676,6 +747,7 @@ fn handle<'a>(
         Err(CommandError::Empty) => {}
         Err(CommandError::Usage(spec)) => session.reply(ServerLine::Usage(spec)),
         Err(CommandError::MalformedAck) => session.refuse(Refusal::MalformedAck),
+        Err(CommandError::MalformedInboxReceipt) => session.refuse(Refusal::MalformedInboxReceipt),
     }
     None
 }

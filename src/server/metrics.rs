@@ -55,6 +55,7 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     drops: [Counter; 2],
+    inbox_delivered: [Counter; 2],
     hook_calls: [Counter; 4],
     hook_failures: [Counter; 4],
     hook_latency: [Histogram; 4],
@@ -83,6 +84,7 @@ impl Metrics {
         let deliveries = Family::<Labels, Counter>::default();
         let bytes = Family::<Labels, Counter>::default();
         let drops = Family::<Labels, Counter>::default();
+        let inbox = Family::<Labels, Counter>::default();
         let calls = Family::<Labels, Counter>::default();
         let failures = Family::<Labels, Counter>::default();
         let latency = Family::<Labels, Histogram>::new_with_constructor(|| {
@@ -105,6 +107,8 @@ impl Metrics {
             bytes_out: bytes.get_or_create_owned(&label("direction", "out")),
             drops: ["slow_consumer", "refused"]
                 .map(|r| drops.get_or_create_owned(&label("reason", r))),
+            inbox_delivered: ["confirmed", "session_went_on"]
+                .map(|h| inbox.get_or_create_owned(&label("known_by", h))),
             hook_calls: hooks.map(|k| calls.get_or_create_owned(&label("kind", k))),
             hook_failures: hooks.map(|k| failures.get_or_create_owned(&label("kind", k))),
             hook_latency: hooks.map(|k| latency.get_or_create_owned(&label("kind", k))),
@@ -124,6 +128,12 @@ impl Metrics {
             bytes,
         );
         registry.register("drops", "Connections dropped, by reason", drops);
+        registry.register(
+            "inbox_delivered",
+            "Queued messages forgotten once delivered: confirmed by our client, or written to a \
+             client that cannot confirm and whose session went on",
+            inbox,
+        );
         registry.register(
             "hook_calls",
             "Questions asked of the Python hooks, by kind",
@@ -172,6 +182,12 @@ impl Metrics {
 
     pub(crate) fn dropped(&self, why: Dropped) {
         self.drops[why as usize].inc();
+    }
+
+    /// `n` queued messages forgotten once delivered (`confirmed` by our client, else
+    /// written to a lab client whose session went on).
+    pub(crate) fn inbox_delivered(&self, confirmed: bool, n: u64) {
+        self.inbox_delivered[usize::from(!confirmed)].inc_by(n);
     }
 
     pub(crate) fn hook(&self, kind: HookKind, took: Duration, failed: bool) {

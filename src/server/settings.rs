@@ -221,6 +221,11 @@ settings! {
     /// Messages kept for one registered user while away, at most.
     inbox_max: u64 [Count] = 10_000, min 0,
         "messages kept for one registered user while away";
+    /// How long a client that cannot confirm what it received (the lab's, netcat) must stay
+    /// connected after its queued messages were written, if it sends nothing, before they
+    /// are forgotten (a line it sends after them counts at once).
+    inbox_settle: Duration = Duration::from_secs(2), min Duration::ZERO,
+        "how long a client that cannot confirm must stay connected after its queued messages before they are forgotten";
     /// Days of message history kept (older messages are deleted every hour).
     history_days: u64 [Count] = 30, min 1,
         "days of message history kept";

@@ -133,8 +133,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'_, Vec<String>>;
     /// Up to `limit` messages of `user`'s inbox after entry `after`, oldest first.
     fn peek_inbox(&self, user: &str, after: u64, limit: usize) -> StoreFuture<'_, Vec<Queued>>;
-    /// Forgets `user`'s inbox entries up to and including `upto` (they were delivered).
-    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, ()>;
+    /// Forgets `user`'s inbox entries up to and including `upto` (they were delivered);
+    /// how many there were.
+    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, u64>;
 
     /// Appends a delivered message to the history: `None` if it was taken with nothing
     /// to wait for (the common case, which costs the caller no future), else what to await
@@ -270,10 +271,14 @@ pub(crate) mod contract {
         assert_eq!(page[0].message.to, Scope::User("bob".into()));
         let rest = store.peek_inbox("bob", page[1].id, 10).await.expect("read");
         assert_eq!(rest.len(), 1);
-        store.drop_inbox("bob", page[1].id).await.expect("dropped");
+        let gone = store.drop_inbox("bob", page[1].id).await.expect("dropped");
+        assert_eq!(gone, 2);
         let left = store.peek_inbox("bob", 0, 10).await.expect("read");
         assert_eq!(left, rest, "only what was delivered is gone");
-        store.drop_inbox("bob", rest[0].id).await.expect("dropped");
+        let gone = store.drop_inbox("bob", rest[0].id).await.expect("dropped");
+        assert_eq!(gone, 1);
+        let again = store.drop_inbox("bob", rest[0].id).await.expect("dropped");
+        assert_eq!(again, 0, "what is gone is gone once");
         assert!(store
             .peek_inbox("bob", 0, 10)
             .await

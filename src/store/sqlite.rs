@@ -990,7 +990,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, ()> {
+    fn drop_inbox(&self, user: &str, upto: u64) -> StoreFuture<'_, u64> {
         let user = user.to_owned();
         self.write(move |conn| {
             let gone = conn
@@ -1003,8 +1003,8 @@ impl Store for SqliteStore {
                 "UPDATE inbox_sizes SET n = max(n - ?2, 0) WHERE user = ?1",
                 params![user, i64::try_from(gone).unwrap_or(i64::MAX)],
             )
-            .map(drop)
-            .map_err(sql)
+            .map_err(sql)?;
+            Ok(u64::try_from(gone).unwrap_or(u64::MAX))
         })
     }
 
