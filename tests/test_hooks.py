@@ -92,11 +92,16 @@ def test_login_and_upload_hooks_refuse_with_the_reason(hooked, tmp_path):
     def setup(srv: Server) -> None:
         @srv.before_login
         def only_friends(login: Login):
+            assert type(login) is Login and len(login) == len(Login._fields)
             assert login.address == "127.0.0.1" and login.registered is False
             return login.name != "mallory"
 
         @srv.before_upload
         def no_exe(upload: Upload):
+            # Every field, in its place (events are made from the engine's tuples as they
+            # are).
+            assert type(upload) is Upload and len(upload) == len(Upload._fields)
+            assert (upload.target, upload.size) == ("bob", 100)
             if upload.filename.endswith(".exe"):
                 raise Refuse(f"{upload.sender} may not send programs")
 

@@ -120,6 +120,12 @@ class Upload(NamedTuple):
 
 
 _EVENTS: dict[str, Any] = {"message": Message, "login": Login, "upload": Upload}
+#: Makes an event from the engine's `args` without the NamedTuple's Python-level `__new__`
+#: (a quarter of a hooked message's cost in Python).
+_new_tuple = tuple.__new__
+#: What a hook returns that is never awaitable (`inspect.isawaitable` costs as much as a
+#: hook call).
+_PLAIN = frozenset({str, bool})
 
 
 @dataclasses.dataclass
@@ -391,47 +397,60 @@ class Server(_native.Server):
         run = self._run
         return super().hook_drops + (run.drops if run else 0)
 
-    def _answer_one(self, request: _native.HookRequest, run: _Run) -> None:
+    def _answer_one(self, request: _native.HookRequest, run: _Run, started: float) -> float:
+        """Answers `request`, taken at `started` (`time.monotonic()`); returns when it was
+        answered, the next request's start (one clock reading per hook call)."""
         try:
-            self._answer(request, run)
+            return self._answer(request, run, started)
         except Exception:
             log.exception("answering %r failed", request)
             with contextlib.suppress(RuntimeError):  # answered before it failed
                 request.deny(HOOK_FAILED)
+            return time.monotonic()
 
-    def _answer(self, request: _native.HookRequest, run: _Run) -> None:
-        # The hot path of every hooked message: kept lean (one tuple in, one call out).
+    def _answer(self, request: _native.HookRequest, run: _Run, started: float) -> float:
+        # The hot path of every hooked message, kept lean: one tuple in, one call out, no
+        # Python-level constructor (the engine's `args` match the event's fields), and an
+        # awaitable looked for only in what is not a plain answer.
         kind = request.kind
         args = request.args
         if kind == "command":
-            return self._run_command(request, args, run)
-        event = _EVENTS[kind](*args)
+            self._run_command(request, args, run)
+            return time.monotonic()
+        event = _new_tuple(_EVENTS[kind], args)
         for hook in self._before[kind]:
-            started = time.monotonic()
             try:
                 out = hook.fn(event)
-                if inspect.isawaitable(out):
+                if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
                     out = run.wait(out, hook.timeout)
             except Refuse as refused:
-                return request.deny(str(refused) or REFUSED)
+                request.deny(str(refused) or REFUSED)
+                return time.monotonic()
             except Exception as e:
                 name = hook.fn.__qualname__
                 if isinstance(e, _HookTimeout):
                     log.warning("%s hook %s took over %s s", kind, name, hook.timeout)
                 else:
                     log.exception("%s hook %s failed", kind, name)
+                started = time.monotonic()
                 if hook.fail_open:
                     continue
-                return request.deny(HOOK_FAILED)
-            if time.monotonic() - started > hook.timeout:
+                request.deny(HOOK_FAILED)
+                return started
+            now = time.monotonic()
+            if now - started > hook.timeout:
                 log.warning("%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout)
+            started = now
             if out is False:
-                return request.deny(REFUSED)
+                request.deny(REFUSED)
+                return started
             if out.__class__ is str and kind == "message":
                 event = event._replace(text=out)
         if kind == "message" and event.text != args[3]:
-            return request.rewrite(event.text)
-        return request.allow()
+            request.rewrite(event.text)
+        else:
+            request.allow()
+        return started
 
     def _run_command(self, request: _native.HookRequest, args: tuple, run: _Run) -> None:
         caller, name, text = args
@@ -511,8 +530,9 @@ class _Run:
                         self.observed.put_nowait(request.fields)
                     except queue.Full:
                         self.drops += 1
+            started = time.monotonic()
             for request in questions:
-                answer(request, self)
+                started = answer(request, self, started)
 
     def wait(self, awaitable: Any, timeout: float | None) -> Any:
         """Runs an async hook's awaitable on the hooks' event loop, within `timeout`."""

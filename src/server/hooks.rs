@@ -171,10 +171,17 @@ impl Asked {
         let deadline = tokio::time::Instant::from_std(self.started + self.policy.limit);
         let answer = match self.rx {
             None => Err("is overloaded".to_owned()),
-            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(_)) => Err("is gone".to_owned()),
-                Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
+            // Often in already (a pipelining session asks ahead): then no timer is armed.
+            Some(mut rx) => match rx.try_recv() {
+                Ok(answer) => Ok(answer),
+                Err(oneshot::error::TryRecvError::Closed) => Err("is gone".to_owned()),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx).await {
+                        Ok(Ok(answer)) => Ok(answer),
+                        Ok(Err(_)) => Err("is gone".to_owned()),
+                        Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
+                    }
+                }
             },
         };
         metrics.hook(self.kind, self.started.elapsed(), answer.is_err());
