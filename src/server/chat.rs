@@ -35,7 +35,7 @@ use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::names::{check_group, normalize};
 use crate::protocol::server_line::utc;
 use crate::protocol::{CommandError, FrameError, ServerLine};
-use crate::store::{Account, Message, Scope, StoreError};
+use crate::store::{Account, Message, MessageRef, Scope, ScopeRef, StoreError};
 
 /// How long a closing connection's writer may take to flush what is queued.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -138,7 +138,7 @@ impl Session<'_> {
     /// Adds a delivered message to the history (when the server keeps one; the caller has
     /// checked that both parties of a private message are registered); what is left to
     /// await, if anything (usually nothing).
-    fn remember(&self, message: Message) -> Option<Later<'_>> {
+    fn remember(&self, message: MessageRef<'_>) -> Option<Later<'_>> {
         if !self.shared.config.policy.history {
             return None;
         }
@@ -902,14 +902,21 @@ fn msg<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>> {
     match sent {
         // The common case costs no store work: nothing to keep, or a guest involved.
         Sent::Live(registered) if !(registered && session.keeps_history()) => None,
-        Sent::Live(_) => session.remember(session.message(Scope::User(to.into_owned()), text)),
+        Sent::Live(_) => session.remember(MessageRef {
+            from: session.user,
+            to: ScopeRef::User(&to),
+            text,
+            at: SystemTime::now(),
+        }),
         Sent::Queue(ticket) => Some(Box::pin(async move {
             let to = to.into_owned();
             let message = session.message(Scope::User(to.clone()), text);
             match session.queue(ticket, message.clone()).await {
                 Ok(full) if full.is_empty() => {
                     session.reply(ServerLine::MessageQueued { user: to });
-                    let later = session.keeps_history().then(|| session.remember(message));
+                    let later = session
+                        .keeps_history()
+                        .then(|| session.remember(message.as_ref()));
                     if let Some(later) = later.flatten() {
                         later.await;
                     }
@@ -995,7 +1002,7 @@ fn send_group<'a>(session: &'a Session<'a>, call: Call<'a>) -> Option<Later<'a>>
                 for user in full {
                     session.refuse(Refusal::InboxFull(user));
                 }
-                if let Some(later) = session.remember(message) {
+                if let Some(later) = session.remember(message.as_ref()) {
                     later.await;
                 }
             }

@@ -72,6 +72,54 @@ pub struct Message {
     pub at: SystemTime,
 }
 
+impl Scope {
+    /// The scope, borrowed.
+    pub fn as_ref(&self) -> ScopeRef<'_> {
+        match self {
+            Scope::User(user) => ScopeRef::User(user),
+            Scope::Group(group) => ScopeRef::Group(group),
+            Scope::Everyone => ScopeRef::Everyone,
+            Scope::Ack => ScopeRef::Ack,
+        }
+    }
+}
+
+/// Where a message went, borrowed (see [`Scope`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum ScopeRef<'a> {
+    User(&'a str),
+    Group(&'a str),
+    Everyone,
+    Ack,
+}
+
+/// A message as the history takes it: borrowed from the line it came in, so keeping it
+/// copies its parts once, into the history's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    /// Who sent it.
+    pub from: &'a str,
+    /// Where it went.
+    pub to: ScopeRef<'a>,
+    /// What it said.
+    pub text: &'a str,
+    /// When the server accepted it.
+    pub at: SystemTime,
+}
+
+impl Message {
+    /// The message, borrowed.
+    pub fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef {
+            from: &self.from,
+            to: self.to.as_ref(),
+            text: &self.text,
+            at: self.at,
+        }
+    }
+}
+
 /// One file the server saved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRecord {
@@ -141,7 +189,7 @@ pub trait Store: Send + Sync + 'static {
     /// to wait for (the common case, which costs the caller no future), else what to await
     /// (flow control). Either way it may not be durable yet; a later [`Store::history`]
     /// sees it all the same.
-    fn append_history(&self, message: Message) -> Option<StoreFuture<'_, ()>>;
+    fn append_history(&self, message: MessageRef<'_>) -> Option<StoreFuture<'_, ()>>;
     /// The last `limit` messages of a conversation sent at or after `since`, oldest
     /// first: of group `g` for `Scope::Group(g)`, between `me` and `u` (both ways) for
     /// `Scope::User(u)`.
@@ -202,7 +250,7 @@ pub(crate) mod contract {
     }
 
     async fn append(store: &dyn Store, message: Message) {
-        if let Some(pending) = store.append_history(message) {
+        if let Some(pending) = store.append_history(message.as_ref()) {
             pending.await.expect("kept");
         }
     }

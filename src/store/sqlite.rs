@@ -20,7 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Account, FileRecord, Message, Queued, Scope, Store, StoreError, StoreFuture};
+use super::{
+    Account, FileRecord, Message, MessageRef, Queued, Scope, ScopeRef, Store, StoreError,
+    StoreFuture,
+};
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -140,8 +143,10 @@ pub struct SqliteStore {
 #[derive(Default)]
 struct HistoryBuffer {
     pending: Mutex<Pending>,
-    /// A flush is queued that will take the rows.
+    /// A flush is queued (or will be, see [`HISTORY_PACE`]) that will take the rows.
     flushing: std::sync::atomic::AtomicBool,
+    /// When the last flush took its rows.
+    last_flush: Mutex<Option<std::time::Instant>>,
 }
 
 /// Appends not yet written, encoded as they came (so nothing of a message outlives the
@@ -166,8 +171,8 @@ struct PendingRow {
 }
 
 impl Pending {
-    fn push(&mut self, message: &Message) {
-        let (kind, a, b) = conversation(&message.from, &message.to);
+    fn push(&mut self, message: MessageRef<'_>) {
+        let (kind, a, b) = conversation_of(message.from, message.to);
         let put = |bytes: &mut Vec<u8>, s: &[u8]| {
             bytes.extend_from_slice(s);
             bytes.len() - s.len()..bytes.len()
@@ -176,7 +181,7 @@ impl Pending {
         let b = put(&mut self.bytes, b.as_bytes());
         let start = self.bytes.len();
         let at_ms = ms(message.at);
-        encode_one(&mut self.bytes, at_ms, &message.from, &message.text);
+        encode_one(&mut self.bytes, at_ms, message.from, message.text);
         let body = start..self.bytes.len();
         self.rows.push(PendingRow {
             kind,
@@ -220,6 +225,12 @@ const HISTORY_BUFFER: usize = 64 * 1024;
 const HISTORY_BUFFER_BYTES: usize = 16 << 20;
 /// Most bytes of messages in one row of the history table.
 const HISTORY_ROW_BYTES: usize = 1 << 20;
+/// Least time between two history flushes (while the buffer is not full): a busy server
+/// commits its history in a few large transactions a second rather than one per
+/// scheduling round, and so writes each page of the table's indexes far fewer times.
+/// History was never durable before the message went out; this is how much more of it a
+/// crash may take.
+const HISTORY_PACE: Duration = Duration::from_millis(10);
 
 struct Readers {
     /// The database file.
@@ -521,40 +532,15 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
     ) -> StoreFuture<'_, ()> {
-        let job: Job = Box::new(move |conn| {
-            let conn = match conn {
-                Ok(conn) => conn,
-                Err(e) => {
-                    done(Err(e.clone()));
-                    return None;
-                }
-            };
-            let result = f(conn);
-            if result.is_err() {
-                let _ = conn.execute_batch("ROLLBACK TO job");
-            }
-            Some(Box::new(move |commit: Option<&StoreError>| {
-                done(match commit {
-                    Some(e) => Err(e.clone()),
-                    None => result,
-                });
-            }))
-        });
-        let writer = self
-            .writer
+        enqueue_on(self.writer(), f, done)
+    }
+
+    /// The writer's queue (`None` once the store is being dropped).
+    fn writer(&self) -> Option<mpsc::Sender<Job>> {
+        self.writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let stopped = || unavailable("the store's writer has stopped");
-        // Queued at once when there is room (the job runs even if the future is dropped);
-        // else the future waits for room.
-        match writer.map(|writer| (writer.try_send(job), writer)) {
-            Some((Ok(()), _)) => Box::pin(std::future::ready(Ok(()))),
-            Some((Err(mpsc::error::TrySendError::Full(job)), writer)) => {
-                Box::pin(async move { writer.send(job).await.map_err(|_| stopped()) })
-            }
-            _ => Box::pin(std::future::ready(Err(stopped()))),
-        }
+            .clone()
     }
 
     /// Writes every history row gathered so far (one row per conversation batch); completes
@@ -578,35 +564,7 @@ impl SqliteStore {
         StoreFuture<'_, ()>,
         oneshot::Receiver<Result<(), StoreError>>,
     ) {
-        use std::sync::atomic::Ordering;
-        let (buffer, restore) = (self.history.clone(), self.history.clone());
-        let taken: Arc<Mutex<Pending>> = Arc::default();
-        let kept = taken.clone();
-        let (tx, rx) = oneshot::channel();
-        let queued = self.enqueue(
-            move |conn| {
-                // Cleared before the rows are taken: a row added after this is either taken
-                // now or queues a flush of its own.
-                buffer.flushing.store(false, Ordering::Release);
-                let rows = std::mem::take(&mut *buffer.lock());
-                let written = write_history(conn, &rows);
-                *kept.lock().unwrap_or_else(PoisonError::into_inner) = rows;
-                written
-            },
-            move |result: Result<(), StoreError>| {
-                restore.flushing.store(false, Ordering::Release);
-                if let Err(e) = &result {
-                    tracing::warn!("[STORE] cannot write the history: {e}");
-                    let mut back =
-                        std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner));
-                    let mut pending = restore.lock();
-                    back.append(std::mem::take(&mut *pending));
-                    *pending = back;
-                }
-                let _ = tx.send(result);
-            },
-        );
-        (queued, rx)
+        queue_history_flush_on(self.writer(), self.history.clone())
     }
 
     /// Runs `f` on a reader connection on the blocking pool (for `:memory:`, in the
@@ -645,9 +603,96 @@ impl SqliteStore {
     }
 }
 
+/// Queues on `writer` a job that runs `f` and hands its result (after the commit) to
+/// `done`.
+fn enqueue_on<T: Send + 'static>(
+    writer: Option<mpsc::Sender<Job>>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
+) -> StoreFuture<'static, ()> {
+    let job: Job = Box::new(move |conn| {
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                done(Err(e.clone()));
+                return None;
+            }
+        };
+        let result = f(conn);
+        if result.is_err() {
+            let _ = conn.execute_batch("ROLLBACK TO job");
+        }
+        Some(Box::new(move |commit: Option<&StoreError>| {
+            done(match commit {
+                Some(e) => Err(e.clone()),
+                None => result,
+            });
+        }))
+    });
+    let stopped = || unavailable("the store's writer has stopped");
+    // Queued at once when there is room (the job runs even if the future is dropped);
+    // else the future waits for room.
+    match writer.map(|writer| (writer.try_send(job), writer)) {
+        Some((Ok(()), _)) => Box::pin(std::future::ready(Ok(()))),
+        Some((Err(mpsc::error::TrySendError::Full(job)), writer)) => {
+            Box::pin(async move { writer.send(job).await.map_err(|_| stopped()) })
+        }
+        _ => Box::pin(std::future::ready(Err(stopped()))),
+    }
+}
+
+/// Queues on `writer` a flush of `history` (see `SqliteStore::flush_history`): completes
+/// once queued; the receiver gets the result once it has committed.
+fn queue_history_flush_on(
+    writer: Option<mpsc::Sender<Job>>,
+    history: Arc<HistoryBuffer>,
+) -> (
+    StoreFuture<'static, ()>,
+    oneshot::Receiver<Result<(), StoreError>>,
+) {
+    use std::sync::atomic::Ordering;
+    let (buffer, restore) = (history.clone(), history);
+    let taken: Arc<Mutex<Pending>> = Arc::default();
+    let kept = taken.clone();
+    let (tx, rx) = oneshot::channel();
+    let queued = enqueue_on(
+        writer,
+        move |conn| {
+            // Cleared before the rows are taken: a row added after this is either taken
+            // now or queues a flush of its own.
+            buffer.flushing.store(false, Ordering::Release);
+            *buffer
+                .last_flush
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
+            let rows = std::mem::take(&mut *buffer.lock());
+            let written = write_history(conn, &rows);
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = rows;
+            written
+        },
+        move |result: Result<(), StoreError>| {
+            restore.flushing.store(false, Ordering::Release);
+            if let Err(e) = &result {
+                tracing::warn!("[STORE] cannot write the history: {e}");
+                let mut back =
+                    std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner));
+                let mut pending = restore.lock();
+                back.append(std::mem::take(&mut *pending));
+                *pending = back;
+            }
+            let _ = tx.send(result);
+        },
+    );
+    (queued, rx)
+}
+
 impl Drop for SqliteStore {
-    /// Lets the writer finish what is queued and joins it, before the lock is let go.
+    /// Lets the writer finish what is queued (with the history not yet queued, see
+    /// [`HISTORY_PACE`]) and joins it, before the lock is let go.
     fn drop(&mut self) {
+        if !self.history.lock().rows.is_empty() {
+            drop(self.queue_history_flush());
+        }
         self.writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -676,12 +721,16 @@ fn message_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
 type Conversation<'a> = (i64, &'a str, &'a str);
 
 fn conversation<'a>(me: &'a str, scope: &'a Scope) -> Conversation<'a> {
+    conversation_of(me, scope.as_ref())
+}
+
+fn conversation_of<'a>(me: &'a str, scope: ScopeRef<'a>) -> Conversation<'a> {
     match scope {
-        Scope::User(other) if other.as_str() < me => (0, other, me),
-        Scope::User(other) => (0, me, other),
-        Scope::Group(group) => (1, group, ""),
-        Scope::Everyone => (2, "", ""),
-        Scope::Ack => (3, "", ""),
+        ScopeRef::User(other) if other < me => (0, other, me),
+        ScopeRef::User(other) => (0, me, other),
+        ScopeRef::Group(group) => (1, group, ""),
+        ScopeRef::Everyone => (2, "", ""),
+        ScopeRef::Ack => (3, "", ""),
     }
 }
 
@@ -1008,11 +1057,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append_history(&self, message: Message) -> Option<StoreFuture<'_, ()>> {
+    fn append_history(&self, message: MessageRef<'_>) -> Option<StoreFuture<'_, ()>> {
         use std::sync::atomic::Ordering;
         let (rows, bytes) = {
             let mut buffer = self.history.lock();
-            buffer.push(&message);
+            buffer.push(message);
             (buffer.rows.len(), buffer.bytes.len())
         };
         // A flush is queued with the first row after the last one started; and when the
@@ -1022,11 +1071,37 @@ impl Store for SqliteStore {
         if full {
             return Some(self.flush_history());
         }
-        match self.history.flushing.swap(true, Ordering::AcqRel) {
-            true => None,
+        if self.history.flushing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // Not sooner than HISTORY_PACE after the last flush: then later.
+        let last = *self
+            .history
+            .last_flush
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let wait = last.map_or(Duration::ZERO, |t| HISTORY_PACE.saturating_sub(t.elapsed()));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !wait.is_zero() => {
+                // Weak: a flush that waits keeps no store open (a store dropped meanwhile
+                // flushed the buffer itself).
+                let writer = self.writer().map(|w| w.downgrade());
+                let history = self.history.clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let Some(writer) = writer.and_then(|w| w.upgrade()) else {
+                        return;
+                    };
+                    let (queued, _) = queue_history_flush_on(Some(writer), history);
+                    if let Err(e) = queued.await {
+                        tracing::warn!("[STORE] cannot write the history: {e}");
+                    }
+                });
+                None
+            }
             // Waited for until queued, not until committed (a history row costs no commit
             // wait).
-            false => Some(self.queue_history_flush().0),
+            _ => Some(self.queue_history_flush().0),
         }
     }
 
@@ -1264,8 +1339,8 @@ mod tests {
         ];
         let later = m("alice", Scope::User("bob".into()), "hey");
         let (mut failed, mut newer) = (Pending::default(), Pending::default());
-        first.iter().for_each(|x| failed.push(x));
-        newer.push(&later);
+        first.iter().for_each(|x| failed.push(x.as_ref()));
+        newer.push(later.as_ref());
         // A failed flush's rows go back in front of what came meanwhile.
         failed.append(newer);
         let got: Vec<(Conversation<'_>, Vec<Message>)> = failed
@@ -1334,6 +1409,76 @@ mod tests {
             store.memberships().await.expect("read"),
             [("bob".to_owned(), "devs".to_owned())]
         );
+    }
+
+    #[tokio::test]
+    async fn history_held_back_by_the_pace_is_written_when_the_store_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relaychat.db");
+        let said = |text: &'static str| MessageRef {
+            from: "alice",
+            to: ScopeRef::User("bob"),
+            text,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        };
+        let to_bob = Scope::User("bob".into());
+        let since = SystemTime::UNIX_EPOCH;
+        {
+            let store = SqliteStore::open(&path).expect("opens");
+            // The first flush goes at once; read back, it has committed.
+            assert!(store.append_history(said("one")).is_some());
+            let kept = store
+                .history("alice", &to_bob, 10, since)
+                .await
+                .expect("read");
+            assert_eq!(kept.len(), 1);
+            // The next, right after it, waits for the pace (then there is nothing to await),
+            // and the store goes before it is due (on this one thread, it cannot run).
+            for text in ["two", "three"] {
+                drop(store.append_history(said(text)));
+            }
+        }
+        let store = SqliteStore::open(&path).expect("reopens");
+        let kept = store
+            .history("alice", &to_bob, 10, since)
+            .await
+            .expect("read");
+        let texts: Vec<&str> = kept.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+    }
+
+    #[tokio::test]
+    async fn history_held_back_by_the_pace_is_written_soon_without_a_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relaychat.db");
+        let store = SqliteStore::open(&path).expect("opens");
+        let said = MessageRef {
+            from: "alice",
+            to: ScopeRef::Group("devs"),
+            text: "hi",
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        };
+        for _ in 0..3 {
+            if let Some(pending) = store.append_history(said) {
+                pending.await.expect("queued");
+            }
+        }
+        // Another connection sees the rows once the paced flush has committed.
+        let other = open_connection(&path, true).expect("opens");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let n: i64 = other
+                .query_row("SELECT coalesce(sum(n), 0) FROM history", [], |r| r.get(0))
+                .expect("reads");
+            if n == 3 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} of 3 rows written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[test]
