@@ -88,6 +88,35 @@ def test_a_message_hook_allows_denies_and_rewrites_every_kind(hooked):
     assert seen[0].sender == "alice"
 
 
+def test_chained_hooks_see_each_others_rewrites_and_the_first_refusal_wins(hooked):
+    def setup(srv: Server) -> None:
+        @srv.before_message(priority=3)
+        def shout(msg: Message) -> str:
+            return msg.text.upper()
+
+        @srv.before_message(priority=2, fail="open")
+        def broken_but_open(msg: Message):
+            if "BUG" in msg.text:
+                raise KeyError("bug")
+
+        @srv.before_message(priority=1)
+        def no_secrets(msg: Message):
+            if "SECRET" in msg.text:
+                return False
+            return msg.text + "!" if msg.text == "HI" else None
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    alice.send("msg bob hi\n")
+    bob.expect("[PRIVATE from alice]: HI!")
+    # A hook that fails open keeps what the hooks before it made of the text.
+    alice.send("msg bob a bug\n")
+    bob.expect("[PRIVATE from alice]: A BUG")
+    alice.send("msg bob a secret\n")
+    alice.expect("ERROR: refused by the server")
+    bob.assert_silent()
+
+
 def test_login_and_upload_hooks_refuse_with_the_reason(hooked, tmp_path):
     def setup(srv: Server) -> None:
         @srv.before_login

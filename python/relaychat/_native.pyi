@@ -10,7 +10,7 @@ import os
 import pathlib
 import types
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import ClassVar, Literal, final
+from typing import Any, ClassVar, Literal, final
 
 from typing_extensions import Self, disjoint_base
 
@@ -38,7 +38,7 @@ __all__ = [
     "GroupMessage",
     "HistoryEnd",
     "HistoryEntry",
-    "HookRequest",
+    "HookBatch",
     "Joined",
     "Left",
     "MemberList",
@@ -245,9 +245,21 @@ class Server:
         """Give the engine its hooks before `start()` (used by `relaychat.Server`): each
         kind's `(time limit in seconds, fail_open)` or `None`, the custom commands as
         `(name, usage, help)`, and whether observations are wanted."""
-    def _next_hooks(self, timeout: float) -> list[HookRequest] | None:
+    def _next_hooks(
+        self, timeout: float
+    ) -> (
+        tuple[
+            HookBatch,
+            list[tuple[Literal["message", "login", "upload", "command"], tuple[Any, ...]]],
+            list[dict[str, str]],
+        ]
+        | None
+    ):
         """The next requests for the hooks (waits up to `timeout` s for one, then takes
-        what else waits); `[]` if none came, `None` without hooks."""
+        what else waits): the batch to answer, its questions in order as `(kind, args)`
+        (`args` as `Message`, `Login`, `Upload` take them; a command's caller, name and
+        args), and the observations, each its fields by name (`event` its name). All
+        empty if none came; `None` without hooks."""
     @property
     def hook_drops(self) -> int:
         """Observations dropped because the observers fell behind."""
@@ -269,23 +281,18 @@ class Server:
     ) -> bool: ...
 
 @final
-class HookRequest:
-    """A question from the engine to `relaychat.Server`'s hooks (answer it once), or an
-    observation (`kind == "observed"`)."""
+class HookBatch:
+    """The questions of one batch from the engine to `relaychat.Server`'s hooks, each
+    answered once."""
 
-    @property
-    def kind(self) -> Literal["message", "login", "upload", "command", "observed"]: ...
-    @property
-    def args(self) -> tuple[str | int | bool, ...]:
-        """A question's fields in order, as `Message`, `Login`, `Upload` take them (a
-        command: caller, name, args); empty for an observation."""
-    @property
-    def fields(self) -> dict[str, str]:
-        """An observation's fields by name (`event` is its name); empty for a question."""
-    def allow(self) -> None: ...
-    def deny(self, reason: str) -> None: ...
-    def rewrite(self, text: str) -> None: ...
-    def reply(self, lines: list[str]) -> None: ...
+    def answer(self, index: int, answer: tuple[str, Any] | None) -> None:
+        """Answers question `index` (once): `None` lets it happen, `("deny", reason)`
+        refuses it, `("rewrite", text)` sends a message with `text` instead,
+        `("reply", lines)` answers a command. It goes out at the next `flush()`, or
+        within a millisecond."""
+    def flush(self) -> None:
+        """Hands the answers given so far to the sessions that asked."""
+    def __len__(self) -> int: ...
 
 @final
 class Client:

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -67,6 +67,9 @@ REFUSED = "refused by the server"
 HOOK_FAILED = "refused: a server hook failed"
 #: How many hook calls may run at once (a hook that sleeps holds one).
 WORKERS = 8
+#: A dispatcher that answers no question for this long (seconds) is stuck in a hook: the
+#: others take on the rest of its batch.
+STALL = 0.01
 #: Observations waiting for the observers at most; past it they are dropped (counted).
 OBSERVED_QUEUE = 65_536
 #: The engine waits this much past a hook's own limit before it applies the failure
@@ -397,62 +400,56 @@ class Server(_native.Server):
         run = self._run
         return super().hook_drops + (run.drops if run else 0)
 
-    def _answer_one(self, request: _native.HookRequest, run: _Run, started: float) -> float:
-        """Answers `request`, taken at `started` (`time.monotonic()`); returns when it was
-        answered, the next request's start (one clock reading per hook call)."""
-        try:
-            return self._answer(request, run, started)
-        except Exception:
-            log.exception("answering %r failed", request)
-            with contextlib.suppress(RuntimeError):  # answered before it failed
-                request.deny(HOOK_FAILED)
-            return time.monotonic()
-
-    def _answer(self, request: _native.HookRequest, run: _Run, started: float) -> float:
-        # The hot path of every hooked message, kept lean: one tuple in, one call out, no
-        # Python-level constructor (the engine's `args` match the event's fields), and an
-        # awaitable looked for only in what is not a plain answer.
-        kind = request.kind
-        args = request.args
-        if kind == "command":
-            self._run_command(request, args, run)
-            return time.monotonic()
-        event = _new_tuple(_EVENTS[kind], args)
-        for hook in self._before[kind]:
-            try:
-                out = hook.fn(event)
-                if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
-                    out = run.wait(out, hook.timeout)
-            except Refuse as refused:
-                request.deny(str(refused) or REFUSED)
-                return time.monotonic()
-            except Exception as e:
-                name = hook.fn.__qualname__
-                if isinstance(e, _HookTimeout):
-                    log.warning("%s hook %s took over %s s", kind, name, hook.timeout)
-                else:
-                    log.exception("%s hook %s failed", kind, name)
-                started = time.monotonic()
-                if hook.fail_open:
+    def _answer_from(self, batch: _native.HookBatch, items: Iterator, run: _Run) -> None:
+        """Answers `batch`'s questions as `items` yields them (an iterator shared by the
+        dispatchers: one stuck in a slow hook holds only its own question, the others take
+        on the rest). The engine hands the answers over together, within a millisecond."""
+        before = self._before
+        clock = time.monotonic
+        started = clock()  # one clock reading per hook call
+        for i, (kind, args) in items:
+            if kind == "command":
+                batch.answer(i, self._run_command(args, run))
+                run.answered += 1
+                started = clock()
+                continue
+            # The hot path of every hooked message, kept lean: one tuple in, no Python-level
+            # constructor (the engine's `args` match the event's fields), an awaitable
+            # looked for only in what is not a plain answer, no call but the hook's.
+            answer = None
+            event = _new_tuple(_EVENTS[kind], args)
+            for hook in before[kind]:
+                try:
+                    out = hook.fn(event)
+                    if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
+                        out = run.wait(out, hook.timeout)
+                except Exception as e:
+                    started = clock()
+                    failed = _failed(kind, hook, e)
+                    if failed is None:  # it fails open: on to the next hook
+                        continue
+                    answer = failed
+                    break
+                now = clock()
+                if now - started > hook.timeout:
+                    log.warning(
+                        "%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout
+                    )
+                started = now
+                if out is None:
                     continue
-                request.deny(HOOK_FAILED)
-                return started
-            now = time.monotonic()
-            if now - started > hook.timeout:
-                log.warning("%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout)
-            started = now
-            if out is False:
-                request.deny(REFUSED)
-                return started
-            if out.__class__ is str and kind == "message":
-                event = event._replace(text=out)
-        if kind == "message" and event.text != args[3]:
-            request.rewrite(event.text)
-        else:
-            request.allow()
-        return started
+                if out is False:
+                    answer = "deny", REFUSED
+                    break
+                if out.__class__ is str and kind == "message":
+                    event = event._replace(text=out)
+                    answer = "rewrite", out
+            batch.answer(i, answer)
+            run.answered += 1
+        batch.flush()
 
-    def _run_command(self, request: _native.HookRequest, args: tuple, run: _Run) -> None:
+    def _run_command(self, args: tuple, run: _Run) -> tuple[str, Any]:
+        """A custom command's answer, as `HookBatch.answer` takes it."""
         caller, name, text = args
         command = self._commands[name]
         if command.rate is not None:
@@ -463,33 +460,47 @@ class Server(_native.Server):
                 while calls and now - calls[0] > window:
                     calls.popleft()
                 if len(calls) >= most:
-                    return request.deny("slow down")
+                    return "deny", "slow down"
                 calls.append(now)
         try:
             out = command.fn(caller, text)
             if inspect.isawaitable(out):
                 out = run.wait(out, command.timeout)
         except Refuse as refused:
-            return request.deny(str(refused) or REFUSED)
+            return "deny", str(refused) or REFUSED
         except _HookTimeout:
-            return request.deny(f"the command {name} took too long")
+            return "deny", f"the command {name} took too long"
         except Exception:
             log.exception("command %s failed", name)
-            return request.deny(f"the command {name} failed")
+            return "deny", f"the command {name} failed"
         if out is None:
             lines: list[str] = []
         elif isinstance(out, str):
             lines = out.splitlines()
         else:
             lines = [line for item in out for line in str(item).splitlines()]
-        return request.reply(lines)
+        return "reply", lines
+
+
+def _failed(kind: str, hook: _Hook, e: Exception) -> tuple[str, str] | None:
+    """The answer when `hook` raised `e` (called in its `except`): its refusal, or its
+    failure policy's (`None`: it fails open)."""
+    if isinstance(e, Refuse):
+        return "deny", str(e) or REFUSED
+    name = hook.fn.__qualname__
+    if isinstance(e, _HookTimeout):
+        log.warning("%s hook %s took over %s s", kind, name, hook.timeout)
+    else:
+        log.exception("%s hook %s failed", kind, name)
+    return None if hook.fail_open else ("deny", HOOK_FAILED)
 
 
 class _Run:
-    """One run's hook threads: 8 dispatchers, each taking a batch of the engine's requests
-    and answering its questions itself (one stuck hook holds one dispatcher while the
-    others go on), one observer thread (in order), and the event loop async hooks run on.
-    All daemons: a hook stuck forever never blocks exit."""
+    """One run's hook threads: 8 dispatchers, which take batches of the engine's requests
+    in turn and answer their questions one at a time from a shared iterator (a stuck hook
+    holds one dispatcher and its one question while the others go on), one observer
+    thread (in order), and the event loop async hooks run on. All daemons: a hook stuck
+    forever never blocks exit."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -498,6 +509,14 @@ class _Run:
         self.observed: queue.Queue[dict[str, Any] | None] = queue.Queue(OBSERVED_QUEUE)
         self.drops = 0
         self.taking = threading.Lock()
+        #: Batches whose questions are being answered, each with the iterator every
+        #: dispatcher takes its next question from.
+        self.work: collections.deque[tuple[_native.HookBatch, Iterator]] = collections.deque()
+        self.popping = threading.Lock()
+        #: Dispatchers answering questions now, and how many they have answered (a stall
+        #: shows as no change).
+        self.busy = 0
+        self.answered = 0
         self.threads = [
             threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
             threading.Thread(target=self.observe, name="relaychat-observers"),
@@ -511,28 +530,49 @@ class _Run:
             t.start()
 
     def dispatch(self) -> None:
-        answer = self.server._answer_one
+        answer = self.server._answer_from
         while not self.stopping.is_set():
+            work = self.work
+            if work:
+                if self.busy:
+                    # Another dispatcher is answering: join in only if it is stuck (no
+                    # question answered for STALL seconds), not to fight it for the GIL.
+                    seen = self.answered
+                    if self.stopping.wait(STALL) or self.answered != seen or not self.busy:
+                        continue
+                try:
+                    batch, items = work[0]
+                except IndexError:  # another dispatcher finished it just now
+                    continue
+                with self.popping:
+                    self.busy += 1
+                try:
+                    answer(batch, items, self)
+                except Exception:  # a question left unanswered gets its failure policy
+                    log.exception("answering %r failed", batch)
+                with self.popping:
+                    self.busy -= 1
+                    if work and work[0][0] is batch:
+                        work.popleft()
+                continue
             # One dispatcher at a time takes a batch and queues its observations, so the
-            # observers hear events in the engine's order; questions are answered outside.
+            # observers hear events in the engine's order.
             with self.taking:
                 if self.stopping.is_set():
                     return
-                batch = self.server._next_hooks(0.2)
-                if batch is None:
+                if work:  # another one took a batch meanwhile
+                    continue
+                taken = self.server._next_hooks(0.2)
+                if taken is None:
                     return
-                questions = []
-                for request in batch:
-                    if request.kind != "observed":
-                        questions.append(request)
-                        continue
+                batch, questions, observations = taken
+                for fields in observations:
                     try:
-                        self.observed.put_nowait(request.fields)
+                        self.observed.put_nowait(fields)
                     except queue.Full:
                         self.drops += 1
-            started = time.monotonic()
-            for request in questions:
-                started = answer(request, self, started)
+                if questions:
+                    work.append((batch, enumerate(questions)))
 
     def wait(self, awaitable: Any, timeout: float | None) -> Any:
         """Runs an async hook's awaitable on the hooks' event loop, within `timeout`."""

@@ -1,12 +1,13 @@
 //! The engine's side of `relaychat.Server`'s hooks: the questions and observations of
-//! [`crate::server::hooks`] as `HookRequest` objects, handed to Python in batches, each
-//! answered once. The hooks themselves (decorators, plugins, rate limits, time limits of
+//! [`crate::server::hooks`] handed to Python in batches (one GIL round trip for many
+//! questions), their answers handed back together (one wake-up of the engine for many),
+//! yet never held for long. The hooks themselves (decorators, plugins, rate limits, time limits of
 //! async hooks) live in `python/relaychat/server.py`.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use tokio::sync::oneshot;
@@ -14,123 +15,200 @@ use tokio::sync::oneshot;
 use crate::protocol::server_line::one_line;
 use crate::server::hooks::{Answer, HookCall, Pending};
 
+use super::wait::runtime;
+
 /// Questions handed to Python at most at once.
 pub(super) const BATCH: usize = 512;
 
-/// A question the server asks its hooks (answer it once: `allow()`, `deny(reason)`,
-/// `rewrite(text)` or `reply(lines)`), or an observation (`kind == "observed"`, nothing to
-/// answer).
+/// Answers are handed to the sessions that asked together: at `flush()` (a dispatcher's
+/// run through a batch ends), or at most this long after the first of them was given, so
+/// an answer never waits for a slow hook that runs after it.
+const HOLD: Duration = Duration::from_millis(1);
+
+/// The questions of one batch, each to be answered once.
 #[pyclass(module = "relaychat._native", frozen)]
-pub struct HookRequest {
-    call: HookCall,
-    reply: Mutex<Option<oneshot::Sender<Answer>>>,
+pub struct HookBatch {
+    slots: Arc<Mutex<Slots>>,
 }
 
-impl HookRequest {
-    pub(super) fn new(pending: Pending) -> Self {
-        Self {
-            call: pending.call,
-            reply: Mutex::new(pending.reply),
-        }
-    }
+/// A batch's replies: those still to be answered (`None`: answered), and answers given but
+/// not yet handed over.
+struct Slots {
+    replies: Vec<Option<oneshot::Sender<Answer>>>,
+    given: Vec<(oneshot::Sender<Answer>, Answer)>,
+}
 
-    fn answer(&self, answer: Answer) -> PyResult<()> {
-        let reply = self
-            .reply
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match reply {
-            // The asker may have given up (its time limit): nothing to do.
-            Some(tx) => {
-                let _ = tx.send(answer);
-                Ok(())
-            }
-            None => Err(PyRuntimeError::new_err(
-                "this request was already answered, or needs no answer",
-            )),
+impl Slots {
+    /// Hands the answers given so far to their askers (one wake-up of the engine for
+    /// many; the asker may have given up at its time limit: nothing to do then).
+    fn hand_over(&mut self) {
+        for (tx, answer) in self.given.drain(..) {
+            let _ = tx.send(answer);
         }
     }
 }
 
 #[pymethods]
-impl HookRequest {
-    /// `message`, `login`, `upload`, `command`, or `observed`.
-    #[getter]
-    fn kind(&self) -> &'static str {
-        match &self.call {
-            HookCall::Message { .. } => "message",
-            HookCall::Login { .. } => "login",
-            HookCall::Upload { .. } => "upload",
-            HookCall::Command { .. } => "command",
-            HookCall::Observed { .. } => "observed",
+impl HookBatch {
+    /// Answers question `index`: `None` lets it happen; `("deny", reason)` refuses it
+    /// (the user gets `ERROR: <reason>`); `("rewrite", text)` sends a message with `text`
+    /// instead; `("reply", lines)` answers a command with `lines`. The answer goes out at
+    /// the next `flush()`, or within a millisecond.
+    fn answer(&self, index: usize, answer: &Bound<'_, PyAny>) -> PyResult<()> {
+        let answer = match answer.is_none() {
+            true => Answer::Allow,
+            false => decision(answer)?,
+        };
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let all = slots.replies.len();
+        let tx = match slots.replies.get_mut(index).map(Option::take) {
+            Some(Some(tx)) => tx,
+            Some(None) => {
+                return Err(PyRuntimeError::new_err(format!(
+                    "question {index} was already answered"
+                )));
+            }
+            None => {
+                return Err(PyValueError::new_err(format!(
+                    "no question {index} in a batch of {all}"
+                )));
+            }
+        };
+        slots.given.push((tx, answer));
+        if slots.given.len() == 1 {
+            // The first answer held: it goes out within HOLD whatever comes after it.
+            let held = Arc::downgrade(&self.slots);
+            runtime().spawn(async move {
+                tokio::time::sleep(HOLD).await;
+                if let Some(slots) = held.upgrade() {
+                    slots
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .hand_over();
+                }
+            });
         }
+        Ok(())
     }
 
-    /// The request's fields in order, as `Message`, `Login`, `Upload` take them (a
-    /// command: caller, name, args); empty for an observation.
-    #[getter]
-    fn args<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        match &self.call {
+    /// Hands the answers given so far to the sessions that asked.
+    fn flush(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hand_over();
+    }
+
+    fn __len__(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replies
+            .len()
+    }
+
+    fn __repr__(&self) -> String {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = slots.replies.iter().filter(|r| r.is_some()).count();
+        format!(
+            "HookBatch({} questions, {open} unanswered)",
+            slots.replies.len()
+        )
+    }
+}
+
+impl Drop for HookBatch {
+    fn drop(&mut self) {
+        // Answers given are never lost (the held timer holds only a weak reference).
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hand_over();
+    }
+}
+
+/// One answer that is not a plain allow: `(verb, value)`.
+fn decision(item: &Bound<'_, PyAny>) -> PyResult<Answer> {
+    let (verb, value): (String, Bound<'_, PyAny>) = item.extract()?;
+    Ok(match verb.as_str() {
+        "deny" => Answer::Deny(one_line(&value.extract::<String>()?)),
+        "rewrite" => Answer::Rewrite(value.extract()?),
+        "reply" => Answer::Reply(value.extract()?),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "an answer is None, or ('deny' | 'rewrite' | 'reply', value), not {verb:?}"
+            )));
+        }
+    })
+}
+
+/// What `_next_hooks` hands Python: the batch to answer, its questions in order as
+/// `(kind, args)` (`kind`: `message`, `login`, `upload` or `command`; `args`: the
+/// fields in order, as `Message`, `Login`, `Upload` take them, a command's caller, name
+/// and args), and the observations among them, in order, each its fields by name
+/// (`event` its name).
+pub(super) type Taken<'py> = (
+    HookBatch,
+    Vec<(&'static str, Bound<'py, PyTuple>)>,
+    Vec<Bound<'py, PyDict>>,
+);
+
+/// Splits what the engine sent into questions (with their batch) and observations.
+pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>> {
+    let mut replies = Vec::with_capacity(pending.len());
+    let mut questions = Vec::with_capacity(pending.len());
+    let mut observations = Vec::new();
+    for Pending { call, reply } in pending {
+        let question = match call {
             HookCall::Message {
                 kind,
                 sender,
                 to,
                 text,
-            } => (kind.name(), sender, to, text).into_pyobject(py),
+            } => (
+                "message",
+                (kind.name(), sender, to, text).into_pyobject(py)?,
+            ),
             HookCall::Login {
                 name,
                 addr,
                 registered,
-            } => (name, addr.to_string(), registered).into_pyobject(py),
+            } => (
+                "login",
+                (name, addr.to_string(), registered).into_pyobject(py)?,
+            ),
             HookCall::Upload {
                 sender,
                 target,
                 filename,
                 size,
-            } => (sender, target, filename, size).into_pyobject(py),
-            HookCall::Command { caller, name, args } => (caller, name, args).into_pyobject(py),
-            HookCall::Observed { .. } => Ok(PyTuple::empty(py)),
-        }
-    }
-
-    /// An observation's fields by name, `event` being its name (empty for a question,
-    /// whose fields are `args`).
-    #[getter]
-    fn fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        if let HookCall::Observed { event, fields } = &self.call {
-            d.set_item("event", event)?;
-            for (key, value) in fields {
-                d.set_item(key, value)?;
+            } => (
+                "upload",
+                (sender, target, filename, size).into_pyobject(py)?,
+            ),
+            HookCall::Command { caller, name, args } => {
+                ("command", (caller, name, args).into_pyobject(py)?)
             }
-        }
-        Ok(d)
+            HookCall::Observed { event, fields } => {
+                let d = PyDict::new(py);
+                d.set_item("event", event)?;
+                for (key, value) in fields {
+                    d.set_item(key, value)?;
+                }
+                observations.push(d);
+                continue;
+            }
+        };
+        questions.push(question);
+        replies.push(reply);
     }
-
-    /// Lets it happen as asked.
-    fn allow(&self) -> PyResult<()> {
-        self.answer(Answer::Allow)
-    }
-
-    /// Refuses it: the user gets `ERROR: <reason>`.
-    fn deny(&self, reason: String) -> PyResult<()> {
-        self.answer(Answer::Deny(one_line(&reason)))
-    }
-
-    /// A message goes with `text` instead (one line).
-    fn rewrite(&self, text: String) -> PyResult<()> {
-        self.answer(Answer::Rewrite(text))
-    }
-
-    /// A command's answer: `lines` to its caller.
-    fn reply(&self, lines: Vec<String>) -> PyResult<()> {
-        self.answer(Answer::Reply(lines))
-    }
-
-    fn __repr__(&self) -> String {
-        format!("HookRequest({:?})", self.call)
-    }
+    let batch = HookBatch {
+        slots: Arc::new(Mutex::new(Slots {
+            replies,
+            given: Vec::new(),
+        })),
+    };
+    Ok((batch, questions, observations))
 }
 
 /// Waits up to `limit` for the first pending request, then takes what else is waiting (at
@@ -160,5 +238,5 @@ pub(super) async fn next_batch(
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<HookRequest>()
+    m.add_class::<HookBatch>()
 }

@@ -9,7 +9,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyTuple};
 use tokio_util::sync::CancellationToken;
 
-use super::hooks::HookRequest;
 use super::wait::{block_on, runtime, seconds};
 use crate::protocol::server_line::one_line;
 use crate::server::hooks::{CustomCommand, HookSpec, Hooks, Pending, Policy as HookPolicy};
@@ -334,14 +333,20 @@ impl PyServer {
     }
 
     /// The next requests for the hooks: waits up to `timeout` seconds for one, then takes
-    /// what else is waiting. `[]` when none came; `None` when there are no hooks.
-    fn _next_hooks(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Vec<HookRequest>>> {
+    /// what else is waiting, as `(batch, questions, observations)` (see
+    /// `super::hooks::Taken`); all three empty when none came; `None` when there are no
+    /// hooks.
+    fn _next_hooks<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+    ) -> PyResult<Option<super::hooks::Taken<'py>>> {
         let limit = seconds(Some(timeout))?.unwrap_or_default();
         let Some(queue) = self.installed().as_ref().map(|h| h.queue.clone()) else {
             return Ok(None);
         };
         let batch = block_on(py, super::hooks::next_batch(queue, limit))?;
-        Ok(batch.map(|b| b.into_iter().map(HookRequest::new).collect()))
+        batch.map(|b| super::hooks::taken(py, b)).transpose()
     }
 
     /// Observations dropped because the hooks fell behind (0 without hooks).
