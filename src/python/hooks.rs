@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 use tokio::sync::oneshot;
 
 use crate::protocol::server_line::one_line;
-use crate::server::hooks::{Answer, HookCall, Pending};
+use crate::server::hooks::{Answer, HookCall, MessageKind, Pending};
 
 use super::wait::runtime;
 
@@ -149,7 +150,7 @@ fn decision(item: &Bound<'_, PyAny>) -> PyResult<Answer> {
 /// (`event` its name).
 pub(super) type Taken<'py> = (
     HookBatch,
-    Vec<(&'static str, Bound<'py, PyTuple>)>,
+    Vec<(Bound<'py, PyString>, Bound<'py, PyTuple>)>,
     Vec<Bound<'py, PyDict>>,
 );
 
@@ -160,21 +161,25 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
     let mut observations = Vec::new();
     for Pending { call, reply } in pending {
         let question = match call {
-            HookCall::Message {
-                kind,
-                sender,
-                to,
-                text,
-            } => (
-                "message",
-                (kind.name(), sender, to, text).into_pyobject(py)?,
-            ),
+            HookCall::Message { kind, fields } => {
+                // The kinds' names are made once (interned), not for every message.
+                let kind = match kind {
+                    MessageKind::Private => intern!(py, "private"),
+                    MessageKind::Group => intern!(py, "group"),
+                    MessageKind::Broadcast => intern!(py, "broadcast"),
+                };
+                let (sender, to, text) = (fields.sender(), fields.to(), fields.text());
+                (
+                    intern!(py, "message").clone(),
+                    (kind, sender, to, text).into_pyobject(py)?,
+                )
+            }
             HookCall::Login {
                 name,
                 addr,
                 registered,
             } => (
-                "login",
+                intern!(py, "login").clone(),
                 (name, addr.to_string(), registered).into_pyobject(py)?,
             ),
             HookCall::Upload {
@@ -183,11 +188,12 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
                 filename,
                 size,
             } => (
-                "upload",
+                intern!(py, "upload").clone(),
                 (sender, target, filename, size).into_pyobject(py)?,
             ),
             HookCall::Command { caller, name, args } => {
-                ("command", (caller, name, args).into_pyobject(py)?)
+                let args = (caller, name, args).into_pyobject(py)?;
+                (intern!(py, "command").clone(), args)
             }
             HookCall::Observed { event, fields } => {
                 let d = PyDict::new(py);

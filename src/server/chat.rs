@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::hooks::{Answer, Asked, HookCall, Hooks, MessageKind};
+use super::hooks::{Answer, Asked, HookCall, Hooks, MessageFields, MessageKind};
 use super::metrics::Dropped;
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
@@ -780,14 +780,12 @@ fn message_question(
     text_arg: usize,
 ) -> HookCall {
     let to = match kind {
-        MessageKind::Broadcast => String::new(),
-        _ => normalize(call.arg(0)).into_owned(),
+        MessageKind::Broadcast => std::borrow::Cow::Borrowed(""),
+        _ => normalize(call.arg(0)),
     };
     HookCall::Message {
         kind,
-        sender: session.user.to_owned(),
-        to,
-        text: call.arg(text_arg).to_owned(),
+        fields: MessageFields::new(session.user, &to, call.arg(text_arg)),
     }
 }
 
