@@ -121,7 +121,16 @@ type Deliver = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A write for the writer thread. Called with the connection inside the batch's
 /// transaction, it runs its SQL and returns its `Deliver`; called with an error (the batch
 /// could not begin, or the transaction was lost), it runs nothing and reports the error.
-type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> Option<Deliver> + Send>;
+type Run = Box<dyn FnOnce(Result<&Connection, &StoreError>) -> Option<Deliver> + Send>;
+
+/// A write and how durable its commit must be.
+struct Job {
+    /// The commit must survive a power loss (`synchronous=FULL`: the WAL is synced at
+    /// commit). `false` (history rows): a crash of the process still loses nothing
+    /// committed, a power loss may lose the last commits (`synchronous=NORMAL`).
+    durable: bool,
+    run: Run,
+}
 
 /// The store in one SQLite file.
 pub struct SqliteStore {
@@ -220,7 +229,7 @@ impl HistoryBuffer {
 }
 
 /// History rows that may wait in memory; past it, appends wait for the writer.
-const HISTORY_BUFFER: usize = 64 * 1024;
+const HISTORY_BUFFER: usize = 128 * 1024;
 /// Bytes of history that may wait in memory; past it, appends wait for the writer.
 const HISTORY_BUFFER_BYTES: usize = 16 << 20;
 /// Most bytes of messages in one row of the history table.
@@ -230,7 +239,7 @@ const HISTORY_ROW_BYTES: usize = 1 << 20;
 /// scheduling round, and so writes each page of the table's indexes far fewer times.
 /// History was never durable before the message went out; this is how much more of it a
 /// crash may take.
-const HISTORY_PACE: Duration = Duration::from_millis(10);
+const HISTORY_PACE: Duration = Duration::from_millis(50);
 
 struct Readers {
     /// The database file.
@@ -405,6 +414,9 @@ fn prepare(conn: &mut Connection, shown: &str, file: bool) -> Result<(), StoreEr
 /// result is handed over only after the commit; if the transaction is lost on the way
 /// (SQLite rolls back by itself on some errors), every job of the batch is told it failed.
 fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    // As `prepare` left it; a batch that wants the other mode sets it first. A failure to
+    // set NORMAL leaves FULL, which is only slower.
+    let mut full = true;
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -413,8 +425,17 @@ fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // One job that must be durable makes the whole commit durable.
+        let durable = batch.iter().any(|job| job.durable);
+        if durable != full {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            match conn.execute_batch(&format!("PRAGMA synchronous={mode}")) {
+                Ok(()) => full = durable,
+                Err(e) => tracing::warn!("[STORE] cannot set synchronous={mode}: {e}"),
+            }
+        }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(unavailable) {
-            batch.into_iter().for_each(|job| drop(job(Err(&e))));
+            batch.into_iter().for_each(|job| drop((job.run)(Err(&e))));
             continue;
         }
         let mut done: Vec<Deliver> = Vec::with_capacity(batch.len());
@@ -423,10 +444,10 @@ fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
         for job in rest.by_ref() {
             if let Err(e) = conn.execute_batch("SAVEPOINT job") {
                 lost = Some(unavailable(e));
-                drop(job(Err(lost.as_ref().expect("just set"))));
+                drop((job.run)(Err(lost.as_ref().expect("just set"))));
                 break;
             }
-            done.extend(job(Ok(&conn)));
+            done.extend((job.run)(Ok(&conn)));
             if conn.execute_batch("RELEASE job").is_err() || conn.is_autocommit() {
                 lost = Some(unavailable("the transaction was lost"));
                 break;
@@ -441,11 +462,11 @@ fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
             Some(e) => {
                 if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
                     tracing::error!("[STORE] cannot roll back a failed batch: the store stops");
-                    rest.for_each(|job| drop(job(Err(&e))));
+                    rest.for_each(|job| drop((job.run)(Err(&e))));
                     done.into_iter().for_each(|deliver| deliver(Some(&e)));
                     return;
                 }
-                rest.for_each(|job| drop(job(Err(&e))));
+                rest.for_each(|job| drop((job.run)(Err(&e))));
                 done.into_iter().for_each(|deliver| deliver(Some(&e)));
             }
         }
@@ -532,7 +553,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
     ) -> StoreFuture<'_, ()> {
-        enqueue_on(self.writer(), f, done)
+        enqueue_on(self.writer(), true, f, done)
     }
 
     /// The writer's queue (`None` once the store is being dropped).
@@ -607,10 +628,11 @@ impl SqliteStore {
 /// `done`.
 fn enqueue_on<T: Send + 'static>(
     writer: Option<mpsc::Sender<Job>>,
+    durable: bool,
     f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     done: impl FnOnce(Result<T, StoreError>) + Send + 'static,
 ) -> StoreFuture<'static, ()> {
-    let job: Job = Box::new(move |conn| {
+    let run: Run = Box::new(move |conn| {
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) => {
@@ -629,6 +651,7 @@ fn enqueue_on<T: Send + 'static>(
             });
         }))
     });
+    let job = Job { durable, run };
     let stopped = || unavailable("the store's writer has stopped");
     // Queued at once when there is room (the job runs even if the future is dropped);
     // else the future waits for room.
@@ -657,6 +680,7 @@ fn queue_history_flush_on(
     let (tx, rx) = oneshot::channel();
     let queued = enqueue_on(
         writer,
+        false,
         move |conn| {
             // Cleared before the rows are taken: a row added after this is either taken
             // now or queues a flush of its own.
@@ -1479,6 +1503,49 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn only_commits_that_need_not_be_durable_skip_the_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("relaychat.db")).expect("opens");
+        // Each job reads the synchronous mode its commit runs under (1 NORMAL, 2 FULL).
+        let mode = |durable: bool| {
+            let (tx, rx) = oneshot::channel();
+            let queued = enqueue_on(
+                store.writer(),
+                durable,
+                |conn| {
+                    conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+                        .map_err(sql)
+                },
+                move |mode| drop(tx.send(mode)),
+            );
+            async move {
+                queued.await.expect("queued");
+                rx.await.expect("ran").expect("read")
+            }
+        };
+        assert_eq!(mode(false).await, 1, "history alone: NORMAL");
+        assert_eq!(mode(true).await, 2, "an inbox or account write: FULL");
+        assert_eq!(mode(false).await, 1, "and back");
+        // Queued together they share a commit: one durable job makes it FULL for both. A
+        // durable job holds the writer until both are queued (whichever batch it shares
+        // with them, theirs is durable too).
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = enqueue_on(
+            store.writer(),
+            true,
+            move |_| {
+                let _ = held.recv_timeout(Duration::from_secs(10));
+                Ok(())
+            },
+            |_: Result<(), StoreError>| {},
+        );
+        blocker.await.expect("queued");
+        let (a, b) = (mode(false), mode(true));
+        release.send(()).expect("the writer waits");
+        assert_eq!(tokio::join!(a, b), (2, 2));
     }
 
     #[test]
