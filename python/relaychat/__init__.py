@@ -11,6 +11,9 @@ Wire-compatible with the socket lab it grew from (see docs/PROTOCOL.md)::
                 print(event.line)
 """
 
+import atexit
+import time
+
 from relaychat import _native
 from relaychat._native import *  # noqa: F403  (the engine's classes; `__all__` lists them)
 
@@ -21,3 +24,14 @@ __all__ += _native.__all__  # the form type checkers follow for re-exports
 from relaychat.server import Login, Message, Refuse, Server, Upload  # noqa: E402, F401
 
 __all__ += ["Login", "Message", "Refuse", "Upload"]
+
+
+@atexit.register
+def _let_the_engine_hand_over() -> None:
+    """At exit, lets go of the GIL for a moment. The engine's thread that hands an awaitable
+    its result runs a little Python (asyncio's `call_soon_threadsafe`); if the interpreter
+    took the GIL from it there and began to finalize, that thread could not finish and the
+    process aborted (`PyGILState_Release: thread state ... must be current when releasing`,
+    pyo3-async-runtimes issue 40; seen in about 1 exit of 40 right after an await). Atexit
+    handlers run after the program's own threads ended, before finalization."""
+    time.sleep(0.005)
