@@ -1,8 +1,8 @@
 //! The engine's side of `relaychat.Server`'s hooks: the questions and observations of
 //! [`crate::server::hooks`] handed to Python in batches (one GIL round trip for many
 //! questions), their answers handed back together (one wake-up of the engine for many),
-//! yet never held for long. The hooks themselves (decorators, plugins, rate limits, time limits of
-//! async hooks) live in `python/relaychat/server.py`.
+//! yet never held for long. The hooks themselves (decorators, plugins, rate limits, time
+//! limits of async hooks) live in `python/relaychat/server.py`.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
