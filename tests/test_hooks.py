@@ -12,6 +12,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -284,6 +285,53 @@ def test_a_hook_past_its_limit_is_cut_off_and_others_keep_chatting(hooked):
         alice.expect("ERROR: refused: a server hook took longer than 550ms")
     finally:
         release.set()
+
+
+def test_hooks_that_wait_on_io_run_side_by_side(hooked):
+    # A hook that blocks outside Python (a lookup, here a 5 ms sleep) lets go of the GIL:
+    # the other dispatchers answer the next questions meanwhile, up to 8 at once.
+    lock = threading.Lock()
+    inside, most = [0], [0]
+
+    def setup(srv: Server) -> None:
+        @srv.before_message(timeout=10)
+        def lookup(msg: Message):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.005)
+            with lock:
+                inside[0] -= 1
+
+    _, net = hooked(setup)
+    bob = net.chat("bob")
+    names = [f"user{i}" for i in range(16)]
+    wires = [net.chat(n) for n in names]
+    for name, w in zip(names, wires):
+        w.send(f"msg bob from {name}\n")
+    got = {bob.line() for _ in names}
+    assert got == {f"[PRIVATE from {n}]: from {n}" for n in names}
+    assert most[0] >= 2, f"at most {most[0]} hook call at once"
+
+
+def test_a_command_answer_of_the_wrong_type_refuses_only_that_call(hooked):
+    def setup(srv: Server) -> None:
+        @srv.command("broken")
+        def broken(caller: str, args: str):
+            return 42  # neither a str nor lines
+
+        @srv.command("fine")
+        def fine(caller: str, args: str) -> str:
+            return "ok"
+
+    _, net = hooked(setup)
+    alice, bob = net.chat("alice"), net.chat("bob")
+    alice.send("broken\n")
+    alice.expect("ERROR: refused: a server hook failed")
+    alice.send("fine\n")
+    alice.expect("ok")
+    alice.send("msg bob still here\n")
+    bob.expect("[PRIVATE from alice]: still here")
 
 
 def test_async_hooks_and_commands_run_on_the_hooks_loop(hooked):

@@ -67,9 +67,6 @@ REFUSED = "refused by the server"
 HOOK_FAILED = "refused: a server hook failed"
 #: How many hook calls may run at once (a hook that sleeps holds one).
 WORKERS = 8
-#: A dispatcher that answers no question for this long (seconds) is stuck in a hook: the
-#: others take on the rest of its batch.
-STALL = 0.01
 #: Observations waiting for the observers at most; past it they are dropped (counted).
 OBSERVED_QUEUE = 65_536
 #: The engine waits this much past a hook's own limit before it applies the failure
@@ -404,49 +401,52 @@ class Server(_native.Server):
         """Answers `batch`'s questions as `items` yields them (an iterator shared by the
         dispatchers: one stuck in a slow hook holds only its own question, the others take
         on the rest). The engine hands the answers over together, within a millisecond."""
-        before = self._before
         clock = time.monotonic
-        started = clock()  # one clock reading per hook call
+        started = clock()
         for i, (kind, args) in items:
-            if kind == "command":
-                batch.answer(i, self._run_command(args, run))
-                run.answered += 1
-                started = clock()
-                continue
-            # The hot path of every hooked message, kept lean: one tuple in, no Python-level
-            # constructor (the engine's `args` match the event's fields), an awaitable
-            # looked for only in what is not a plain answer, no call but the hook's.
-            answer = None
-            event = _new_tuple(_EVENTS[kind], args)
-            for hook in before[kind]:
-                try:
-                    out = hook.fn(event)
-                    if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
-                        out = run.wait(out, hook.timeout)
-                except Exception as e:
-                    started = clock()
-                    failed = _failed(kind, hook, e)
-                    if failed is None:  # it fails open: on to the next hook
-                        continue
-                    answer = failed
-                    break
-                now = clock()
-                if now - started > hook.timeout:
-                    log.warning(
-                        "%s hook %s took over %s s", kind, hook.fn.__qualname__, hook.timeout
-                    )
-                started = now
-                if out is None:
-                    continue
-                if out is False:
-                    answer = "deny", REFUSED
-                    break
-                if out.__class__ is str and kind == "message":
-                    event = event._replace(text=out)
-                    answer = "rewrite", out
+            try:
+                answer, started = self._decide(kind, args, run, started)
+            except Exception:  # a bug of ours or an odd plugin: this question only
+                log.exception("answering %s %r failed", kind, args)
+                answer, started = ("deny", HOOK_FAILED), clock()
             batch.answer(i, answer)
-            run.answered += 1
         batch.flush()
+
+    def _decide(self, kind: str, args: tuple, run: _Run, started: float) -> tuple[Any, float]:
+        """What the `kind` hooks decide about `args` (asked at `started`, a
+        `time.monotonic()` reading), as `HookBatch.answer` takes it, and when they were
+        done (one clock reading per hook call)."""
+        if kind == "command":
+            return self._run_command(args, run), time.monotonic()
+        # The hot path of every hooked message, kept lean: one tuple in, no Python-level
+        # constructor (the engine's `args` match the event's fields), an awaitable looked
+        # for only in what is not a plain answer.
+        answer = None
+        event = _new_tuple(_EVENTS[kind], args)
+        for hook in self._before[kind]:
+            try:
+                out = hook.fn(event)
+                if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
+                    out = run.wait(out, hook.timeout)
+            except Exception as e:
+                started = time.monotonic()
+                failed = _failed(kind, hook, e)
+                if failed is None:  # it fails open: on to the next hook
+                    continue
+                return failed, started
+            now = time.monotonic()
+            if now - started > hook.timeout:
+                log.warning("%s hook %s took over %s s", kind, _name(hook.fn), hook.timeout)
+            started = now
+            if out is None:
+                continue
+            if out is False:
+                return ("deny", REFUSED), started
+            if out.__class__ is str and kind == "message" and out != event.text:
+                event = event._replace(text=out)
+                # The text as it came needs no rewrite (nor its checks: one line, not empty).
+                answer = ("rewrite", out) if out != args[3] else None
+        return answer, started
 
     def _run_command(self, args: tuple, run: _Run) -> tuple[str, Any]:
         """A custom command's answer, as `HookBatch.answer` takes it."""
@@ -482,12 +482,18 @@ class Server(_native.Server):
         return "reply", lines
 
 
+def _name(fn: Any) -> str:
+    """A hook's name for the log (a `functools.partial` or a callable object has no
+    `__qualname__`)."""
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
 def _failed(kind: str, hook: _Hook, e: Exception) -> tuple[str, str] | None:
     """The answer when `hook` raised `e` (called in its `except`): its refusal, or its
     failure policy's (`None`: it fails open)."""
     if isinstance(e, Refuse):
         return "deny", str(e) or REFUSED
-    name = hook.fn.__qualname__
+    name = _name(hook.fn)
     if isinstance(e, _HookTimeout):
         log.warning("%s hook %s took over %s s", kind, name, hook.timeout)
     else:
@@ -497,10 +503,10 @@ def _failed(kind: str, hook: _Hook, e: Exception) -> tuple[str, str] | None:
 
 class _Run:
     """One run's hook threads: 8 dispatchers, which take batches of the engine's requests
-    in turn and answer their questions one at a time from a shared iterator (a stuck hook
-    holds one dispatcher and its one question while the others go on), one observer
-    thread (in order), and the event loop async hooks run on. All daemons: a hook stuck
-    forever never blocks exit."""
+    in turn and answer their questions one at a time from a shared iterator (up to 8 hook
+    calls at once; a stuck hook holds one dispatcher and its one question while the others
+    go on), one observer thread (in order), and the event loop async hooks run on. All
+    daemons: a hook stuck forever never blocks exit."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -513,10 +519,6 @@ class _Run:
         #: dispatcher takes its next question from.
         self.work: collections.deque[tuple[_native.HookBatch, Iterator]] = collections.deque()
         self.popping = threading.Lock()
-        #: Dispatchers answering questions now, and how many they have answered (a stall
-        #: shows as no change).
-        self.busy = 0
-        self.answered = 0
         self.threads = [
             threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
             threading.Thread(target=self.observe, name="relaychat-observers"),
@@ -534,26 +536,16 @@ class _Run:
         while not self.stopping.is_set():
             work = self.work
             if work:
-                if self.busy:
-                    # Another dispatcher is answering: join in only if it is stuck (no
-                    # question answered for STALL seconds), not to fight it for the GIL.
-                    seen = self.answered
-                    if self.stopping.wait(STALL) or self.answered != seen or not self.busy:
-                        continue
                 try:
                     batch, items = work[0]
                 except IndexError:  # another dispatcher finished it just now
                     continue
-                with self.popping:
-                    self.busy += 1
                 try:
                     answer(batch, items, self)
-                except Exception:  # a question left unanswered gets its failure policy
-                    log.exception("answering %r failed", batch)
-                with self.popping:
-                    self.busy -= 1
-                    if work and work[0][0] is batch:
-                        work.popleft()
+                finally:
+                    with self.popping:
+                        if work and work[0][0] is batch:
+                            work.popleft()
                 continue
             # One dispatcher at a time takes a batch and queues its observations, so the
             # observers hear events in the engine's order.
@@ -595,11 +587,13 @@ class _Run:
                     if inspect.isawaitable(out):
                         self.wait(out, None)
                 except Exception:
-                    log.exception("observer %s of %s failed", fn.__qualname__, fields["event"])
+                    log.exception("observer %s of %s failed", _name(fn), fields["event"])
 
     def stop(self) -> None:
-        """Ends the threads (waiting a little for each; never for the calling one)."""
+        """Ends the threads (waiting a little for each; never for the calling one). A
+        batch not yet answered is let go: its questions get their failure policy."""
         self.stopping.set()
+        self.work.clear()
         with contextlib.suppress(queue.Full):
             self.observed.put(None, timeout=1)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -415,7 +415,7 @@ fn prepare(conn: &mut Connection, shown: &str, file: bool) -> Result<(), StoreEr
 /// (SQLite rolls back by itself on some errors), every job of the batch is told it failed.
 fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
     // As `prepare` left it; a batch that wants the other mode sets it first. A failure to
-    // set NORMAL leaves FULL, which is only slower.
+    // set NORMAL leaves FULL, which is only slower; one to set FULL fails the batch.
     let mut full = true;
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
@@ -431,6 +431,12 @@ fn write_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
             let mode = if durable { "FULL" } else { "NORMAL" };
             match conn.execute_batch(&format!("PRAGMA synchronous={mode}")) {
                 Ok(()) => full = durable,
+                // A durable write is never committed without its sync.
+                Err(e) if durable => {
+                    let e = unavailable(format!("cannot set synchronous=FULL: {e}"));
+                    batch.into_iter().for_each(|job| drop((job.run)(Err(&e))));
+                    continue;
+                }
                 Err(e) => tracing::warn!("[STORE] cannot set synchronous={mode}: {e}"),
             }
         }
