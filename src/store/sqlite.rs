@@ -721,6 +721,13 @@ impl Drop for SqliteStore {
     /// [`HISTORY_PACE`]) and joins it, before the lock is let go.
     fn drop(&mut self) {
         if !self.history.lock().rows.is_empty() {
+            // A full queue would leave the flush in a future that is never polled: wait
+            // for room instead (the writer drains it; it is joined below anyway).
+            if let Some(writer) = self.writer() {
+                while writer.capacity() == 0 && !writer.is_closed() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             drop(self.queue_history_flush());
         }
         self.writer
@@ -1509,6 +1516,61 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[test]
+    fn history_held_back_is_written_on_drop_even_when_the_writer_queue_is_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relaychat.db");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store = SqliteStore::open(&path).expect("opens");
+        let said = |text: &'static str| MessageRef {
+            from: "alice",
+            to: ScopeRef::User("bob"),
+            text,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        };
+        rt.block_on(async {
+            // The first flush goes at once; the next row waits for the pace.
+            if let Some(first) = store.append_history(said("one")) {
+                first.await.expect("queued");
+            }
+            // The writer is held, and its queue filled behind it.
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let blocker = enqueue_on(
+                store.writer(),
+                true,
+                move |_| {
+                    let _ = held.recv_timeout(Duration::from_secs(10));
+                    Ok(())
+                },
+                |_: Result<(), StoreError>| {},
+            );
+            blocker.await.expect("queued");
+            while store.writer().expect("open").capacity() > 0 {
+                let noop = enqueue_on(
+                    store.writer(),
+                    true,
+                    |_| Ok(()),
+                    |_: Result<(), StoreError>| {},
+                );
+                noop.await.expect("queued");
+            }
+            drop(store.append_history(said("two")));
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = release.send(());
+            });
+            drop(store);
+        });
+        let other = open_connection(&path, true).expect("opens");
+        let n: i64 = other
+            .query_row("SELECT coalesce(sum(n), 0) FROM history", [], |r| r.get(0))
+            .expect("reads");
+        assert_eq!(n, 2, "both rows are in the history");
     }
 
     #[tokio::test]
