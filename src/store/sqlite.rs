@@ -1518,6 +1518,23 @@ mod tests {
         }
     }
 
+    /// Queues a durable job that holds the writer until the sender returned is used (or
+    /// dropped, or 10 s pass).
+    async fn hold_the_writer(store: &SqliteStore) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = enqueue_on(
+            store.writer(),
+            true,
+            move |_| {
+                let _ = held.recv_timeout(Duration::from_secs(10));
+                Ok(())
+            },
+            |_: Result<(), StoreError>| {},
+        );
+        blocker.await.expect("queued");
+        release
+    }
+
     #[test]
     fn history_held_back_is_written_on_drop_even_when_the_writer_queue_is_full() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1539,17 +1556,7 @@ mod tests {
                 first.await.expect("queued");
             }
             // The writer is held, and its queue filled behind it.
-            let (release, held) = std::sync::mpsc::channel::<()>();
-            let blocker = enqueue_on(
-                store.writer(),
-                true,
-                move |_| {
-                    let _ = held.recv_timeout(Duration::from_secs(10));
-                    Ok(())
-                },
-                |_: Result<(), StoreError>| {},
-            );
-            blocker.await.expect("queued");
+            let release = hold_the_writer(&store).await;
             while store.writer().expect("open").capacity() > 0 {
                 let noop = enqueue_on(
                     store.writer(),
@@ -1600,17 +1607,7 @@ mod tests {
         // Queued together they share a commit: one durable job makes it FULL for both. A
         // durable job holds the writer until both are queued (whichever batch it shares
         // with them, theirs is durable too).
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let blocker = enqueue_on(
-            store.writer(),
-            true,
-            move |_| {
-                let _ = held.recv_timeout(Duration::from_secs(10));
-                Ok(())
-            },
-            |_: Result<(), StoreError>| {},
-        );
-        blocker.await.expect("queued");
+        let release = hold_the_writer(&store).await;
         let (a, b) = (mode(false), mode(true));
         release.send(()).expect("the writer waits");
         assert_eq!(tokio::join!(a, b), (2, 2));
