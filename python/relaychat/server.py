@@ -542,6 +542,8 @@ class _Run:
                     continue
                 try:
                     answer(batch, items, self)
+                except Exception:  # ours: the questions left get their failure policy
+                    log.exception("answering %r failed", batch)
                 finally:
                     with self.popping:
                         if work and work[0][0] is batch:
