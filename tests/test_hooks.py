@@ -287,9 +287,12 @@ def test_a_hook_past_its_limit_is_cut_off_and_others_keep_chatting(hooked):
         release.set()
 
 
-def test_hooks_that_wait_on_io_run_side_by_side(hooked):
-    # A hook that blocks outside Python (a lookup, here a 5 ms sleep) lets go of the GIL:
-    # the other dispatchers answer the next questions meanwhile, up to 8 at once.
+@pytest.mark.parametrize("wait", [0.005, 0.0005])
+def test_hooks_that_wait_on_io_run_side_by_side(hooked, wait):
+    # A hook that blocks outside Python (a lookup, here a sleep) lets go of the GIL: once
+    # the dispatcher that answers alone finds it slow, the other dispatchers answer the
+    # next questions meanwhile, up to 8 at once. Each user pipelines 4 messages, so that
+    # even a short wait adds up to a batch that is found slow.
     lock = threading.Lock()
     inside, most = [0], [0]
 
@@ -299,7 +302,7 @@ def test_hooks_that_wait_on_io_run_side_by_side(hooked):
             with lock:
                 inside[0] += 1
                 most[0] = max(most[0], inside[0])
-            time.sleep(0.005)
+            time.sleep(wait)
             with lock:
                 inside[0] -= 1
 
@@ -308,9 +311,9 @@ def test_hooks_that_wait_on_io_run_side_by_side(hooked):
     names = [f"user{i}" for i in range(16)]
     wires = [net.chat(n) for n in names]
     for name, w in zip(names, wires):
-        w.send(f"msg bob from {name}\n")
-    got = {bob.line() for _ in names}
-    assert got == {f"[PRIVATE from {n}]: from {n}" for n in names}
+        w.send("".join(f"msg bob {k} from {name}\n" for k in range(4)))
+    got = {bob.line() for _ in range(4 * len(names))}
+    assert got == {f"[PRIVATE from {n}]: {k} from {n}" for n in names for k in range(4)}
     assert most[0] >= 2, f"at most {most[0]} hook call at once"
 
 

@@ -67,6 +67,22 @@ REFUSED = "refused by the server"
 HOOK_FAILED = "refused: a server hook failed"
 #: How many hook calls may run at once (a hook that sleeps holds one).
 WORKERS = 8
+#: While hooks answer quickly, one dispatcher (the lead) takes each batch and answers it,
+#: and one other (the watch) looks now and then whether the lead is stuck: more Python
+#: threads on quick hooks only pass the GIL to and fro, and split the answers the engine
+#: hands over together. Every dispatcher takes part (up to `WORKERS` hook calls at once)
+#: for `SIDE_BY_SIDE` seconds once a batch took `SLOW` seconds or more per question over
+#: at least `SLOW_OVER` seconds (a hook that waits on I/O), or one batch has been answered
+#: for `STUCK` seconds (a hook that hangs). The watch looks every `WATCH` seconds while
+#: the lead answers a batch, and every `WATCH_IDLE` seconds otherwise.
+SLOW = 50e-6
+SLOW_OVER = 0.001
+STUCK = 0.005
+WATCH = 0.001
+WATCH_IDLE = 0.05
+SIDE_BY_SIDE = 1.0
+#: How long one wait on the engine for a batch lasts at most.
+IDLE = 0.2
 #: Observations waiting for the observers at most; past it they are dropped (counted).
 OBSERVED_QUEUE = 65_536
 #: The engine waits this much past a hook's own limit before it applies the failure
@@ -397,13 +413,16 @@ class Server(_native.Server):
         run = self._run
         return super().hook_drops + (run.drops if run else 0)
 
-    def _answer_from(self, batch: _native.HookBatch, items: Iterator, run: _Run) -> None:
+    def _answer_from(self, batch: _native.HookBatch, items: Iterator, run: _Run) -> int:
         """Answers `batch`'s questions as `items` yields them (an iterator shared by the
         dispatchers: one stuck in a slow hook holds only its own question, the others take
-        on the rest). The engine hands the answers over together, within a millisecond."""
+        on the rest); returns how many it answered. The engine hands the answers over
+        together, within a millisecond."""
         clock = time.monotonic
         started = clock()
+        answered = 0
         for i, (kind, args) in items:
+            answered += 1
             try:
                 answer, started = self._decide(kind, args, run, started)
             except Exception:  # a bug of ours or an odd plugin: this question only
@@ -411,6 +430,7 @@ class Server(_native.Server):
                 answer, started = ("deny", HOOK_FAILED), clock()
             batch.answer(i, answer)
         batch.flush()
+        return answered
 
     def _decide(self, kind: str, args: tuple, run: _Run, started: float) -> tuple[Any, float]:
         """What the `kind` hooks decide about `args` (asked at `started`, a
@@ -502,11 +522,15 @@ def _failed(kind: str, hook: _Hook, e: Exception) -> tuple[str, str] | None:
 
 
 class _Run:
-    """One run's hook threads: 8 dispatchers, which take batches of the engine's requests
-    in turn and answer their questions one at a time from a shared iterator (up to 8 hook
-    calls at once; a stuck hook holds one dispatcher and its one question while the others
-    go on), one observer thread (in order), and the event loop async hooks run on. All
-    daemons: a hook stuck forever never blocks exit."""
+    """One run's hook threads: 8 dispatchers, one observer thread (in order), and the
+    event loop async hooks run on. All daemons: a hook stuck forever never blocks exit.
+
+    While hooks answer quickly, one dispatcher (the lead) takes the engine's batches and
+    answers them, one (the watch) looks whether the lead is stuck, and the others wait.
+    When hooks are slow or stuck (see `SLOW`), every dispatcher answers: one at a time
+    waits on the engine for a batch, and they take its questions one at a time from a
+    shared iterator (up to 8 hook calls at once; a stuck hook holds one dispatcher and its
+    one question while the others go on)."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -515,10 +539,18 @@ class _Run:
         self.observed: queue.Queue[dict[str, Any] | None] = queue.Queue(OBSERVED_QUEUE)
         self.drops = 0
         self.taking = threading.Lock()
+        self.leading = threading.Lock()
+        self.watching = threading.Lock()
+        #: Where the dispatchers that are neither lead nor watch wait to take part.
+        self.joining = threading.Condition()
         #: Batches whose questions are being answered, each with the iterator every
         #: dispatcher takes its next question from.
         self.work: collections.deque[tuple[_native.HookBatch, Iterator]] = collections.deque()
         self.popping = threading.Lock()
+        #: When the batch the lead answers was begun (`None`: none is), and until when
+        #: every dispatcher answers (`time.monotonic()`).
+        self.begun: float | None = None
+        self.side_by_side = 0.0
         self.threads = [
             threading.Thread(target=self.loop.run_forever, name="relaychat-hook-loop"),
             threading.Thread(target=self.observe, name="relaychat-observers"),
@@ -531,42 +563,109 @@ class _Run:
             t.daemon = True
             t.start()
 
+    def together(self) -> bool:
+        """Whether every dispatcher answers now."""
+        return self.side_by_side > time.monotonic()
+
+    def join_in(self) -> None:
+        """Every dispatcher answers for the next `SIDE_BY_SIDE` seconds."""
+        self.side_by_side = time.monotonic() + SIDE_BY_SIDE
+        with self.joining:
+            self.joining.notify_all()
+
     def dispatch(self) -> None:
-        answer = self.server._answer_from
         while not self.stopping.is_set():
-            work = self.work
-            if work:
+            if self.together():
+                self.share()
+            elif self.leading.acquire(blocking=False):
                 try:
-                    batch, items = work[0]
-                except IndexError:  # another dispatcher finished it just now
-                    continue
-                try:
-                    answer(batch, items, self)
-                except Exception:  # ours: the questions left get their failure policy
-                    log.exception("answering %r failed", batch)
+                    self.lead()
                 finally:
-                    with self.popping:
-                        if work and work[0][0] is batch:
-                            work.popleft()
+                    self.leading.release()
+            elif self.watching.acquire(blocking=False):
+                try:
+                    self.watch()
+                finally:
+                    self.watching.release()
+            else:
+                with self.joining:
+                    if not self.stopping.is_set() and not self.together():
+                        self.joining.wait()
+
+    def lead(self) -> None:
+        """Takes each batch and answers it, and finds out whether the hooks are slow."""
+        clock = time.monotonic
+        while not self.stopping.is_set() and not self.together():
+            if not self.work:
+                with self.taking:
+                    self.take()
                 continue
-            # One dispatcher at a time takes a batch and queues its observations, so the
-            # observers hear events in the engine's order.
-            with self.taking:
-                if self.stopping.is_set():
-                    return
-                if work:  # another one took a batch meanwhile
-                    continue
-                taken = self.server._next_hooks(0.2)
-                if taken is None:
-                    return
-                batch, questions, observations = taken
-                for fields in observations:
-                    try:
-                        self.observed.put_nowait(fields)
-                    except queue.Full:
-                        self.drops += 1
-                if questions:
-                    work.append((batch, enumerate(questions)))
+            self.begun = begun = clock()
+            try:
+                answered = self.answer_front()
+            finally:
+                self.begun = None
+            took = clock() - begun
+            if took >= SLOW_OVER and took >= answered * SLOW:
+                self.join_in()
+
+    def watch(self) -> None:
+        """Looks whether the lead has been answering one batch for `STUCK` seconds."""
+        while not self.stopping.is_set() and not self.together():
+            begun = self.begun
+            if begun is not None and time.monotonic() - begun >= STUCK:
+                self.join_in()
+                return
+            self.stopping.wait(WATCH if begun is not None else WATCH_IDLE)
+
+    def share(self) -> None:
+        """One step of answering side by side: the first batch's next questions, or (when
+        none is queued) the next batch, taken by one dispatcher at a time."""
+        if self.work:
+            self.answer_front()
+            return
+        with self.taking:
+            if not self.work:  # no one else took one meanwhile
+                self.take()
+
+    def answer_front(self) -> int:
+        """Answers questions of the first queued batch until none is left to take; returns
+        how many this thread answered."""
+        try:
+            batch, items = self.work[0]
+        except IndexError:  # another dispatcher finished it just now
+            return 0
+        answered = 0
+        try:
+            answered = self.server._answer_from(batch, items, self)
+        except Exception:  # ours: the questions left get their failure policy
+            log.exception("answering %r failed", batch)
+        finally:
+            with self.popping:
+                if self.work and self.work[0][0] is batch:
+                    self.work.popleft()
+        return answered
+
+    def take(self) -> None:
+        """Holding `taking`: waits on the engine for a batch and queues it and its
+        observations (so the observers hear events in the engine's order). When the hooks
+        are gone, the run stops."""
+        if self.stopping.is_set():
+            return
+        taken = self.server._next_hooks(IDLE)
+        if taken is None:
+            self.stopping.set()
+            with self.joining:
+                self.joining.notify_all()
+            return
+        batch, questions, observations = taken
+        for fields in observations:
+            try:
+                self.observed.put_nowait(fields)
+            except queue.Full:
+                self.drops += 1
+        if questions:
+            self.work.append((batch, enumerate(questions)))
 
     def wait(self, awaitable: Any, timeout: float | None) -> Any:
         """Runs an async hook's awaitable on the hooks' event loop, within `timeout`."""
@@ -596,6 +695,8 @@ class _Run:
         batch not yet answered is let go: its questions get their failure policy."""
         self.stopping.set()
         self.work.clear()
+        with self.joining:
+            self.joining.notify_all()
         with contextlib.suppress(queue.Full):
             self.observed.put(None, timeout=1)
         self.loop.call_soon_threadsafe(self.loop.stop)
