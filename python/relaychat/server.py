@@ -417,56 +417,59 @@ class Server(_native.Server):
         """Answers `batch`'s questions as `items` yields them (an iterator shared by the
         dispatchers: one stuck in a slow hook holds only its own question, the others take
         on the rest); returns how many it answered. The engine hands the answers over
-        together, within a millisecond."""
+        together, within a millisecond.
+
+        Each answer is what `HookBatch.answer` takes. This loop is the hot path of every
+        hooked message, kept lean: the hooks are called in it (no Python call per
+        question beyond theirs), the event is made from the engine's `args` (which match
+        its fields) with no Python-level constructor, an awaitable is looked for only in
+        what is not a plain answer, and the clock is read once per hook call."""
         clock = time.monotonic
         started = clock()
         answered = 0
+        before, awaitable = self._before, inspect.isawaitable
         for i, (kind, args) in items:
             answered += 1
+            verdict: Any = None
             try:
-                answer, started = self._decide(kind, args, run, started)
+                if kind == "command":
+                    verdict = self._run_command(args, run)
+                    started = clock()
+                    hooks = ()
+                else:
+                    event = _new_tuple(_EVENTS[kind], args)
+                    hooks = before[kind]
+                for hook in hooks:
+                    try:
+                        out = hook.fn(event)
+                        if out is not None and out.__class__ not in _PLAIN and awaitable(out):
+                            out = run.wait(out, hook.timeout)
+                    except Exception as e:
+                        started = clock()
+                        failed = _failed(kind, hook, e)
+                        if failed is None:  # it fails open: on to the next hook
+                            continue
+                        verdict = failed
+                        break
+                    now = clock()
+                    if now - started > hook.timeout:
+                        log.warning("%s hook %s took over %s s", kind, _name(hook.fn), hook.timeout)
+                    started = now
+                    if out is None:
+                        continue
+                    if out is False:
+                        verdict = ("deny", REFUSED)
+                        break
+                    if out.__class__ is str and kind == "message" and out != event.text:
+                        event = event._replace(text=out)
+                        # The text as it came needs no rewrite (nor its checks).
+                        verdict = ("rewrite", out) if out != args[3] else None
             except Exception:  # a bug of ours or an odd plugin: this question only
                 log.exception("answering %s %r failed", kind, args)
-                answer, started = ("deny", HOOK_FAILED), clock()
-            batch.answer(i, answer)
+                verdict, started = ("deny", HOOK_FAILED), clock()
+            batch.answer(i, verdict)
         batch.flush()
         return answered
-
-    def _decide(self, kind: str, args: tuple, run: _Run, started: float) -> tuple[Any, float]:
-        """What the `kind` hooks decide about `args` (asked at `started`, a
-        `time.monotonic()` reading), as `HookBatch.answer` takes it, and when they were
-        done (one clock reading per hook call)."""
-        if kind == "command":
-            return self._run_command(args, run), time.monotonic()
-        # The hot path of every hooked message, kept lean: one tuple in, no Python-level
-        # constructor (the engine's `args` match the event's fields), an awaitable looked
-        # for only in what is not a plain answer.
-        answer = None
-        event = _new_tuple(_EVENTS[kind], args)
-        for hook in self._before[kind]:
-            try:
-                out = hook.fn(event)
-                if out is not None and out.__class__ not in _PLAIN and inspect.isawaitable(out):
-                    out = run.wait(out, hook.timeout)
-            except Exception as e:
-                started = time.monotonic()
-                failed = _failed(kind, hook, e)
-                if failed is None:  # it fails open: on to the next hook
-                    continue
-                return failed, started
-            now = time.monotonic()
-            if now - started > hook.timeout:
-                log.warning("%s hook %s took over %s s", kind, _name(hook.fn), hook.timeout)
-            started = now
-            if out is None:
-                continue
-            if out is False:
-                return ("deny", REFUSED), started
-            if out.__class__ is str and kind == "message" and out != event.text:
-                event = event._replace(text=out)
-                # The text as it came needs no rewrite (nor its checks: one line, not empty).
-                answer = ("rewrite", out) if out != args[3] else None
-        return answer, started
 
     def _run_command(self, args: tuple, run: _Run) -> tuple[str, Any]:
         """A custom command's answer, as `HookBatch.answer` takes it."""
