@@ -728,7 +728,7 @@ fn handle<'a>(
                 false => debug!("[{}] {text}", session.user),
             }
             if let Some(hooked) = hooked_message(session, call, asked) {
-                return Some(hooked);
+                return hooked;
             }
             return dispatch(session, call);
         }
@@ -789,23 +789,36 @@ fn message_question(
     }
 }
 
-/// A message, when a hook decides about it first (`asked`: the question is out already):
-/// it goes as it is, with the text the hook gave, or not at all (`ERROR: <the hook's
-/// reason>`). `None`: not a message, or no message hook.
+/// A message the message hook is asked about (`None`: `call` is not one, or there is no
+/// message hook): refused, or run as allowed or rewritten. An answer that is in already
+/// (`asked` ahead) is acted on at once; only a wait or a rewrite is handed back to await.
 fn hooked_message<'a>(
     session: &'a Session<'a>,
     call: Call<'a>,
     asked: Option<Box<Asked>>,
-) -> Option<Later<'a>> {
+) -> Option<Option<Later<'a>>> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
     let (kind, text_arg) = message_kind(&call)?;
-    Some(Box::pin(async move {
-        let asked = match asked {
-            Some(asked) => *asked,
-            None => hooks.send(message_question(session, kind, &call, text_arg), policy),
+    let mut asked = match asked {
+        Some(asked) => *asked,
+        None => hooks.send(message_question(session, kind, &call, text_arg), policy),
+    };
+    let metrics = &session.shared.metrics;
+    let answer = match asked.answered(metrics) {
+        Some(Answer::Allow | Answer::Reply(_)) => return Some(dispatch(session, call)),
+        Some(Answer::Deny(reason)) => {
+            session.refuse(Refusal::Hook(reason));
+            return Some(None);
+        }
+        rewrite_or_wait => rewrite_or_wait,
+    };
+    Some(Some(Box::pin(async move {
+        let answer = match answer {
+            Some(answer) => answer,
+            None => asked.answer(metrics).await,
         };
-        let rewritten = match asked.answer(&session.shared.metrics).await {
+        let rewritten = match answer {
             Answer::Allow | Answer::Reply(_) => None,
             Answer::Rewrite(text) if text.trim().is_empty() || text.contains(['\n', '\r']) => {
                 let why = "refused: a server hook made the message empty or more than one line";
@@ -822,7 +835,7 @@ fn hooked_message<'a>(
         if let Some(later) = later {
             later.await;
         }
-    }))
+    })))
 }
 
 /// Where every line whose first word names no command ends up: `help`, a custom command

@@ -202,27 +202,42 @@ pub(crate) struct Asked {
 }
 
 impl Asked {
-    /// The answer, within the policy's limit from when it was asked (else the policy's
-    /// own); counted in `metrics`.
-    pub(crate) async fn answer(self, metrics: &Metrics) -> Answer {
-        let deadline = tokio::time::Instant::from_std(self.started + self.policy.limit);
-        let answer = match self.rx {
+    /// The answer if it needs no wait: it is in already (a pipelining session asks
+    /// ahead), the embedder is gone, or the queue was full; counted in `metrics`.
+    pub(crate) fn answered(&mut self, metrics: &Metrics) -> Option<Answer> {
+        let got = match &mut self.rx {
             None => Err("is overloaded".to_owned()),
-            // Often in already (a pipelining session asks ahead): then no timer is armed.
-            Some(mut rx) => match rx.try_recv() {
+            Some(rx) => match rx.try_recv() {
                 Ok(answer) => Ok(answer),
                 Err(oneshot::error::TryRecvError::Closed) => Err("is gone".to_owned()),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx).await {
-                        Ok(Ok(answer)) => Ok(answer),
-                        Ok(Err(_)) => Err("is gone".to_owned()),
-                        Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
-                    }
-                }
+                Err(oneshot::error::TryRecvError::Empty) => return None,
             },
         };
-        metrics.hook(self.kind, self.started.elapsed(), answer.is_err());
-        answer.unwrap_or_else(|why| self.policy.failed(&why))
+        Some(self.settle(got, metrics))
+    }
+
+    /// The answer, within the policy's limit from when it was asked (else the policy's
+    /// own); counted in `metrics`.
+    pub(crate) async fn answer(mut self, metrics: &Metrics) -> Answer {
+        if let Some(answer) = self.answered(metrics) {
+            return answer;
+        }
+        let deadline = tokio::time::Instant::from_std(self.started + self.policy.limit);
+        let got = match self.rx.take() {
+            None => Err("is gone".to_owned()),
+            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(_)) => Err("is gone".to_owned()),
+                Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
+            },
+        };
+        self.settle(got, metrics)
+    }
+
+    /// `got`, or the policy's answer for why there is none; counted in `metrics`.
+    fn settle(&self, got: Result<Answer, String>, metrics: &Metrics) -> Answer {
+        metrics.hook(self.kind, self.started.elapsed(), got.is_err());
+        got.unwrap_or_else(|why| self.policy.failed(&why))
     }
 }
 
