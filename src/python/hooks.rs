@@ -7,14 +7,12 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::protocol::server_line::one_line;
+use crate::server::hooks::{Answer, HookCall, MessageKind, Pending, Reply};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
-use tokio::sync::oneshot;
-
-use crate::protocol::server_line::one_line;
-use crate::server::hooks::{Answer, HookCall, MessageKind, Pending};
 
 use super::wait::runtime;
 
@@ -35,16 +33,16 @@ pub struct HookBatch {
 /// A batch's replies: those still to be answered (`None`: answered), and answers given but
 /// not yet handed over.
 struct Slots {
-    replies: Vec<Option<oneshot::Sender<Answer>>>,
-    given: Vec<(oneshot::Sender<Answer>, Answer)>,
+    replies: Vec<Option<Reply>>,
+    given: Vec<(Reply, Answer)>,
 }
 
 impl Slots {
     /// Hands the answers given so far to their askers (one wake-up of the engine for
     /// many; the asker may have given up at its time limit: nothing to do then).
     fn hand_over(&mut self) {
-        for (tx, answer) in self.given.drain(..) {
-            let _ = tx.send(answer);
+        for (reply, answer) in self.given.drain(..) {
+            reply.send(answer);
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::hooks::{Answer, Asked, HookCall, Hooks, MessageFields, MessageKind};
+use super::hooks::{Answer, Asked, Group, HookCall, Hooks, MessageFields, MessageKind};
 use super::metrics::Dropped;
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
@@ -615,7 +615,7 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         // them out run in between, so a flood is spread over time, not over queues.
         tokio::task::coop::consume_budget().await;
         // Nothing but `ahead` lives across the read: an idle session stays small.
-        let read = match ahead.as_ref().is_some_and(|a| !a.is_empty()) {
+        let read = match ahead.as_ref().is_some_and(|a| !a.lines.is_empty()) {
             true => None,
             // Plain TCP: the writer task ends the socket when the connection is killed, and
             // what was still to be read then (or a reset, if the peer kept sending) is not
@@ -632,11 +632,14 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         };
         let (line, asked) = match read {
             Some(Ok(line)) => {
-                let asked = ask_early(session, &line);
+                let asked = match session.hooks().is_some_and(|h| h.spec.message.is_some()) {
+                    true => ask_early(session, &line, &mut ahead.get_or_insert_default().group),
+                    false => None,
+                };
                 (line, asked)
             }
             Some(Err(end)) => return end,
-            None => match ahead.as_mut().and_then(|a| a.pop_front()) {
+            None => match ahead.as_mut().and_then(|a| a.lines.pop_front()) {
                 Some((Ok(line), asked)) => (line, asked),
                 Some((Err(e), _)) => return Ended::Frame(e),
                 None => continue,
@@ -652,7 +655,7 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         }
         // The last line read so far: a private message is written at once, by this task
         // (earlier ones are queued, to be written together by the recipients' writers).
-        if reader.is_drained() && ahead.as_ref().is_none_or(|a| a.is_empty()) {
+        if reader.is_drained() && ahead.as_ref().is_none_or(|a| a.lines.is_empty()) {
             session.held().write_at_once();
         }
         match std::str::from_utf8(&line) {
@@ -680,7 +683,7 @@ const ASK_AHEAD: usize = 64;
 
 /// The message hook's question about `line`, sent now, if it is a message and there is a
 /// message hook.
-fn ask_early(session: &Session<'_>, line: &[u8]) -> Option<Box<Asked>> {
+fn ask_early(session: &Session<'_>, line: &[u8], group: &mut Option<Arc<Group>>) -> Option<Asked> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
     let text = std::str::from_utf8(line).ok()?;
@@ -689,23 +692,28 @@ fn ask_early(session: &Session<'_>, line: &[u8]) -> Option<Box<Asked>> {
     };
     let (kind, text_arg) = message_kind(&call)?;
     let question = message_question(session, kind, &call, text_arg);
-    Some(Box::new(hooks.send(question, policy)))
+    Some(hooks.send_in(group, question, policy))
 }
 
-/// Lines read ahead, each with its message question if it is a message.
-type Ahead = VecDeque<(Result<Bytes, FrameError>, Option<Box<Asked>>)>;
+/// Lines read ahead, each with its message question if it is a message, and the group
+/// their questions are asked in.
+#[derive(Default)]
+struct Ahead {
+    lines: VecDeque<(Result<Bytes, FrameError>, Option<Asked>)>,
+    group: Option<Arc<Group>>,
+}
 
 /// Takes the lines already buffered (no wait) and asks the message hook about those that
 /// are messages, up to [`ASK_AHEAD`] lines ahead.
 fn ask_ahead(session: &Session<'_>, reader: &mut LineReader, ahead: &mut Ahead) {
-    while ahead.len() < ASK_AHEAD {
+    while ahead.lines.len() < ASK_AHEAD {
         match reader.buffered_line() {
             Some(Ok(line)) => {
-                let asked = ask_early(session, &line);
-                ahead.push_back((Ok(line), asked));
+                let asked = ask_early(session, &line, &mut ahead.group);
+                ahead.lines.push_back((Ok(line), asked));
             }
             Some(Err(e)) => {
-                ahead.push_back((Err(e), None));
+                ahead.lines.push_back((Err(e), None));
                 return;
             }
             None => return,
@@ -715,11 +723,7 @@ fn ask_ahead(session: &Session<'_>, reader: &mut LineReader, ahead: &mut Ahead) 
 
 /// Answers one command line, or hands back what is left to await; `asked`: the message
 /// hook's question about it, already sent.
-fn handle<'a>(
-    session: &'a Session<'a>,
-    text: &'a str,
-    asked: Option<Box<Asked>>,
-) -> Option<Later<'a>> {
+fn handle<'a>(session: &'a Session<'a>, text: &'a str, asked: Option<Asked>) -> Option<Later<'a>> {
     match parse_command(text) {
         Ok(Parsed::Call(call)) => {
             // Passwords never reach the log.
@@ -795,13 +799,13 @@ fn message_question(
 fn hooked_message<'a>(
     session: &'a Session<'a>,
     call: Call<'a>,
-    asked: Option<Box<Asked>>,
+    asked: Option<Asked>,
 ) -> Option<Option<Later<'a>>> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
     let (kind, text_arg) = message_kind(&call)?;
     let mut asked = match asked {
-        Some(asked) => *asked,
+        Some(asked) => asked,
         None => hooks.send(message_question(session, kind, &call, text_arg), policy),
     };
     let metrics = &session.shared.metrics;

@@ -2,9 +2,11 @@
 //! server's events, and what it is told after them.
 //!
 //! The engine never waits on the embedder inside a network task's hot path: a question
-//! ([`HookCall`]) goes into one bounded queue with a one-shot reply, and the session that
-//! asked awaits the answer (at most its kind's time limit) before it reads its next
-//! command, so a slow hook delays only its own user. The embedder drains the queue in
+//! ([`HookCall`]) goes into one bounded queue with a [`Reply`], and the session that asked
+//! awaits the answer (at most its kind's time limit) before it reads its next command, so
+//! a slow hook delays only its own user. The questions a session asks together (the
+//! pipelined lines it reads ahead) share one [`Group`]: one allocation for their answers,
+//! and one wake-up of the session for those that come back together. The embedder drains the queue in
 //! batches (one GIL round trip for many questions). Observations go into the same queue
 //! without a reply; when it is full they are dropped (and counted), never waited for.
 //!
@@ -12,9 +14,11 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::metrics::{HookKind, Metrics};
 
@@ -189,31 +193,133 @@ pub struct Pending {
     /// What is asked (or told).
     pub call: HookCall,
     /// Where the answer goes (`None`: an observation).
-    pub reply: Option<oneshot::Sender<Answer>>,
+    pub reply: Option<Reply>,
+}
+
+/// Questions a group holds at most; the next question starts a new group.
+pub(crate) const GROUP: usize = 64;
+
+/// The answers to questions one session asked together, in the order asked, and the
+/// session's task to wake when one comes in.
+pub struct Group {
+    state: Mutex<GroupState>,
+    policy: Policy,
+    kind: HookKind,
+}
+
+struct GroupState {
+    /// Each question's: when it was asked, and what became of it.
+    slots: Vec<(Instant, Slot)>,
+    waker: Option<Waker>,
+}
+
+enum Slot {
+    Waiting,
+    Answered(Answer),
+    /// No answer will come: why (`is gone`, `is overloaded`).
+    Failed(&'static str),
+    /// The asker has it.
+    Taken,
+}
+
+impl Group {
+    fn new(policy: Policy, kind: HookKind, room: usize) -> Arc<Group> {
+        Arc::new(Group {
+            state: Mutex::new(GroupState {
+                slots: Vec::with_capacity(room),
+                waker: None,
+            }),
+            policy,
+            kind,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Settles question `index` as `slot` (if it still waits) and wakes its asker.
+    fn settle(&self, index: usize, slot: Slot) {
+        let waker = {
+            let mut st = self.state();
+            match st.slots.get_mut(index) {
+                Some((_, waiting @ Slot::Waiting)) => *waiting = slot,
+                _ => return,
+            }
+            st.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Where the answer to one question goes: given once; dropped unanswered, the question
+/// fails as `is gone`.
+pub struct Reply {
+    group: Option<Arc<Group>>,
+    index: usize,
+}
+
+impl Reply {
+    /// Hands `answer` to the session that asked (it may have given up at its time limit:
+    /// nothing to do then).
+    pub fn send(mut self, answer: Answer) {
+        if let Some(group) = self.group.take() {
+            group.settle(self.index, Slot::Answered(answer));
+        }
+    }
+
+    fn fail(mut self, why: &'static str) {
+        if let Some(group) = self.group.take() {
+            group.settle(self.index, Slot::Failed(why));
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            group.settle(self.index, Slot::Failed("is gone"));
+        }
+    }
 }
 
 /// A question sent to the embedder, its answer still to come.
 pub(crate) struct Asked {
-    /// `None`: the queue was full.
-    rx: Option<oneshot::Receiver<Answer>>,
-    policy: Policy,
-    kind: HookKind,
-    started: std::time::Instant,
+    group: Arc<Group>,
+    index: usize,
 }
 
 impl Asked {
+    /// The question's outcome, taken, if it has one; else `cx`'s task is woken when it may.
+    fn take(&self, cx: Option<&Context<'_>>) -> Option<(Instant, Result<Answer, &'static str>)> {
+        let mut st = self.group.state();
+        let st = &mut *st;
+        let (asked, slot) = st.slots.get_mut(self.index)?;
+        let got = match std::mem::replace(slot, Slot::Taken) {
+            Slot::Answered(answer) => Ok(answer),
+            Slot::Failed(why) => Err(why),
+            Slot::Taken => Err("is gone"),
+            Slot::Waiting => {
+                *slot = Slot::Waiting;
+                if let Some(cx) = cx {
+                    match &mut st.waker {
+                        Some(waker) if waker.will_wake(cx.waker()) => {}
+                        waker => *waker = Some(cx.waker().clone()),
+                    }
+                }
+                return None;
+            }
+        };
+        Some((*asked, got))
+    }
+
     /// The answer if it needs no wait: it is in already (a pipelining session asks
     /// ahead), the embedder is gone, or the queue was full; counted in `metrics`.
     pub(crate) fn answered(&mut self, metrics: &Metrics) -> Option<Answer> {
-        let got = match &mut self.rx {
-            None => Err("is overloaded".to_owned()),
-            Some(rx) => match rx.try_recv() {
-                Ok(answer) => Ok(answer),
-                Err(oneshot::error::TryRecvError::Closed) => Err("is gone".to_owned()),
-                Err(oneshot::error::TryRecvError::Empty) => return None,
-            },
-        };
-        Some(self.settle(got, metrics))
+        let (asked, got) = self.take(None)?;
+        Some(self.settled(asked, got.map_err(str::to_owned), metrics))
     }
 
     /// The answer, within the policy's limit from when it was asked (else the policy's
@@ -222,22 +328,34 @@ impl Asked {
         if let Some(answer) = self.answered(metrics) {
             return answer;
         }
-        let deadline = tokio::time::Instant::from_std(self.started + self.policy.limit);
-        let got = match self.rx.take() {
-            None => Err("is gone".to_owned()),
-            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(_)) => Err("is gone".to_owned()),
-                Err(_) => Err(format!("took longer than {:?}", self.policy.limit)),
-            },
+        let policy = self.group.policy;
+        let asked = self.group.state().slots[self.index].0;
+        let deadline = tokio::time::Instant::from_std(asked + policy.limit);
+        let came = std::future::poll_fn(|cx| match self.take(Some(cx)) {
+            Some(outcome) => Poll::Ready(outcome),
+            None => Poll::Pending,
+        });
+        let got = match tokio::time::timeout_at(deadline, came).await {
+            Ok((_, got)) => got.map_err(str::to_owned),
+            Err(_) => Err(format!("took longer than {:?}", policy.limit)),
         };
-        self.settle(got, metrics)
+        self.settled(asked, got, metrics)
     }
 
     /// `got`, or the policy's answer for why there is none; counted in `metrics`.
-    fn settle(&self, got: Result<Answer, String>, metrics: &Metrics) -> Answer {
-        metrics.hook(self.kind, self.started.elapsed(), got.is_err());
-        got.unwrap_or_else(|why| self.policy.failed(&why))
+    fn settled(&self, asked: Instant, got: Result<Answer, String>, metrics: &Metrics) -> Answer {
+        metrics.hook(self.group.kind, asked.elapsed(), got.is_err());
+        got.unwrap_or_else(|why| self.group.policy.failed(&why))
+    }
+}
+
+/// Which kind of question `call` is.
+fn kind_of(call: &HookCall) -> HookKind {
+    match call {
+        HookCall::Message { .. } => HookKind::Message,
+        HookCall::Login { .. } => HookKind::Login,
+        HookCall::Upload { .. } => HookKind::Upload,
+        _ => HookKind::Command,
     }
 }
 
@@ -268,26 +386,53 @@ impl Hooks {
         self.send(call, policy).answer(metrics).await
     }
 
-    /// Asks the embedder now; the answer is awaited later ([`Asked::answer`]), so a
-    /// session can ask about several pipelined commands at once.
+    /// Asks the embedder now; the answer is awaited later ([`Asked::answer`]).
     pub(crate) fn send(&self, call: HookCall, policy: Policy) -> Asked {
-        let kind = match &call {
-            HookCall::Message { .. } => HookKind::Message,
-            HookCall::Login { .. } => HookKind::Login,
-            HookCall::Upload { .. } => HookKind::Upload,
-            _ => HookKind::Command,
+        let group = Group::new(policy, kind_of(&call), 1);
+        self.enqueue(group, call)
+    }
+
+    /// Asks the embedder now, the question one of the asker's `group` (a new one when
+    /// there is none yet, or it is full), so a session can ask about several pipelined
+    /// commands at once.
+    pub(crate) fn send_in(
+        &self,
+        group: &mut Option<Arc<Group>>,
+        call: HookCall,
+        policy: Policy,
+    ) -> Asked {
+        let kind = kind_of(&call);
+        let current = group
+            .as_ref()
+            .filter(|g| g.policy == policy && g.kind == kind && g.state().slots.len() < GROUP);
+        let group = match current {
+            Some(g) => g.clone(),
+            None => group.insert(Group::new(policy, kind, GROUP)).clone(),
         };
-        let (tx, rx) = oneshot::channel();
+        self.enqueue(group, call)
+    }
+
+    /// Queues `call` as the next question of `group`.
+    fn enqueue(&self, group: Arc<Group>, call: HookCall) -> Asked {
+        let index = {
+            let mut st = group.state();
+            st.slots.push((Instant::now(), Slot::Waiting));
+            st.slots.len() - 1
+        };
+        let reply = Reply {
+            group: Some(group.clone()),
+            index,
+        };
         let pending = Pending {
             call,
-            reply: Some(tx),
+            reply: Some(reply),
         };
-        Asked {
-            rx: self.tx.try_send(pending).ok().map(|()| rx),
-            policy,
-            kind,
-            started: std::time::Instant::now(),
+        if let Err(e) = self.tx.try_send(pending) {
+            if let Some(reply) = e.into_inner().reply {
+                reply.fail("is overloaded");
+            }
         }
+        Asked { group, index }
     }
 
     /// Tells the embedder something happened (if it observes), without waiting.
@@ -335,7 +480,7 @@ mod tests {
         let answering = tokio::spawn(async move {
             let pending = rx.recv().await.expect("asked");
             let reply = pending.reply.expect("a question");
-            reply.send(Answer::Reply(vec!["4".into()])).expect("sent");
+            reply.send(Answer::Reply(vec!["4".into()]));
             // The next question is never answered.
             rx.recv().await.expect("asked again")
         });
@@ -355,6 +500,85 @@ mod tests {
             hooks.ask(call, open, &Metrics::new()).await,
             Answer::Allow,
             "the embedder is gone"
+        );
+    }
+
+    fn message(text: &str) -> HookCall {
+        HookCall::Message {
+            kind: MessageKind::Private,
+            fields: MessageFields::new("a", "b", text),
+        }
+    }
+
+    #[tokio::test]
+    async fn questions_asked_together_get_each_its_own_answer_in_any_order() {
+        let (hooks, mut rx) = Hooks::new(HookSpec::default());
+        let metrics = Metrics::new();
+        let mut group = None;
+        let mut asked: Vec<Asked> = (0..GROUP + 2)
+            .map(|i| hooks.send_in(&mut group, message(&i.to_string()), CLOSED))
+            .collect();
+        // One group holds GROUP questions; the next ones start another.
+        assert!(Arc::ptr_eq(&asked[0].group, &asked[GROUP - 1].group));
+        assert!(!Arc::ptr_eq(&asked[0].group, &asked[GROUP].group));
+        let mut replies = Vec::new();
+        while let Ok(pending) = rx.try_recv() {
+            replies.push(pending.reply.expect("a question"));
+        }
+        assert_eq!(replies.len(), GROUP + 2);
+        assert_eq!(asked[1].answered(&metrics), None, "no answer yet");
+        // Answered backwards; question 1's reply is dropped unanswered.
+        let gone = replies.remove(1);
+        for (i, reply) in replies.into_iter().enumerate().rev() {
+            let i = if i == 0 { 0 } else { i + 1 };
+            reply.send(Answer::Rewrite(format!("answer {i}")));
+        }
+        drop(gone);
+        let last = asked.pop().expect("asked");
+        assert_eq!(
+            last.answer(&metrics).await,
+            Answer::Rewrite(format!("answer {}", GROUP + 1))
+        );
+        for (i, a) in asked.into_iter().enumerate() {
+            let answer = a.answer(&metrics).await;
+            match i {
+                1 => assert!(matches!(answer, Answer::Deny(why) if why.contains("is gone"))),
+                _ => assert_eq!(answer, Answer::Rewrite(format!("answer {i}"))),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_asker_is_woken_by_its_answer() {
+        let (hooks, mut rx) = Hooks::new(HookSpec::default());
+        let mut group = None;
+        let first = hooks.send_in(&mut group, message("1"), CLOSED);
+        let second = hooks.send_in(&mut group, message("2"), CLOSED);
+        let (one, two) = (rx.recv().await.expect("1"), rx.recv().await.expect("2"));
+        let waiting = tokio::spawn(async move {
+            let metrics = Metrics::new();
+            (first.answer(&metrics).await, second.answer(&metrics).await)
+        });
+        tokio::task::yield_now().await;
+        two.reply.expect("2").send(Answer::Deny("no".into()));
+        one.reply.expect("1").send(Answer::Allow);
+        assert_eq!(
+            waiting.await.expect("task"),
+            (Answer::Allow, Answer::Deny("no".into()))
+        );
+    }
+
+    #[test]
+    fn a_full_queue_answers_with_the_policy_at_once() {
+        let (hooks, _rx) = Hooks::new(HookSpec::default());
+        let metrics = Metrics::new();
+        let mut group = None;
+        for _ in 0..QUEUE {
+            drop(hooks.send_in(&mut group, message("fills"), CLOSED));
+        }
+        let mut over = hooks.send_in(&mut group, message("over"), CLOSED);
+        assert!(
+            matches!(over.answered(&metrics), Some(Answer::Deny(why)) if why.contains("is overloaded"))
         );
     }
 

@@ -37,7 +37,7 @@ pub(crate) enum Dropped {
 }
 
 /// A kind of hook question.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HookKind {
     Message,
     Login,
