@@ -157,6 +157,9 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
     let mut replies = Vec::with_capacity(pending.len());
     let mut questions = Vec::with_capacity(pending.len());
     let mut observations = Vec::new();
+    // A pipelining session's messages come one after another, mostly from one sender to
+    // one recipient: those names are made once for all of them.
+    let (mut sender, mut to) = (Names::default(), Names::default());
     for Pending { call, reply } in pending {
         let question = match call {
             HookCall::Message { kind, fields } => {
@@ -166,11 +169,13 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
                     MessageKind::Group => intern!(py, "group"),
                     MessageKind::Broadcast => intern!(py, "broadcast"),
                 };
-                let (sender, to, text) = (fields.sender(), fields.to(), fields.text());
-                (
-                    intern!(py, "message").clone(),
-                    (kind, sender, to, text).into_pyobject(py)?,
-                )
+                let args = (
+                    kind,
+                    sender.get(py, fields.sender()),
+                    to.get(py, fields.to()),
+                    fields.text(),
+                );
+                (intern!(py, "message").clone(), args.into_pyobject(py)?)
             }
             HookCall::Login {
                 name,
@@ -213,6 +218,25 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
         })),
     };
     Ok((batch, questions, observations))
+}
+
+/// The Python string of the name seen last, made again only for another name.
+#[derive(Default)]
+struct Names<'py> {
+    last: Option<(String, Bound<'py, PyString>)>,
+}
+
+impl<'py> Names<'py> {
+    fn get(&mut self, py: Python<'py>, name: &str) -> Bound<'py, PyString> {
+        match &self.last {
+            Some((last, made)) if last == name => made.clone(),
+            _ => {
+                let made = PyString::new(py, name);
+                self.last = Some((name.to_owned(), made.clone()));
+                made
+            }
+        }
+    }
 }
 
 /// Waits up to `limit` for the first pending request, then takes what else is waiting (at
