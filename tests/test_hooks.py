@@ -486,3 +486,31 @@ def test_pipelined_messages_through_a_hook_keep_their_order_and_their_own_answer
     want = [f"ERROR: no {i}" for i in range(1, 200, 2)]
     want.insert(50, "Connected users: bob")
     assert replies == want
+
+
+def test_a_hook_sees_each_message_with_its_own_sender_and_recipient(hooked):
+    # Messages of several pipelining senders to several recipients reach the hook in
+    # batches; each question carries its own names and text.
+    seen: list[tuple[str, str, str]] = []
+
+    def setup(srv: Server) -> None:
+        @srv.before_message
+        def record(msg: Message) -> None:
+            seen.append((msg.sender, msg.to, msg.text))
+
+    _, net = hooked(setup)
+    names = ["ann", "ben", "cat"]
+    wires = {n: net.chat(n) for n in names}
+    sent = []
+    for round_ in range(3):
+        for n in names:
+            lines = []
+            for k, to in enumerate(m for m in names if m != n):
+                text = f"{round_}.{k} {n} to {to}"
+                lines.append(f"msg {to} {text}\n")
+                sent.append((n, to, text))
+            wires[n].send("".join(lines))
+    for n in names:
+        for _ in range(2 * 3):
+            wires[n].line()
+    assert sorted(seen) == sorted(sent)
