@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::protocol::server_line::one_line;
-use crate::server::hooks::{Answer, HookCall, MessageKind, Pending, Reply};
+use crate::server::hooks::{Answer, HookCall, HookQueue, MessageKind, Pending, Reply};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -154,51 +154,17 @@ pub(super) type Taken<'py> = (
 
 /// Splits what the engine sent into questions (with their batch) and observations.
 pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>> {
-    let mut replies = Vec::with_capacity(pending.len());
-    let mut questions = Vec::with_capacity(pending.len());
+    let asked = pending.iter().map(Pending::count).sum();
+    let mut replies = Vec::with_capacity(asked);
+    let mut questions = Vec::with_capacity(asked);
     let mut observations = Vec::new();
     // A pipelining session's messages come one after another, mostly from one sender to
     // one recipient: those names are made once for all of them.
     let (mut sender, mut to) = (Names::default(), Names::default());
-    for Pending { call, reply } in pending {
-        let question = match call {
-            HookCall::Message { kind, fields } => {
-                // The kinds' names are made once (interned), not for every message.
-                let kind = match kind {
-                    MessageKind::Private => intern!(py, "private"),
-                    MessageKind::Group => intern!(py, "group"),
-                    MessageKind::Broadcast => intern!(py, "broadcast"),
-                };
-                let args = (
-                    kind,
-                    sender.get(py, fields.sender()),
-                    to.get(py, fields.to()),
-                    fields.text(),
-                );
-                (intern!(py, "message").clone(), args.into_pyobject(py)?)
-            }
-            HookCall::Login {
-                name,
-                addr,
-                registered,
-            } => (
-                intern!(py, "login").clone(),
-                (name, addr.to_string(), registered).into_pyobject(py)?,
-            ),
-            HookCall::Upload {
-                sender,
-                target,
-                filename,
-                size,
-            } => (
-                intern!(py, "upload").clone(),
-                (sender, target, filename, size).into_pyobject(py)?,
-            ),
-            HookCall::Command { caller, name, args } => {
-                let args = (caller, name, args).into_pyobject(py)?;
-                (intern!(py, "command").clone(), args)
-            }
-            HookCall::Observed { event, fields } => {
+    for pending in pending {
+        let (calls, to_answer) = match pending {
+            Pending::Questions { calls, replies } => (calls, replies),
+            Pending::Observed { event, fields } => {
                 let d = PyDict::new(py);
                 d.set_item("event", event)?;
                 for (key, value) in fields {
@@ -208,8 +174,48 @@ pub(super) fn taken(py: Python<'_>, pending: Vec<Pending>) -> PyResult<Taken<'_>
                 continue;
             }
         };
-        questions.push(question);
-        replies.push(reply);
+        for (call, reply) in calls.into_iter().zip(to_answer) {
+            let question = match call {
+                HookCall::Message { kind, fields } => {
+                    // The kinds' names are made once (interned), not for every message.
+                    let kind = match kind {
+                        MessageKind::Private => intern!(py, "private"),
+                        MessageKind::Group => intern!(py, "group"),
+                        MessageKind::Broadcast => intern!(py, "broadcast"),
+                    };
+                    let args = (
+                        kind,
+                        sender.get(py, fields.sender()),
+                        to.get(py, fields.to()),
+                        fields.text(),
+                    );
+                    (intern!(py, "message").clone(), args.into_pyobject(py)?)
+                }
+                HookCall::Login {
+                    name,
+                    addr,
+                    registered,
+                } => (
+                    intern!(py, "login").clone(),
+                    (name, addr.to_string(), registered).into_pyobject(py)?,
+                ),
+                HookCall::Upload {
+                    sender,
+                    target,
+                    filename,
+                    size,
+                } => (
+                    intern!(py, "upload").clone(),
+                    (sender, target, filename, size).into_pyobject(py)?,
+                ),
+                HookCall::Command { caller, name, args } => {
+                    let args = (caller, name, args).into_pyobject(py)?;
+                    (intern!(py, "command").clone(), args)
+                }
+            };
+            questions.push(question);
+            replies.push(Some(reply));
+        }
     }
     let batch = HookBatch {
         slots: Arc::new(Mutex::new(Slots {
@@ -242,24 +248,28 @@ impl<'py> Names<'py> {
 /// Waits up to `limit` for the first pending request, then takes what else is waiting (at
 /// most [`BATCH`] in all). `None`: the hooks are gone.
 pub(super) async fn next_batch(
-    rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
+    queue: Arc<tokio::sync::Mutex<HookQueue>>,
     limit: Duration,
 ) -> Option<Vec<Pending>> {
     // The limit covers the wait for the queue too: several threads take batches in turn.
     let deadline = tokio::time::Instant::now() + limit;
-    let Ok(mut rx) = tokio::time::timeout_at(deadline, rx.lock()).await else {
+    let Ok(mut queue) = tokio::time::timeout_at(deadline, queue.lock()).await else {
         return Some(Vec::new());
     };
-    let first = match tokio::time::timeout_at(deadline, rx.recv()).await {
+    let first = match tokio::time::timeout_at(deadline, queue.recv()).await {
         Ok(Some(first)) => first,
         Ok(None) => return None,
         Err(_) => return Some(Vec::new()),
     };
+    let mut taken = first.count();
     let mut batch = vec![first];
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(pending) => batch.push(pending),
-            Err(_) => break,
+    while taken < BATCH {
+        match queue.try_recv() {
+            Some(pending) => {
+                taken += pending.count();
+                batch.push(pending);
+            }
+            None => break,
         }
     }
     Some(batch)

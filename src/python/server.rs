@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wait::{block_on, runtime, seconds};
 use crate::protocol::server_line::one_line;
-use crate::server::hooks::{CustomCommand, HookSpec, Hooks, Pending, Policy as HookPolicy};
+use crate::server::hooks::{CustomCommand, HookQueue, HookSpec, Hooks, Policy as HookPolicy};
 use crate::server::metrics::Metrics;
 use crate::server::{
     Control, Number, Policy, Server, ServerConfig, SettingError, TlsHandle, SETTINGS,
@@ -73,7 +73,7 @@ pub struct PyServer {
 /// Hooks given to the engine, and where their requests wait for Python.
 struct InstalledHooks {
     hooks: Arc<Hooks>,
-    queue: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
+    queue: Arc<tokio::sync::Mutex<HookQueue>>,
 }
 
 /// A hook kind's `(time limit in seconds, fail_open)` from Python.

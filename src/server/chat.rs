@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::hooks::{Answer, Asked, Group, HookCall, Hooks, MessageFields, MessageKind};
+use super::hooks::{Answer, Asked, Burst, HookCall, Hooks, MessageFields, MessageKind};
 use super::metrics::Dropped;
 use super::registry::{Held, InboxTicket, Outbox, Sent};
 use super::{read_username, secrets_allowed, Shared};
@@ -633,7 +633,7 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
         let (line, asked) = match read {
             Some(Ok(line)) => {
                 let asked = match session.hooks().is_some_and(|h| h.spec.message.is_some()) {
-                    true => ask_early(session, &line, &mut ahead.get_or_insert_default().group),
+                    true => ask_early(session, &line, &mut ahead.get_or_insert_default().burst),
                     false => None,
                 };
                 (line, asked)
@@ -645,13 +645,14 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
                 None => continue,
             },
         };
+        // This line's question goes out with those of the lines read ahead.
+        if asked.is_some() {
+            ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
+        }
         // A client that cannot confirm its queued messages went on after them.
         if session.inbox_sent.load(Ordering::Relaxed) != 0 && !session.outbox.extended() {
             let upto = session.inbox_sent.swap(0, Ordering::Relaxed);
             forget_delivered(session.shared, session.user, upto, false).await;
-        }
-        if asked.is_some() {
-            ask_ahead(session, reader, ahead.get_or_insert_with(Box::default));
         }
         // The last line read so far: a private message is written at once, by this task
         // (earlier ones are queued, to be written together by the recipients' writers).
@@ -683,7 +684,7 @@ const ASK_AHEAD: usize = 64;
 
 /// The message hook's question about `line`, sent now, if it is a message and there is a
 /// message hook.
-fn ask_early(session: &Session<'_>, line: &[u8], group: &mut Option<Arc<Group>>) -> Option<Asked> {
+fn ask_early(session: &Session<'_>, line: &[u8], burst: &mut Burst) -> Option<Asked> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
     let text = std::str::from_utf8(line).ok()?;
@@ -692,32 +693,36 @@ fn ask_early(session: &Session<'_>, line: &[u8], group: &mut Option<Arc<Group>>)
     };
     let (kind, text_arg) = message_kind(&call)?;
     let question = message_question(session, kind, &call, text_arg);
-    Some(hooks.send_in(group, question, policy))
+    Some(hooks.ask_in(burst, question, policy))
 }
 
-/// Lines read ahead, each with its message question if it is a message, and the group
-/// their questions are asked in.
+/// Lines read ahead, each with its message question if it is a message, and the
+/// questions asked but not yet sent.
 #[derive(Default)]
 struct Ahead {
     lines: VecDeque<(Result<Bytes, FrameError>, Option<Asked>)>,
-    group: Option<Arc<Group>>,
+    burst: Burst,
 }
 
 /// Takes the lines already buffered (no wait) and asks the message hook about those that
-/// are messages, up to [`ASK_AHEAD`] lines ahead.
+/// are messages, up to [`ASK_AHEAD`] lines ahead; then sends the questions asked so far
+/// (this line's among them) together.
 fn ask_ahead(session: &Session<'_>, reader: &mut LineReader, ahead: &mut Ahead) {
     while ahead.lines.len() < ASK_AHEAD {
         match reader.buffered_line() {
             Some(Ok(line)) => {
-                let asked = ask_early(session, &line, &mut ahead.group);
+                let asked = ask_early(session, &line, &mut ahead.burst);
                 ahead.lines.push_back((Ok(line), asked));
             }
             Some(Err(e)) => {
                 ahead.lines.push_back((Err(e), None));
-                return;
+                break;
             }
-            None => return,
+            None => break,
         }
+    }
+    if let Some(hooks) = session.hooks() {
+        hooks.send_burst(&mut ahead.burst);
     }
 }
 

@@ -5,15 +5,16 @@
 //! ([`HookCall`]) goes into one bounded queue with a [`Reply`], and the session that asked
 //! awaits the answer (at most its kind's time limit) before it reads its next command, so
 //! a slow hook delays only its own user. The questions a session asks together (the
-//! pipelined lines it reads ahead) share one [`Group`]: one allocation for their answers,
-//! and one wake-up of the session for those that come back together. The embedder drains the queue in
+//! pipelined lines it reads ahead) go into the queue as one entry, and share one
+//! [`Group`]: one allocation for their answers, and one wake-up of the session for those
+//! that come back together. The embedder drains the queue in
 //! batches (one GIL round trip for many questions). Observations go into the same queue
 //! without a reply; when it is full they are dropped (and counted), never waited for.
 //!
 //! A server without hooks has no [`Hooks`] at all: every call site checks one `Option`.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -96,7 +97,7 @@ impl MessageKind {
     }
 }
 
-/// A question for the embedder, or (with no reply) an observation.
+/// A question for the embedder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookCall {
     /// May the sender send the text to the recipient (see [`MessageFields`])?
@@ -126,13 +127,6 @@ pub enum HookCall {
         caller: String,
         name: String,
         args: String,
-    },
-    /// Something happened: `event` (connect, disconnect, join, leave, message, file_saved,
-    /// file_acknowledged) and its fields.
-    #[allow(missing_docs)]
-    Observed {
-        event: &'static str,
-        fields: Vec<(&'static str, String)>,
     },
 }
 
@@ -188,12 +182,31 @@ pub enum Answer {
     Reply(Vec<String>),
 }
 
-/// A question (or observation) waiting for the embedder.
-pub struct Pending {
-    /// What is asked (or told).
-    pub call: HookCall,
-    /// Where the answer goes (`None`: an observation).
-    pub reply: Option<Reply>,
+/// Questions, or an observation, waiting for the embedder.
+pub enum Pending {
+    /// Questions asked together, in order; their answers go to `replies`, in order.
+    #[allow(missing_docs)]
+    Questions {
+        calls: Vec<HookCall>,
+        replies: Replies,
+    },
+    /// Something happened: `event` (connect, disconnect, join, leave, message, file_saved,
+    /// file_acknowledged) and its fields. No answer.
+    #[allow(missing_docs)]
+    Observed {
+        event: &'static str,
+        fields: Vec<(&'static str, String)>,
+    },
+}
+
+impl Pending {
+    /// How many questions (or observations) it is.
+    pub fn count(&self) -> usize {
+        match self {
+            Pending::Questions { calls, .. } => calls.len(),
+            Pending::Observed { .. } => 1,
+        }
+    }
 }
 
 /// Questions a group holds at most; the next question starts a new group.
@@ -226,6 +239,7 @@ impl Group {
     fn new(policy: Policy, kind: HookKind, room: usize) -> Arc<Group> {
         Arc::new(Group {
             state: Mutex::new(GroupState {
+                // Exactly `room`: `reserve` takes its capacity for the group's size.
                 slots: Vec::with_capacity(room),
                 waker: None,
             }),
@@ -236,6 +250,15 @@ impl Group {
 
     fn state(&self) -> MutexGuard<'_, GroupState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The index of a new question asked at `at`, if the group has room for it.
+    fn reserve(&self, at: Instant) -> Option<usize> {
+        let mut st = self.state();
+        (st.slots.len() < st.slots.capacity()).then(|| {
+            st.slots.push((at, Slot::Waiting));
+            st.slots.len() - 1
+        })
     }
 
     /// Settles question `index` as `slot` (if it still waits) and wakes its asker.
@@ -283,6 +306,44 @@ impl Drop for Reply {
             group.settle(self.index, Slot::Failed("is gone"));
         }
     }
+}
+
+/// Where the answers to questions asked together go: one [`Reply`] each, in order. Those
+/// not taken fail as `is gone` when it is dropped.
+pub struct Replies {
+    group: Arc<Group>,
+    next: usize,
+    end: usize,
+}
+
+impl Iterator for Replies {
+    type Item = Reply;
+
+    fn next(&mut self) -> Option<Reply> {
+        (self.next < self.end).then(|| {
+            self.next += 1;
+            Reply {
+                group: Some(self.group.clone()),
+                index: self.next - 1,
+            }
+        })
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        self.by_ref().for_each(drop);
+    }
+}
+
+/// The questions a session has asked but not yet sent ([`Hooks::ask_in`]); they go to
+/// the embedder together ([`Hooks::send_burst`]).
+#[derive(Default)]
+pub(crate) struct Burst {
+    group: Option<Arc<Group>>,
+    first: usize,
+    calls: Vec<HookCall>,
+    at: Option<Instant>,
 }
 
 /// A question sent to the embedder, its answer still to come.
@@ -355,7 +416,29 @@ fn kind_of(call: &HookCall) -> HookKind {
         HookCall::Message { .. } => HookKind::Message,
         HookCall::Login { .. } => HookKind::Login,
         HookCall::Upload { .. } => HookKind::Upload,
-        _ => HookKind::Command,
+        HookCall::Command { .. } => HookKind::Command,
+    }
+}
+
+/// The embedder's end of the queue.
+pub struct HookQueue {
+    rx: mpsc::UnboundedReceiver<Pending>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl HookQueue {
+    /// The next entry; `None` when the hooks are gone.
+    pub async fn recv(&mut self) -> Option<Pending> {
+        let pending = self.rx.recv().await?;
+        self.waiting.fetch_sub(pending.count(), Ordering::Relaxed);
+        Some(pending)
+    }
+
+    /// The next entry, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Pending> {
+        let pending = self.rx.try_recv().ok()?;
+        self.waiting.fetch_sub(pending.count(), Ordering::Relaxed);
+        Some(pending)
     }
 }
 
@@ -363,21 +446,25 @@ fn kind_of(call: &HookCall) -> HookKind {
 pub struct Hooks {
     /// What is hooked.
     pub spec: HookSpec,
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::UnboundedSender<Pending>,
+    /// Questions and observations in the queue (at most [`QUEUE`]).
+    waiting: Arc<AtomicUsize>,
     /// Observations dropped because the queue was full.
     dropped: AtomicU64,
 }
 
 impl Hooks {
     /// Hooks as `spec` says, and the queue the embedder drains.
-    pub fn new(spec: HookSpec) -> (Hooks, mpsc::Receiver<Pending>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
+    pub fn new(spec: HookSpec) -> (Hooks, HookQueue) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let hooks = Hooks {
             spec,
             tx,
+            waiting: waiting.clone(),
             dropped: AtomicU64::new(0),
         };
-        (hooks, rx)
+        (hooks, HookQueue { rx, waiting })
     }
 
     /// Asks the embedder and waits for its answer, at most `policy.limit`; counts the
@@ -389,63 +476,92 @@ impl Hooks {
     /// Asks the embedder now; the answer is awaited later ([`Asked::answer`]).
     pub(crate) fn send(&self, call: HookCall, policy: Policy) -> Asked {
         let group = Group::new(policy, kind_of(&call), 1);
-        self.enqueue(group, call)
+        let index = group.reserve(Instant::now()).unwrap_or_default();
+        let replies = Replies {
+            group: group.clone(),
+            next: index,
+            end: index + 1,
+        };
+        self.queue(Pending::Questions {
+            calls: vec![call],
+            replies,
+        });
+        Asked { group, index }
     }
 
-    /// Asks the embedder now, the question one of the asker's `group` (a new one when
-    /// there is none yet, or it is full), so a session can ask about several pipelined
-    /// commands at once.
-    pub(crate) fn send_in(
-        &self,
-        group: &mut Option<Arc<Group>>,
-        call: HookCall,
-        policy: Policy,
-    ) -> Asked {
+    /// Asks the embedder as one of `burst`, sent at [`Hooks::send_burst`]: a session asks
+    /// about several pipelined commands at once. The answer is awaited later, after the
+    /// burst was sent.
+    pub(crate) fn ask_in(&self, burst: &mut Burst, call: HookCall, policy: Policy) -> Asked {
         let kind = kind_of(&call);
-        let current = group
+        let at = *burst.at.get_or_insert_with(Instant::now);
+        let joined = burst
+            .group
             .as_ref()
-            .filter(|g| g.policy == policy && g.kind == kind && g.state().slots.len() < GROUP);
-        let group = match current {
-            Some(g) => g.clone(),
-            None => group.insert(Group::new(policy, kind, GROUP)).clone(),
+            .filter(|g| g.policy == policy && g.kind == kind)
+            .and_then(|g| Some((g.clone(), g.reserve(at)?)));
+        let (group, index) = match joined {
+            Some(joined) => joined,
+            None => {
+                self.send_burst(burst);
+                let group = Group::new(policy, kind, GROUP);
+                let index = group.reserve(at).unwrap_or_default();
+                burst.group = Some(group.clone());
+                (group, index)
+            }
         };
-        self.enqueue(group, call)
+        if burst.calls.is_empty() {
+            burst.first = index;
+        }
+        burst.calls.push(call);
+        Asked { group, index }
     }
 
-    /// Queues `call` as the next question of `group`.
-    fn enqueue(&self, group: Arc<Group>, call: HookCall) -> Asked {
-        let index = {
-            let mut st = group.state();
-            st.slots.push((Instant::now(), Slot::Waiting));
-            st.slots.len() - 1
+    /// Sends the questions of `burst` asked since it was last sent.
+    pub(crate) fn send_burst(&self, burst: &mut Burst) {
+        burst.at = None;
+        let (Some(group), false) = (&burst.group, burst.calls.is_empty()) else {
+            return;
         };
-        let reply = Reply {
-            group: Some(group.clone()),
-            index,
+        let calls = std::mem::take(&mut burst.calls);
+        let replies = Replies {
+            group: group.clone(),
+            next: burst.first,
+            end: burst.first + calls.len(),
         };
-        let pending = Pending {
-            call,
-            reply: Some(reply),
-        };
-        if let Err(e) = self.tx.try_send(pending) {
-            if let Some(reply) = e.into_inner().reply {
-                reply.fail("is overloaded");
+        self.queue(Pending::Questions { calls, replies });
+    }
+
+    /// Queues `pending`, if the queue has room for it: else its questions fail as
+    /// `is overloaded` (an observation is dropped, and counted).
+    fn queue(&self, pending: Pending) {
+        let n = pending.count();
+        if self.waiting.fetch_add(n, Ordering::Relaxed) + n > QUEUE {
+            self.waiting.fetch_sub(n, Ordering::Relaxed);
+            return self.overloaded(pending);
+        }
+        if let Err(e) = self.tx.send(pending) {
+            // The embedder is gone: its questions fail as such when they are dropped.
+            self.waiting.fetch_sub(n, Ordering::Relaxed);
+            drop(e);
+        }
+    }
+
+    fn overloaded(&self, pending: Pending) {
+        match pending {
+            Pending::Questions { replies, .. } => {
+                replies.for_each(|reply| reply.fail("is overloaded"));
+            }
+            Pending::Observed { .. } => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        Asked { group, index }
     }
 
     /// Tells the embedder something happened (if it observes), without waiting.
     pub(crate) fn observe(&self, event: &'static str, fields: Vec<(&'static str, String)>) {
-        if !self.spec.observe {
-            return;
-        }
-        let pending = Pending {
-            call: HookCall::Observed { event, fields },
-            reply: None,
-        };
-        if self.tx.try_send(pending).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.spec.observe {
+            self.queue(Pending::Observed { event, fields });
         }
     }
 
@@ -478,9 +594,8 @@ mod tests {
             args: String::new(),
         };
         let answering = tokio::spawn(async move {
-            let pending = rx.recv().await.expect("asked");
-            let reply = pending.reply.expect("a question");
-            reply.send(Answer::Reply(vec!["4".into()]));
+            let mut replies = replies(rx.recv().await.expect("asked"));
+            replies.remove(0).send(Answer::Reply(vec!["4".into()]));
             // The next question is never answered.
             rx.recv().await.expect("asked again")
         });
@@ -503,6 +618,14 @@ mod tests {
         );
     }
 
+    /// The replies of a batch of questions.
+    fn replies(pending: Pending) -> Vec<Reply> {
+        match pending {
+            Pending::Questions { replies, .. } => replies.collect(),
+            Pending::Observed { .. } => panic!("an observation"),
+        }
+    }
+
     fn message(text: &str) -> HookCall {
         HookCall::Message {
             kind: MessageKind::Private,
@@ -514,18 +637,22 @@ mod tests {
     async fn questions_asked_together_get_each_its_own_answer_in_any_order() {
         let (hooks, mut rx) = Hooks::new(HookSpec::default());
         let metrics = Metrics::new();
-        let mut group = None;
+        let mut burst = Burst::default();
         let mut asked: Vec<Asked> = (0..GROUP + 2)
-            .map(|i| hooks.send_in(&mut group, message(&i.to_string()), CLOSED))
+            .map(|i| hooks.ask_in(&mut burst, message(&i.to_string()), CLOSED))
             .collect();
-        // One group holds GROUP questions; the next ones start another.
+        // One group holds GROUP questions; the next ones start another, and the questions
+        // of the first go to the embedder then, as one entry.
         assert!(Arc::ptr_eq(&asked[0].group, &asked[GROUP - 1].group));
         assert!(!Arc::ptr_eq(&asked[0].group, &asked[GROUP].group));
-        let mut replies = Vec::new();
-        while let Ok(pending) = rx.try_recv() {
-            replies.push(pending.reply.expect("a question"));
-        }
-        assert_eq!(replies.len(), GROUP + 2);
+        let first = rx.try_recv().expect("the first group's questions");
+        assert_eq!(first.count(), GROUP);
+        assert!(rx.try_recv().is_none(), "the rest wait for send_burst");
+        hooks.send_burst(&mut burst);
+        let second = rx.try_recv().expect("the rest");
+        assert_eq!(second.count(), 2);
+        let mut replies = replies(first);
+        replies.extend(self::replies(second));
         assert_eq!(asked[1].answered(&metrics), None, "no answer yet");
         // Answered backwards; question 1's reply is dropped unanswered.
         let gone = replies.remove(1);
@@ -551,17 +678,19 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_asker_is_woken_by_its_answer() {
         let (hooks, mut rx) = Hooks::new(HookSpec::default());
-        let mut group = None;
-        let first = hooks.send_in(&mut group, message("1"), CLOSED);
-        let second = hooks.send_in(&mut group, message("2"), CLOSED);
-        let (one, two) = (rx.recv().await.expect("1"), rx.recv().await.expect("2"));
+        let mut burst = Burst::default();
+        let first = hooks.ask_in(&mut burst, message("1"), CLOSED);
+        let second = hooks.ask_in(&mut burst, message("2"), CLOSED);
+        hooks.send_burst(&mut burst);
+        let mut both = replies(rx.recv().await.expect("asked"));
+        let (one, two) = (both.remove(0), both.remove(0));
         let waiting = tokio::spawn(async move {
             let metrics = Metrics::new();
             (first.answer(&metrics).await, second.answer(&metrics).await)
         });
         tokio::task::yield_now().await;
-        two.reply.expect("2").send(Answer::Deny("no".into()));
-        one.reply.expect("1").send(Answer::Allow);
+        two.send(Answer::Deny("no".into()));
+        one.send(Answer::Allow);
         assert_eq!(
             waiting.await.expect("task"),
             (Answer::Allow, Answer::Deny("no".into()))
@@ -572,11 +701,10 @@ mod tests {
     fn a_full_queue_answers_with_the_policy_at_once() {
         let (hooks, _rx) = Hooks::new(HookSpec::default());
         let metrics = Metrics::new();
-        let mut group = None;
         for _ in 0..QUEUE {
-            drop(hooks.send_in(&mut group, message("fills"), CLOSED));
+            drop(hooks.send(message("fills"), CLOSED));
         }
-        let mut over = hooks.send_in(&mut group, message("over"), CLOSED);
+        let mut over = hooks.send(message("over"), CLOSED);
         assert!(
             matches!(over.answered(&metrics), Some(Answer::Deny(why)) if why.contains("is overloaded"))
         );
