@@ -104,8 +104,8 @@ impl Session<'_> {
         self.shared.config.hooks.as_deref()
     }
 
-    /// Tells observers a message went out (to a user, a group, or everyone: `to` empty).
-    /// Counts a message that went out to `recipients` users, and tells observers.
+    /// Counts a message that went out to `recipients` users (to a user, a group, or
+    /// everyone: `to` empty), and tells observers.
     fn delivered(&self, kind: MessageKind, recipients: u64, to: &str, text: &str) {
         self.shared.metrics.message(kind, recipients);
         if let Some(hooks) = self.hooks() {

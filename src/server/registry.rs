@@ -715,9 +715,8 @@ impl Registry {
         }
     }
 
-    /// Queues `bytes` for every connected user but `from`; those whose inbox is being
-    /// delivered get it behind what waited for them.
-    /// Queues `bytes` for every other connected user; returns how many.
+    /// Queues `bytes` for every connected user but `from`, and returns how many; those
+    /// whose inbox is being delivered get it behind what waited for them.
     pub(crate) fn broadcast(&self, from: &str, bytes: &Bytes, held: &mut Held) -> u64 {
         let mut st = self.state();
         let others = st
