@@ -218,6 +218,8 @@ pub struct Group {
     state: Mutex<GroupState>,
     policy: Policy,
     kind: HookKind,
+    /// Questions it holds at most.
+    room: usize,
 }
 
 struct GroupState {
@@ -239,12 +241,12 @@ impl Group {
     fn new(policy: Policy, kind: HookKind, room: usize) -> Arc<Group> {
         Arc::new(Group {
             state: Mutex::new(GroupState {
-                // Exactly `room`: `reserve` takes its capacity for the group's size.
                 slots: Vec::with_capacity(room),
                 waker: None,
             }),
             policy,
             kind,
+            room,
         })
     }
 
@@ -255,7 +257,7 @@ impl Group {
     /// The index of a new question asked at `at`, if the group has room for it.
     fn reserve(&self, at: Instant) -> Option<usize> {
         let mut st = self.state();
-        (st.slots.len() < st.slots.capacity()).then(|| {
+        (st.slots.len() < self.room).then(|| {
             st.slots.push((at, Slot::Waiting));
             st.slots.len() - 1
         })
