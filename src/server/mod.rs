@@ -513,16 +513,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: Port) {
             Ok((stream, addr)) => {
                 backoff = Duration::from_millis(10);
                 match shared.gate.admit(addr.ip()) {
-                    Ok(admission) => {
-                        let shared2 = shared.clone();
-                        let chat = matches!(port, Port::Chat);
-                        shared.tasks.spawn(async move {
-                            shared2.metrics.connection(chat, true);
-                            serve(shared2.clone(), stream, addr, port).await;
-                            shared2.metrics.connection(chat, false);
-                            drop(admission);
-                        });
-                    }
+                    Ok(admission) => match port {
+                        Port::Chat => {
+                            let task = served(&shared, stream, addr, admission, true, chat::serve);
+                            shared.tasks.spawn(task);
+                        }
+                        Port::File => {
+                            let task = served(&shared, stream, addr, admission, false, file::serve);
+                            shared.tasks.spawn(task);
+                        }
+                    },
                     Err(refusal) => {
                         shared.metrics.dropped(metrics::Dropped::Refused);
                         refuse_now(&stream, addr, refusal);
@@ -642,15 +642,31 @@ async fn refuse_at_the_ceiling(shared: &Shared, listener: &TcpListener) {
         .unwrap_or_else(PoisonError::into_inner) = std::fs::File::open("/dev/null").ok();
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, port: Port) {
-    let opened = Instant::now();
-    // Boxed: the TLS handshake's state lives on the heap only while it runs.
-    let Some(conn) = Box::pin(open(&shared, stream, addr, opened)).await else {
-        return;
-    };
-    match port {
-        Port::Chat => chat::serve(shared, conn, addr, opened).await,
-        Port::File => file::serve(shared, conn, addr, opened).await,
+/// An accepted connection's task (`chat`: on the chat port): opened (see [`open`]), then
+/// `serve`d (`chat::serve` or `file::serve`). Each port's task is the size of its own
+/// future: an idle user's chat task is not made as large as a file task.
+fn served<F, Fut>(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    admission: limits::Admission,
+    chat: bool,
+    serve: F,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    F: FnOnce(Arc<Shared>, Conn, SocketAddr, Instant) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let shared = shared.clone();
+    async move {
+        shared.metrics.connection(chat, true);
+        let opened = Instant::now();
+        // Boxed: the TLS handshake's state lives on the heap only while it runs.
+        if let Some(conn) = Box::pin(open(&shared, stream, addr, opened)).await {
+            serve(shared.clone(), conn, addr, opened).await;
+        }
+        shared.metrics.connection(chat, false);
+        drop(admission);
     }
 }
 
@@ -790,6 +806,34 @@ mod tests {
         let (_rd, wr) = stream().await.split();
         let writer =
             crate::net::write_loop(wr, queue, CancellationToken::new(), Duration::from_secs(1));
+        // Each port's task is its own size: a chat connection's is not a file one's.
+        let chat_task = {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connects");
+            let admission = shared.gate.admit(addr.ip()).expect("admitted");
+            std::mem::size_of_val(&served(&shared, stream, addr, admission, true, chat::serve))
+        };
+        let file_task = {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connects");
+            let admission = shared.gate.admit(addr.ip()).expect("admitted");
+            std::mem::size_of_val(&served(
+                &shared,
+                stream,
+                addr,
+                admission,
+                false,
+                file::serve,
+            ))
+        };
+        // One wrapper (the opening, the metrics, the admission) around each, no more.
+        let (chat_size, file_size) = (std::mem::size_of_val(&chat), std::mem::size_of_val(&file));
+        assert!(
+            chat_task - chat_size == file_task - file_size && chat_task - chat_size <= 256,
+            "chat task {chat_task} around {chat_size}, file task {file_task} around {file_size}"
+        );
         // 904 since the message hook's read-ahead (one pointer; nothing else without hooks),
         // 912 since a line reader without a pause to wait for makes no timer, 920 since a
         // hooked line's question is a group and an index (no allocation of its own).
