@@ -682,8 +682,9 @@ async fn run(session: &Session<'_>, reader: &mut LineReader, kill: &Cancellation
 /// them (a pipelining client's): one round trip to the hooks for many, in order.
 const ASK_AHEAD: usize = 64;
 
-/// The message hook's question about `line`, sent now, if it is a message and there is a
-/// message hook.
+/// The message hook's question about `line`, if it is a message and there is a message
+/// hook: asked as one of `burst`, which goes to the hooks when `ask_ahead` sends it (before
+/// the answer is awaited).
 fn ask_early(session: &Session<'_>, line: &[u8], burst: &mut Burst) -> Option<Asked> {
     let hooks = session.hooks()?;
     let policy = hooks.spec.message?;
