@@ -3,11 +3,12 @@ one full run on a noisy machine: each pair runs build A, then build B, of the co
 engine (`_native.abi3.so` files), or of `python/relaychat/server.py`.
 
     python bench/pairs.py A.so B.so --pairs 4
-    python bench/pairs.py old_server.py new_server.py --pairs 4 --no-hook
+    python bench/pairs.py old_server.py new_server.py --pairs 4 --scenario history
 
-The scenario is `--history off`, 50 pairs of users pipelining private messages (window 64,
-2,000,000 messages), through the pass-through message hook unless `--no-hook`; it prints
-msgs/s per run. The installed file is put back afterwards.
+The scenarios are the table's pipelined ones (`run.history_cost`: 50 pairs of registered
+users, 2,000,000 private messages, window 64): `hook` (`--history off`, through the
+pass-through message hook), `plain` (`--history off`) and `history` (history on). It prints
+msgs/s per run, and puts the installed file back afterwards.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ import run
 PACKAGE = run.REPO / "python" / "relaychat"
 
 
-def one(hook: bool) -> int:
-    flags = ["--history", "off"] + (["--plugin", run.PASSTHROUGH] if hook else [])
+#: Each scenario's `run.history_cost` arguments: history kept, server flags.
+SCENARIOS = {
+    "hook": (False, ("--plugin", run.PASSTHROUGH)),
+    "plain": (False, ()),
+    "history": (True, ()),
+}
+
+
+def one(scenario: str) -> int:
+    history, flags = SCENARIOS[scenario]
     with tempfile.TemporaryDirectory() as d:
-        server = run.ServerProc(Path(d), *flags)
-        try:
-            args = ["--pairs", "50", "--messages", "40000", "--window", "64"]
-            result = run.run_generator(server, "private", *args)
-        finally:
-            server.stop()
-    return int(result["msgs_per_s"])
+        return run.history_cost(history, 40000, Path(d), flags=flags)["msgs/s"]
 
 
 def put(source: Path, target: Path) -> None:
@@ -48,7 +51,7 @@ def main() -> None:
     p.add_argument("a", type=Path, help="build A: a _native*.so or a server.py")
     p.add_argument("b", type=Path, help="build B, of the same kind")
     p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--no-hook", action="store_true", help="without the pass-through hook")
+    p.add_argument("--scenario", choices=SCENARIOS, default="hook")
     args = p.parse_args()
     target = PACKAGE / ("server.py" if args.a.suffix == ".py" else "_native.abi3.so")
     with tempfile.TemporaryDirectory() as d:
@@ -58,7 +61,7 @@ def main() -> None:
             for _ in range(args.pairs):
                 for name, build in (("A", args.a), ("B", args.b)):
                     put(build, target)
-                    print(name, one(not args.no_hook), flush=True)
+                    print(name, one(args.scenario), flush=True)
         finally:
             put(kept, target)
 

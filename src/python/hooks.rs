@@ -7,12 +7,13 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::protocol::server_line::one_line;
-use crate::server::hooks::{Answer, HookCall, HookQueue, MessageKind, Pending, Reply};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
+
+use crate::protocol::server_line::one_line;
+use crate::server::hooks::{Answer, HookCall, HookQueue, MessageKind, Pending, Reply};
 
 use super::wait::runtime;
 

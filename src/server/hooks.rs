@@ -2,14 +2,14 @@
 //! server's events, and what it is told after them.
 //!
 //! The engine never waits on the embedder inside a network task's hot path: a question
-//! ([`HookCall`]) goes into one bounded queue with a [`Reply`], and the session that asked
-//! awaits the answer (at most its kind's time limit) before it reads its next command, so
-//! a slow hook delays only its own user. The questions a session asks together (the
-//! pipelined lines it reads ahead) go into the queue as one entry, and share one
-//! [`Group`]: one allocation for their answers, and one wake-up of the session for those
-//! that come back together. The embedder drains the queue in
-//! batches (one GIL round trip for many questions). Observations go into the same queue
-//! without a reply; when it is full they are dropped (and counted), never waited for.
+//! ([`HookCall`]) goes into one queue (at most [`QUEUE`] questions and observations) with a
+//! [`Reply`], and the session that asked awaits the answer (at most its kind's time limit)
+//! before it reads its next command, so a slow hook delays only its own user. The
+//! questions a session asks together (the pipelined lines it reads ahead) go into the
+//! queue as one entry, and share one [`Group`]: one allocation for their answers, and one
+//! wake-up of the session for those that come back together. The embedder drains the
+//! queue in batches (one GIL round trip for many questions). Observations go into the same
+//! queue without a reply; when it is full they are dropped (and counted), never waited for.
 //!
 //! A server without hooks has no [`Hooks`] at all: every call site checks one `Option`.
 
