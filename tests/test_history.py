@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
-from relaychat import HistoryEntry, RefusedError, Server
+from relaychat import HistoryEntry, PrivateMessage, RefusedError, Server
 
 from tests.conftest import (
     HOST,
     PASSWORD,
     Net,
     log_in,
+    next_of,
     register,
 )
 
@@ -112,6 +113,9 @@ def test_history_survives_a_restart_and_the_api_returns_entries(tmp_path):
             register(net, "alice")
             alice = net.client("alice", PASSWORD)
             alice.msg("alice", "'); DROP TABLE history; --")
+            # Delivered, so the server has it (a line still in flight at the stop is not).
+            said = next_of(alice, PrivateMessage)
+            assert (said.sender, said.text) == ("alice", "'); DROP TABLE history; --")
         finally:
             net.close()
     with Server(HOST, 0, 0, data) as srv:
