@@ -184,6 +184,54 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         Ok(self.buf.split_to(take).freeze())
     }
 
+    /// As [`LineReader::read_raw`], for a body whose next byte goes to offset `at` of a
+    /// file written with direct I/O (see `transfer::Disk`): the pieces are laid out in
+    /// memory as in the file (a buffer's address agrees with the file offset modulo
+    /// `align`) and end on a block boundary of the file where they can, the bytes after it
+    /// staying for the next, so that the blocks can be written from where they are. (The
+    /// bytes read with the line before the body are not laid out so.)
+    pub(crate) async fn read_body(
+        &mut self,
+        max: usize,
+        chunk: usize,
+        (at, align): (u64, usize),
+    ) -> std::io::Result<Bytes> {
+        let into = |offset: u64| usize::try_from(offset % align as u64).unwrap_or(0);
+        // Bytes that can still be read into the buffer up to its last block boundary.
+        let room = |buf: &BytesMut| {
+            let start = buf.as_ptr().addr();
+            let end = (start + buf.capacity()) / align * align;
+            end.saturating_sub(start + buf.len())
+        };
+        let mapped = |buf: &BytesMut| buf.as_ptr().addr() % align == into(at);
+        let buffered = self.buf.len().min(max);
+        // Buffered bytes that stop short of the next boundary, with more to come.
+        let short = buffered > 0 && buffered < max && buffered <= into(at + buffered as u64);
+        if buffered == 0 || (short && mapped(&self.buf) && room(&self.buf) > 0) {
+            if buffered == 0 && (!mapped(&self.buf) || room(&self.buf) == 0) {
+                self.buf = BytesMut::with_capacity(chunk + 2 * align);
+                let pad = (self.buf.as_ptr().align_offset(align) + into(at)) % align;
+                self.buf.resize(pad, 0);
+                drop(self.buf.split_to(pad));
+            }
+            let want = room(&self.buf).min(max - buffered);
+            let n = (&mut self.rd)
+                .take(want as u64)
+                .read_buf(&mut self.buf)
+                .await?;
+            if n == 0 && buffered == 0 {
+                return Ok(Bytes::new());
+            }
+        }
+        let len = self.buf.len().min(max);
+        let past = into(at + len as u64);
+        let take = match len < max && len > past {
+            true => len - past,
+            false => len,
+        };
+        Ok(self.buf.split_to(take).freeze())
+    }
+
     /// Whether nothing read is left unconsumed.
     pub(crate) fn is_drained(&self) -> bool {
         self.buf.is_empty()
@@ -279,6 +327,57 @@ mod tests {
 
     fn never() -> CancellationToken {
         CancellationToken::new()
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_in_pieces_laid_out_as_in_its_file() {
+        const ALIGN: usize = 4096;
+        let body: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
+        let (mut peer, ours) = tokio::io::duplex(10_000); // reads come in odd sizes
+        let mut reader = LineReader::line_framed(ours, 100);
+        let sent = body.clone();
+        let writer = tokio::spawn(async move {
+            peer.write_all(b"a|b|1000003\n").await.expect("write");
+            for part in sent.chunks(7_777) {
+                peer.write_all(part).await.expect("write");
+            }
+            peer
+        });
+        assert_eq!(
+            reader.next_line(&never()).await.expect("line"),
+            "a|b|1000003"
+        );
+        // A part is in the file already: the body goes on at offset 10.
+        let (from, mut at) = (10u64, 10u64);
+        let (mut got, mut laid_out) = (Vec::new(), 0);
+        while got.len() < body.len() {
+            let left = body.len() - got.len();
+            let piece = reader
+                .read_body(left, 64 * 1024, (at, ALIGN))
+                .await
+                .expect("body");
+            assert!(!piece.is_empty());
+            let end = at + piece.len() as u64;
+            let last = got.len() + piece.len() == body.len();
+            if piece.as_ptr().addr() % ALIGN == (at % ALIGN as u64) as usize {
+                assert!(
+                    last || end % ALIGN as u64 == 0 || piece.len() < ALIGN,
+                    "{at}..{end}"
+                );
+                laid_out += piece.len();
+            }
+            got.extend_from_slice(&piece);
+            at = end;
+        }
+        assert_eq!(got, body);
+        assert_eq!(at - from, body.len() as u64);
+        // All but the bytes read with the line (at most one 10,000-byte read) are laid out.
+        assert!(
+            laid_out >= body.len() - 20_000,
+            "{laid_out} of {}",
+            body.len()
+        );
+        drop(writer.await.expect("writer"));
     }
 
     #[tokio::test]

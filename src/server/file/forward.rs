@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +23,7 @@ use crate::protocol::file_header::Trailer;
 use crate::protocol::file_header::GROUP_PREFIX;
 use crate::protocol::{ForwardHeader, ServerLine};
 use crate::store::FileRecord;
-use crate::transfer::{Recent, BODY_CHUNK};
+use crate::transfer::{Follower, Recent, BODY_CHUNK};
 
 /// Forwards that may wait on one file connection; more are refused with an error line.
 pub(crate) const MAX_QUEUED_FORWARDS: usize = 64;
@@ -83,6 +82,8 @@ pub(crate) struct ForwardJob {
     pub(crate) id: Option<u64>,
     /// Where the body's bytes are read.
     pub(crate) src: Source,
+    /// Where it is in the upload it follows, if that is still arriving.
+    pub(crate) follower: Option<Follower>,
     /// The upload's progress, which the forward follows.
     pub(crate) progress: watch::Receiver<Progress>,
     /// Body size.
@@ -131,6 +132,7 @@ impl ForwardJob {
             // counts its own ids).
             id: shared.resumes.upload_of(file.id),
             src: Source::file(src),
+            follower: None,
             progress,
             size: file.size,
             sender: file.sender.clone(),
@@ -184,10 +186,11 @@ impl Source {
         }
     }
 
-    /// Up to `max` bytes from offset `at`, if they are still in memory (see
-    /// [`Recent::get`]).
-    fn in_memory(&self, at: u64, max: usize, out: &mut Vec<Bytes>) -> usize {
-        self.recent.as_ref().map_or(0, |r| r.get(at, max, out))
+    /// For one forward from byte `at`: where it takes the bytes still in memory, if the
+    /// upload is still arriving (see [`Follower`]). Taken when the forward is queued, so
+    /// that the bytes it needs wait for it from the start.
+    pub(crate) fn follower(&self, at: u64) -> Option<Follower> {
+        self.recent.as_ref().map(|r| r.follower(at))
     }
 
     /// Up to `max` bytes from offset `at`, which must be below the bytes written so far,
@@ -276,7 +279,7 @@ pub(super) async fn forward_all(
 ) {
     let stall = shared.config.limits.send_timeout;
     loop {
-        let job = tokio::select! {
+        let mut job = tokio::select! {
             _ = kill.cancelled() => break,
             job = queue.recv() => match job {
                 Some(job) => job,
@@ -299,9 +302,10 @@ pub(super) async fn forward_all(
                 .expect_ack(&recipient, &job.sender, &job.filename);
         }
         let mut progress = job.progress.clone();
+        let follower = job.follower.take();
         let sent = tokio::select! {
             _ = kill.cancelled() => Err("file connection closed".to_owned()),
-            sent = stream(&mut wr, &job, &mut progress, (stall, &shared.metrics)) => sent,
+            sent = stream(&mut wr, &job, follower, &mut progress, (stall, &shared.metrics)) => sent,
         };
         if let Err(why) = sent {
             warn!("[FILE FORWARD ERROR] {recipient} -> {why}");
@@ -415,6 +419,7 @@ async fn wait_for_trailer(progress: &mut watch::Receiver<Progress>) -> Result<Tr
 async fn stream(
     wr: &mut ConnWrite,
     job: &ForwardJob,
+    mut follower: Option<Follower>,
     progress: &mut watch::Receiver<Progress>,
     (stall, metrics): (Duration, &Metrics),
 ) -> Result<(), String> {
@@ -441,7 +446,9 @@ async fn stream(
         let want = usize::try_from(available - sent)
             .unwrap_or(usize::MAX)
             .min(BODY_CHUNK);
-        let in_memory = job.src.in_memory(sent, want, &mut chunks);
+        let in_memory = follower
+            .as_mut()
+            .map_or(0, |f| f.get(sent, want, &mut chunks));
         let n = match (in_memory, deflate.as_mut()) {
             (0, None) => {
                 let n = job.src.read_file(sent, want, &mut buf).await?;

@@ -146,6 +146,7 @@ async fn resume(shared: &Shared, user: &str, line: &[u8]) {
             compressed: live.compressed,
             id: Some(id),
             src: live.src.clone(),
+            follower: live.src.follower(from),
             progress: live.progress.clone(),
             size: live.size,
             sender: live.sender.clone(),

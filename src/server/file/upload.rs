@@ -572,6 +572,7 @@ fn queue_forwards(
             compressed: header.compressed,
             id: Some(id),
             src: src.clone(),
+            follower: src.follower(from),
             progress: watcher.clone(),
             size: header.size,
             sender: user.into(),
