@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compress::Inflate;
 use crate::flow::Ended;
-use crate::net::LineReader;
+use crate::net::{LineReader, Spare};
 use crate::protocol::names::{numbered, MAX_FILENAME_BYTES, TMP_SUFFIX};
 
 /// How many numbered names a saved file may try before giving up.
@@ -26,17 +26,23 @@ pub(crate) const BODY_CHUNK: usize = 256 * 1024;
 /// Bytes a followed [`Partial`] keeps in memory once they are on disk, for the readers
 /// that keep up (see [`Recent`]).
 pub(crate) const RECENT_BYTES: usize = 4 * BODY_CHUNK;
-/// Bytes a followed [`Partial`] holds at most for its followers (see [`Recent`]): past
-/// this, the appender waits for the slowest.
-const FOLLOWED_BYTES: usize = RECENT_BYTES + UNWRITTEN_BYTES + 4 * BODY_CHUNK;
+/// Bytes a followed [`Partial`] holds for its followers (see [`Recent`]) beyond what waits
+/// for the disk and [`RECENT_BYTES`]: past this, the appender waits for the slowest.
+const FOLLOWED_SLACK: usize = 4 * BODY_CHUNK;
 /// How long an appender waits for a follower that holds it up before that follower is let
 /// go (it reads the file from then on). Longer than a file connection's first forward may
 /// wait for the greeting to go alone (100 ms).
 const PATIENCE: Duration = Duration::from_millis(250);
-/// Bytes a [`Partial`] holds that are not yet on disk before [`Partial::write`] waits for
-/// the disk (a slow disk slows the sender rather than fill memory): two writes' worth, so
-/// that the next fills while one is on its way.
-const UNWRITTEN_BYTES: usize = 2 * DIRECT_BYTES;
+/// Bytes per write to disk: at least this ...
+const WRITE_MIN: usize = 4 * BODY_CHUNK;
+/// ... and at most this. Large writes cost the server less (4 MiB against 1 MiB direct
+/// writes: 0.70-0.75 against 0.90-0.93 server CPU-seconds per GB relayed, 3 pairs).
+const WRITE_MAX: usize = 16 * BODY_CHUNK;
+/// What all the spools together may hold waiting for the disk: each open spool gets an
+/// equal share, between two writes of [`WRITE_MIN`] and two of [`WRITE_MAX`].
+const SPOOL_BUDGET: usize = 64 << 20;
+/// Followed [`Partial`]s (spools) open now.
+static SPOOLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Chunks a [`Partial`] holds at most, whatever their size (a sender of tiny segments
 /// waits for the disk sooner, and the window stays quick to search).
 const MAX_CHUNKS: usize = 256;
@@ -45,7 +51,7 @@ const MAX_CHUNKS: usize = 256;
 /// (for a followed file) the last [`RECENT_BYTES`] that are, or more for its followers.
 ///
 /// A reader that keeps up (a [`Follower`]) takes its bytes from here and never reads them
-/// back from the file: the bytes it has not taken stay (up to [`FOLLOWED_BYTES`], after
+/// back from the file: the bytes it has not taken stay (up to [`Chunks::followed_max`], after
 /// which the appender waits for it, up to [`PATIENCE`] at a time). One that falls behind
 /// further is let go and finds its bytes on disk, since only bytes already written leave.
 #[derive(Default)]
@@ -91,12 +97,33 @@ impl Chunks {
         self.start + self.held as u64
     }
 
+    /// Bytes per write to disk: [`WRITE_MIN`] for a file nobody follows, else the spool's
+    /// share of [`SPOOL_BUDGET`] for two writes.
+    fn write_size(&self) -> usize {
+        if self.keep == 0 {
+            return WRITE_MIN;
+        }
+        let spools = SPOOLS.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        (SPOOL_BUDGET / 2 / spools).clamp(WRITE_MIN, WRITE_MAX) / DIRECT_ALIGN * DIRECT_ALIGN
+    }
+
+    /// Bytes that may wait for the disk: two writes' worth, so that the next fills while
+    /// one is on its way.
+    fn unwritten_max(&self) -> u64 {
+        2 * self.write_size() as u64
+    }
+
+    /// Bytes that may be held for the followers.
+    fn followed_max(&self) -> usize {
+        RECENT_BYTES + 2 * self.write_size() + FOLLOWED_SLACK
+    }
+
     /// Too much is waiting for the disk, or for a follower: the appender waits (a slow disk
     /// slows the sender rather than fill memory).
     fn backlog(&self) -> bool {
-        self.end() - self.on_disk > UNWRITTEN_BYTES as u64
+        self.end() - self.on_disk > self.unwritten_max()
             || self.chunks.len() >= MAX_CHUNKS
-            || self.held > FOLLOWED_BYTES
+            || self.held > self.followed_max()
     }
 
     /// Where the slowest follower is (the end when there is none).
@@ -110,9 +137,9 @@ impl Chunks {
 
     /// Lets the slowest follower go, if the followers (not the disk) hold the appender up.
     fn let_slowest_go(&mut self) {
-        let disk_keeps_up = self.end() - self.on_disk <= UNWRITTEN_BYTES as u64;
+        let disk_keeps_up = self.end() - self.on_disk <= self.unwritten_max();
         let slowest = self.slowest();
-        if disk_keeps_up && self.held > FOLLOWED_BYTES {
+        if disk_keeps_up && self.held > self.followed_max() {
             self.followers.retain(|&(_, at)| at != slowest);
             let keep = self.keep;
             self.trim(keep);
@@ -269,8 +296,6 @@ fn write_all_at(file: &std::fs::File, chunks: &[Bytes], offset: u64) -> (u64, st
 /// Offsets, lengths and memory of direct writes are multiples of this (the page size, which
 /// every common device's logical block divides).
 const DIRECT_ALIGN: usize = 4096;
-/// Bytes per write at most, direct.
-const DIRECT_BYTES: usize = 4 * BODY_CHUNK;
 
 /// Where a [`Partial`]'s bytes go: its file, and for a followed file (the server's spool)
 /// the same file opened for direct I/O when the file system allows it.
@@ -289,8 +314,8 @@ struct Disk {
 
 struct Direct {
     file: std::fs::File,
-    /// Gathers the chunks of one write; allocated at the first one, [`DIRECT_ALIGN`] more
-    /// than [`DIRECT_BYTES`] so that an aligned window fits.
+    /// Gathers the chunks of a write that do not lie as blocks in memory, with
+    /// [`DIRECT_ALIGN`] to spare so that an aligned window fits.
     scratch: std::sync::Mutex<Vec<u8>>,
     /// Cleared if the file system refuses a direct write after all: buffered from then on.
     usable: std::sync::atomic::AtomicBool,
@@ -313,8 +338,9 @@ impl Disk {
         Self { file, direct }
     }
 
-    /// The next write of the `unwritten` bytes from `at`; `whole`: all of them must go.
-    fn step(&self, at: u64, unwritten: usize, whole: bool) -> Step {
+    /// The next write of the `unwritten` bytes from `at`, at most `size` at a time;
+    /// `whole`: all of them must go.
+    fn step(&self, at: u64, unwritten: usize, size: usize, whole: bool) -> Step {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(_) = self.direct.as_ref().filter(|d| d.usable.load(Relaxed)) else {
             return Step::Buffered(unwritten);
@@ -324,7 +350,7 @@ impl Disk {
             // Up to the next block boundary (a resumed part may end anywhere).
             return Step::Buffered(unwritten.min(DIRECT_ALIGN - into_block));
         }
-        match unwritten.min(DIRECT_BYTES) / DIRECT_ALIGN * DIRECT_ALIGN {
+        match unwritten.min(size) / DIRECT_ALIGN * DIRECT_ALIGN {
             0 if whole => Step::Buffered(unwritten),
             0 => Step::Wait,
             blocks => Step::Direct(blocks),
@@ -385,8 +411,8 @@ impl Direct {
             .scratch
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if scratch.is_empty() {
-            scratch.resize(DIRECT_BYTES + DIRECT_ALIGN, 0);
+        if scratch.len() < len + DIRECT_ALIGN {
+            scratch.resize(len + DIRECT_ALIGN, 0);
         }
         let from = scratch.as_ptr().align_offset(DIRECT_ALIGN);
         let window = &mut scratch[from..from + len];
@@ -476,7 +502,7 @@ fn drain(disk: &Disk, recent: &Recent, whole: bool) {
             let mut chunks = recent.lock();
             let (at, batch) = chunks.unwritten();
             let unwritten = usize::try_from(chunks.end() - at).unwrap_or(usize::MAX);
-            let step = disk.step(at, unwritten, whole);
+            let step = disk.step(at, unwritten, chunks.write_size(), whole);
             if batch.is_empty() || chunks.failed.is_some() || matches!(step, Step::Wait) {
                 chunks.writing = false;
                 drop(chunks);
@@ -509,7 +535,7 @@ fn drain(disk: &Disk, recent: &Recent, whole: bool) {
 ///
 /// Writes are pipelined: [`Partial::write`] takes a chunk as it came from the connection
 /// (no copy), and a blocking-pool thread ([`drain`]) writes whatever has accumulated while
-/// the next chunk is read; at most [`UNWRITTEN_BYTES`] (or [`MAX_CHUNKS`] chunks) wait for
+/// the next chunk is read; at most two writes' worth (or [`MAX_CHUNKS`] chunks) wait for
 /// the disk. A followed file (the server's spool, which forwards read as it grows) also
 /// keeps its newest bytes in [`Recent`].
 pub(crate) struct Partial {
@@ -530,6 +556,9 @@ impl Partial {
         let disk = Disk::open(file, &path, followed);
         let recent = Recent::default();
         recent.lock().keep = if followed { RECENT_BYTES } else { 0 };
+        if followed {
+            SPOOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Self {
             path,
             file: Some(Arc::new(disk)),
@@ -582,7 +611,7 @@ impl Partial {
     }
 
     /// Appends `bytes`. Returns once they are taken: on disk, or on their way there behind
-    /// fewer than [`UNWRITTEN_BYTES`]. A failed write shows here or at the next call.
+    /// two writes' worth. A failed write shows here or at the next call.
     pub(crate) async fn write(&mut self, bytes: Bytes) -> std::io::Result<()> {
         let file = self.file()?;
         let (start, backlog) = {
@@ -710,6 +739,9 @@ impl Partial {
 
 impl Drop for Partial {
     fn drop(&mut self) {
+        if self.recent.lock().keep != 0 {
+            SPOOLS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.file.take();
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
@@ -761,6 +793,7 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
         false => None,
     };
     let mut got = from;
+    let mut spare = Spare::default();
     let mut decoded = match compressed {
         true => Vec::with_capacity(BODY_CHUNK),
         false => Vec::new(),
@@ -778,7 +811,10 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
             chunk = tokio::time::timeout(stall, async {
                 match inflate {
                     Some(_) => reader.read_raw(want, BODY_CHUNK).await,
-                    None => reader.read_body(want, BODY_CHUNK, (got, DIRECT_ALIGN)).await,
+                    None => {
+                        let layout = (got, DIRECT_ALIGN);
+                        reader.read_body(want, BODY_CHUNK, layout, &mut spare).await
+                    }
                 }
             }) => chunk,
         };
@@ -985,7 +1021,7 @@ mod tests {
         let tmp = dir.path().join("s.part");
         let mut out = Partial::create(tmp.clone(), true).await.expect("create");
         let mut stuck = out.recent().follower(0);
-        let total = 40 * BODY_CHUNK;
+        let total = 2 * (RECENT_BYTES + 2 * WRITE_MAX + FOLLOWED_SLACK); // twice the most held
         for i in 0..total / BODY_CHUNK {
             out.write(Bytes::from(vec![i as u8; BODY_CHUNK]))
                 .await
@@ -996,7 +1032,8 @@ mod tests {
         // disk, not held in memory for it.
         let mut got = Vec::new();
         assert_eq!(stuck.get(0, 1, &mut got), 0);
-        assert!(out.recent.lock().held <= FOLLOWED_BYTES);
+        let chunks = out.recent.lock();
+        assert!(chunks.held <= chunks.followed_max());
         assert_eq!(std::fs::metadata(&tmp).expect("stat").len(), total as u64);
     }
 

@@ -10,6 +10,6 @@ mod sendq;
 mod stream;
 pub mod tls;
 
-pub(crate) use reader::LineReader;
+pub(crate) use reader::{LineReader, Spare};
 pub(crate) use sendq::{advance, write_chunks, write_loop, write_with_progress, Pushed, SendQueue};
 pub(crate) use stream::{Conn, ConnRead, ConnWrite};
