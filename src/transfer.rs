@@ -804,7 +804,7 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
             Some(_) => BODY_CHUNK,
             None => usize::try_from(size - got)
                 .unwrap_or(usize::MAX)
-                .min(BODY_CHUNK),
+                .min(4 * BODY_CHUNK),
         };
         let chunk = tokio::select! {
             _ = cancel.cancelled() => return Err(BodyError::Read(Ended::Closed)),
@@ -813,7 +813,7 @@ pub(crate) async fn receive_rest<R: AsyncRead + Unpin>(
                     Some(_) => reader.read_raw(want, BODY_CHUNK).await,
                     None => {
                         let layout = (got, DIRECT_ALIGN);
-                        reader.read_body(want, BODY_CHUNK, layout, &mut spare).await
+                        reader.read_body(want, 4 * BODY_CHUNK, layout, &mut spare).await
                     }
                 }
             }) => chunk,

@@ -445,7 +445,7 @@ async fn stream(
         let available = wait_for_bytes(progress, sent).await?;
         let want = usize::try_from(available - sent)
             .unwrap_or(usize::MAX)
-            .min(BODY_CHUNK);
+            .min(4 * BODY_CHUNK);
         let in_memory = follower
             .as_mut()
             .map_or(0, |f| f.get(sent, want, &mut chunks));
