@@ -44,8 +44,10 @@ pub(crate) struct LineReader<R = ConnRead> {
 pub(crate) struct Spare(Vec<BytesMut>);
 
 impl Spare {
-    /// Buffers kept at most (what a spool and its forwards hold, in 256 KiB buffers).
-    const MAX: usize = 64;
+    /// Buffers kept at most: more than a spool and its forwards hold at once (about 11 MiB
+    /// at most, in the 1 MiB buffers an upload reads into). Past it the oldest is let go
+    /// (it is freed once its pieces are).
+    const MAX: usize = 24;
 
     /// Keeps `done` (a used buffer) and returns one of `size` bytes: a kept one whose
     /// pieces are all gone, or a new one.
