@@ -391,58 +391,99 @@ impl Direct {
     }
 
     /// Writes the first `len` bytes of `chunks` (whole blocks) at `at` (a block boundary):
-    /// from where they are when they lie in memory as blocks (see
-    /// [`LineReader::read_body`]), else copied into the aligned buffer first.
+    /// the blocks that lie whole in one chunk's memory as they are (see
+    /// [`LineReader::read_body`]), the others copied into the aligned buffer first.
     fn write(&self, chunks: &[Bytes], len: usize, at: u64) -> (u64, std::io::Result<()>) {
-        if let Some(blocks) = as_blocks(chunks, len) {
-            let slices: Vec<std::io::IoSlice<'_>> =
-                blocks.iter().map(|b| std::io::IoSlice::new(b)).collect();
-            loop {
-                return match rustix::io::pwritev(&self.file, &slices, at) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    // Short or refused: the next step goes on from what was written.
-                    Ok(n) => (n as u64, Ok(())),
-                    Err(rustix::io::Errno::INVAL) => self.refused(),
-                    Err(e) => (0, Err(e.into())),
-                };
-            }
-        }
         let mut scratch = self
             .scratch
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let plan = Blocks::plan(chunks, len, &mut scratch);
+        let slices = plan.slices(chunks, &scratch);
+        loop {
+            return match rustix::io::pwritev(&self.file, &slices, at) {
+                Err(rustix::io::Errno::INTR) => continue,
+                // Short (a full disk): the next step goes on from what was written.
+                Ok(n) => (n as u64, Ok(())),
+                Err(rustix::io::Errno::INVAL) => self.refused(),
+                Err(e) => (0, Err(e.into())),
+            };
+        }
+    }
+}
+
+/// How one direct write takes its blocks: in file order, each a run of whole blocks in one
+/// chunk (`Chunk(index, range)`) or in the aligned buffer (`Copied(range)`).
+struct Blocks(Vec<Run>);
+
+enum Run {
+    Chunk(usize, std::ops::Range<usize>),
+    Copied(std::ops::Range<usize>),
+}
+
+impl Blocks {
+    /// Plans the write of the first `len` bytes of `chunks` (a multiple of
+    /// [`DIRECT_ALIGN`], from a block boundary), copying into `scratch` the bytes of the
+    /// blocks that no one chunk holds whole at an aligned address.
+    fn plan(chunks: &[Bytes], len: usize, scratch: &mut Vec<u8>) -> Self {
         if scratch.len() < len + DIRECT_ALIGN {
             scratch.resize(len + DIRECT_ALIGN, 0);
         }
-        let from = scratch.as_ptr().align_offset(DIRECT_ALIGN);
-        let window = &mut scratch[from..from + len];
-        let mut filled = 0;
-        for chunk in chunks {
-            let n = chunk.len().min(len - filled);
-            window[filled..filled + n].copy_from_slice(&chunk[..n]);
-            filled += n;
-            if filled == len {
+        let base = scratch.as_ptr().align_offset(DIRECT_ALIGN);
+        let (mut runs, mut copied, mut left) = (Vec::new(), base, len);
+        for (i, chunk) in chunks.iter().enumerate() {
+            if left == 0 {
                 break;
             }
-        }
-        let mut written = 0;
-        while written < len {
-            match rustix::io::pwrite(&self.file, &window[written..], at + written as u64) {
-                Ok(0) => return (written as u64, Err(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => written += n,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(rustix::io::Errno::INVAL) if written % DIRECT_ALIGN == 0 => {
-                    let (_, ok) = self.refused();
-                    return (written as u64, ok);
-                }
-                Err(e) => return (written as u64, Err(e.into())),
+            let piece = &chunk[..chunk.len().min(left)];
+            left -= piece.len();
+            let mut from = 0;
+            // Mid-block in the buffer: the block is filled from here first.
+            let into = (copied - base) % DIRECT_ALIGN;
+            if into != 0 {
+                from = piece.len().min(DIRECT_ALIGN - into);
             }
-            // A short write (a full disk) leaves a partial block: the next step realigns.
-            if written % DIRECT_ALIGN != 0 {
-                break;
+            // The whole blocks this chunk holds at an aligned address go as they are.
+            let rest = &piece[from..];
+            let whole = match rest.as_ptr().addr() % DIRECT_ALIGN {
+                0 => rest.len() / DIRECT_ALIGN * DIRECT_ALIGN,
+                _ => 0,
+            };
+            scratch[copied..copied + from].copy_from_slice(&piece[..from]);
+            copied += from;
+            if whole > 0 {
+                Self::copied_so_far(&mut runs, base, copied);
+                runs.push(Run::Chunk(i, from..from + whole));
             }
+            let tail = &piece[from + whole..];
+            scratch[copied..copied + tail.len()].copy_from_slice(tail);
+            copied += tail.len();
         }
-        (written as u64, Ok(()))
+        Self::copied_so_far(&mut runs, base, copied);
+        Self(runs)
+    }
+
+    /// Closes the run of copied bytes that ends at `copied` (the start of the buffer's
+    /// next run is where the last one ended).
+    fn copied_so_far(runs: &mut Vec<Run>, base: usize, copied: usize) {
+        let start = runs.iter().rev().find_map(|r| match r {
+            Run::Copied(range) => Some(range.end),
+            Run::Chunk(..) => None,
+        });
+        let start = start.unwrap_or(base);
+        if copied > start {
+            runs.push(Run::Copied(start..copied));
+        }
+    }
+
+    fn slices<'a>(&self, chunks: &'a [Bytes], scratch: &'a [u8]) -> Vec<std::io::IoSlice<'a>> {
+        self.0
+            .iter()
+            .map(|run| match run {
+                Run::Chunk(i, range) => std::io::IoSlice::new(&chunks[*i][range.clone()]),
+                Run::Copied(range) => std::io::IoSlice::new(&scratch[range.clone()]),
+            })
+            .collect()
     }
 }
 
@@ -455,25 +496,6 @@ impl Direct {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         (0, Ok(()))
     }
-}
-
-/// The first `len` bytes of `chunks` if each lies in memory as whole blocks (starting at
-/// an aligned address, a multiple of [`DIRECT_ALIGN`] long), as direct I/O needs them.
-fn as_blocks(chunks: &[Bytes], len: usize) -> Option<Vec<&[u8]>> {
-    let mut blocks = Vec::with_capacity(chunks.len());
-    let mut left = len;
-    for chunk in chunks {
-        if left == 0 {
-            break;
-        }
-        let piece = &chunk[..chunk.len().min(left)];
-        left -= piece.len();
-        if piece.as_ptr().addr() % DIRECT_ALIGN != 0 || piece.len() % DIRECT_ALIGN != 0 {
-            return None;
-        }
-        blocks.push(piece);
-    }
-    (left == 0).then_some(blocks)
 }
 
 /// The first `len` bytes of `chunks` (shared, not copied).
@@ -974,6 +996,52 @@ mod tests {
             .direct
             .as_ref()
             .is_none_or(|d| { d.usable.load(std::sync::atomic::Ordering::Relaxed) }));
+    }
+
+    #[test]
+    fn a_direct_write_takes_whole_blocks_from_where_they_lie_and_copies_the_rest() {
+        const A: usize = DIRECT_ALIGN;
+        // One buffer laid out as in the file (offset 0 at an aligned address), cut into
+        // pieces as reads cut it: whole blocks, a piece that ends mid-block, odd pieces.
+        let data: Vec<u8> = (0..40 * A).map(|i| (i % 251) as u8).collect();
+        let mut owned = vec![0u8; data.len() + A];
+        let pad = owned.as_ptr().align_offset(A);
+        owned[pad..pad + data.len()].copy_from_slice(&data);
+        let buffer = Bytes::from(owned).slice(pad..pad + data.len());
+        let cuts = [
+            0,
+            3 * A,
+            3 * A + 100,
+            9 * A + 7,
+            9 * A + 8,
+            20 * A,
+            21 * A - 1,
+            40 * A,
+        ];
+        let mut chunks: Vec<Bytes> = cuts.windows(2).map(|w| buffer.slice(w[0]..w[1])).collect();
+        // And a copy (not laid out) in the middle, as the bytes read with a header are.
+        chunks[4] = Bytes::copy_from_slice(&chunks[4]);
+        let mut scratch = Vec::new();
+        // In place: blocks 0-2, 4-8 and 21-39; copied: block 3 (cut), 9-19 (the copy, and
+        // the block it starts in) and 20 (cut).
+        for (len, in_place) in [(A, A), (10 * A, 8 * A), (40 * A, 27 * A)] {
+            let plan = Blocks::plan(&chunks, len, &mut scratch);
+            let slices = plan.slices(&chunks, &scratch);
+            assert!(slices
+                .iter()
+                .all(|s| s.as_ptr().addr() % A == 0 && s.len() % A == 0));
+            let written: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(written, &data[..len]);
+            let direct: usize = plan
+                .0
+                .iter()
+                .map(|r| match r {
+                    Run::Chunk(_, range) => range.len(),
+                    Run::Copied(_) => 0,
+                })
+                .sum();
+            assert_eq!(direct, in_place, "bytes in place of {len}");
+        }
     }
 
     #[tokio::test]
