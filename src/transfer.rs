@@ -141,9 +141,13 @@ impl Chunks {
         let slowest = self.slowest();
         if disk_keeps_up && self.held > self.followed_max() {
             self.followers.retain(|&(_, at)| at != slowest);
-            let keep = self.keep;
-            self.trim(keep);
+            self.trim_to_keep();
         }
+    }
+
+    /// [`Chunks::trim`] down to what the file keeps for its readers.
+    fn trim_to_keep(&mut self) {
+        self.trim(self.keep);
     }
 
     /// Lets go of the oldest chunks that are on disk and that no follower needs while
@@ -235,11 +239,8 @@ impl Follower {
                 let moved = chunks.followers[i].1 != at;
                 chunks.followers[i].1 = at;
                 if moved {
-                    let keep = chunks.keep;
-                    chunks.trim(keep);
-                    drop(chunks);
+                    chunks.trim_to_keep();
                     self.recent.moved.notify_one();
-                    chunks = self.recent.lock();
                 }
             }
             // Let go (or never in): in again once it has caught up with the window.
@@ -260,9 +261,7 @@ impl Drop for Follower {
         if let Some(id) = self.id {
             let mut chunks = self.recent.lock();
             chunks.followers.retain(|f| f.0 != id);
-            let keep = chunks.keep;
-            chunks.trim(keep);
-            drop(chunks);
+            chunks.trim_to_keep();
             self.recent.moved.notify_one();
         }
     }
@@ -304,9 +303,10 @@ const DIRECT_ALIGN: usize = 4096;
 /// ([`Recent`]), so copying them into the page cache too only costs the server's CPU
 /// (fresh page-cache pages are the dearest copy of a relayed byte: `dd` to a fresh file on
 /// this project's test machine spends 2.1 CPU-seconds per GB buffered, 0.12 direct).
-/// A direct write needs aligned offsets, lengths and memory: the chunks are gathered
-/// into an aligned buffer, and what does not fill a whole block (the end of the file, or
-/// the bytes up to the next block after a resumed part) goes through the page cache.
+/// A direct write needs aligned offsets, lengths and memory: the whole blocks a chunk
+/// holds at an aligned address go as they are, the other blocks are copied into an
+/// aligned buffer ([`Blocks`]), and what does not fill a whole block (the end of the file,
+/// or the bytes up to the next block after a resumed part) goes through the page cache.
 struct Disk {
     file: std::fs::File,
     direct: Option<Direct>,
@@ -421,46 +421,77 @@ enum Run {
     Copied(std::ops::Range<usize>),
 }
 
+/// One part of a direct write, in file order (see [`Blocks::walk`]).
+enum Part<'a> {
+    /// Bytes to copy into the aligned buffer.
+    Copy(&'a [u8]),
+    /// Whole blocks of chunk `.0`, written from where they lie.
+    InPlace(usize, std::ops::Range<usize>),
+}
+
 impl Blocks {
     /// Plans the write of the first `len` bytes of `chunks` (a multiple of
     /// [`DIRECT_ALIGN`], from a block boundary), copying into `scratch` the bytes of the
-    /// blocks that no one chunk holds whole at an aligned address.
+    /// blocks that no one chunk holds whole at an aligned address (`scratch` grows to what
+    /// is copied, not to the write).
     fn plan(chunks: &[Bytes], len: usize, scratch: &mut Vec<u8>) -> Self {
-        if scratch.len() < len + DIRECT_ALIGN {
-            scratch.resize(len + DIRECT_ALIGN, 0);
+        let mut need = 0;
+        Self::walk(chunks, len, |part| {
+            if let Part::Copy(bytes) = part {
+                need += bytes.len();
+            }
+        });
+        if scratch.len() < need + DIRECT_ALIGN {
+            scratch.resize(need + DIRECT_ALIGN, 0);
         }
         let base = scratch.as_ptr().align_offset(DIRECT_ALIGN);
-        let (mut runs, mut copied, mut left) = (Vec::new(), base, len);
+        let (mut runs, mut copied) = (Vec::new(), base);
+        Self::walk(chunks, len, |part| match part {
+            Part::Copy(bytes) => {
+                scratch[copied..copied + bytes.len()].copy_from_slice(bytes);
+                copied += bytes.len();
+            }
+            Part::InPlace(i, range) => {
+                Self::copied_so_far(&mut runs, base, copied);
+                runs.push(Run::Chunk(i, range));
+            }
+        });
+        Self::copied_so_far(&mut runs, base, copied);
+        Self(runs)
+    }
+
+    /// The parts of the write of the first `len` bytes of `chunks`, in file order.
+    fn walk<'a>(chunks: &'a [Bytes], len: usize, mut part: impl FnMut(Part<'a>)) {
+        let (mut copied, mut left) = (0, len);
         for (i, chunk) in chunks.iter().enumerate() {
             if left == 0 {
                 break;
             }
             let piece = &chunk[..chunk.len().min(left)];
             left -= piece.len();
-            let mut from = 0;
             // Mid-block in the buffer: the block is filled from here first.
-            let into = (copied - base) % DIRECT_ALIGN;
-            if into != 0 {
-                from = piece.len().min(DIRECT_ALIGN - into);
-            }
+            let from = match copied % DIRECT_ALIGN {
+                0 => 0,
+                into => piece.len().min(DIRECT_ALIGN - into),
+            };
             // The whole blocks this chunk holds at an aligned address go as they are.
             let rest = &piece[from..];
             let whole = match rest.as_ptr().addr() % DIRECT_ALIGN {
                 0 => rest.len() / DIRECT_ALIGN * DIRECT_ALIGN,
                 _ => 0,
             };
-            scratch[copied..copied + from].copy_from_slice(&piece[..from]);
-            copied += from;
-            if whole > 0 {
-                Self::copied_so_far(&mut runs, base, copied);
-                runs.push(Run::Chunk(i, from..from + whole));
-            }
             let tail = &piece[from + whole..];
-            scratch[copied..copied + tail.len()].copy_from_slice(tail);
-            copied += tail.len();
+            if from > 0 {
+                part(Part::Copy(&piece[..from]));
+            }
+            if whole > 0 {
+                part(Part::InPlace(i, from..from + whole));
+            }
+            if !tail.is_empty() {
+                part(Part::Copy(tail));
+            }
+            copied += from + tail.len();
         }
-        Self::copied_so_far(&mut runs, base, copied);
-        Self(runs)
     }
 
     /// Closes the run of copied bytes that ends at `copied` (the start of the buffer's
@@ -536,8 +567,7 @@ fn drain(disk: &Disk, recent: &Recent, whole: bool) {
         let (n, done) = disk.write(&step, &batch, at);
         let mut chunks = recent.lock();
         chunks.on_disk += n;
-        let keep = chunks.keep;
-        chunks.trim(keep);
+        chunks.trim_to_keep();
         if let Err(e) = done {
             chunks.failed = Some((e.kind(), e.to_string()));
             chunks.writing = false;

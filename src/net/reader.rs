@@ -202,17 +202,25 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             if self.buf.capacity() < MIN_RAW_READ {
                 self.buf.reserve(chunk);
             }
-            let want = chunk.min(max);
-            let n = (&mut self.rd)
-                .take(want as u64)
-                .read_buf(&mut self.buf)
-                .await?;
-            if n == 0 {
+            if self.read_more(chunk.min(max)).await? == 0 {
                 return Ok(Bytes::new());
             }
         }
+        Ok(self.take_buffered(max))
+    }
+
+    /// Reads up to `want` more bytes into the buffer; how many came (0: the peer closed).
+    async fn read_more(&mut self, want: usize) -> std::io::Result<usize> {
+        (&mut self.rd)
+            .take(want as u64)
+            .read_buf(&mut self.buf)
+            .await
+    }
+
+    /// Up to `max` of the buffered bytes, taken out of the buffer.
+    fn take_buffered(&mut self, max: usize) -> Bytes {
         let take = self.buf.len().min(max);
-        Ok(self.buf.split_to(take).freeze())
+        self.buf.split_to(take).freeze()
     }
 
     /// As [`LineReader::read_raw`], for a body whose next byte goes to offset `at` of a
@@ -241,17 +249,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 self.buf.resize(pad, 0);
                 drop(self.buf.split_to(pad));
             }
-            let want = room(&self.buf).min(max);
-            let n = (&mut self.rd)
-                .take(want as u64)
-                .read_buf(&mut self.buf)
-                .await?;
-            if n == 0 {
+            if self.read_more(room(&self.buf).min(max)).await? == 0 {
                 return Ok(Bytes::new());
             }
         }
-        let take = self.buf.len().min(max);
-        Ok(self.buf.split_to(take).freeze())
+        Ok(self.take_buffered(max))
     }
 
     /// Whether nothing read is left unconsumed.
